@@ -165,41 +165,58 @@ def check_tid2eid(cfg, sd):
 # --------------------------------------------------------------------------
 
 class TieMonitor:
+    """Records how close the discrete decisions of the reference are to a tie:
+    router top-k (score + bias, k-th vs (k+1)-th) and indexer top-k (k-th vs (k+1)-th
+    visible entry). A C engine whose fp32 rounding differs may legitimately pick
+    differently where the gap is tiny; those (layer, position) pairs are listed."""
+
+    REL_RISK = 1e-5   # relative gap below which a decision is listed as risky
+
     def __init__(self, model):
         from transformers.models.deepseek_v4 import modeling_deepseek_v4 as M
         self.reset()
         self.hooks = []
         self._pos = {}
         for name, mod in model.named_modules():
-            if isinstance(mod, M.DeepseekV4TopKRouter):
-                self.hooks.append(mod.register_forward_hook(self._router_hook(name)))
+            layer = int(name.split(".")[2]) if name.startswith("model.layers.") else -1
+            if isinstance(mod, (M.DeepseekV4TopKRouter,)):
+                self.hooks.append(mod.register_forward_hook(self._router_hook(layer)))
             elif isinstance(mod, M.DeepseekV4Indexer):
-                self.hooks.append(mod.register_forward_pre_hook(self._indexer_pre(name)))
-                self.hooks.append(mod.scorer.register_forward_hook(self._scorer_hook(name)))
+                self.hooks.append(mod.register_forward_pre_hook(self._indexer_pre(layer)))
+                self.hooks.append(mod.scorer.register_forward_hook(self._scorer_hook(layer)))
 
     def reset(self):
         self.router_min_gap = float("inf")
+        self.indexer_min_rel_gap = float("inf")
         self.indexer_min_gap = float("inf")
         self.indexer_zero_ties = 0
+        self.risky = []       # [kind, layer, position, gap]
+        self._rpos = None
 
-    def _router_hook(self, name):
+    def set_positions(self, pos):
+        self._rpos = pos      # absolute positions of the rows of the current forward
+
+    def _router_hook(self, layer):
         def hook(mod, inp, out):
             logits = out[0]
             scores = mod.score_fn(logits) + mod.e_score_correction_bias
             if scores.shape[-1] > mod.top_k:
                 s = scores.sort(dim=-1, descending=True).values
-                gap = (s[:, mod.top_k - 1] - s[:, mod.top_k]).min().item()
-                self.router_min_gap = min(self.router_min_gap, gap)
+                gap = s[:, mod.top_k - 1] - s[:, mod.top_k]
+                self.router_min_gap = min(self.router_min_gap, gap.min().item())
+                rel = gap / s[:, mod.top_k - 1].abs().clamp_min(1e-30)
+                for i in (rel < self.REL_RISK).nonzero().flatten().tolist():
+                    self.risky.append(["router", layer, int(self._rpos[i]), gap[i].item()])
         return hook
 
-    def _indexer_pre(self, name):
+    def _indexer_pre(self, layer):
         def hook(mod, args):
-            self._pos[name] = (args[2], mod.compress_rate, mod.index_topk)
+            self._pos[layer] = (args[2], mod.compress_rate, mod.index_topk)
         return hook
 
-    def _scorer_hook(self, name):
+    def _scorer_hook(self, layer):
         def hook(mod, inp, out):
-            pos, ratio, topk = self._pos[name]
+            pos, ratio, topk = self._pos[layer]
             scores = out[0]           # [S, T]
             p = pos[0]
             for i in range(scores.shape[0]):
@@ -208,9 +225,13 @@ class TieMonitor:
                     continue
                 s = scores[i, :n].sort(descending=True).values
                 gap = (s[topk - 1] - s[topk]).item()
+                rel = gap / max(abs(s[topk - 1].item()), 1e-30)
                 if gap == 0.0 and s[topk].item() == 0.0:
                     self.indexer_zero_ties += 1
                 self.indexer_min_gap = min(self.indexer_min_gap, gap)
+                self.indexer_min_rel_gap = min(self.indexer_min_rel_gap, rel)
+                if rel < self.REL_RISK:
+                    self.risky.append(["indexer", layer, int(p[i].item()), gap])
         return hook
 
 
@@ -219,7 +240,7 @@ class TieMonitor:
 # --------------------------------------------------------------------------
 
 @torch.no_grad()
-def run_schedule(model, config, ids, sizes, device):
+def run_schedule(model, config, ids, sizes, device, monitor=None):
     """Feed `ids` through one DynamicCache in consecutive pieces of `sizes`;
     return fp32 logits [T, V] (on CPU)."""
     from transformers import DynamicCache
@@ -231,6 +252,8 @@ def run_schedule(model, config, ids, sizes, device):
     for n in sizes:
         piece = ids[s:s + n].to(device)[None]
         pos = torch.arange(s, s + n, device=device)[None]
+        if monitor is not None:
+            monitor.set_positions(list(range(s, s + n)))
         r = model(input_ids=piece, position_ids=pos, past_key_values=cache, use_cache=True)
         out.append(r.logits[0].float().cpu())
         s += n
@@ -238,7 +261,9 @@ def run_schedule(model, config, ids, sizes, device):
 
 
 @torch.no_grad()
-def run_nocache(model, ids, device):
+def run_nocache(model, ids, device, monitor=None):
+    if monitor is not None:
+        monitor.set_positions(list(range(ids.numel())))
     r = model(input_ids=ids.to(device)[None], use_cache=False)
     return r.logits[0].float().cpu()
 
@@ -333,7 +358,9 @@ def main():
 
     def ties():
         d = {"router_min_gap": mon.router_min_gap, "indexer_min_gap": mon.indexer_min_gap,
-             "indexer_exact_zero_ties": mon.indexer_zero_ties}
+             "indexer_min_rel_gap": mon.indexer_min_rel_gap,
+             "indexer_exact_zero_ties": mon.indexer_zero_ties,
+             "risky_decisions(kind,layer,pos,gap)": mon.risky[:50], "n_risky": len(mon.risky)}
         mon.reset()
         return d
 
@@ -348,9 +375,9 @@ def main():
         print(f"  wrote {path} ({sz} bytes)")
 
     mon.reset()
-    ref = run_schedule(model, config, main_ids, [T_MAIN], device)
+    ref = run_schedule(model, config, main_ids, [T_MAIN], device, mon)
     t_ref = ties()
-    nc = run_nocache(model, main_ids, device)
+    nc = run_nocache(model, main_ids, device, mon)
     ties()
     print(f"[prefill600] no-cache vs cache prefill rel L2 = {rel_l2(nc, ref):.3e}")
     print(f"[prefill600] near-ties: {t_ref}")
@@ -378,7 +405,7 @@ def main():
         return d
 
     if "decode300" in cases:
-        lg = run_schedule(model, config, main_ids, [DECODE_PREFIX] + [1] * (T_MAIN - DECODE_PREFIX), device)
+        lg = run_schedule(model, config, main_ids, [DECODE_PREFIX] + [1] * (T_MAIN - DECODE_PREFIX), device, mon)
         t = ties()
         d = compare("decode300", lg)
         print(f"[decode300] near-ties: {t}")
@@ -389,7 +416,7 @@ def main():
 
     if "chunk37" in cases:
         sizes = [CHUNK] * (T_MAIN // CHUNK) + ([T_MAIN % CHUNK] if T_MAIN % CHUNK else [])
-        lg = run_schedule(model, config, main_ids, sizes, device)
+        lg = run_schedule(model, config, main_ids, sizes, device, mon)
         t = ties()
         d = compare("chunk37", lg)
         print(f"[chunk37] near-ties: {t}")
@@ -403,7 +430,7 @@ def main():
                              "schedule": "each sequence prefilled alone (unpadded), one DynamicCache each"}
         for i, (seed, n) in enumerate(zip(BATCH_SEEDS, BATCH_LENS)):
             ids = torch.randint(0, V, (n,), generator=torch.Generator().manual_seed(seed))
-            lg = run_schedule(model, config, ids, [n], device)
+            lg = run_schedule(model, config, ids, [n], device, mon)
             meta[f"near_ties{i}"] = ties()
             tensors.update(pack(ids, lg, suffix=str(i)))
         print(f"[batch2] near-ties: {meta['near_ties0']} / {meta['near_ties1']}")
@@ -412,7 +439,7 @@ def main():
 
     if "hash" in cases:
         ids = torch.randperm(V, generator=torch.Generator().manual_seed(HASH_SEED))[:HASH_LEN]
-        lg = run_schedule(model, config, ids, [HASH_LEN], device)
+        lg = run_schedule(model, config, ids, [HASH_LEN], device, mon)
         t = ties()
         print(f"[hash] near-ties: {t}")
         summary["hash"] = {"token_seed": HASH_SEED, "distinct_ids": True, **t}
