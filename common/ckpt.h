@@ -41,6 +41,7 @@ typedef struct {
     const void *data;          /* row-major; for stacked HF experts points at the slice */
     const uint8_t *scale;      /* e8m0 scales for FP8/FP4, else NULL */
     int64_t scale_cols;        /* columns of the scale tensor */
+    int block_n, block_k;      /* scale block: FP8 weight_block_n x _k (config); FP4 1 x 32 */
 } ck_weight;
 
 /* Validates every expected tensor of the config against the set: present (under either
@@ -54,5 +55,13 @@ void ck_row_f32(const ck_weight *w, int64_t n, float *out);
 
 /* Fingerprint of config + tensor index (names, dtypes, shapes): FNV-1a 64. */
 uint64_t ck_fingerprint(const dv4_config *c, const st_set *s);
+
+/* The transformers name (spec §4.7) of an official name, e.g. "layers.0.attn.wq_a.scale" ->
+ * "model.layers.0.self_attn.q_a_proj.weight_scale_inv". Routed experts map to their stacked
+ * tensor ("layers.1.ffn.experts.5.w3.weight" -> "model.layers.1.mlp.experts.gate_up_proj");
+ * then *expert = 5 and *row0 = row offset of the slice inside the expert (w3: I, else 0),
+ * otherwise both are -1. Returns 0, or DUET_ENOTFOUND if the name has no mapping. */
+int ck_hf_name(const dv4_config *c, const char *name, char *out, size_t outlen, int *expert,
+               int64_t *row0);
 
 #endif

@@ -59,4 +59,13 @@ size_t st_writer_bytes(const st_writer *w);   /* payload bytes added so far */
 int st_writer_write(st_writer *w, const char *path, char *err, size_t errlen);
 void st_writer_free(st_writer *w);
 
+/* Streaming (bounded memory, for full-size checkpoints): declare every tensor first (no data),
+ * then st_writer_begin writes the header, st_writer_stream appends payload bytes in declaration
+ * order (any chunking), st_writer_end closes and checks that every declared byte was written. */
+int st_writer_declare(st_writer *w, const char *name, st_dtype dtype, int ndim,
+                      const int64_t *shape, char *err, size_t errlen);
+int st_writer_begin(st_writer *w, const char *path, char *err, size_t errlen);
+int st_writer_stream(st_writer *w, const void *data, size_t nbytes, char *err, size_t errlen);
+int st_writer_end(st_writer *w, char *err, size_t errlen);
+
 #endif
