@@ -155,8 +155,8 @@ static void default_id(char *out, size_t outlen) {
 
 /* ---------------------------------------------------------------- UTF-8 */
 
-/* Length of the valid UTF-8 sequence at s (1..4), 0 if s[0..n) is a valid but incomplete
- * prefix, -1 if invalid. */
+/* Length of the valid UTF-8 sequence at s (1..4); 0 if s[0..n) is a valid but incomplete
+ * prefix; -k if invalid, k = bytes of the maximal invalid subpart (replaced by one U+FFFD). */
 static int u8_seq(const unsigned char *s, size_t n) {
     unsigned c = s[0];
     int len;
@@ -173,13 +173,13 @@ static int u8_seq(const unsigned char *s, size_t n) {
     for (int i = 1; i < len; i++) {
         if ((size_t)i >= n) return 0;
         unsigned b = s[i];
-        if (b < (i == 1 ? lo : 0x80) || b > (i == 1 ? hi : 0xBF)) return -1;
+        if (b < (i == 1 ? lo : 0x80) || b > (i == 1 ? hi : 0xBF)) return -i;
     }
     return len;
 }
 
-/* Appends the valid UTF-8 of s to p->in (invalid bytes → U+FFFD), keeping an incomplete tail
- * in p->u8 unless final. */
+/* Appends the valid UTF-8 of s to p->in (invalid subparts → U+FFFD), keeping an incomplete
+ * tail (at most 3 bytes) in p->u8 unless final. */
 static void u8_append(op_parser *p, const unsigned char *s, size_t n, bool final) {
     size_t i = 0;
     while (i < n) {
@@ -191,7 +191,7 @@ static void u8_append(op_parser *p, const unsigned char *s, size_t n, bool final
         }
         if (k <= 0) {
             chat_sb_puts(&p->in, "\xEF\xBF\xBD");
-            i++;
+            i += k == 0 ? n - i : (size_t)-k;
             continue;
         }
         chat_sb_put(&p->in, (const char *)s + i, (size_t)k);

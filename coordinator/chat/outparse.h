@@ -12,8 +12,8 @@
  *  - the deltas of one kind joined equal the final field (content, reasoning, each call's
  *    arguments) — except that a call dropped later (malformed block, EOS or end mid-invoke) may
  *    have sent a header and fragments in incremental mode (server-api §4.4);
- *  - all emitted text is valid UTF-8 (invalid input bytes become U+FFFD; an incomplete sequence
- *    is held back, and becomes U+FFFD at op_finish);
+ *  - all emitted text is valid UTF-8 (each maximal invalid subpart of the input becomes one
+ *    U+FFFD; an incomplete sequence is held back, and becomes U+FFFD at op_finish);
  *  - every completed call's arguments is one JSON object "{"KEY": VALUE, ...}" (", " and ": "
  *    separators, keys in generated order, "{}" without parameters).
  *
@@ -42,8 +42,8 @@
 #include <stddef.h>
 
 typedef enum {
-    OP_TOOLS_NONE = 0, /* no calls are ever reported */
-    OP_TOOLS_AUTO,     /* calls parsed if the model writes a block */
+    OP_TOOLS_AUTO = 0, /* calls parsed if the model writes a block */
+    OP_TOOLS_NONE,     /* no calls are ever reported */
     OP_TOOLS_REQUIRED, /* like auto; op_result.required_unmet when the turn ends without one */
     OP_TOOLS_NAMED     /* only named_tool, at most one call */
 } op_tool_choice;
