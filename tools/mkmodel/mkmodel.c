@@ -326,8 +326,9 @@ static int stream_spec(const job_t *j, const ck_spec *s, int what, st_writer *w,
 
 /* Stacked transformers experts of one layer: gate_up = [w1; w3] per expert, down = w2. */
 static int stream_stack(const job_t *j, const plan_t *p, st_writer *w, char *err, size_t errlen) {
-    const ck_spec *first = &j->sp->v[p->spec];
+    const ck_spec *first = &j->sp->v[p->spec]; /* experts.0.w1 (gate_up) or experts.0.w2 */
     size_t stride = first->kind == CK_FP4_WEIGHT || first->kind == CK_FP8_WEIGHT ? 6 : 3;
+    if (p->hf_stack == 2) first -= stride / 3;
     for (int e = 0; e < j->c->n_routed_experts; e++) {
         const ck_spec *w1 = first + (size_t)e * stride;
         const ck_spec *w2 = w1 + stride / 3, *w3 = w1 + 2 * (stride / 3);
