@@ -1,0 +1,151 @@
+/* backend.h — the coarse operations the DeepSeek-V4 forward pass is written against.
+ *
+ * Why: the forward pass (forward.c) is written once; backends (cpu now, cuda next) implement
+ * these operations. Operations are coarse where a GPU wants fusion ("sparse attention with sinks
+ * over a key plan", "MoE with routing and experts", "mHC pre/post"), so a backend can fuse
+ * freely behind them. Activations and sequence state live in backend memory (`be_alloc`); the
+ * forward pass never dereferences them. Small per-step metadata (positions, key plans, token ids)
+ * is passed as host arrays; a device backend uploads it. Every op of every backend is checked
+ * against the cpu backend (the reference: fp32 accumulation, dequantized weights).
+ * This header must never grow HTTP, JSON or scheduler concepts.
+ */
+#ifndef DUET_BACKEND_H
+#define DUET_BACKEND_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "common/ckpt.h"
+
+typedef struct be be;               /* a backend instance */
+typedef struct be_weight be_weight; /* a weight in its stored format, owned by the backend */
+
+/* Per-token key plan for sparse attention (host memory). For the query in batch row r at
+ * absolute position t: raw-window keys come from the sequence's ring for positions
+ * [ring_lo, ring_hi) (slot = pos mod ring_size) and from batch rows [row_lo, row_hi) of the
+ * current step's kv; compressed keys are entries 0..n_cmp-1 of `cmp` (HCA: all visible), or,
+ * when `cmp_idx` is non-NULL, the entries listed in row r of cmp_idx ([T, idx_stride] int32,
+ * backend memory, n_cmp valid). */
+typedef struct {
+    const float *ring;      /* [ring_size, head_dim], backend memory, may be NULL if unused */
+    int ring_size;
+    int ring_lo, ring_hi;   /* absolute positions */
+    int row_lo, row_hi;     /* batch rows */
+    const float *cmp;       /* [cap, head_dim] backend memory or NULL */
+    int n_cmp;
+} be_keyplan;
+
+typedef struct {
+    int T, n_heads, head_dim;
+    float scale;              /* softmax scale, 1/sqrt(head_dim) */
+    const float *q;           /* [T, n_heads, head_dim] */
+    const float *kv;          /* [T, head_dim] this step's raw kv (keys = values) */
+    const float *sink;        /* [n_heads] sink logits */
+    const be_keyplan *plan;   /* [T] host */
+    const int32_t *cmp_idx;   /* [T, idx_stride] backend memory, or NULL */
+    int idx_stride;
+    float *out;               /* [T, n_heads, head_dim] */
+} be_attn_args;
+
+/* Compressor over the tokens of ONE sequence (spec §2.4.3), in order. `a` and `g` are the
+ * projections [T, c*d] (g already without ape; the op adds ape[pos mod m]). State per sequence:
+ * cur_a/cur_g [m, c*d] (rows = position within the current window), prev_a/prev_g [m, d]
+ * (A-halves of the last complete window; c = 2 only; start as 0 / -inf). Every window that closes
+ * at a token of this call is pooled, RMS-normed (norm weight), RoPE'd at its window start
+ * (omega, last rope_dims dims), optionally QAT-rounded, and written to entries[w]. */
+typedef struct {
+    int T, m, c, d, rope_dims;
+    const int32_t *pos;       /* [T] host, consecutive positions */
+    const float *a, *g;       /* [T, c*d] */
+    const float *ape;         /* [m, c*d] */
+    const float *norm;        /* [d] */
+    float eps;
+    const float *omega;       /* [rope_dims/2] host */
+    float *cur_a, *cur_g, *prev_a, *prev_g;
+    float *entries;           /* [cap, d] */
+    int fp8_nope_qat;         /* 1: FP8 round trip of dims [0, d-rope_dims) in blocks of 64 */
+    int hadamard_fp4_qat;     /* 1: Hadamard + FP4 round trip (indexer keys) */
+} be_compress_args;
+
+/* Lightning indexer scores and top-k (spec §2.4.4) for T query rows of one sequence. */
+typedef struct {
+    int T, n_heads, head_dim, topk;
+    const float *q;           /* [T, n_heads, head_dim], RoPE'd */
+    const float *w;           /* [T, n_heads] head weights, already scaled */
+    const float *keys;        /* [cap, head_dim] index keys of the sequence */
+    const int *n_visible;     /* [T] host: entries visible to each row */
+    int32_t *idx;             /* [T, topk] output (backend memory); row r has min(topk, n_visible[r]) */
+} be_index_args;
+
+/* Weights of one MoE layer (spec §2.5). */
+typedef struct {
+    int n_experts, top_k, inter, hidden;
+    const be_weight *gate;            /* [E, D] router */
+    const float *bias;                /* [E] selection bias, or NULL (hash layer) */
+    const int64_t *tid2eid;           /* [vocab, top_k] host, or NULL (score layer) */
+    int vocab;
+    const be_weight **w1, **w2, **w3; /* [E] routed experts */
+    const be_weight *s1, *s2, *s3;    /* shared expert, or NULL */
+    float route_scale, swiglu_limit;
+    int norm_topk;
+} be_moe_layer;
+
+struct be_ops {
+    const char *name;
+    /* memory */
+    void *(*alloc)(be *b, size_t bytes);            /* zeroed; aborts on OOM */
+    void (*free)(be *b, void *p);
+    void (*upload)(be *b, void *dst, const void *src, size_t bytes);
+    void (*download)(be *b, void *dst, const void *src, size_t bytes);
+    void (*fill)(be *b, float *x, float v, size_t n);
+    void (*copy)(be *b, float *dst, const float *src, size_t n);
+    /* weights: keeps the stored format (FP8 blocks / FP4 / BF16 / F32); data may be referenced */
+    be_weight *(*weight)(be *b, const ck_weight *w);
+    void (*weight_free)(be *b, be_weight *w);
+    /* plain f32 vector from any 1-D weight (norms, biases, sinks, ape, hc params) */
+    float *(*vector)(be *b, const ck_weight *w);
+    /* y[T, N] = x[T, K] · W[row0 : row0+N, :]ᵀ ; x row stride ldx, y row stride ldy (floats) */
+    void (*matmul)(be *b, const be_weight *W, int row0, int N, const float *x, int ldx, float *y,
+                   int ldy, int T);
+    void (*embed)(be *b, const be_weight *table, const int32_t *ids, int T, int n_hc, float *h);
+    void (*rmsnorm)(be *b, const float *x, const float *w, float *y, int T, int n, float eps);
+    /* per-head unweighted RMS over n_heads×dim rows */
+    void (*head_rms)(be *b, float *x, int rows, int dim, float eps);
+    /* RoPE on the last rope_dims of each head (interleaved pairs); inverse: rotate by -θ */
+    void (*rope)(be *b, float *x, int T, int n_heads, int head_dim, int rope_dims,
+                 const int32_t *pos, const float *omega, int inverse);
+    /* mHC (spec §2.3): h [T, n_hc, D] -> u [T, D], post [T, n_hc], comb [T, n_hc, n_hc] */
+    void (*mhc_pre)(be *b, const float *h, const float *fn, const float *base,
+                    const float *scale, int T, int n_hc, int D, int iters, float hc_eps,
+                    float norm_eps, float *u, float *post, float *comb);
+    void (*mhc_post)(be *b, float *h, const float *v, const float *post, const float *comb,
+                     int T, int n_hc, int D);
+    void (*hc_head)(be *b, const float *h, const float *fn, const float *base,
+                    const float *scale, int T, int n_hc, int D, float hc_eps, float norm_eps,
+                    float *y);
+    void (*attention)(be *b, const be_attn_args *a);
+    /* ring[pos mod ring_size] = kv[row] for the rows of one sequence */
+    void (*ring_write)(be *b, float *ring, int ring_size, int dim, const float *kv,
+                       const int32_t *pos, int T);
+    void (*compress)(be *b, const be_compress_args *a);
+    void (*index_topk)(be *b, const be_index_args *a);
+    /* moe: out [T, D] from x [T, D]; ids [T] host */
+    void (*moe)(be *b, const be_moe_layer *L, const float *x, const int32_t *ids, int T,
+                float *out);
+    /* elementwise helpers */
+    void (*scale_rows)(be *b, float *x, int T, int n, float s);
+    void (*add)(be *b, float *y, const float *x, size_t n);          /* y += x */
+    void (*fp8_qat)(be *b, float *x, int T, int dim, int nope, int block); /* round trip dims [0,nope) */
+    void (*hadamard_fp4)(be *b, float *x, int rows, int dim);
+    void (*destroy)(be *b);
+};
+
+struct be {
+    const struct be_ops *ops;
+    int n_threads;
+};
+
+/* The CPU backend: plain C11 + pthreads, fp32 accumulation. n_threads <= 0: all cores. */
+be *be_cpu_create(int n_threads);
+
+#endif

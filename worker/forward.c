@@ -1,0 +1,326 @@
+/* forward.c — the DeepSeek-V4 forward pass over a batch of sequence chunks (spec §2).
+ *
+ * Why: written once, against backend.h, so that every backend runs the same sequence of ops and
+ * the CPU backend is the reference for all of them. Reads top to bottom like spec §2.7:
+ * embed → per layer (mHC pre, attention, mHC post, mHC pre, MoE, mHC post) → HC head, norm,
+ * LM head. The batch is a list of chunks, one per sequence, each at its own absolute
+ * positions (prefill, chunked prefill and decode are the same code). Host-side work is limited
+ * to metadata: positions, key plans, visibility counts. Never pads inside a sequence.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/err.h"
+#include "worker/model_internal.h"
+
+/* Scratch buffers for one step, in backend memory; shapes for T rows. */
+typedef struct {
+    float *h;      /* [T, n_hc, D] residual streams */
+    float *u;      /* [T, D] collapsed sublayer input */
+    float *x;      /* [T, D] normed sublayer input */
+    float *post;   /* [T, n_hc] */
+    float *comb;   /* [T, n_hc, n_hc] */
+    float *cq;     /* [T, q_lora] */
+    float *q;      /* [T, H, dh] */
+    float *kv;     /* [T, dh] */
+    float *o;      /* [T, H, dh] */
+    float *y;      /* [T, G*o_lora] */
+    float *v;      /* [T, D] sublayer output */
+    float *ca, *cg;/* [T, 2*dh] compressor projections */
+    float *iq;     /* [T, nI, ihd] */
+    float *iw;     /* [T, nI] */
+    int32_t *idx;  /* [T, topk] */
+} scratch;
+
+typedef struct {
+    dv4_model *m;
+    be *b;
+    const dv4_config *c;
+    int T, n_chunks;
+    const dv4_chunk *chunks;
+    int *row0;          /* [n_chunks] first batch row of each chunk */
+    int32_t *ids;       /* [T] host */
+    int32_t *pos;       /* [T] host */
+    int *chunk_of;      /* [T] */
+    be_keyplan *plan;   /* [T] */
+    int *n_vis;         /* [T] */
+    scratch s;
+} step;
+
+static void *balloc(step *st, size_t bytes) { return st->b->ops->alloc(st->b, bytes); }
+
+static void scratch_alloc(step *st) {
+    const dv4_config *c = st->c;
+    size_t T = (size_t)st->T, D = c->hidden_size, hc = c->hc_mult, H = c->num_attention_heads;
+    size_t dh = c->head_dim, f = sizeof(float);
+    scratch *s = &st->s;
+    s->h = balloc(st, T * hc * D * f);
+    s->u = balloc(st, T * D * f);
+    s->x = balloc(st, T * D * f);
+    s->post = balloc(st, T * hc * f);
+    s->comb = balloc(st, T * hc * hc * f);
+    s->cq = balloc(st, T * c->q_lora_rank * f);
+    s->q = balloc(st, T * H * dh * f);
+    s->kv = balloc(st, T * dh * f);
+    s->o = balloc(st, T * H * dh * f);
+    s->y = balloc(st, T * c->o_groups * c->o_lora_rank * f);
+    s->v = balloc(st, T * D * f);
+    size_t cw = 2 * (dh > (size_t)c->index_head_dim ? dh : (size_t)c->index_head_dim);
+    s->ca = balloc(st, T * cw * f);
+    s->cg = balloc(st, T * cw * f);
+    s->iq = balloc(st, T * c->index_n_heads * c->index_head_dim * f);
+    s->iw = balloc(st, T * c->index_n_heads * f);
+    s->idx = balloc(st, T * (c->index_topk > 0 ? c->index_topk : 1) * sizeof(int32_t));
+}
+
+static void scratch_free(step *st) {
+    scratch *s = &st->s;
+    void *p[] = {s->h, s->u, s->x, s->post, s->comb, s->cq, s->q, s->kv, s->o, s->y, s->v,
+                 s->ca, s->cg, s->iq, s->iw, s->idx};
+    for (size_t i = 0; i < sizeof p / sizeof *p; i++) st->b->ops->free(st->b, p[i]);
+}
+
+/* ======================================================================================== */
+/* compressors (spec §2.4.3) — per chunk, since state is per sequence                        */
+/* ======================================================================================== */
+
+/* Runs the compressor with projections wkv/wgate over each chunk's rows of x.
+ * d = entry width, m = ratio; writes entries into the sequence's array. */
+static void run_compressor(step *st, int layer, int indexer) {
+    const dv4_config *c = st->c;
+    dv4_layer *L = &st->m->layers[layer];
+    be *b = st->b;
+    int m = indexer ? 4 : L->ratio, cc = m == 4 ? 2 : 1;
+    int d = indexer ? c->index_head_dim : c->head_dim, D = c->hidden_size;
+    const be_weight *wkv = indexer ? L->ic_wkv : L->c_wkv, *wg = indexer ? L->ic_wgate : L->c_wgate;
+    for (int k = 0; k < st->n_chunks; k++) {
+        const dv4_chunk *ch = &st->chunks[k];
+        dv4_seq_layer *S = &ch->seq->L[layer];
+        int r0 = st->row0[k];
+        const float *xr = st->s.x + (size_t)r0 * D;
+        b->ops->matmul(b, wkv, 0, cc * d, xr, D, st->s.ca, cc * d, ch->n);
+        b->ops->matmul(b, wg, 0, cc * d, xr, D, st->s.cg, cc * d, ch->n);
+        be_compress_args a = {
+            .T = ch->n, .m = m, .c = cc, .d = d, .rope_dims = c->qk_rope_head_dim,
+            .pos = st->pos + r0, .a = st->s.ca, .g = st->s.cg,
+            .ape = indexer ? L->ic_ape : L->c_ape, .norm = indexer ? L->ic_norm : L->c_norm,
+            .eps = (float)c->rms_norm_eps, .omega = st->m->omega_cmp,
+            .cur_a = indexer ? S->icur_a : S->cur_a, .cur_g = indexer ? S->icur_g : S->cur_g,
+            .prev_a = indexer ? S->iprev_a : S->prev_a, .prev_g = indexer ? S->iprev_g : S->prev_g,
+            .entries = indexer ? S->ikeys : S->cmp,
+        };
+        b->ops->compress(b, &a);
+    }
+}
+
+/* Lightning indexer (spec §2.4.4): fills s.idx with each row's selected compressed entries. */
+static void run_indexer(step *st, int layer) {
+    const dv4_config *c = st->c;
+    dv4_layer *L = &st->m->layers[layer];
+    be *b = st->b;
+    int nI = c->index_n_heads, ihd = c->index_head_dim, T = st->T;
+    run_compressor(st, layer, 1);
+    b->ops->matmul(b, L->i_wq_b, 0, nI * ihd, st->s.cq, c->q_lora_rank, st->s.iq, nI * ihd, T);
+    b->ops->rope(b, st->s.iq, T, nI, ihd, c->qk_rope_head_dim, st->pos, st->m->omega_cmp, 0);
+    b->ops->matmul(b, L->i_wproj, 0, nI, st->s.x, c->hidden_size, st->s.iw, nI, T);
+    b->ops->scale_rows(b, st->s.iw, T, nI, (float)(1.0 / sqrt((double)ihd * nI)));
+    for (int k = 0; k < st->n_chunks; k++) {
+        int r0 = st->row0[k];
+        be_index_args a = {
+            .T = st->chunks[k].n, .n_heads = nI, .head_dim = ihd, .topk = c->index_topk,
+            .q = st->s.iq + (size_t)r0 * nI * ihd, .w = st->s.iw + (size_t)r0 * nI,
+            .keys = st->chunks[k].seq->L[layer].ikeys, .n_visible = st->n_vis + r0,
+            .idx = st->s.idx + (size_t)r0 * c->index_topk,
+        };
+        b->ops->index_topk(b, &a);
+    }
+}
+
+/* ======================================================================================== */
+/* attention (spec §2.4)                                                                     */
+/* ======================================================================================== */
+
+static void attention(step *st, int layer) {
+    const dv4_config *c = st->c;
+    dv4_layer *L = &st->m->layers[layer];
+    be *b = st->b;
+    scratch *s = &st->s;
+    int T = st->T, D = c->hidden_size, H = c->num_attention_heads, dh = c->head_dim;
+    int dr = c->qk_rope_head_dim, W = c->sliding_window, m = L->ratio;
+    float eps = (float)c->rms_norm_eps;
+
+    /* query path §2.4.1 */
+    b->ops->matmul(b, L->wq_a, 0, c->q_lora_rank, s->x, D, s->o, c->q_lora_rank, T);
+    b->ops->rmsnorm(b, s->o, L->q_norm, s->cq, T, c->q_lora_rank, eps);
+    b->ops->matmul(b, L->wq_b, 0, H * dh, s->cq, c->q_lora_rank, s->q, H * dh, T);
+    b->ops->head_rms(b, s->q, T * H, dh, eps);
+    b->ops->rope(b, s->q, T, H, dh, dr, st->pos, L->omega, 0);
+    /* raw kv §2.4.2 */
+    b->ops->matmul(b, L->wkv, 0, dh, s->x, D, s->o, dh, T);
+    b->ops->rmsnorm(b, s->o, L->kv_norm, s->kv, T, dh, eps);
+    b->ops->rope(b, s->kv, T, 1, dh, dr, st->pos, L->omega, 0);
+
+    /* visibility of compressed entries: w < floor((t+1)/m) */
+    for (int r = 0; r < T; r++) st->n_vis[r] = m ? (st->pos[r] + 1) / m : 0;
+    if (m == 4) run_indexer(st, layer);
+    if (m) run_compressor(st, layer, 0);
+
+    /* key plans §2.4.5 */
+    for (int r = 0; r < T; r++) {
+        int k = st->chunk_of[r], r0 = st->row0[k], P = st->pos[r0], t = st->pos[r];
+        dv4_seq_layer *S = &st->chunks[k].seq->L[layer];
+        int lo = t - W + 1 > 0 ? t - W + 1 : 0;
+        be_keyplan *p = &st->plan[r];
+        p->ring = S->ring;
+        p->ring_size = W;
+        p->ring_lo = lo < P ? lo : P;
+        p->ring_hi = P;
+        p->row_lo = r0 + (lo > P ? lo - P : 0);
+        p->row_hi = r + 1;
+        p->cmp = S->cmp;
+        p->n_cmp = st->n_vis[r];
+        if (m == 4 && p->n_cmp > c->index_topk) p->n_cmp = c->index_topk;
+    }
+    be_attn_args a = {
+        .T = T, .n_heads = H, .head_dim = dh, .scale = (float)(1.0 / sqrt((double)dh)),
+        .q = s->q, .kv = s->kv, .sink = L->sink, .plan = st->plan,
+        .cmp_idx = m == 4 ? s->idx : NULL, .idx_stride = c->index_topk, .out = s->o,
+    };
+    b->ops->attention(b, &a);
+    for (int k = 0; k < st->n_chunks; k++) {
+        int r0 = st->row0[k];
+        b->ops->ring_write(b, st->chunks[k].seq->L[layer].ring, W, dh, s->kv + (size_t)r0 * dh,
+                           st->pos + r0, st->chunks[k].n);
+    }
+
+    /* output path §2.4.6 */
+    b->ops->rope(b, s->o, T, H, dh, dr, st->pos, L->omega, 1);
+    int G = c->o_groups, ol = c->o_lora_rank, hpg = H / G;
+    for (int g = 0; g < G; g++)
+        b->ops->matmul(b, L->wo_a, g * ol, ol, s->o + (size_t)g * hpg * dh, H * dh,
+                       s->y + (size_t)g * ol, G * ol, T);
+    b->ops->matmul(b, L->wo_b, 0, D, s->y, G * ol, s->v, D, T);
+}
+
+/* ======================================================================================== */
+/* one block (spec §2.7) and the whole step                                                  */
+/* ======================================================================================== */
+
+static void block(step *st, int layer) {
+    const dv4_config *c = st->c;
+    dv4_layer *L = &st->m->layers[layer];
+    be *b = st->b;
+    scratch *s = &st->s;
+    int T = st->T, D = c->hidden_size, hc = c->hc_mult, it = c->hc_sinkhorn_iters;
+    float he = (float)c->hc_eps, ne = (float)c->rms_norm_eps;
+
+    b->ops->mhc_pre(b, s->h, L->hc_attn_fn, L->hc_attn_base, L->hc_attn_scale, T, hc, D, it, he,
+                    ne, s->u, s->post, s->comb);
+    b->ops->rmsnorm(b, s->u, L->attn_norm, s->x, T, D, ne);
+    attention(st, layer);
+    b->ops->mhc_post(b, s->h, s->v, s->post, s->comb, T, hc, D);
+
+    b->ops->mhc_pre(b, s->h, L->hc_ffn_fn, L->hc_ffn_base, L->hc_ffn_scale, T, hc, D, it, he,
+                    ne, s->u, s->post, s->comb);
+    b->ops->rmsnorm(b, s->u, L->ffn_norm, s->x, T, D, ne);
+    b->ops->moe(b, &L->moe, s->x, st->ids, T, s->v);
+    b->ops->mhc_post(b, s->h, s->v, s->post, s->comb, T, hc, D);
+}
+
+int dv4_logit_rows(const dv4_chunk *chunks, int n_chunks) {
+    int rows = 0;
+    for (int k = 0; k < n_chunks; k++)
+        rows += chunks[k].logits == DV4_LOGITS_ALL ? chunks[k].n
+              : chunks[k].logits == DV4_LOGITS_LAST ? 1 : 0;
+    return rows;
+}
+
+static int check_chunks(const dv4_model *m, const dv4_chunk *chunks, int n_chunks, char *err,
+                        size_t errlen) {
+    if (n_chunks <= 0) return duet_err(err, errlen, DUET_EINVAL, "a step needs at least one chunk");
+    for (int k = 0; k < n_chunks; k++) {
+        const dv4_chunk *ch = &chunks[k];
+        if (!ch->seq || ch->n <= 0)
+            return duet_err(err, errlen, DUET_EINVAL, "chunk %d: no sequence or no tokens", k);
+        for (int j = 0; j < k; j++)
+            if (chunks[j].seq == ch->seq)
+                return duet_err(err, errlen, DUET_EINVAL,
+                                "chunks %d and %d belong to the same sequence", j, k);
+        if (ch->seq->pos + ch->n > ch->seq->cap)
+            return duet_err(err, errlen, DUET_EINVAL,
+                            "chunk %d: positions up to %d exceed the sequence capacity %d", k,
+                            ch->seq->pos + ch->n, ch->seq->cap);
+        for (int i = 0; i < ch->n; i++)
+            if (ch->ids[i] < 0 || ch->ids[i] >= m->cfg.vocab_size)
+                return duet_err(err, errlen, DUET_EINVAL,
+                                "chunk %d: token id %d at index %d is outside [0, %d)", k,
+                                ch->ids[i], i, m->cfg.vocab_size);
+    }
+    return 0;
+}
+
+int dv4_forward(dv4_model *m, const dv4_chunk *chunks, int n_chunks, float *logits, char *err,
+                size_t errlen) {
+    int rc = check_chunks(m, chunks, n_chunks, err, errlen);
+    if (rc) return rc;
+    const dv4_config *c = &m->cfg;
+    be *b = m->b;
+    step st = {.m = m, .b = b, .c = c, .n_chunks = n_chunks, .chunks = chunks};
+    for (int k = 0; k < n_chunks; k++) st.T += chunks[k].n;
+    int T = st.T;
+    st.row0 = xmalloc((size_t)n_chunks * sizeof *st.row0);
+    st.ids = xmalloc((size_t)T * sizeof *st.ids);
+    st.pos = xmalloc((size_t)T * sizeof *st.pos);
+    st.chunk_of = xmalloc((size_t)T * sizeof *st.chunk_of);
+    st.plan = xcalloc((size_t)T, sizeof *st.plan);
+    st.n_vis = xcalloc((size_t)T, sizeof *st.n_vis);
+    for (int k = 0, r = 0; k < n_chunks; k++) {
+        st.row0[k] = r;
+        for (int i = 0; i < chunks[k].n; i++, r++) {
+            st.ids[r] = chunks[k].ids[i];
+            st.pos[r] = chunks[k].seq->pos + i;
+            st.chunk_of[r] = k;
+        }
+    }
+    scratch_alloc(&st);
+    scratch *s = &st.s;
+    int D = c->hidden_size, hc = c->hc_mult;
+
+    b->ops->embed(b, m->embed, st.ids, T, hc, s->h);
+    for (int l = 0; l < m->n_layers; l++) block(&st, l);
+
+    /* final collapse, norm, LM head (spec §2.6) on the rows that want logits */
+    int rows = dv4_logit_rows(chunks, n_chunks);
+    if (rows > 0) {
+        float *hsel = b->ops->alloc(b, (size_t)rows * hc * D * sizeof(float));
+        float *ysel = b->ops->alloc(b, (size_t)rows * D * sizeof(float));
+        float *lg = b->ops->alloc(b, (size_t)rows * c->vocab_size * sizeof(float));
+        int out = 0;
+        for (int k = 0; k < n_chunks; k++) {
+            int first = chunks[k].logits == DV4_LOGITS_ALL ? 0 : chunks[k].n - 1;
+            int n = chunks[k].logits == DV4_LOGITS_ALL ? chunks[k].n
+                  : chunks[k].logits == DV4_LOGITS_LAST ? 1 : 0;
+            b->ops->copy(b, hsel + (size_t)out * hc * D,
+                         s->h + (size_t)(st.row0[k] + first) * hc * D, (size_t)n * hc * D);
+            out += n;
+        }
+        b->ops->hc_head(b, hsel, m->hc_head_fn, m->hc_head_base, m->hc_head_scale, rows, hc, D,
+                        (float)c->hc_eps, (float)c->rms_norm_eps, s->u);
+        b->ops->rmsnorm(b, s->u, m->norm, ysel, rows, D, (float)c->rms_norm_eps);
+        b->ops->matmul(b, m->head, 0, c->vocab_size, ysel, D, lg, c->vocab_size, rows);
+        b->ops->download(b, logits, lg, (size_t)rows * c->vocab_size * sizeof(float));
+        b->ops->free(b, hsel);
+        b->ops->free(b, ysel);
+        b->ops->free(b, lg);
+    }
+    for (int k = 0; k < n_chunks; k++) chunks[k].seq->pos += chunks[k].n;
+    scratch_free(&st);
+    free(st.row0);
+    free(st.ids);
+    free(st.pos);
+    free(st.chunk_of);
+    free(st.plan);
+    free(st.n_vis);
+    return 0;
+}

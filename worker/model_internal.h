@@ -1,0 +1,67 @@
+/* model_internal.h — the layout of a loaded model and of sequence state, shared by model.c
+ * (loading) and forward.c (the math). Nothing outside worker/ includes this.
+ */
+#ifndef DUET_MODEL_INTERNAL_H
+#define DUET_MODEL_INTERNAL_H
+
+#include "worker/model.h"
+
+typedef struct {
+    int ratio;                 /* m: 0 (SWA), 4 (CSA), 128 (HCA) */
+    const float *omega;        /* RoPE table of this layer (host, [rope_dims/2]) */
+    /* mHC: fn [(2+n_hc)*n_hc, n_hc*D], base [(2+n_hc)*n_hc], scale [3] */
+    float *hc_attn_fn, *hc_attn_base, *hc_attn_scale;
+    float *hc_ffn_fn, *hc_ffn_base, *hc_ffn_scale;
+    float *attn_norm, *ffn_norm;          /* [D] */
+    be_weight *wq_a;           /* [q_lora, D] */
+    float *q_norm;             /* [q_lora] */
+    be_weight *wq_b;           /* [H*dh, q_lora] */
+    be_weight *wkv;            /* [dh, D] */
+    float *kv_norm;            /* [dh] */
+    be_weight *wo_a;           /* [G*o_lora, (H/G)*dh] */
+    be_weight *wo_b;           /* [D, G*o_lora] */
+    float *sink;               /* [H] */
+    /* compressor (ratio > 0): wkv/wgate [c*dh, D], ape [m, c*dh], norm [dh] */
+    be_weight *c_wkv, *c_wgate;
+    float *c_ape, *c_norm;
+    /* indexer (ratio 4): wq_b [nI*ihd, q_lora], weights_proj [nI, D], compressor [2*ihd, D] */
+    be_weight *i_wq_b, *i_wproj, *ic_wkv, *ic_wgate;
+    float *ic_ape, *ic_norm;
+    /* MoE */
+    be_weight *gate, *s1, *s2, *s3;
+    float *gate_bias;          /* [E] or NULL */
+    int64_t *tid2eid;          /* [vocab, k] host or NULL */
+    be_weight **experts;       /* [3*E]: w1[0..E), w2[E..2E), w3[2E..3E) */
+    be_moe_layer moe;
+} dv4_layer;
+
+struct dv4_model {
+    dv4_config cfg;
+    be *b;
+    st_set *st;
+    uint64_t fingerprint;
+    be_weight *embed, *head;   /* [vocab, D] */
+    float *norm;               /* [D] */
+    float *hc_head_fn, *hc_head_base, *hc_head_scale;
+    float *omega_main, *omega_cmp;
+    int n_layers;
+    dv4_layer *layers;
+};
+
+typedef struct {
+    float *ring;               /* [window, dh] raw kv, slot = pos mod window */
+    float *cmp;                /* [cap/m + 1, dh] compressed entries */
+    float *cur_a, *cur_g;      /* [m, c*dh] current window */
+    float *prev_a, *prev_g;    /* [m, dh] previous window A-halves (CSA) */
+    float *ikeys;              /* [cap/4 + 1, ihd] indexer keys (CSA) */
+    float *icur_a, *icur_g, *iprev_a, *iprev_g; /* indexer compressor state */
+} dv4_seq_layer;
+
+struct dv4_seq {
+    int pos;                   /* tokens processed */
+    int cap;                   /* max tokens */
+    int n_layers;
+    dv4_seq_layer *L;
+};
+
+#endif
