@@ -11,7 +11,8 @@
  * correctly rounded by IEEE 754). Tensors are generated row block by row block and streamed to
  * disk shard by shard, so memory stays bounded at full V4-Flash size.
  * `--names hf` writes the same (dequantized) values as F32 under the transformers names of spec
- * §4.7 with experts stacked, and drops quantization_config from config.json.
+ * §4.7 with experts stacked, and drops quantization_config and expert_dtype from config.json
+ * (transformers then loads it as is; our parser defaults expert_dtype to fp4, the same config).
  * Must never produce different bytes for the same arguments, and never leave a half-written
  * checkpoint looking complete (the index is written last).
  */
@@ -197,6 +198,7 @@ typedef struct {
     int64_t N, K, row; /* logical shape; next row to generate */
     float lo, hi;
     int64_t step_rows;
+    int need_deq;      /* fill deq (transformers output) */
     float *val;        /* [step_rows, K] generated values */
     float *deq;        /* [step_rows, K] values as stored (dequantized / rounded) */
     uint8_t *q;        /* stored bytes of the step */
@@ -205,9 +207,11 @@ typedef struct {
     size_t scbytes;
 } wgen_t;
 
-static void wgen_init(wgen_t *g, const dv4_config *c, uint64_t seed, const ck_spec *s) {
+static void wgen_init(wgen_t *g, const dv4_config *c, uint64_t seed, const ck_spec *s,
+                      int need_deq) {
     memset(g, 0, sizeof *g);
     g->c = c;
+    g->need_deq = need_deq;
     g->N = s->ndim == 1 ? 1 : s->shape[0];
     g->K = s->ndim == 1 ? s->shape[0] : s->shape[1];
     g->kind = s->dtype == ST_F32 ? G_F32 : s->dtype == ST_I64 ? G_I64 : G_BF16;
@@ -256,7 +260,7 @@ static void step_fp8(wgen_t *g, int64_t rows) {
     int bk = c->weight_block_k;
     int64_t sc = (g->K + bk - 1) / bk;
     fmt_quant_fp8_block(g->val, rows, g->K, c->weight_block_n, bk, g->q, g->sc);
-    for (int64_t r = 0; r < rows; r++)
+    for (int64_t r = 0; g->need_deq && r < rows; r++)
         fmt_dequant_fp8_row(g->q, g->sc, g->K, r, c->weight_block_n, bk, g->deq + r * g->K);
     g->qbytes = (size_t)(rows * g->K);
     g->scbytes = (size_t)sc;
@@ -277,7 +281,7 @@ static int64_t wgen_step(wgen_t *g) {
         step_fp8(g, rows);
     } else if (g->kind == G_FP4) {
         fmt_quant_fp4(g->val, 1, g->K, g->c->fp4_block, g->q, g->sc);
-        fmt_dequant_fp4_row(g->q, g->sc, g->K, 0, g->c->fp4_block, g->deq);
+        if (g->need_deq) fmt_dequant_fp4_row(g->q, g->sc, g->K, 0, g->c->fp4_block, g->deq);
         g->qbytes = (size_t)g->K / 2;
         g->scbytes = (size_t)(g->K / g->c->fp4_block);
     } else if (g->kind == G_BF16) {
@@ -309,7 +313,7 @@ enum { OUT_Q, OUT_SCALE, OUT_F32 };
 static int stream_spec(const job_t *j, const ck_spec *s, int what, st_writer *w, char *err,
                        size_t errlen) {
     wgen_t g;
-    wgen_init(&g, j->c, j->seed, s);
+    wgen_init(&g, j->c, j->seed, s, what == OUT_F32);
     int rc = 0;
     int64_t rows;
     while (!rc && (rows = wgen_step(&g)) > 0) {
@@ -523,7 +527,10 @@ static int run(const args_t *a, char *err, size_t errlen) {
     int rc = parse_json_cfg(o, &c, err, errlen);
     if (!rc && mkdir(a->out, 0777) && errno != EEXIST)
         rc = duet_err(err, errlen, DUET_EIO, "cannot create %s: %s", a->out, strerror(errno));
-    if (!rc && hf) json_object_del(o, "quantization_config");
+    if (!rc && hf) { /* as transformers wants it (spec §6); expert_dtype defaults to fp4 here */
+        json_object_del(o, "quantization_config");
+        json_object_del(o, "expert_dtype");
+    }
     if (!rc) rc = write_json(o, a->out, "config.json", err, errlen);
     json_decref(o);
     if (rc) return rc;
