@@ -52,10 +52,14 @@ static int get_int(json_t *o, const char *hf, const char *off, int def, int lo, 
         *out = def;
         return 0;
     }
-    if (json_is_real(v) && json_real_value(v) == (double)(long long)json_real_value(v) &&
-        json_real_value(v) >= lo && json_real_value(v) <= hi) {
-        *out = (int)json_real_value(v);
-        return 0;
+    if (json_is_real(v)) { /* 16.0 is accepted as 16; range first, so the cast is defined */
+        double d = json_real_value(v);
+        if (d >= lo && d <= hi && d == (double)(int)d) {
+            *out = (int)d;
+            return 0;
+        }
+        return duet_err(err, errlen, DUET_EINVAL,
+                        "config.json: \"%s\" is %g; expected an integer in [%d, %d]", k, d, lo, hi);
     }
     if (!json_is_integer(v)) return bad_key(err, errlen, k, "must be an integer");
     json_int_t x = json_integer_value(v);

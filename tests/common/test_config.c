@@ -165,6 +165,8 @@ START_TEST(missing_and_invalid_keys) {
     expect_bad("dspark_target_layer_ids", "[3, 9]", "dspark_target_layer_ids");
     expect_bad("rms_norm_eps", "\"x\"", "rms_norm_eps");
     expect_bad("tie_word_embeddings", "3", "tie_word_embeddings");
+    expect_bad("hidden_size", "1e300", "hidden_size");
+    expect_bad("head_dim", "127.5", "head_dim");
 }
 END_TEST
 
