@@ -191,6 +191,7 @@ class TieMonitor:
         self.indexer_min_gap = float("inf")
         self.indexer_zero_ties = 0
         self.risky = []       # [kind, layer, position, gap]
+        self.closest = []     # every decision: (rel gap, kind, layer, position, gap)
         self._rpos = None
 
     def set_positions(self, pos):
@@ -205,6 +206,8 @@ class TieMonitor:
                 gap = s[:, mod.top_k - 1] - s[:, mod.top_k]
                 self.router_min_gap = min(self.router_min_gap, gap.min().item())
                 rel = gap / s[:, mod.top_k - 1].abs().clamp_min(1e-30)
+                for i in rel.argsort()[:8].tolist():
+                    self.closest.append((rel[i].item(), "router", layer, int(self._rpos[i]), gap[i].item()))
                 for i in (rel < self.REL_RISK).nonzero().flatten().tolist():
                     self.risky.append(["router", layer, int(self._rpos[i]), gap[i].item()])
         return hook
@@ -230,6 +233,7 @@ class TieMonitor:
                     self.indexer_zero_ties += 1
                 self.indexer_min_gap = min(self.indexer_min_gap, gap)
                 self.indexer_min_rel_gap = min(self.indexer_min_rel_gap, rel)
+                self.closest.append((rel, "indexer", layer, int(p[i].item()), gap))
                 if rel < self.REL_RISK:
                     self.risky.append(["indexer", layer, int(p[i].item()), gap])
         return hook
@@ -360,7 +364,9 @@ def main():
         d = {"router_min_gap": mon.router_min_gap, "indexer_min_gap": mon.indexer_min_gap,
              "indexer_min_rel_gap": mon.indexer_min_rel_gap,
              "indexer_exact_zero_ties": mon.indexer_zero_ties,
-             "risky_decisions(kind,layer,pos,gap)": mon.risky[:50], "n_risky": len(mon.risky)}
+             "risky_decisions(kind,layer,pos,gap)": mon.risky[:50], "n_risky": len(mon.risky),
+             "closest_decisions(kind,layer,pos,gap,rel_gap)": [
+                 [k, l, q, g, r] for (r, k, l, q, g) in sorted(mon.closest)[:8]]}
         mon.reset()
         return d
 
