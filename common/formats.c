@@ -7,6 +7,12 @@
  */
 #include "common/formats.h"
 
+/* Bit-identical results on every machine need unfused multiply-adds: GCC in ISO C mode never
+ * contracts, clang would (-ffp-contract=on) when the target has FMA. */
+#ifdef __clang__
+#pragma STDC FP_CONTRACT OFF
+#endif
+
 #include <string.h>
 
 /* ---- bit helpers ------------------------------------------------------------------------ */

@@ -17,6 +17,12 @@
  * checkpoint looking complete (the index is written last).
  */
 #include "common/ckpt.h"
+
+/* Bit-identical results on every machine need unfused multiply-adds: GCC in ISO C mode never
+ * contracts, clang would (-ffp-contract=on) when the target has FMA. */
+#ifdef __clang__
+#pragma STDC FP_CONTRACT OFF
+#endif
 #include "common/config.h"
 #include "common/err.h"
 #include "common/formats.h"
