@@ -94,7 +94,7 @@ static int compressor(emit_t *e, const char *base, int64_t W, int64_t m, int64_t
     return emit(e, n, ST_BF16, CK_PLAIN, 1, d, 0);
 }
 
-static int attention_rest(emit_t *e, int L) {
+static int attention(emit_t *e, int L) {
     const dv4_config *c = e->c;
     int64_t D = c->hidden_size, H = c->num_attention_heads, hd = c->head_dim;
     int64_t ql = c->q_lora_rank, G = c->o_groups, ol = c->o_lora_rank;
@@ -157,7 +157,7 @@ static int layer(emit_t *e, int L) {
     EMIT(e, "hc_ffn_scale", ST_F32, CK_PLAIN, 1, 3, 0);
     EMIT(e, "attn_norm.weight", ST_BF16, CK_PLAIN, 1, D, 0);
     EMIT(e, "ffn_norm.weight", ST_BF16, CK_PLAIN, 1, D, 0);
-    if ((rc = attention_rest(e, L))) return rc;
+    if ((rc = attention(e, L))) return rc;
     return moe(e, L);
 }
 
