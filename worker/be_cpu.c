@@ -19,10 +19,15 @@
 typedef struct {
     be base;
     pool *pool;
+    size_t cache_left; /* bytes still allowed for dequantized weight copies */
 } be_cpu;
 
+/* A weight as stored in the checkpoint (w), or — while the dequantization cache has room —
+ * its exact f32 expansion (f32 != NULL, w rewritten to point at it). Both give identical
+ * values; the cache only saves re-decoding FP8/FP4 rows on every use. */
 struct be_weight {
     ck_weight w;
+    float *f32;
 };
 
 static pool *P(be *b) { return ((be_cpu *)b)->pool; }
@@ -44,17 +49,38 @@ static void cpu_copy(be *b, float *dst, const float *src, size_t n) {
 }
 
 static be_weight *cpu_weight(be *b, const ck_weight *w) {
-    be_weight *bw = xmalloc(sizeof *bw);
+    be_cpu *c = (be_cpu *)b;
+    be_weight *bw = xcalloc(1, sizeof *bw);
     bw->w = *w;
+    size_t bytes = (size_t)w->rows * (size_t)w->cols * sizeof(float);
+    if (!(w->kind == CK_PLAIN && w->dtype == ST_F32) && bytes <= c->cache_left) {
+        c->cache_left -= bytes;
+        bw->f32 = xmalloc(bytes);
+        for (int64_t r = 0; r < w->rows; r++) ck_row_f32(w, r, bw->f32 + r * w->cols);
+        bw->w = (ck_weight){.kind = CK_PLAIN, .dtype = ST_F32, .rows = w->rows, .cols = w->cols,
+                            .data = bw->f32};
+    }
     return bw;
 }
-static void cpu_weight_free(be *b, be_weight *w) { free(w); }
+static void cpu_weight_free(be *b, be_weight *w) {
+    if (!w) return;
+    if (w->f32) ((be_cpu *)b)->cache_left += (size_t)w->w.rows * (size_t)w->w.cols * sizeof(float);
+    free(w->f32);
+    free(w);
+}
 
 static float *cpu_vector(be *b, const ck_weight *w) {
     size_t n = (size_t)(w->rows * w->cols);
     float *v = xmalloc(n * sizeof *v);
     for (int64_t r = 0; r < w->rows; r++) ck_row_f32(w, r, v + r * w->cols);
     return v;
+}
+
+/* Rows of an f32 weight are used in place; others are decoded into `buf`. */
+static const float *wrow(const ck_weight *w, int64_t n, float *buf) {
+    if (w->kind == CK_PLAIN && w->dtype == ST_F32) return (const float *)w->data + n * w->cols;
+    ck_row_f32(w, n, buf);
+    return buf;
 }
 
 /* ======================================================================================== */
@@ -73,14 +99,15 @@ enum { MM_ROWS = 16 }; /* weight rows dequantized per task */
 static void mm_task(void *vctx, int task) {
     mm_ctx *c = vctx;
     int K = (int)c->w->cols;
-    float *wrow = xmalloc((size_t)K * MM_ROWS * sizeof *wrow);
+    float *buf = xmalloc((size_t)K * MM_ROWS * sizeof *buf);
+    const float *rows[MM_ROWS];
     int n0 = task * MM_ROWS;
     int nn = MM_ROWS;
-    for (int j = 0; j < nn; j++) ck_row_f32(c->w, c->row0 + n0 + j, wrow + (size_t)j * K);
+    for (int j = 0; j < nn; j++) rows[j] = wrow(c->w, c->row0 + n0 + j, buf + (size_t)j * K);
     for (int t = 0; t < c->T; t++) {
         const float *x = c->x + (size_t)t * c->ldx;
         for (int j = 0; j < nn; j++) {
-            const float *w = wrow + (size_t)j * K;
+            const float *w = rows[j];
             float acc[8] = {0};
             int k = 0;
             for (; k + 8 <= K; k += 8)
@@ -90,22 +117,22 @@ static void mm_task(void *vctx, int task) {
             c->y[(size_t)t * c->ldy + n0 + j] = s;
         }
     }
-    free(wrow);
+    free(buf);
 }
 
 static void mm_tail(const mm_ctx *c, int n0, int N) {
     int K = (int)c->w->cols;
-    float *wrow = xmalloc((size_t)K * sizeof *wrow);
+    float *buf = xmalloc((size_t)K * sizeof *buf);
     for (int n = n0; n < N; n++) {
-        ck_row_f32(c->w, c->row0 + n, wrow);
+        const float *w = wrow(c->w, c->row0 + n, buf);
         for (int t = 0; t < c->T; t++) {
             const float *x = c->x + (size_t)t * c->ldx;
             float s = 0;
-            for (int k = 0; k < K; k++) s += wrow[k] * x[k];
+            for (int k = 0; k < K; k++) s += w[k] * x[k];
             c->y[(size_t)t * c->ldy + n] = s;
         }
     }
-    free(wrow);
+    free(buf);
 }
 
 static void cpu_matmul(be *b, const be_weight *W, int row0, int N, const float *x, int ldx,
@@ -627,6 +654,8 @@ be *be_cpu_create(int n_threads) {
     be_cpu *c = xcalloc(1, sizeof *c);
     c->base.ops = &cpu_ops;
     c->pool = pool_create(n_threads);
+    const char *mb = getenv("DUET_CPU_DEQUANT_CACHE_MB");
+    c->cache_left = (size_t)(mb ? atol(mb) : 2048) << 20;
     c->base.n_threads = pool_size(c->pool);
     return &c->base;
 }
