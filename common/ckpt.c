@@ -29,7 +29,10 @@ static int emit(emit_t *e, const char *name, st_dtype dt, ck_kind kind, int ndim
                 int64_t b) {
     ck_spec s;
     memset(&s, 0, sizeof s);
-    snprintf(s.name, sizeof s.name, "%s%s", e->prefix, name);
+    size_t lp = strlen(e->prefix), ln = strlen(name);
+    if (lp + ln >= sizeof s.name) return DUET_EINVAL; /* names are short; cannot happen */
+    memcpy(s.name, e->prefix, lp);
+    memcpy(s.name + lp, name, ln + 1);
     s.dtype = dt;
     s.kind = kind;
     s.ndim = ndim;

@@ -181,7 +181,7 @@ static int add_entry(st_set *s, const char *path, const char *name, json_t *v,
     if (st_dtype_parse(json_string_value(dt), &t.dtype))
         return duet_err(err, errlen, DUET_EFORMAT, "%s: tensor %s: unknown dtype \"%s\"", path,
                         name, json_string_value(dt));
-    uint64_t bytes, b, e;
+    uint64_t bytes = 0, b = 0, e = 0;
     int rc = parse_shape(json_object_get(v, "shape"), &t, &bytes, path, err, errlen);
     if (rc) return rc;
     if (parse_offsets(json_object_get(v, "data_offsets"), &b, &e))
