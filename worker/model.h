@@ -14,13 +14,27 @@
 #include "common/config.h"
 #include "common/safetensors.h"
 #include "worker/backend.h"
+#include "worker/comm.h"
 
 typedef struct dv4_model dv4_model;
 typedef struct dv4_seq dv4_seq;
 
+/* Tensor + expert parallelism: this process is `rank` of `world`; query heads and output groups,
+ * routed experts and the shared expert's intermediate are split across ranks, everything else
+ * is replicated. Every rank must run dv4_forward with identical chunks in the same order; all
+ * ranks return the full logits. comm is not owned. */
+typedef struct {
+    int rank, world;
+    comm *comm;
+} dv4_shard;
+
 /* Opens the checkpoint directory (config.json + safetensors), validates every tensor against
- * the config, and prepares the weights on backend b (not owned). */
-int dv4_load(const char *dir, be *b, dv4_model **out, char *err, size_t errlen);
+ * the config, and prepares this rank's weights on backend b (not owned). shard NULL = the
+ * whole model in this process. */
+int dv4_load(const char *dir, be *b, const dv4_shard *shard, dv4_model **out, char *err,
+             size_t errlen);
+/* Bytes of checkpoint weights this rank holds (its slices of split tensors + replicated). */
+uint64_t dv4_rank_weight_bytes(const dv4_model *m);
 void dv4_free(dv4_model *m);
 const dv4_config *dv4_cfg(const dv4_model *m);
 uint64_t dv4_fingerprint(const dv4_model *m);
