@@ -24,6 +24,7 @@
 #define OP_EOS "<｜end▁of▁sentence｜>"
 #define OP_HDR_MAX 512 /* bytes allowed in an invoke/parameter header before '>' */
 #define OP_ID_MAX 64
+#define OP_TAIL_MAX 64 /* bytes of released text kept for cross(); > the longest marker */
 
 /* ---------------------------------------------------------------- markers */
 
@@ -80,6 +81,9 @@ struct op_parser {
     chat_sb inv_keys;        /* parameter names so far, each NUL-terminated */
     size_t inv_nparams;
     chat_sb raw;             /* string="false" value being buffered */
+    chat_sb tail;            /* last released text of tail_state (cross()) */
+    int tail_state;
+    bool barrier;            /* a marker was just removed; cross() must run */
     size_t n_started;        /* invokes accepted (the next index) */
     op_result res;
 };
@@ -105,6 +109,7 @@ void op_free(op_parser *p) {
     chat_sb_free(&p->inv_args);
     chat_sb_free(&p->inv_keys);
     chat_sb_free(&p->raw);
+    chat_sb_free(&p->tail);
     for (size_t i = 0; i < p->n_calls; i++) {
         free(p->calls[i].id);
         free(p->calls[i].name);
@@ -119,10 +124,13 @@ bool op_eos_seen(const op_parser *p) { return p->eos_seen; }
 
 /* ---------------------------------------------------------------- emission */
 
+static void tail_note(op_parser *p, const char *s, size_t n);
+
 static void emit(op_parser *p, op_event_kind kind, const char *s, size_t n) {
     if (n == 0) return;
     if (kind == OP_EV_REASONING) chat_sb_put(&p->reasoning, s, n);
     if (kind == OP_EV_CONTENT) chat_sb_put(&p->content, s, n);
+    if (kind == OP_EV_REASONING || kind == OP_EV_CONTENT) tail_note(p, s, n);
     if (!p->cfg.emit) return;
     op_event ev = {.kind = kind, .index = p->inv_index, .text = s, .len = n};
     p->cfg.emit(p->cfg.emit_user, &ev);
@@ -235,6 +243,47 @@ static int scan(const char *buf, size_t len, const int *ids, size_t nid, bool fi
     return 0;
 }
 
+/* Keeps the last bytes of text released in the current state (see cross()). */
+static void tail_note(op_parser *p, const char *s, size_t n) {
+    if (!n) return;
+    if (p->tail_state != p->state) {
+        chat_sb_clear(&p->tail);
+        p->tail_state = p->state;
+    }
+    chat_sb_put(&p->tail, s, n);
+    if (p->tail.len > OP_TAIL_MAX) chat_sb_consume(&p->tail, p->tail.len - OP_TAIL_MAX);
+    p->barrier = false;
+}
+
+/* After a marker was removed from text, the text released before it and the text after it
+ * could spell a marker across the gap ("<｜e" + removed + "nd▁of▁sentence｜>"). Such a
+ * marker is removed too (its part after the gap). Returns 1 if something was removed, 0 if
+ * more input is needed to decide, -1 if nothing spans the gap (the gap is closed). */
+static int cross(op_parser *p, const int *ids, size_t nid, bool final) {
+    const chat_sb *t = &p->tail;
+    bool pending = false;
+    size_t remove = 0;
+    for (size_t k = 0; t->len && p->tail_state == p->state && k < nid; k++) {
+        const marker *m = &MARKERS[ids[k]];
+        for (size_t h = 1; h < m->n && h <= t->len; h++) {
+            if (memcmp(t->p + t->len - h, m->s, h)) continue;
+            size_t need = m->n - h;
+            if (p->in.len >= need) {
+                if (!memcmp(p->in.p, m->s + h, need) && need > remove) remove = need;
+            } else if (!final && !memcmp(p->in.p, m->s + h, p->in.len)) {
+                pending = true;
+            }
+        }
+    }
+    if (pending) return 0;
+    if (remove) {
+        chat_sb_consume(&p->in, remove);
+        return 1;
+    }
+    p->barrier = false;
+    return -1;
+}
+
 /* ---------------------------------------------------------------- invokes */
 
 static bool tools_allowed(const op_parser *p) { return p->cfg.tool_choice != OP_TOOLS_NONE; }
@@ -303,14 +352,15 @@ static size_t skip_ws(const char *s, size_t i, size_t n) {
     return i;
 }
 
-/* Matches `ATTR="VALUE"` at s[*i..n); VALUE has no '"'. Returns a malloc'd VALUE or NULL. */
+/* Matches `ATTR="VALUE"` at s[*i..n); VALUE has no '"' and no "｜DSML｜" (header_len already
+ * refused '<'). Returns a malloc'd VALUE or NULL. */
 static char *attr(const char *s, size_t *i, size_t n, const char *name) {
     size_t k = skip_ws(s, *i, n), nl = strlen(name);
     if (n - k < nl + 2 || memcmp(s + k, name, nl) || s[k + nl] != '=' || s[k + nl + 1] != '"')
         return NULL;
     k += nl + 2;
     const char *q = memchr(s + k, '"', n - k);
-    if (!q) return NULL;
+    if (!q || memmem(s + k, (size_t)(q - (s + k)), OP_DSML, sizeof OP_DSML - 1)) return NULL;
     size_t vlen = (size_t)(q - (s + k));
     char *v = xmalloc(vlen + 1);
     memcpy(v, s + k, vlen);
@@ -320,10 +370,12 @@ static char *attr(const char *s, size_t *i, size_t n, const char *name) {
 }
 
 /* Header text up to '>' in p->in: returns its length, 0 if more input is needed, -1 if
- * malformed (a '<' first, too long, or final without '>'). */
+ * malformed (a '<' first, no '>' in the first OP_HDR_MAX bytes, or final without '>'). Looks
+ * only at the first OP_HDR_MAX + 1 bytes, so the outcome does not depend on the split. */
 static long header_len(const op_parser *p, bool final) {
-    const char *gt = memchr(p->in.p, '>', p->in.len);
-    const char *lt = memchr(p->in.p, '<', p->in.len);
+    size_t lim = p->in.len < OP_HDR_MAX + 1 ? p->in.len : OP_HDR_MAX + 1;
+    const char *gt = memchr(p->in.p, '>', lim);
+    const char *lt = memchr(p->in.p, '<', lim);
     if (gt && (!lt || lt > gt)) return (long)(gt - p->in.p);
     if (lt || p->in.len > OP_HDR_MAX || final) return -1;
     return 0;
@@ -424,6 +476,8 @@ static int step_text(op_parser *p, bool final) {
         ids[nid++] = MK_OPEN2;
     }
     if (final) drop_unfinished_opener(p);
+    int c = p->barrier ? cross(p, ids, nid, final) : -1;
+    if (c >= 0) return c;
     size_t pos, safe;
     int which;
     if (!scan(p->in.p, p->in.len, ids, nid, final, &pos, &which, &safe)) {
@@ -433,9 +487,15 @@ static int step_text(op_parser *p, bool final) {
     }
     emit(p, kind, p->in.p, pos);
     chat_sb_consume(&p->in, pos + MARKERS[which].n);
-    if (which == MK_EOS && !p->cfg.ignore_eos) on_eos(p);
-    else if (which == MK_THINK_END && p->state == S_REASON) p->state = S_CONTENT;
-    else if (which == MK_OPEN0 || which == MK_OPEN1 || which == MK_OPEN2) p->state = S_BLOCK;
+    if (which == MK_THINK || which == MK_BOS || which == MK_DSML ||
+        (which == MK_THINK_END && p->state == S_CONTENT) ||
+        (which == MK_EOS && p->cfg.ignore_eos)) {
+        p->barrier = true; /* structural spelling out of place: removed */
+        return 1;
+    }
+    if (which == MK_EOS) on_eos(p);
+    else if (which == MK_THINK_END) p->state = S_CONTENT;
+    else p->state = S_BLOCK; /* one of the openers */
     return 1;
 }
 
@@ -467,23 +527,35 @@ static void finish_raw_value(op_parser *p) {
 
 /* Values and skipped regions: text up to a closing marker. */
 static int step_value(op_parser *p, bool final) {
-    int ids[3], close = p->state == S_INV_SKIP ? MK_INV_CLOSE : MK_PARAM_CLOSE;
+    int ids[6], close = p->state == S_INV_SKIP ? MK_INV_CLOSE : MK_PARAM_CLOSE;
+    bool value = p->state == S_PAR_STR || p->state == S_PAR_RAW;
     size_t nid = 0;
     ids[nid++] = MK_EOS;
     if (p->state != S_DISCARD && p->state != S_AFTER) ids[nid++] = close;
-    if (p->state == S_PAR_STR || p->state == S_PAR_RAW) ids[nid++] = MK_DSML;
+    if (value) {
+        ids[nid++] = MK_DSML;
+        ids[nid++] = MK_THINK_END;
+        ids[nid++] = MK_THINK;
+        ids[nid++] = MK_BOS;
+    }
+    int c = p->barrier ? cross(p, ids, nid, final) : -1;
+    if (c >= 0) return c;
     size_t pos, safe;
     int which;
     int found = scan(p->in.p, p->in.len, ids, nid, final, &pos, &which, &safe);
     size_t n = found ? pos : safe;
     if (p->state == S_PAR_STR) put_str_value(p, p->in.p, n);
     else if (p->state == S_PAR_RAW) chat_sb_put(&p->raw, p->in.p, n);
+    if (p->state == S_PAR_STR || p->state == S_PAR_RAW) tail_note(p, p->in.p, n);
     else if (p->state == S_DISCARD || p->state == S_AFTER) p->res.dropped_bytes += n;
     chat_sb_consume(&p->in, n);
     if (!found) return 0;
     chat_sb_consume(&p->in, MARKERS[which].n);
-    if (which == MK_EOS) {
-        if (!p->cfg.ignore_eos) on_eos(p);
+    if ((which == MK_EOS && p->cfg.ignore_eos) || which == MK_THINK_END || which == MK_THINK ||
+        which == MK_BOS) {
+        p->barrier = true; /* invisible EOS, or a structural spelling removed from a value */
+    } else if (which == MK_EOS) {
+        on_eos(p);
     } else if (which == MK_DSML) {
         fail(p);
     } else if (p->state == S_INV_SKIP) {

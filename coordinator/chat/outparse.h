@@ -28,8 +28,10 @@
  *  - malformed markup inside the block (unknown tag, "｜DSML｜" inside a value, a header without
  *    name="..."): the open invoke is dropped, everything up to EOS is dropped, parse_failures++;
  *  - text after "</｜DSML｜tool_calls>" other than EOS is dropped (dropped_bytes counts it);
- *  - structural spellings outside the block (BOS, "<think>", a second "</think>", a stray
- *    "｜DSML｜") are removed from content/reasoning;
+ *  - structural spellings in text (BOS, "<think>", a second "</think>", a stray "｜DSML｜" in
+ *    content/reasoning; BOS, "<think>", "</think>" inside parameter values) are removed, and
+ *    so is a marker that only appears across the gap left by a removal ("<｜e" + removed +
+ *    "nd▁of▁sentence｜>"), so no markup can be spelled by the released text;
  *  - tool_choice none: no "\n"/"\n\n" holdback; a block that appears anyway (mask failure) is
  *    consumed and its calls are dropped;
  *  - at op_finish, held-back text is released as text, except an unfinished tool-block opener

@@ -169,6 +169,9 @@ static const pcase CASES[] = {
      .text = TC_OPEN INV("f") "<" DSML "parameter name=\"a\" string=\"maybe\">x</" DSML
                  "parameter>\n" INV_END TC_CLOSE EOS,
      .content = "", .finish = "stop", .parse_failures = 1},
+    {.name = "DSML marker inside a parameter name: invoke dropped",
+     .text = TC_OPEN INV("f") PAR("a" DSML "b", "true", "x") INV_END TC_CLOSE EOS,
+     .content = "", .finish = "stop", .parse_failures = 1},
     {.name = "text after the block is dropped",
      .text = TC_OPEN INV("f") INV_END "\n" TC_CLOSE "trailing words" EOS,
      .content = "", .finish = "tool_calls", .n_calls = 1, .call_names = {"f"},
@@ -215,6 +218,13 @@ static const pcase CASES[] = {
              "invoke></" DSML "tool_calls>" EOS,
      .content = "", .finish = "tool_calls", .n_calls = 1, .call_names = {"f"},
      .call_args = {"{\"k\":  7 }"}},
+    {.name = "a removal never spells a marker across the gap",
+     .text = "a</think</think>>b<<｜e<｜begin▁of▁sentence｜>nd▁of▁sentence｜>c" EOS,
+     .content = "a</thinkb<<｜ec", .finish = "stop"},
+    {.name = "ignored EOS inside a value is invisible",
+     .text = TC_OPEN INV("f") PAR("s", "true", "x" EOS "y</think>z") INV_END TC_CLOSE "tail" EOS,
+     .ignore_eos = true, .content = "", .finish = "tool_calls", .n_calls = 1,
+     .call_names = {"f"}, .call_args = {"{\"s\": \"xyz\"}"}},
     {.name = "abort",
      .text = "partial", .end = OP_END_ABORT, .content = "partial", .finish = "abort"},
 };
