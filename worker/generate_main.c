@@ -84,7 +84,7 @@ int main(int argc, char **argv) {
     be *b = be_cpu_create(threads);
     dv4_model *m;
     double t0 = now_s();
-    if (dv4_load(model, b, &m, err, sizeof err)) {
+    if (dv4_load(model, b, NULL, &m, err, sizeof err)) {
         fprintf(stderr, "duet-generate: %s\n", err);
         b->ops->destroy(b);
         return 1;

@@ -178,10 +178,12 @@ static void load_layer(ld *l, int i) {
     }
 }
 
-int dv4_load(const char *dir, be *b, dv4_model **out, char *err, size_t errlen) {
+int dv4_load(const char *dir, be *b, const dv4_shard *shard, dv4_model **out, char *err,
+             size_t errlen) {
     *out = NULL;
     dv4_model *m = xcalloc(1, sizeof *m);
     m->b = b;
+    m->shard = shard ? *shard : (dv4_shard){0, 1, NULL};
     int rc = cfg_load(dir, &m->cfg, err, errlen);
     if (!rc) rc = st_open(dir, &m->st, err, errlen);
     if (!rc) rc = ck_validate(&m->cfg, m->st, err, errlen);
@@ -310,3 +312,5 @@ void dv4_seq_free(dv4_model *m, dv4_seq *s) {
 }
 
 int dv4_seq_pos(const dv4_seq *s) { return s->pos; }
+
+uint64_t dv4_rank_weight_bytes(const dv4_model *m) { return m->rank_bytes; }

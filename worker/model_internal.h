@@ -38,8 +38,10 @@ typedef struct {
 struct dv4_model {
     dv4_config cfg;
     be *b;
+    dv4_shard shard;
     st_set *st;
     uint64_t fingerprint;
+    uint64_t rank_bytes;       /* checkpoint bytes of the weights this rank uses */
     be_weight *embed, *head;   /* [vocab, D] */
     float *norm;               /* [D] */
     float *hc_head_fn, *hc_head_base, *hc_head_scale;

@@ -32,7 +32,7 @@ static int V;
 static void setup(void) {
     char err[512];
     g_be = be_cpu_create(getenv("DUET_THREADS") ? atoi(getenv("DUET_THREADS")) : 0);
-    ck_assert_msg(dv4_load(g_model, g_be, &g_m, err, sizeof err) == 0, "load: %s", err);
+    ck_assert_msg(dv4_load(g_model, g_be, NULL, &g_m, err, sizeof err) == 0, "load: %s", err);
     V = dv4_cfg(g_m)->vocab_size;
 }
 
