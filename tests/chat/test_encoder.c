@@ -13,6 +13,7 @@
 
 #include "common/err.h"
 #include "coordinator/chat/encoder.h"
+#include "coordinator/chat/outparse.h"
 #include "coordinator/chat/pyjson.h"
 
 static const char *g_data_dir;
@@ -257,6 +258,81 @@ START_TEST(test_pyjson) {
 }
 END_TEST
 
+/* Python's repr for 710 doubles (random bit patterns and the fixed/exponent switch points),
+ * expected strings produced by data/gen_floats.py. */
+START_TEST(test_pyjson_floats) {
+    char path[1024];
+    snprintf(path, sizeof path, "%s/floats.json", g_data_dir);
+    json_t *cases = load_json(path);
+    ck_assert_msg(json_array_size(cases) > 700, "missing or short %s", path);
+    for (size_t i = 0; i < json_array_size(cases); i++) {
+        const json_t *c = json_array_get(cases, i);
+        json_t *v = json_loads(json_string_value(json_object_get(c, "in")), JSON_DECODE_ANY,
+                               NULL);
+        ck_assert_msg(json_is_real(v), "case %zu is not a real", i);
+        chat_sb sb = {0};
+        chat_pyjson_real(&sb, json_real_value(v));
+        ck_assert_str_eq(sb.p, json_string_value(json_object_get(c, "want")));
+        chat_sb_free(&sb);
+        json_decref(v);
+    }
+    json_decref(cases);
+}
+END_TEST
+
+/* Model spec §5.6 round trip: the parser's view of the model's tool-call turn, sent back as an
+ * OpenAI assistant message with the tool result, renders the official fixture 1 prompt. */
+START_TEST(test_tool_round_trip_through_parser) {
+    char path[1024];
+    snprintf(path, sizeof path, "%s/official/test_input_1.json", g_data_dir);
+    json_t *in = load_json(path);
+    snprintf(path, sizeof path, "%s/official/test_output_1.txt", g_data_dir);
+    char *gold = load_text(path);
+    ck_assert(in && gold);
+    /* the model's first turn, as generated after the prompt's "<think>" */
+    const char *start = strstr(gold, "<｜Assistant｜><think>") + strlen("<｜Assistant｜><think>");
+    const char *end = strstr(start, "<｜User｜>");
+    op_config cfg;
+    op_config_init(&cfg);
+    cfg.thinking = true;
+    op_parser *p = op_new(&cfg);
+    op_feed(p, start, (size_t)(end - start));
+    const op_result *r = op_finish(p, OP_END_STOP);
+    ck_assert_str_eq(r->finish_reason, "tool_calls");
+    ck_assert_uint_eq(r->n_calls, 1);
+    ck_assert_str_eq(r->content, "");
+    ck_assert_str_eq(r->calls[0].arguments, "{\"location\": \"Beijing\", \"unit\": \"celsius\"}");
+    json_t *msgs = json_array();
+    json_array_append(msgs, json_array_get(json_object_get(in, "messages"), 0));
+    json_array_append(msgs, json_array_get(json_object_get(in, "messages"), 1));
+    json_array_append_new(msgs, json_pack("{s:s, s:s, s:[{s:s, s:s, s:{s:s, s:s}}]}", "role",
+                                          "assistant", "reasoning_content", r->reasoning,
+                                          "tool_calls", "id", r->calls[0].id, "type", "function",
+                                          "function", "name", r->calls[0].name, "arguments",
+                                          r->calls[0].arguments));
+    json_array_append_new(msgs, json_pack("{s:s, s:s, s:s}", "role", "tool", "tool_call_id",
+                                          r->calls[0].id, "content",
+                                          "{\"temperature\": 22, \"condition\": \"sunny\", "
+                                          "\"humidity\": 45}"));
+    enc_request req;
+    enc_request_init(&req);
+    req.flavour = ENC_FLAVOUR_PREVIEW;
+    req.messages = msgs;
+    req.tools = json_object_get(in, "tools");
+    /* expected: the fixture up to and including the transition after the tool result */
+    const char *tail = strstr(gold, "</tool_result><｜Assistant｜><think>");
+    ck_assert_ptr_nonnull(tail);
+    size_t n = (size_t)(tail - gold) + strlen("</tool_result><｜Assistant｜><think>");
+    char *want = strndup(gold, n);
+    expect_render(&req, want, "round trip");
+    free(want);
+    op_free(p);
+    json_decref(msgs);
+    json_decref(in);
+    free(gold);
+}
+END_TEST
+
 static Suite *encoder_suite(void) {
     Suite *s = suite_create("chat_encoder");
     TCase *tc = tcase_create("encoder");
@@ -267,6 +343,8 @@ static Suite *encoder_suite(void) {
     tcase_add_test(tc, test_developer_as_system);
     tcase_add_test(tc, test_validation_errors);
     tcase_add_test(tc, test_pyjson);
+    tcase_add_test(tc, test_pyjson_floats);
+    tcase_add_test(tc, test_tool_round_trip_through_parser);
     suite_add_tcase(s, tc);
     return s;
 }
