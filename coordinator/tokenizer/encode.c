@@ -35,10 +35,29 @@ static int is_ws(uint32_t c)
            c == 0x205F || c == 0x3000;
 }
 
-static uint16_t compute_class(uint32_t c)
+#include "coordinator/tokenizer/unicode_delta.h"
+
+/* The HF class of c from the generated override table, or -1 if utf8proc's category holds. */
+static int delta_class(uint32_t c)
+{
+    size_t lo = 0, hi = sizeof UNICODE_DELTA / sizeof UNICODE_DELTA[0];
+    while (lo < hi) {
+        size_t mid = (lo + hi) / 2;
+        if (c < UNICODE_DELTA[mid].lo) hi = mid;
+        else if (c > UNICODE_DELTA[mid].hi) lo = mid + 1;
+        else return UNICODE_DELTA[mid].cls;
+    }
+    return -1;
+}
+
+/* Class from utf8proc's general category alone (override = -1) or with the L/M/N/P/S bits
+ * replaced by an override class. */
+static uint16_t class_of(uint32_t c, int override)
 {
     uint16_t f = 0;
-    switch (utf8proc_category((utf8proc_int32_t)c)) {
+    switch (override >= 0 ? -1 : (int)utf8proc_category((utf8proc_int32_t)c)) {
+    case -1:
+        f |= (uint16_t)override; break;
     case UTF8PROC_CATEGORY_LU: case UTF8PROC_CATEGORY_LL: case UTF8PROC_CATEGORY_LT:
     case UTF8PROC_CATEGORY_LM: case UTF8PROC_CATEGORY_LO:
         f |= TOK_C_L; break;
@@ -63,6 +82,10 @@ static uint16_t compute_class(uint32_t c)
     if (c == ' ') f |= TOK_C_SPACE;
     return f;
 }
+
+static uint16_t compute_class(uint32_t c) { return class_of(c, delta_class(c)); }
+
+uint16_t tok_cp_class_utf8proc(uint32_t cp) { return class_of(cp, -1); }
 
 static void cls_init(void)
 {

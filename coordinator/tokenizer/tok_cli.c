@@ -6,6 +6,7 @@
  *   tok-cli encode TOKENIZER_JSON [FILE]       whole file (default stdin) -> one line of ids
  *   tok-cli encode-docs TOKENIZER_JSON FILE    NUL-separated documents -> one line of ids each
  *   tok-cli decode TOKENIZER_JSON [--skip-special]   ids on stdin -> text on stdout
+ *   tok-cli classes [--utf8proc]               pre-tokenizer class of every code point (tests)
  *
  * It must never: crash on any input bytes; print partial output on a load error.
  */
@@ -14,7 +15,7 @@
 #include <string.h>
 
 #include "common/err.h"
-#include "coordinator/tokenizer/tokenizer.h"
+#include "coordinator/tokenizer/tok_internal.h"
 
 static int read_all(const char *path, char **out, size_t *len)
 {
@@ -88,8 +89,24 @@ static int cmd_decode(tok_t *t, int skip)
     return 0;
 }
 
+/* One line per code point 1..10FFFF (no surrogates): "HEX CLASS", CLASS one of LM N PS WS X. */
+static int cmd_classes(int raw)
+{
+    for (uint32_t c = 1; c < 0x110000; c++) {
+        if (c >= 0xD800 && c <= 0xDFFF)
+            continue;
+        uint16_t f = raw ? tok_cp_class_utf8proc(c) : tok_cp_class(c);
+        const char *k = (f & TOK_C_WS) ? "WS" : (f & (TOK_C_L | TOK_C_M)) ? "LM"
+                        : (f & TOK_C_N) ? "N" : (f & (TOK_C_P | TOK_C_S)) ? "PS" : "X";
+        printf("%X %s\n", c, k);
+    }
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
+    if (argc >= 2 && strcmp(argv[1], "classes") == 0)
+        return cmd_classes(argc > 2 && strcmp(argv[2], "--utf8proc") == 0);
     if (argc < 3) {
         fprintf(stderr, "usage: tok-cli encode|encode-docs|decode TOKENIZER_JSON [FILE|--skip-special]\n");
         return 2;

@@ -49,6 +49,8 @@ enum {
 };
 
 uint16_t tok_cp_class(uint32_t cp);
+/* The same without the generated override table (input of tests/tokenizer/gen_unicode_delta.py). */
+uint16_t tok_cp_class_utf8proc(uint32_t cp);
 
 /* Splits one segment of valid UTF-8 (no added tokens inside) into the pieces of the three
  * Split(Isolated) stages of spec §5.2; calls fn(piece, len, ctx) for each piece in order. */

