@@ -50,4 +50,14 @@ void rpc_auth_proof(const char *token, const uint8_t *nonce, size_t nonce_len,
 int rpc_auth_check(const char *token, const uint8_t *nonce, size_t nonce_len,
                    const uint8_t *proof, size_t proof_len); /* 1 = valid (constant time) */
 
+/* ---- additions (rpc.c) ------------------------------------------------------------------ */
+/* Bytes the decoder currently holds (whole frames not yet popped + a partial one). */
+size_t rpc_decoder_buffered(const rpc_decoder *d);
+
+/* Packs a protobuf-c message into one whole frame ([header][payload], xmalloc'd, caller
+ * frees) and sets *len. Returns NULL with err set if the frame would exceed max_frame. */
+struct ProtobufCMessage;
+uint8_t *rpc_frame_pack(int type, const struct ProtobufCMessage *msg, uint32_t max_frame,
+                        size_t *len, char *err, size_t errlen);
+
 #endif
