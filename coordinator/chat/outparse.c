@@ -24,6 +24,7 @@
 #define OP_EOS "<｜end▁of▁sentence｜>"
 #define OP_HDR_MAX 512 /* bytes allowed in an invoke/parameter header before '>' */
 #define OP_ID_MAX 64
+#define OP_STOP_MAX 16 /* stop strings used (server-api §3.1 allows at most 16) */
 #define OP_TAIL_MAX 64 /* bytes of released text kept for cross(); > the longest marker */
 
 /* ---------------------------------------------------------------- markers */
@@ -84,6 +85,9 @@ struct op_parser {
     chat_sb tail;            /* last released text of tail_state (cross()) */
     int tail_state;
     bool barrier;            /* a marker was just removed; cross() must run */
+    marker stops[OP_STOP_MAX]; /* non-empty stop strings; marker id MK_COUNT + j */
+    size_t n_stops;
+    bool first[256];         /* bytes that can start a marker or a stop string */
     size_t n_started;        /* invokes accepted (the next index) */
     op_result res;
 };
@@ -98,6 +102,12 @@ op_parser *op_new(const op_config *cfg) {
     op_parser *p = xcalloc(1, sizeof *p);
     p->cfg = *cfg;
     p->state = cfg->thinking ? S_REASON : S_CONTENT;
+    p->first['<'] = p->first['\n'] = p->first[0xEF] = true; /* every markup marker */
+    for (size_t i = 0; i < cfg->n_stop && p->n_stops < OP_STOP_MAX; i++) {
+        if (!cfg->stop || !cfg->stop[i] || !cfg->stop[i][0]) continue;
+        p->stops[p->n_stops++] = (marker){cfg->stop[i], strlen(cfg->stop[i])};
+        p->first[(unsigned char)cfg->stop[i][0]] = true;
+    }
     return p;
 }
 
@@ -121,6 +131,8 @@ void op_free(op_parser *p) {
 }
 
 bool op_eos_seen(const op_parser *p) { return p->eos_seen; }
+
+bool op_stopped(const op_parser *p) { return p->state == S_DONE; }
 
 /* ---------------------------------------------------------------- emission */
 
@@ -209,21 +221,26 @@ static void u8_append(op_parser *p, const unsigned char *s, size_t n, bool final
 
 /* ---------------------------------------------------------------- marker scanning */
 
+static const marker *mk(const op_parser *p, int id) {
+    return id < MK_COUNT ? &MARKERS[id] : &p->stops[id - MK_COUNT];
+}
+
 /* Finds the first decided marker among ids[0..nid) in buf. Returns 1 with *pos and *which set, or
  * 0 with *safe = how many leading bytes can no longer be part of a marker. At a position where
  * a marker could still complete (and not final) scanning stops: longest-first by position. */
-static int scan(const char *buf, size_t len, const int *ids, size_t nid, bool final,
-                size_t *pos, int *which, size_t *safe) {
+static int scan(const op_parser *p, const int *ids, size_t nid, bool final, size_t *pos,
+                int *which, size_t *safe) {
+    const char *buf = p->in.p;
+    size_t len = p->in.len;
     for (size_t i = 0; i < len; i++) {
-        unsigned char c = (unsigned char)buf[i];
-        if (c != '<' && c != '\n' && c != 0xEF) continue;
+        if (!p->first[(unsigned char)buf[i]]) continue;
         int best = -1;
         bool pending = false;
         for (size_t k = 0; k < nid; k++) {
-            const marker *m = &MARKERS[ids[k]];
+            const marker *m = mk(p, ids[k]);
             size_t rem = len - i;
             if (rem >= m->n) {
-                if (!memcmp(buf + i, m->s, m->n) && (best < 0 || m->n > MARKERS[best].n))
+                if (!memcmp(buf + i, m->s, m->n) && (best < 0 || m->n > mk(p, best)->n))
                     best = ids[k];
             } else if (!final && !memcmp(buf + i, m->s, rem)) {
                 pending = true;
@@ -264,7 +281,7 @@ static int cross(op_parser *p, const int *ids, size_t nid, bool final) {
     bool pending = false;
     size_t remove = 0;
     for (size_t k = 0; t->len && p->tail_state == p->state && k < nid; k++) {
-        const marker *m = &MARKERS[ids[k]];
+        const marker *m = mk(p, ids[k]);
         for (size_t h = 1; h < m->n && h <= t->len; h++) {
             if (memcmp(t->p + t->len - h, m->s, h)) continue;
             size_t need = m->n - h;
@@ -463,7 +480,7 @@ static void drop_unfinished_opener(op_parser *p) {
 
 static int step_text(op_parser *p, bool final) {
     op_event_kind kind = p->state == S_REASON ? OP_EV_REASONING : OP_EV_CONTENT;
-    int ids[8];
+    int ids[8 + OP_STOP_MAX];
     size_t nid = 0;
     ids[nid++] = MK_EOS;
     ids[nid++] = MK_THINK_END;
@@ -476,13 +493,23 @@ static int step_text(op_parser *p, bool final) {
         ids[nid++] = MK_OPEN2;
     }
     if (final) drop_unfinished_opener(p);
-    int c = p->barrier ? cross(p, ids, nid, final) : -1;
+    int c = p->barrier ? cross(p, ids, nid, final) : -1; /* markup only, not stop strings */
     if (c >= 0) return c;
+    for (size_t j = 0; p->state == S_CONTENT && j < p->n_stops; j++)
+        ids[nid++] = MK_COUNT + (int)j;
     size_t pos, safe;
     int which;
-    if (!scan(p->in.p, p->in.len, ids, nid, final, &pos, &which, &safe)) {
+    if (!scan(p, ids, nid, final, &pos, &which, &safe)) {
         emit(p, kind, p->in.p, safe);
         chat_sb_consume(&p->in, safe);
+        return 0;
+    }
+    if (which >= MK_COUNT) { /* a stop string in content: the choice ends here */
+        const marker *m = mk(p, which);
+        emit(p, kind, p->in.p, pos + (p->cfg.include_stop_str ? m->n : 0));
+        p->res.stop_reason = m->s;
+        p->state = S_DONE;
+        chat_sb_clear(&p->in);
         return 0;
     }
     emit(p, kind, p->in.p, pos);
@@ -542,7 +569,7 @@ static int step_value(op_parser *p, bool final) {
     if (c >= 0) return c;
     size_t pos, safe;
     int which;
-    int found = scan(p->in.p, p->in.len, ids, nid, final, &pos, &which, &safe);
+    int found = scan(p, ids, nid, final, &pos, &which, &safe);
     size_t n = found ? pos : safe;
     if (p->state == S_PAR_STR) put_str_value(p, p->in.p, n);
     else if (p->state == S_PAR_RAW) chat_sb_put(&p->raw, p->in.p, n);

@@ -34,6 +34,9 @@
  *    "nd▁of▁sentence｜>"), so no markup can be spelled by the released text;
  *  - tool_choice none: no "\n"/"\n\n" holdback; a block that appears anyway (mask failure) is
  *    consumed and its calls are dropped;
+ *  - a stop string is matched on content as the parser releases it: one spelled only across
+ *    the gap of a removed structural spelling does not match; after a match the choice ends
+ *    (further input is ignored) and op_eos_seen stays false — op_stopped() says so;
  *  - at op_finish, held-back text is released as text, except an unfinished tool-block opener
  *    (held text containing "<｜DSML｜"), which is dropped with its leading newlines.
  */
@@ -80,6 +83,10 @@ typedef struct {
     bool parallel_tool_calls; /* false: at most one call */
     bool buffered;  /* tool_stream=buffered: each call sent whole when its invoke closes */
     bool ignore_eos; /* EOS is invisible and parsing continues */
+    const char *const *stop; /* stop strings, matched in content only (never in reasoning or
+                                arguments); empty ones skipped, at most 16 used; borrowed */
+    size_t n_stop;
+    bool include_stop_str; /* the matched stop string stays in content */
     op_emit_fn emit; /* may be NULL (non-streaming) */
     void *emit_user;
     op_id_fn gen_id; /* NULL: "call_" + 24 random [A-Za-z0-9] from getrandom() */
@@ -108,6 +115,7 @@ typedef struct {
     size_t n_calls;
     const char *finish_reason; /* "stop", "length", "tool_calls" or "abort" */
     bool eos_seen;
+    const char *stop_reason; /* the matched stop string (points into cfg.stop), or NULL */
     bool required_unmet;    /* REQUIRED/NAMED and no call completed */
     size_t dropped_invokes; /* skipped by name/parallel rules, malformed, or left open */
     size_t parse_failures;  /* malformed blocks */
@@ -127,6 +135,8 @@ void op_free(op_parser *p);
 void op_feed(op_parser *p, const char *text, size_t len);
 /* True once EOS was seen (generation should stop). */
 bool op_eos_seen(const op_parser *p);
+/* True once EOS or a stop string ended the choice (generation should stop). */
+bool op_stopped(const op_parser *p);
 /* Flushes held-back text, drops an open call, decides the finish reason. The result belongs
  * to the parser (valid until op_free). Calling it twice returns the same result. */
 const op_result *op_finish(op_parser *p, op_end end);

@@ -94,6 +94,9 @@ typedef struct {
     const char *call_names[3], *call_args[3];
     size_t parse_failures, repairs;
     bool required_unmet;
+    const char *stop[3]; /* stop strings (NULL-terminated list) */
+    bool include_stop;
+    const char *stop_reason;
 } pcase;
 
 static const char *const DECLARED[] = {"get_weather", "get_time"};
@@ -225,6 +228,26 @@ static const pcase CASES[] = {
      .text = TC_OPEN INV("f") PAR("s", "true", "x" EOS "y</think>z") INV_END TC_CLOSE "tail" EOS,
      .ignore_eos = true, .content = "", .finish = "tool_calls", .n_calls = 1,
      .call_names = {"f"}, .call_args = {"{\"s\": \"xyz\"}"}},
+    {.name = "stop string ends content",
+     .text = "Hello world STOP more" EOS, .stop = {"STOP"}, .content = "Hello world ",
+     .finish = "stop", .stop_reason = "STOP"},
+    {.name = "stop string kept with include_stop_str",
+     .text = "Hello world STOP more", .stop = {"STOP"}, .include_stop = true,
+     .content = "Hello world STOP", .finish = "stop", .stop_reason = "STOP"},
+    {.name = "stop strings never match in reasoning or arguments",
+     .text = "think STOP</think>ans" TC_OPEN INV("f") PAR("s", "true", "a STOP b") INV_END
+                 TC_CLOSE EOS,
+     .thinking = true, .stop = {"STOP", "ans"}, .reasoning = "think STOP", .content = "",
+     .finish = "stop", .stop_reason = "ans"},
+    {.name = "overlapping stop strings: earliest decided match",
+     .text = "xabce abcd" EOS, .stop = {"abcd", "bc"}, .content = "xa", .finish = "stop",
+     .stop_reason = "bc"},
+    {.name = "stop string that starts like markup",
+     .text = "a</b>c\n\nd" TC_OPEN INV("f") INV_END TC_CLOSE EOS, .stop = {"</b", "\n\n<"},
+     .content = "a", .finish = "stop", .stop_reason = "</b"},
+    {.name = "opener preferred to a stop string prefix of it",
+     .text = "a" TC_OPEN INV("f") INV_END TC_CLOSE EOS, .stop = {"\n\n<"}, .content = "a",
+     .finish = "tool_calls", .n_calls = 1, .call_names = {"f"}, .call_args = {"{}"}},
     {.name = "abort",
      .text = "partial", .end = OP_END_ABORT, .content = "partial", .finish = "abort"},
 };
@@ -254,6 +277,11 @@ static void run_split(const pcase *c, const size_t *cuts, size_t ncuts, const ch
     cfg.tool_choice = c->choice;
     cfg.parallel_tool_calls = !c->parallel_off;
     cfg.ignore_eos = c->ignore_eos;
+    size_t n_stop = 0;
+    while (n_stop < 3 && c->stop[n_stop]) n_stop++;
+    cfg.stop = c->stop;
+    cfg.n_stop = n_stop;
+    cfg.include_stop_str = c->include_stop;
     if (c->declared) {
         cfg.tool_names = DECLARED;
         cfg.n_tool_names = 2;
@@ -282,6 +310,9 @@ static void run_split(const pcase *c, const size_t *cuts, size_t ncuts, const ch
     ck_assert_uint_eq(r->parse_failures, c->parse_failures);
     ck_assert_uint_eq(r->repairs, c->repairs);
     ck_assert_int_eq(r->required_unmet, c->required_unmet);
+    ck_assert_msg((!r->stop_reason && !c->stop_reason) ||
+                      (r->stop_reason && c->stop_reason && !strcmp(r->stop_reason, c->stop_reason)),
+                  "%s [%s]: stop_reason %s", c->name, how, r->stop_reason ? r->stop_reason : "-");
     /* streamed deltas equal the final fields */
     ck_assert_uint_eq(cap.reasoning.len, r->reasoning_len);
     ck_assert(!cap.reasoning.len || !memcmp(cap.reasoning.p, r->reasoning, r->reasoning_len));

@@ -2,7 +2,8 @@
  *
  * Why: the parser reads model output, which is untrusted text; it must never crash, leak
  * markup or report a call with invalid JSON, whatever the bytes and however they are split.
- * Input layout: byte 0 = configuration bits, byte 1 = split seed, the rest = generated text.
+ * Input layout: byte 0 = configuration bits, byte 1 = split seed (its top bit turns on a few
+ * stop strings), the rest = generated text.
  * Each input is parsed twice — whole, and cut into pieces of 1..16 bytes — and the harness
  * aborts when an invariant fails:
  *   - every completed call's arguments is a JSON object (jansson);
@@ -12,6 +13,7 @@
  * It must never write files or depend on anything but its input.
  */
 #include <jansson.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -67,10 +69,11 @@ static int fz_markup(const char *s, size_t n) {
 }
 
 static const char *const FZ_NAMES[] = {"f", "get_weather", "get_time"};
+static const char *const FZ_STOPS[] = {"ab", "</a", "\n\n", "｜", ""};
 
 /* Parses text in pieces (seed 0 = whole); checks the invariants; returns the parser. */
-static op_parser *fz_run(uint8_t flags, unsigned seed, const char *text, size_t len,
-                         fz_cap *cap) {
+static op_parser *fz_run(uint8_t flags, bool stops, unsigned seed, const char *text,
+                         size_t len, fz_cap *cap) {
     op_config cfg;
     op_config_init(&cfg);
     cfg.thinking = flags & 1;
@@ -82,6 +85,11 @@ static op_parser *fz_run(uint8_t flags, unsigned seed, const char *text, size_t 
     if (flags & 64) {
         cfg.tool_names = FZ_NAMES;
         cfg.n_tool_names = 3;
+    }
+    if (stops) {
+        cfg.stop = FZ_STOPS;
+        cfg.n_stop = 5;
+        cfg.include_stop_str = flags & 8;
     }
     cfg.emit = fz_emit;
     cfg.emit_user = cap;
@@ -137,14 +145,16 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     const char *text = (const char *)data + 2;
     size_t len = size - 2;
     fz_cap a = {0}, b = {0};
-    op_parser *pa = fz_run(flags, 0, text, len, &a);
-    op_parser *pb = fz_run(flags, seed, text, len, &b);
+    bool stops = data[1] & 0x80;
+    op_parser *pa = fz_run(flags, stops, 0, text, len, &a);
+    op_parser *pb = fz_run(flags, stops, seed, text, len, &b);
     const op_result *ra = op_finish(pa, OP_END_STOP), *rb = op_finish(pb, OP_END_STOP);
     FZ_CHECK(ra->content_len == rb->content_len && !strcmp(ra->content, rb->content),
              "content independent of the split");
     FZ_CHECK(!strcmp(ra->reasoning, rb->reasoning), "reasoning independent of the split");
     FZ_CHECK(!strcmp(ra->finish_reason, rb->finish_reason), "finish independent of the split");
     FZ_CHECK(ra->n_calls == rb->n_calls, "calls independent of the split");
+    FZ_CHECK(ra->stop_reason == rb->stop_reason, "stop string independent of the split");
     for (size_t k = 0; k < ra->n_calls; k++) {
         FZ_CHECK(!strcmp(ra->calls[k].name, rb->calls[k].name), "names independent");
         FZ_CHECK(!strcmp(ra->calls[k].arguments, rb->calls[k].arguments), "args independent");
