@@ -321,9 +321,9 @@ static void hpush_pair(const tok_t *t, hent_t *h, size_t *hn, const int32_t *id,
 void tok_bpe_heap(tok_t *t, const uint8_t *s, size_t n, tok_ids_t *out)
 {
     bpe_scratch(t, n);
-    if (t->heap_cap < n) {
-        t->heap = xrealloc(t->heap, n * sizeof(hent_t));
-        t->heap_cap = n;
+    if (t->heap_cap < 3 * n) { /* n-1 initial pairs + at most 2 per merge */
+        t->heap = xrealloc(t->heap, 3 * n * sizeof(hent_t));
+        t->heap_cap = 3 * n;
     }
     int32_t *id = t->bpe_ids, *prev = t->bpe_aux, *next = t->bpe_aux + t->bpe_cap;
     hent_t *h = t->heap;
