@@ -84,8 +84,10 @@ typedef struct {
     const float *bias;                /* [E] selection bias, or NULL (hash layer) */
     const int64_t *tid2eid;           /* [vocab, top_k] host, or NULL (score layer) */
     int vocab;
-    const be_weight **w1, **w2, **w3; /* [E] routed experts */
-    const be_weight *s1, *s2, *s3;    /* shared expert, or NULL */
+    const be_weight **w1, **w2, **w3; /* [E] routed experts; NULL for experts of other ranks */
+    const be_weight *s1, *s2, *s3;    /* shared expert (this rank's slice of its intermediate:
+                                         s1/s3 [shared_inter, D], s2 [D, shared_inter]), or NULL */
+    int shared_inter;
     float route_scale, swiglu_limit;
     int norm_topk;
 } be_moe_layer;
@@ -101,6 +103,10 @@ struct be_ops {
     void (*copy)(be *b, float *dst, const float *src, size_t n);
     /* weights: keeps the stored format (FP8 blocks / FP4 / BF16 / F32); data may be referenced */
     be_weight *(*weight)(be *b, const ck_weight *w);
+    /* the sub-matrix rows [r0, r0+nr) × columns [c0, c0+nc) of w, as a weight of its own
+     * (tensor/expert parallel shards); ops index it from 0 */
+    be_weight *(*weight_slice)(be *b, const ck_weight *w, int64_t r0, int64_t nr, int64_t c0,
+                               int64_t nc);
     void (*weight_free)(be *b, be_weight *w);
     /* plain f32 vector from any 1-D weight (norms, biases, sinks, ape, hc params) */
     float *(*vector)(be *b, const ck_weight *w);

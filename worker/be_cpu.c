@@ -26,8 +26,10 @@ typedef struct {
  * its exact f32 expansion (f32 != NULL, w rewritten to point at it). Both give identical
  * values; the cache only saves re-decoding FP8/FP4 rows on every use. */
 struct be_weight {
-    ck_weight w;
+    ck_weight w;          /* the whole stored tensor (or its f32 expansion when cached) */
     float *f32;
+    int64_t r0, c0;       /* origin of this slice in w (0, 0 once cached) */
+    int64_t rows, cols;   /* logical shape of the slice */
 };
 
 static pool *P(be *b) { return ((be_cpu *)b)->pool; }
@@ -48,23 +50,38 @@ static void cpu_copy(be *b, float *dst, const float *src, size_t n) {
     memmove(dst, src, n * sizeof *dst);
 }
 
-static be_weight *cpu_weight(be *b, const ck_weight *w) {
+static be_weight *cpu_weight_slice(be *b, const ck_weight *w, int64_t r0, int64_t nr,
+                                   int64_t c0, int64_t nc) {
     be_cpu *c = (be_cpu *)b;
     be_weight *bw = xcalloc(1, sizeof *bw);
     bw->w = *w;
-    size_t bytes = (size_t)w->rows * (size_t)w->cols * sizeof(float);
-    if (!(w->kind == CK_PLAIN && w->dtype == ST_F32) && bytes <= c->cache_left) {
+    bw->r0 = r0;
+    bw->c0 = c0;
+    bw->rows = nr;
+    bw->cols = nc;
+    int whole_f32 = w->kind == CK_PLAIN && w->dtype == ST_F32 && nc == w->cols;
+    size_t bytes = (size_t)nr * (size_t)nc * sizeof(float);
+    if (!whole_f32 && bytes <= c->cache_left) {
         c->cache_left -= bytes;
         bw->f32 = xmalloc(bytes);
-        for (int64_t r = 0; r < w->rows; r++) ck_row_f32(w, r, bw->f32 + r * w->cols);
-        bw->w = (ck_weight){.kind = CK_PLAIN, .dtype = ST_F32, .rows = w->rows, .cols = w->cols,
+        float *row = xmalloc((size_t)w->cols * sizeof *row);
+        for (int64_t r = 0; r < nr; r++) {
+            ck_row_f32(w, r0 + r, row);
+            memcpy(bw->f32 + r * nc, row + c0, (size_t)nc * sizeof *row);
+        }
+        free(row);
+        bw->w = (ck_weight){.kind = CK_PLAIN, .dtype = ST_F32, .rows = nr, .cols = nc,
                             .data = bw->f32};
+        bw->r0 = bw->c0 = 0;
     }
     return bw;
 }
+static be_weight *cpu_weight(be *b, const ck_weight *w) {
+    return cpu_weight_slice(b, w, 0, w->rows, 0, w->cols);
+}
 static void cpu_weight_free(be *b, be_weight *w) {
     if (!w) return;
-    if (w->f32) ((be_cpu *)b)->cache_left += (size_t)w->w.rows * (size_t)w->w.cols * sizeof(float);
+    if (w->f32) ((be_cpu *)b)->cache_left += (size_t)w->rows * (size_t)w->cols * sizeof(float);
     free(w->f32);
     free(w);
 }
@@ -76,11 +93,14 @@ static float *cpu_vector(be *b, const ck_weight *w) {
     return v;
 }
 
-/* Rows of an f32 weight are used in place; others are decoded into `buf`. */
-static const float *wrow(const ck_weight *w, int64_t n, float *buf) {
-    if (w->kind == CK_PLAIN && w->dtype == ST_F32) return (const float *)w->data + n * w->cols;
-    ck_row_f32(w, n, buf);
-    return buf;
+/* Row n of a (sliced) weight: f32 rows are used in place; others are decoded into `buf`
+ * ([w->w.cols] floats, the whole stored row). */
+static const float *wrow(const be_weight *w, int64_t n, float *buf) {
+    const ck_weight *s = &w->w;
+    if (s->kind == CK_PLAIN && s->dtype == ST_F32)
+        return (const float *)s->data + (w->r0 + n) * s->cols + w->c0;
+    ck_row_f32(s, w->r0 + n, buf);
+    return buf + w->c0;
 }
 
 /* ======================================================================================== */
@@ -88,7 +108,7 @@ static const float *wrow(const ck_weight *w, int64_t n, float *buf) {
 /* ======================================================================================== */
 
 typedef struct {
-    const ck_weight *w;
+    const be_weight *w;
     int row0, T, ldx, ldy;
     const float *x;
     float *y;
@@ -98,12 +118,12 @@ enum { MM_ROWS = 16 }; /* weight rows dequantized per task */
 
 static void mm_task(void *vctx, int task) {
     mm_ctx *c = vctx;
-    int K = (int)c->w->cols;
-    float *buf = xmalloc((size_t)K * MM_ROWS * sizeof *buf);
+    int K = (int)c->w->cols, KS = (int)c->w->w.cols;
+    float *buf = xmalloc((size_t)KS * MM_ROWS * sizeof *buf);
     const float *rows[MM_ROWS];
     int n0 = task * MM_ROWS;
     int nn = MM_ROWS;
-    for (int j = 0; j < nn; j++) rows[j] = wrow(c->w, c->row0 + n0 + j, buf + (size_t)j * K);
+    for (int j = 0; j < nn; j++) rows[j] = wrow(c->w, c->row0 + n0 + j, buf + (size_t)j * KS);
     for (int t = 0; t < c->T; t++) {
         const float *x = c->x + (size_t)t * c->ldx;
         for (int j = 0; j < nn; j++) {
@@ -122,7 +142,7 @@ static void mm_task(void *vctx, int task) {
 
 static void mm_tail(const mm_ctx *c, int n0, int N) {
     int K = (int)c->w->cols;
-    float *buf = xmalloc((size_t)K * sizeof *buf);
+    float *buf = xmalloc((size_t)c->w->w.cols * sizeof *buf);
     for (int n = n0; n < N; n++) {
         const float *w = wrow(c->w, c->row0 + n, buf);
         for (int t = 0; t < c->T; t++) {
@@ -138,7 +158,7 @@ static void mm_tail(const mm_ctx *c, int n0, int N) {
 static void cpu_matmul(be *b, const be_weight *W, int row0, int N, const float *x, int ldx,
                        float *y, int ldy, int T) {
     if (T <= 0 || N <= 0) return;
-    mm_ctx c = {&W->w, row0, T, ldx, ldy, x, y};
+    mm_ctx c = {W, row0, T, ldx, ldy, x, y};
     int tasks = N / MM_ROWS;
     pool_for(P(b), tasks, mm_task, &c);
     if (tasks * MM_ROWS < N) mm_tail(&c, tasks * MM_ROWS, N);
@@ -150,12 +170,14 @@ static void cpu_matmul(be *b, const be_weight *W, int row0, int N, const float *
 
 static void cpu_embed(be *b, const be_weight *table, const int32_t *ids, int T, int n_hc,
                       float *h) {
-    int D = (int)table->w.cols;
+    int D = (int)table->cols;
+    float *buf = xmalloc((size_t)table->w.cols * sizeof *buf);
     for (int t = 0; t < T; t++) {
         float *row = h + (size_t)t * n_hc * D;
-        ck_row_f32(&table->w, ids[t], row);
+        memcpy(row, wrow(table, ids[t], buf), (size_t)D * sizeof *row);
         for (int j = 1; j < n_hc; j++) memcpy(row + (size_t)j * D, row, (size_t)D * sizeof *row);
     }
+    free(buf);
 }
 
 static float inv_rms(const float *x, int n, float eps) {
@@ -565,6 +587,7 @@ static void cpu_moe(be *b, const be_moe_layer *L, const float *x, const int32_t 
     float *wts = xmalloc((size_t)T * sizeof *wts);
     int *rows = xmalloc((size_t)T * sizeof *rows);
     for (int e = 0; e < E; e++) {
+        if (!L->w1[e]) continue; /* another rank's expert */
         int n = 0;
         for (int t = 0; t < T; t++)
             for (int k = 0; k < K; k++)
@@ -580,7 +603,8 @@ static void cpu_moe(be *b, const be_moe_layer *L, const float *x, const int32_t 
             for (int i = 0; i < D; i++) out[(size_t)rows[r] * D + i] += ys[(size_t)r * D + i];
     }
     if (L->s1) {
-        expert_ffn(b, L->s1, L->s2, L->s3, x, T, D, I, NULL, L->swiglu_limit, ys);
+        expert_ffn(b, L->s1, L->s2, L->s3, x, T, D, L->shared_inter ? L->shared_inter : I, NULL,
+                   L->swiglu_limit, ys);
         for (size_t i = 0; i < (size_t)T * D; i++) out[i] += ys[i];
     }
     free(logits);
@@ -628,6 +652,7 @@ static const struct be_ops cpu_ops = {
     .fill = cpu_fill,
     .copy = cpu_copy,
     .weight = cpu_weight,
+    .weight_slice = cpu_weight_slice,
     .weight_free = cpu_weight_free,
     .vector = cpu_vector,
     .matmul = cpu_matmul,

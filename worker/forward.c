@@ -45,6 +45,8 @@ typedef struct {
     int *chunk_of;      /* [T] */
     be_keyplan *plan;   /* [T] */
     int *n_vis;         /* [T] */
+    char *err;
+    size_t errlen;
     scratch s;
 } step;
 
@@ -146,7 +148,8 @@ static void attention(step *st, int layer) {
     dv4_layer *L = &st->m->layers[layer];
     be *b = st->b;
     scratch *s = &st->s;
-    int T = st->T, D = c->hidden_size, H = c->num_attention_heads, dh = c->head_dim;
+    int world = st->m->shard.world;
+    int T = st->T, D = c->hidden_size, H = c->num_attention_heads / world, dh = c->head_dim;
     int dr = c->qk_rope_head_dim, W = c->sliding_window, m = L->ratio;
     float eps = (float)c->rms_norm_eps;
 
@@ -194,9 +197,9 @@ static void attention(step *st, int layer) {
                            st->pos + r0, st->chunks[k].n);
     }
 
-    /* output path §2.4.6 */
+    /* output path §2.4.6 (this rank's groups; partial sums are all-reduced by the caller) */
     b->ops->rope(b, s->o, T, H, dh, dr, st->pos, L->omega, 1);
-    int G = c->o_groups, ol = c->o_lora_rank, hpg = H / G;
+    int G = L->groups, ol = c->o_lora_rank, hpg = L->heads_per_group;
     for (int g = 0; g < G; g++)
         b->ops->matmul(b, L->wo_a, g * ol, ol, s->o + (size_t)g * hpg * dh, H * dh,
                        s->y + (size_t)g * ol, G * ol, T);
@@ -207,7 +210,14 @@ static void attention(step *st, int layer) {
 /* one block (spec §2.7) and the whole step                                                  */
 /* ======================================================================================== */
 
-static void block(step *st, int layer) {
+/* Sums this rank's partial sublayer output over ranks (TP/EP); a no-op on one process. */
+static int reduce(step *st, float *v, size_t n) {
+    comm *cm = st->m->shard.comm;
+    if (st->m->shard.world == 1) return 0;
+    return cm->ops->allreduce_sum(cm, v, n, st->err, st->errlen);
+}
+
+static int block(step *st, int layer) {
     const dv4_config *c = st->c;
     dv4_layer *L = &st->m->layers[layer];
     be *b = st->b;
@@ -219,13 +229,16 @@ static void block(step *st, int layer) {
                     ne, s->u, s->post, s->comb);
     b->ops->rmsnorm(b, s->u, L->attn_norm, s->x, T, D, ne);
     attention(st, layer);
+    if (reduce(st, s->v, (size_t)T * D)) return DUET_EIO;
     b->ops->mhc_post(b, s->h, s->v, s->post, s->comb, T, hc, D);
 
     b->ops->mhc_pre(b, s->h, L->hc_ffn_fn, L->hc_ffn_base, L->hc_ffn_scale, T, hc, D, it, he,
                     ne, s->u, s->post, s->comb);
     b->ops->rmsnorm(b, s->u, L->ffn_norm, s->x, T, D, ne);
     b->ops->moe(b, &L->moe, s->x, st->ids, T, s->v);
+    if (reduce(st, s->v, (size_t)T * D)) return DUET_EIO;
     b->ops->mhc_post(b, s->h, s->v, s->post, s->comb, T, hc, D);
+    return 0;
 }
 
 int dv4_logit_rows(const dv4_chunk *chunks, int n_chunks) {
@@ -266,7 +279,8 @@ int dv4_forward(dv4_model *m, const dv4_chunk *chunks, int n_chunks, float *logi
     if (rc) return rc;
     const dv4_config *c = &m->cfg;
     be *b = m->b;
-    step st = {.m = m, .b = b, .c = c, .n_chunks = n_chunks, .chunks = chunks};
+    step st = {.m = m, .b = b, .c = c, .n_chunks = n_chunks, .chunks = chunks, .err = err,
+               .errlen = errlen};
     for (int k = 0; k < n_chunks; k++) st.T += chunks[k].n;
     int T = st.T;
     st.row0 = xmalloc((size_t)n_chunks * sizeof *st.row0);
@@ -288,11 +302,11 @@ int dv4_forward(dv4_model *m, const dv4_chunk *chunks, int n_chunks, float *logi
     int D = c->hidden_size, hc = c->hc_mult;
 
     b->ops->embed(b, m->embed, st.ids, T, hc, s->h);
-    for (int l = 0; l < m->n_layers; l++) block(&st, l);
+    for (int l = 0; l < m->n_layers && !rc; l++) rc = block(&st, l);
 
     /* final collapse, norm, LM head (spec §2.6) on the rows that want logits */
     int rows = dv4_logit_rows(chunks, n_chunks);
-    if (rows > 0) {
+    if (rows > 0 && !rc) {
         float *hsel = b->ops->alloc(b, (size_t)rows * hc * D * sizeof(float));
         float *ysel = b->ops->alloc(b, (size_t)rows * D * sizeof(float));
         float *lg = b->ops->alloc(b, (size_t)rows * c->vocab_size * sizeof(float));
@@ -314,7 +328,8 @@ int dv4_forward(dv4_model *m, const dv4_chunk *chunks, int n_chunks, float *logi
         b->ops->free(b, ysel);
         b->ops->free(b, lg);
     }
-    for (int k = 0; k < n_chunks; k++) chunks[k].seq->pos += chunks[k].n;
+    /* a failed step leaves sequence state half-written: the caller must drop the sequences */
+    for (int k = 0; k < n_chunks && !rc; k++) chunks[k].seq->pos += chunks[k].n;
     scratch_free(&st);
     free(st.row0);
     free(st.ids);
@@ -322,5 +337,5 @@ int dv4_forward(dv4_model *m, const dv4_chunk *chunks, int n_chunks, float *logi
     free(st.chunk_of);
     free(st.plan);
     free(st.n_vis);
-    return 0;
+    return rc;
 }

@@ -72,7 +72,20 @@ static int get(ld *l, const char *name, ck_weight *w) {
     return l->rc;
 }
 
-static be_weight *W(ld *l, const char *fmt, ...) {
+/* bytes of checkpoint storage behind an nr × nc slice of w (scales included) */
+static uint64_t slice_bytes(const ck_weight *w, int64_t nr, int64_t nc) {
+    double e = (double)nr * (double)nc;
+    switch (w->kind) {
+    case CK_FP8_WEIGHT: return (uint64_t)(e + e / (128.0 * 128.0));
+    case CK_FP4_WEIGHT: return (uint64_t)(e / 2 + e / 32);
+    default: return (uint64_t)(e * st_dtype_size(w->dtype));
+    }
+}
+
+/* rows [r0, r0+nr) x cols [c0, c0+nc) of a named weight; nr/nc < 0 = all */
+static be_weight *WS(ld *l, int64_t r0, int64_t nr, int64_t c0, int64_t nc, const char *fmt, ...)
+    __attribute__((format(printf, 6, 7)));
+static be_weight *WS(ld *l, int64_t r0, int64_t nr, int64_t c0, int64_t nc, const char *fmt, ...) {
     char name[200];
     va_list ap;
     va_start(ap, fmt);
@@ -80,7 +93,19 @@ static be_weight *W(ld *l, const char *fmt, ...) {
     va_end(ap);
     ck_weight w;
     if (get(l, name, &w)) return NULL;
-    return l->m->b->ops->weight(l->m->b, &w);
+    if (nr < 0) nr = w.rows;
+    if (nc < 0) nc = w.cols;
+    l->m->rank_bytes += slice_bytes(&w, nr, nc);
+    return l->m->b->ops->weight_slice(l->m->b, &w, r0, nr, c0, nc);
+}
+
+static be_weight *W(ld *l, const char *fmt, ...) {
+    char name[200];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(name, sizeof name, fmt, ap);
+    va_end(ap);
+    return WS(l, 0, -1, 0, -1, "%s", name);
 }
 
 static float *V(ld *l, const char *fmt, ...) {
@@ -91,6 +116,7 @@ static float *V(ld *l, const char *fmt, ...) {
     va_end(ap);
     ck_weight w;
     if (get(l, name, &w)) return NULL;
+    l->m->rank_bytes += slice_bytes(&w, w.rows, w.cols);
     return l->m->b->ops->vector(l->m->b, &w);
 }
 
@@ -111,12 +137,22 @@ static void load_layer(ld *l, int i) {
     L->ffn_norm = V(l, "%s.%d.ffn_norm.weight", p, i);
     L->wq_a = W(l, "%s.%d.attn.wq_a.weight", p, i);
     L->q_norm = V(l, "%s.%d.attn.q_norm.weight", p, i);
-    L->wq_b = W(l, "%s.%d.attn.wq_b.weight", p, i);
+    const dv4_shard *sh = &m->shard;
+    int dh = c->head_dim, Hl = c->num_attention_heads / sh->world, h0 = sh->rank * Hl;
+    /* output groups of this rank's heads: whole groups when world divides o_groups, else one
+     * group whose heads are spread over world/o_groups ranks (wo_a column slice) */
+    int ol = c->o_lora_rank, hpg = c->num_attention_heads / c->o_groups;
+    int g0 = h0 / hpg, Gl = (h0 + Hl - 1) / hpg + 1 - g0, hpl = Hl < hpg ? Hl : hpg;
+    L->groups = Gl;
+    L->heads_per_group = hpl;
+    L->wq_b = WS(l, (int64_t)h0 * dh, (int64_t)Hl * dh, 0, -1, "%s.%d.attn.wq_b.weight", p, i);
     L->wkv = W(l, "%s.%d.attn.wkv.weight", p, i);
     L->kv_norm = V(l, "%s.%d.attn.kv_norm.weight", p, i);
-    L->wo_a = W(l, "%s.%d.attn.wo_a.weight", p, i);
-    L->wo_b = W(l, "%s.%d.attn.wo_b.weight", p, i);
-    L->sink = V(l, "%s.%d.attn.attn_sink", p, i);
+    L->wo_a = WS(l, (int64_t)g0 * ol, (int64_t)Gl * ol, (int64_t)(h0 % hpg) * dh,
+                 (int64_t)hpl * dh, "%s.%d.attn.wo_a.weight", p, i);
+    L->wo_b = WS(l, 0, -1, (int64_t)g0 * ol, (int64_t)Gl * ol, "%s.%d.attn.wo_b.weight", p, i);
+    L->sink_all = V(l, "%s.%d.attn.attn_sink", p, i);
+    L->sink = L->sink_all ? L->sink_all + h0 : NULL;
     if (L->ratio) {
         L->c_wkv = W(l, "%s.%d.attn.compressor.wkv.weight", p, i);
         L->c_wgate = W(l, "%s.%d.attn.compressor.wgate.weight", p, i);
@@ -163,7 +199,8 @@ static void load_layer(ld *l, int i) {
         M->bias = L->gate_bias = V(l, "%s.%d.ffn.gate.bias", p, i);
     }
     L->experts = xcalloc((size_t)3 * E, sizeof *L->experts);
-    for (int e = 0; e < E; e++) {
+    int El = E / sh->world, e0 = sh->rank * El;
+    for (int e = e0; e < e0 + El; e++) {
         L->experts[e] = W(l, "%s.%d.ffn.experts.%d.w1.weight", p, i, e);
         L->experts[E + e] = W(l, "%s.%d.ffn.experts.%d.w2.weight", p, i, e);
         L->experts[2 * E + e] = W(l, "%s.%d.ffn.experts.%d.w3.weight", p, i, e);
@@ -171,11 +208,35 @@ static void load_layer(ld *l, int i) {
     M->w1 = (const be_weight **)L->experts;
     M->w2 = (const be_weight **)L->experts + E;
     M->w3 = (const be_weight **)L->experts + 2 * E;
-    if (c->n_shared_experts > 0) {
-        M->s1 = L->s1 = W(l, "%s.%d.ffn.shared_experts.w1.weight", p, i);
-        M->s2 = L->s2 = W(l, "%s.%d.ffn.shared_experts.w2.weight", p, i);
-        M->s3 = L->s3 = W(l, "%s.%d.ffn.shared_experts.w3.weight", p, i);
+    if (c->n_shared_experts > 0) { /* intermediate split across ranks */
+        int Il = c->moe_intermediate_size / sh->world, i0 = sh->rank * Il;
+        M->shared_inter = Il;
+        M->s1 = L->s1 = WS(l, i0, Il, 0, -1, "%s.%d.ffn.shared_experts.w1.weight", p, i);
+        M->s2 = L->s2 = WS(l, 0, -1, i0, Il, "%s.%d.ffn.shared_experts.w2.weight", p, i);
+        M->s3 = L->s3 = WS(l, i0, Il, 0, -1, "%s.%d.ffn.shared_experts.w3.weight", p, i);
     }
+}
+
+static int check_shard(const dv4_config *c, const dv4_shard *s, char *err, size_t errlen) {
+    if (s->world < 1 || s->rank < 0 || s->rank >= s->world)
+        return duet_err(err, errlen, DUET_EINVAL, "rank %d is outside world size %d", s->rank,
+                        s->world);
+    if (s->world > 1 && !s->comm)
+        return duet_err(err, errlen, DUET_EINVAL, "world size %d needs a data plane", s->world);
+    if (c->o_groups % s->world && s->world % c->o_groups)
+        return duet_err(err, errlen, DUET_EINVAL,
+                        "o_groups = %d and world size %d: one must divide the other", c->o_groups,
+                        s->world);
+    struct { const char *what; int n; } need[] = {
+        {"num_attention_heads", c->num_attention_heads},
+        {"n_routed_experts", c->n_routed_experts},
+        {"moe_intermediate_size", c->moe_intermediate_size}};
+    for (size_t i = 0; i < sizeof need / sizeof *need; i++)
+        if (need[i].n % s->world)
+            return duet_err(err, errlen, DUET_EINVAL,
+                            "%s = %d cannot be split across %d workers; use a world size that "
+                            "divides it", need[i].what, need[i].n, s->world);
+    return 0;
 }
 
 int dv4_load(const char *dir, be *b, const dv4_shard *shard, dv4_model **out, char *err,
@@ -187,6 +248,7 @@ int dv4_load(const char *dir, be *b, const dv4_shard *shard, dv4_model **out, ch
     int rc = cfg_load(dir, &m->cfg, err, errlen);
     if (!rc) rc = st_open(dir, &m->st, err, errlen);
     if (!rc) rc = ck_validate(&m->cfg, m->st, err, errlen);
+    if (!rc) rc = check_shard(&m->cfg, &m->shard, err, errlen);
     if (rc) {
         dv4_free(m);
         return rc;
@@ -231,7 +293,7 @@ void dv4_free(dv4_model *m) {
         for (size_t j = 0; j < sizeof ws / sizeof *ws; j++) wfree(m, ws[j]);
         float *vs[] = {L->hc_attn_fn, L->hc_attn_base, L->hc_attn_scale, L->hc_ffn_fn,
                        L->hc_ffn_base, L->hc_ffn_scale, L->attn_norm, L->ffn_norm, L->q_norm,
-                       L->kv_norm, L->sink, L->c_ape, L->c_norm, L->ic_ape, L->ic_norm,
+                       L->kv_norm, L->sink_all, L->c_ape, L->c_norm, L->ic_ape, L->ic_norm,
                        L->gate_bias};
         for (size_t j = 0; j < sizeof vs / sizeof *vs; j++) vfree(m, vs[j]);
         if (L->experts)

@@ -15,12 +15,17 @@ typedef struct {
     float *attn_norm, *ffn_norm;          /* [D] */
     be_weight *wq_a;           /* [q_lora, D] */
     float *q_norm;             /* [q_lora] */
-    be_weight *wq_b;           /* [H*dh, q_lora] */
+    /* split across ranks (TP): wq_b rows, wo_a rows and wo_b columns of this rank's heads and
+     * groups; shapes below are per rank with Hl = H/world, Gl = G/world */
+    be_weight *wq_b;           /* [Hl*dh, q_lora] */
     be_weight *wkv;            /* [dh, D] */
     float *kv_norm;            /* [dh] */
-    be_weight *wo_a;           /* [G*o_lora, (H/G)*dh] */
-    be_weight *wo_b;           /* [D, G*o_lora] */
-    float *sink;               /* [H] */
+    int groups;                /* Gl: output groups touched by this rank's heads */
+    int heads_per_group;       /* this rank's heads in each of them (H/G, or Hl if fewer) */
+    be_weight *wo_a;           /* [Gl*o_lora, heads_per_group*dh] */
+    be_weight *wo_b;           /* [D, Gl*o_lora] */
+    float *sink_all;           /* [H] */
+    float *sink;               /* this rank's heads: sink_all + first local head */
     /* compressor (ratio > 0): wkv/wgate [c*dh, D], ape [m, c*dh], norm [dh] */
     be_weight *c_wkv, *c_wgate;
     float *c_ape, *c_norm;
@@ -31,7 +36,8 @@ typedef struct {
     be_weight *gate, *s1, *s2, *s3;
     float *gate_bias;          /* [E] or NULL */
     int64_t *tid2eid;          /* [vocab, k] host or NULL */
-    be_weight **experts;       /* [3*E]: w1[0..E), w2[E..2E), w3[2E..3E) */
+    be_weight **experts;       /* [3*E]: w1[0..E), w2[E..2E), w3[2E..3E); NULL unless owned
+                                  by this rank (EP: experts [rank*E/world, (rank+1)*E/world)) */
     be_moe_layer moe;
 } dv4_layer;
 

@@ -1,0 +1,957 @@
+/* rpcsrv.c — the worker's RPC server (rpcsrv.h): accept, authenticate, execute, answer.
+ *
+ * Why it is shaped this way: one libuv loop owns every socket; it never computes. Messages
+ * that touch the model (LoadModel, StepPlan, Release, and dropping a lost coordinator's
+ * sequences) become jobs that run one at a time, in arrival order, on a libuv work thread; the
+ * loop answers Heartbeat and Shutdown at once. Connections: any number may be in the handshake
+ * (up to MAX_CONNS); each gets a fresh nonce (Challenge) and must send a valid Hello within
+ * hello_timeout_ms; only one authenticated coordinator at a time — a second one that
+ * authenticates is told "another coordinator is connected" and closed. When the coordinator
+ * goes away its sequences are freed but the loaded model is kept, so a reconnecting
+ * coordinator with the same fingerprint can skip the reload (LoadModel answers at once).
+ *
+ * What it must never do: trust a byte from the network (every frame goes through the rpc
+ * decoder and protobuf-c's unpacker; every id, position and size is checked before use), let a
+ * bad connection harm another, log the token, or touch the model from the loop thread while a
+ * job is running.
+ */
+#include "worker/rpcsrv.h"
+
+#include <arpa/inet.h>
+#include <inttypes.h>
+#include <netdb.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <uv.h>
+
+#include "common/err.h"
+#include "common/rpc.h"
+#include "proto/duet.pb-c.h"
+#include "worker/comm.h"
+#include "worker/model.h"
+#include "worker/worker_sample.h"
+
+#define MAX_CONNS 8          /* open connections (the coordinator + handshakes in progress) */
+#define CLOSE_GRACE_MS 2000  /* how long a closing connection may take to flush its last reply */
+#define MAX_TOP_LOGPROBS 20
+
+/* ---- logging ----------------------------------------------------------------------------- */
+
+void rpcsrv_log(int rank, const char *fmt, ...) {
+    char msg[1024], ts[40];
+    struct timespec t;
+    clock_gettime(CLOCK_REALTIME, &t);
+    struct tm tm;
+    gmtime_r(&t.tv_sec, &tm);
+    strftime(ts, sizeof ts, "%Y-%m-%dT%H:%M:%S", &tm);
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    fprintf(stderr, "%s.%03ldZ duet-worker[%d] %s\n", ts, t.tv_nsec / 1000000, rank, msg);
+    fflush(stderr);
+}
+
+/* ---- state ------------------------------------------------------------------------------- */
+
+typedef struct wk wk;
+
+enum { C_CHALLENGED, C_READY };
+
+typedef struct conn {
+    uv_tcp_t tcp;            /* first: the handle's data points back here anyway */
+    uv_timer_t timer;        /* Hello deadline, then the close grace period */
+    uv_shutdown_t shut;
+    wk *w;
+    uint64_t id;
+    char peer[80];
+    rpc_decoder *dec;
+    int state;
+    int closing;
+    int open_handles;        /* tcp + timer; freed when both close callbacks ran */
+    uint8_t nonce[RPC_NONCE_BYTES];
+    char rbuf[64 * 1024];
+    struct conn *next;
+} conn;
+
+typedef enum { J_LOAD, J_STEP, J_RELEASE, J_DROP } job_kind;
+
+typedef struct job {
+    uv_work_t work;
+    wk *w;
+    job_kind kind;
+    uint64_t conn_id;        /* reply goes to this connection if it is still the coordinator */
+    Duet__LoadModel *load;
+    Duet__StepPlan *plan;
+    Duet__Release *release;
+    /* results, built on the work thread */
+    int rc;
+    char err[512];
+    Duet__StepResult res;
+    Duet__SeqResult *seqres;         /* [n_chunks] */
+    Duet__SeqResult **seqres_ptrs;
+    float *logits;                   /* backing store of the SeqResult.logits fields */
+    int32_t *top_ids;
+    float *top_lps;
+    struct job *next;
+} job;
+
+typedef struct {
+    int used;
+    uint64_t id;
+    dv4_seq *s;
+} slot;
+
+struct wk {
+    const rpcsrv_config *cfg;
+    uv_loop_t loop;
+    uv_tcp_t server;
+    uv_signal_t sigterm, sigint;
+    conn *conns;
+    int n_conns;
+    conn *coord;
+    uint64_t next_id;
+    int stopping;
+    /* engine: touched by the work thread while a job runs, by the loop only when none does */
+    be *b;
+    comm *cm;
+    dv4_model *model;
+    slot *slots;
+    int n_slots, max_seq_len;
+    _Atomic uint64_t steps_done;
+    _Atomic uint32_t live_seqs;
+    _Atomic uint64_t rank_weight_bytes;
+    /* job queue */
+    job *q_head, *q_tail;
+    job *running;
+};
+
+#define LOG(w, ...) rpcsrv_log((w)->cfg->rank, __VA_ARGS__)
+
+static void conn_close(conn *c, const char *why);
+static void job_start_next(wk *w);
+static void maybe_finish(wk *w);
+
+/* ---- sending ----------------------------------------------------------------------------- */
+
+typedef struct {
+    uv_write_t req;
+    uint8_t *buf;
+} wreq;
+
+static void on_written(uv_write_t *req, int status) {
+    wreq *r = (wreq *)req;
+    free(r->buf);
+    free(r);
+    (void)status; /* a failed write shows up as a read error / EOF on the same connection */
+}
+
+/* Queues one frame. Returns 0, or a negative DUET_E* code with err set (message too large). */
+static int conn_send(conn *c, int type, const ProtobufCMessage *msg, char *err, size_t errlen) {
+    if (c->closing) return 0;
+    size_t n;
+    uint8_t *f = rpc_frame_pack(type, msg, RPC_MAX_FRAME, &n, err, errlen);
+    if (!f) return DUET_ENOMEM;
+    wreq *r = xmalloc(sizeof *r);
+    r->buf = f;
+    uv_buf_t b = uv_buf_init((char *)f, (unsigned)n);
+    int rc = uv_write(&r->req, (uv_stream_t *)&c->tcp, &b, 1, on_written);
+    if (rc) {
+        free(f);
+        free(r);
+        conn_close(c, uv_strerror(rc));
+    }
+    return 0;
+}
+
+/* ---- connections ------------------------------------------------------------------------- */
+
+static void on_handle_closed(uv_handle_t *h) {
+    conn *c = h->data;
+    if (--c->open_handles == 0) {
+        wk *w = c->w;
+        rpc_decoder_free(c->dec);
+        free(c);
+        maybe_finish(w);
+    }
+}
+
+static void on_grace_over(uv_timer_t *t) {
+    conn *c = t->data;
+    if (!uv_is_closing((uv_handle_t *)&c->tcp)) uv_close((uv_handle_t *)&c->tcp, on_handle_closed);
+    uv_close((uv_handle_t *)&c->timer, on_handle_closed);
+}
+
+static void on_shutdown_done(uv_shutdown_t *req, int status) {
+    conn *c = req->data;
+    (void)status;
+    if (!uv_is_closing((uv_handle_t *)&c->tcp)) uv_close((uv_handle_t *)&c->tcp, on_handle_closed);
+    if (!uv_is_closing((uv_handle_t *)&c->timer)) {
+        uv_timer_stop(&c->timer);
+        uv_close((uv_handle_t *)&c->timer, on_handle_closed);
+    }
+}
+
+static void drop_coordinator_state(wk *w);
+
+/* Closes a connection after flushing what was queued (bounded by CLOSE_GRACE_MS). `why` is
+ * logged; NULL = quietly. Safe to call twice. */
+static void conn_close(conn *c, const char *why) {
+    if (c->closing) return;
+    wk *w = c->w;
+    c->closing = 1;
+    for (conn **p = &w->conns; *p; p = &(*p)->next)
+        if (*p == c) {
+            *p = c->next;
+            break;
+        }
+    w->n_conns--;
+    if (why) LOG(w, "closing connection from %s: %s", c->peer, why);
+    uv_read_stop((uv_stream_t *)&c->tcp);
+    if (w->coord == c) {
+        w->coord = NULL;
+        drop_coordinator_state(w);
+    }
+    uv_timer_stop(&c->timer);
+    c->shut.data = c;
+    if (uv_shutdown(&c->shut, (uv_stream_t *)&c->tcp, on_shutdown_done) == 0) {
+        uv_timer_start(&c->timer, on_grace_over, CLOSE_GRACE_MS, 0);
+    } else {
+        uv_close((uv_handle_t *)&c->tcp, on_handle_closed);
+        uv_close((uv_handle_t *)&c->timer, on_handle_closed);
+    }
+}
+
+/* Rejects a connection during the handshake: logs the reason, answers HelloReply{ok=false},
+ * closes. Identity fields are only filled for peers that proved the token. */
+static void reject(conn *c, int authenticated, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void reject(conn *c, int authenticated, const char *fmt, ...) {
+    wk *w = c->w;
+    char why[512], err[256];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(why, sizeof why, fmt, ap);
+    va_end(ap);
+    LOG(w, "rejecting connection from %s: %s", c->peer, why);
+    Duet__HelloReply r = DUET__HELLO_REPLY__INIT;
+    r.ok = 0;
+    r.error = why;
+    if (authenticated) {
+        r.rank = (uint32_t)w->cfg->rank;
+        r.world_size = (uint32_t)w->cfg->world;
+        r.model_fingerprint = w->cfg->fingerprint;
+        r.backend = (char *)w->cfg->backend;
+        r.model_path = (char *)w->cfg->model_dir;
+    }
+    conn_send(c, RPC_HELLO_REPLY, &r.base, err, sizeof err);
+    conn_close(c, NULL);
+}
+
+static void on_hello_timeout(uv_timer_t *t) {
+    conn *c = t->data;
+    if (c->state == C_CHALLENGED && !c->closing) {
+        char why[96];
+        snprintf(why, sizeof why, "no Hello within %d ms", c->w->cfg->hello_timeout_ms);
+        conn_close(c, why);
+    }
+}
+
+/* ---- jobs -------------------------------------------------------------------------------- */
+
+static void job_free(job *j) {
+    if (j->load) duet__load_model__free_unpacked(j->load, NULL);
+    if (j->plan) duet__step_plan__free_unpacked(j->plan, NULL);
+    if (j->release) duet__release__free_unpacked(j->release, NULL);
+    free(j->seqres);
+    free(j->seqres_ptrs);
+    free(j->logits);
+    free(j->top_ids);
+    free(j->top_lps);
+    free(j);
+}
+
+static void enqueue(wk *w, job *j) {
+    j->w = w;
+    j->work.data = j;
+    if (w->q_tail)
+        w->q_tail->next = j;
+    else
+        w->q_head = j;
+    w->q_tail = j;
+    job_start_next(w);
+}
+
+/* The coordinator went away: its queued work is void; its sequences are freed (by a job, so
+ * this never races a running step). The model stays loaded. */
+static void drop_coordinator_state(wk *w) {
+    while (w->q_head) {
+        job *j = w->q_head;
+        w->q_head = j->next;
+        job_free(j);
+    }
+    w->q_tail = NULL;
+    if (w->stopping) return;
+    job *d = xcalloc(1, sizeof *d);
+    d->kind = J_DROP;
+    enqueue(w, d);
+}
+
+static slot *find_slot(wk *w, uint64_t id) {
+    for (int i = 0; i < w->n_slots; i++)
+        if (w->slots[i].used && w->slots[i].id == id) return &w->slots[i];
+    return NULL;
+}
+
+static void free_slot(wk *w, slot *s) {
+    dv4_seq_free(w->model, s->s);
+    s->s = NULL;
+    s->used = 0;
+    atomic_fetch_sub(&w->live_seqs, 1);
+}
+
+static void free_all_seqs(wk *w) {
+    for (int i = 0; i < w->n_slots; i++)
+        if (w->slots[i].used) free_slot(w, &w->slots[i]);
+}
+
+/* Work thread: LoadModel. Keeps an already loaded model (same files, same fingerprint). */
+static int run_load(wk *w, job *j) {
+    const rpcsrv_config *cfg = w->cfg;
+    int max_seqs = j->load->max_seqs ? (int)j->load->max_seqs : cfg->max_seqs;
+    int max_len = j->load->max_seq_len ? (int)j->load->max_seq_len : cfg->max_seq_len;
+    if (max_seqs <= 0 || max_seqs > 65536)
+        return duet_err(j->err, sizeof j->err, DUET_EINVAL,
+                        "max_seqs %d is outside [1, 65536]", max_seqs);
+    if (max_len <= 0 || max_len > (1 << 24))
+        return duet_err(j->err, sizeof j->err, DUET_EINVAL,
+                        "max_seq_len %d is outside [1, 16777216]", max_len);
+    if (!w->model) {
+        if (cfg->world > 1 && !w->cm) {
+            int rc = comm_tcp_create(cfg->rank, cfg->world, cfg->peers, cfg->comm_timeout_ms,
+                                     &w->cm, j->err, sizeof j->err);
+            if (rc) return rc;
+        }
+        if (!w->b) w->b = be_cpu_create(cfg->threads);
+        dv4_shard shard = {cfg->rank, cfg->world, w->cm};
+        int rc = dv4_load(cfg->model_dir, w->b, &shard, &w->model, j->err, sizeof j->err);
+        if (rc) return rc;
+        if (dv4_fingerprint(w->model) != cfg->fingerprint) {
+            dv4_free(w->model);
+            w->model = NULL;
+            return duet_err(j->err, sizeof j->err, DUET_EINVAL,
+                            "the checkpoint in %s changed on disk since this worker started "
+                            "(fingerprint %016" PRIx64 " at start-up); restart the worker",
+                            cfg->model_dir, cfg->fingerprint);
+        }
+        atomic_store(&w->rank_weight_bytes, dv4_rank_weight_bytes(w->model));
+    }
+    /* a LoadModel starts from empty sequence state */
+    free_all_seqs(w);
+    if (max_seqs != w->n_slots) {
+        free(w->slots);
+        w->slots = xcalloc((size_t)max_seqs, sizeof *w->slots);
+        w->n_slots = max_seqs;
+    }
+    w->max_seq_len = max_len;
+    return 0;
+}
+
+static int step_fail(job *j, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static int step_fail(job *j, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(j->err, sizeof j->err, fmt, ap);
+    va_end(ap);
+    return DUET_EINVAL;
+}
+
+/* Work thread: StepPlan. Validates every chunk before any compute; a failed step leaves the
+ * sequences as they were (sequences created by it are freed again). */
+static int run_step(wk *w, job *j) {
+    const Duet__StepPlan *p = j->plan;
+    if (!w->model) return step_fail(j, "no model is loaded; send LoadModel first");
+    int n = (int)p->n_chunks;
+    if (n == 0) return 0;
+    if (p->n_chunks > (size_t)w->n_slots)
+        return step_fail(j, "the plan has %zu chunks but this worker has %d sequence slots",
+                         p->n_chunks, w->n_slots);
+    const int vocab = dv4_cfg(w->model)->vocab_size;
+    dv4_chunk *ch = xcalloc((size_t)n, sizeof *ch);
+    slot **sl = xcalloc((size_t)n, sizeof *sl);
+    char *created = xcalloc((size_t)n, 1);
+    int rc = 0, i;
+    for (i = 0; i < n && !rc; i++) {
+        const Duet__SeqChunk *k = p->chunks[i];
+        unsigned long long id = (unsigned long long)k->seq_id;
+        if (k->n_token_ids == 0) {
+            rc = step_fail(j, "seq %llu: the chunk has no token ids", id);
+            break;
+        }
+        for (size_t t = 0; t < k->n_token_ids; t++)
+            if (k->token_ids[t] < 0 || k->token_ids[t] >= vocab) {
+                rc = step_fail(j, "seq %llu: token id %d at index %zu is outside the vocabulary "
+                               "[0, %d)", id, k->token_ids[t], t, vocab);
+                break;
+            }
+        if (rc) break;
+        for (int q = 0; q < i; q++)
+            if (p->chunks[q]->seq_id == k->seq_id) {
+                rc = step_fail(j, "seq %llu appears twice in one step", id);
+                break;
+            }
+        if (rc) break;
+        if ((uint64_t)k->start_pos + k->n_token_ids > (uint64_t)w->max_seq_len) {
+            rc = step_fail(j, "seq %llu: positions up to %llu exceed max_seq_len %d", id,
+                           (unsigned long long)k->start_pos + k->n_token_ids, w->max_seq_len);
+            break;
+        }
+        slot *s = find_slot(w, k->seq_id);
+        if (!s) {
+            if (k->start_pos != 0) {
+                rc = step_fail(j, "seq %llu is not known to this worker (never started, released, "
+                               "or the worker lost its state); start it at position 0, not %u",
+                               id, k->start_pos);
+                break;
+            }
+            for (int q = 0; q < w->n_slots && !s; q++)
+                if (!w->slots[q].used) s = &w->slots[q];
+            if (!s) {
+                rc = step_fail(j, "seq %llu: no free sequence slot (all %d are in use); release "
+                               "finished sequences", id, w->n_slots);
+                break;
+            }
+            rc = dv4_seq_new(w->model, w->max_seq_len, &s->s, j->err, sizeof j->err);
+            if (rc) break;
+            s->used = 1;
+            s->id = k->seq_id;
+            atomic_fetch_add(&w->live_seqs, 1);
+            created[i] = 1;
+        } else if ((int64_t)k->start_pos != dv4_seq_pos(s->s)) {
+            rc = step_fail(j, "seq %llu: start_pos %u does not match the sequence's position %d",
+                           id, k->start_pos, dv4_seq_pos(s->s));
+            break;
+        }
+        sl[i] = s;
+        ch[i].seq = s->s;
+        ch[i].ids = k->token_ids;
+        ch[i].n = (int)k->n_token_ids;
+        ch[i].logits = k->return_logits ? DV4_LOGITS_ALL
+                       : k->sample      ? DV4_LOGITS_LAST
+                                        : DV4_LOGITS_NONE;
+    }
+    float *logits = NULL;
+    if (!rc) {
+        int rows = dv4_logit_rows(ch, n);
+        if ((uint64_t)rows * (uint64_t)vocab * sizeof(float) > RPC_MAX_FRAME / 2)
+            rc = step_fail(j, "the plan asks for %d rows of logits (%d floats each), more than "
+                           "one reply frame can carry", rows, vocab);
+        else
+            logits = xmalloc(((size_t)rows ? (size_t)rows : 1) * (size_t)vocab * sizeof *logits);
+    }
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    if (!rc) rc = dv4_forward(w->model, ch, n, logits, j->err, sizeof j->err);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    if (rc) {
+        for (int q = 0; q < n; q++)
+            if (created[q]) free_slot(w, sl[q]);
+        goto out;
+    }
+    j->res.compute_us = (uint64_t)((t1.tv_sec - t0.tv_sec) * 1000000LL +
+                                   (t1.tv_nsec - t0.tv_nsec) / 1000);
+    atomic_fetch_add(&w->steps_done, 1);
+    if (w->cfg->rank != 0) goto out; /* rank 0 alone samples and returns results */
+    j->seqres = xcalloc((size_t)n, sizeof *j->seqres);
+    j->seqres_ptrs = xcalloc((size_t)n, sizeof *j->seqres_ptrs);
+    j->top_ids = xcalloc((size_t)n * MAX_TOP_LOGPROBS, sizeof *j->top_ids);
+    j->top_lps = xcalloc((size_t)n * MAX_TOP_LOGPROBS, sizeof *j->top_lps);
+    const float *row = logits;
+    for (int q = 0; q < n; q++) {
+        const Duet__SeqChunk *k = p->chunks[q];
+        Duet__SeqResult *r = &j->seqres[q];
+        duet__seq_result__init(r);
+        j->seqres_ptrs[q] = r;
+        r->seq_id = k->seq_id;
+        r->token_id = -1;
+        int nrows = ch[q].logits == DV4_LOGITS_ALL ? ch[q].n : ch[q].logits == DV4_LOGITS_LAST;
+        if (k->sample) {
+            const float *last = row + (size_t)(nrows - 1) * vocab;
+            worker_sample_params sp = {0};
+            if (k->sampling) {
+                sp.temperature = k->sampling->temperature;
+                sp.top_p = k->sampling->top_p;
+                sp.top_k = k->sampling->top_k;
+                sp.min_p = k->sampling->min_p;
+                sp.seed = k->sampling->seed;
+            }
+            int ntop = k->sampling ? (int)k->sampling->n_logprobs : 0;
+            if (ntop > MAX_TOP_LOGPROBS) ntop = MAX_TOP_LOGPROBS;
+            if (ntop > vocab) ntop = vocab;
+            int32_t *ti = j->top_ids + (size_t)q * MAX_TOP_LOGPROBS;
+            float *tl = j->top_lps + (size_t)q * MAX_TOP_LOGPROBS;
+            r->token_id = worker_sample(last, vocab, &sp, (uint64_t)k->start_pos + (uint64_t)ch[q].n,
+                                        &r->logprob, ntop, ti, tl);
+            r->n_top_ids = r->n_top_logprobs = (size_t)ntop;
+            r->top_ids = ti;
+            r->top_logprobs = tl;
+        }
+        if (k->return_logits) {
+            r->n_logits = (size_t)nrows * (size_t)vocab;
+            r->logits = (float *)row;
+        }
+        row += (size_t)nrows * vocab;
+    }
+    j->res.n_results = (size_t)n;
+    j->res.results = j->seqres_ptrs;
+    j->logits = logits; /* owned by the job until the reply was packed */
+    logits = NULL;
+out:
+    free(logits);
+    free(ch);
+    free(sl);
+    free(created);
+    return rc;
+}
+
+static void job_work(uv_work_t *req) {
+    job *j = req->data;
+    wk *w = j->w;
+    switch (j->kind) {
+    case J_LOAD: j->rc = run_load(w, j); break;
+    case J_STEP: j->rc = run_step(w, j); break;
+    case J_RELEASE:
+        if (w->model)
+            for (size_t i = 0; i < j->release->n_seq_ids; i++) {
+                slot *s = find_slot(w, j->release->seq_ids[i]);
+                if (s) free_slot(w, s);
+            }
+        break;
+    case J_DROP:
+        if (w->model) free_all_seqs(w);
+        break;
+    }
+}
+
+static void job_done(uv_work_t *req, int status) {
+    job *j = req->data;
+    wk *w = j->w;
+    w->running = NULL;
+    conn *c = w->coord && w->coord->id == j->conn_id && !w->coord->closing ? w->coord : NULL;
+    char err[256];
+    if (j->kind == J_LOAD) {
+        if (j->rc)
+            LOG(w, "LoadModel failed: %s", j->err);
+        else
+            LOG(w, "model loaded: %" PRIu64 " bytes of weights on this rank, %d sequence slots "
+                "of %d tokens", atomic_load(&w->rank_weight_bytes), w->n_slots, w->max_seq_len);
+        if (c) {
+            Duet__LoadProgress m = DUET__LOAD_PROGRESS__INIT;
+            m.done = 1;
+            m.ok = j->rc == 0;
+            m.error = j->rc ? j->err : "";
+            m.bytes_total = w->cfg->ckpt_bytes;
+            m.bytes_done = j->rc ? 0 : w->cfg->ckpt_bytes;
+            m.rank_weight_bytes = atomic_load(&w->rank_weight_bytes);
+            conn_send(c, RPC_LOAD_PROGRESS, &m.base, err, sizeof err);
+        }
+    } else if (j->kind == J_STEP && c) {
+        j->res.step_id = j->plan->step_id;
+        j->res.ok = j->rc == 0;
+        if (j->rc) {
+            j->res.error = j->err;
+            j->res.n_results = 0;
+        }
+        if (conn_send(c, RPC_STEP_RESULT, &j->res.base, err, sizeof err)) {
+            Duet__StepResult e = DUET__STEP_RESULT__INIT;
+            e.step_id = j->plan->step_id;
+            e.error = err;
+            conn_send(c, RPC_STEP_RESULT, &e.base, err, sizeof err);
+        }
+    }
+    (void)status;
+    job_free(j);
+    job_start_next(w);
+    maybe_finish(w);
+}
+
+static void job_start_next(wk *w) {
+    if (w->running || !w->q_head) return;
+    job *j = w->q_head;
+    w->q_head = j->next;
+    if (!w->q_head) w->q_tail = NULL;
+    j->next = NULL;
+    w->running = j;
+    int rc = uv_queue_work(&w->loop, &j->work, job_work, job_done);
+    if (rc) { /* cannot happen with a live loop; run inline rather than lose the job */
+        job_work(&j->work);
+        job_done(&j->work, rc);
+    }
+}
+
+/* ---- messages ---------------------------------------------------------------------------- */
+
+static void on_hello(conn *c, const uint8_t *p, size_t len) {
+    wk *w = c->w;
+    const rpcsrv_config *cfg = w->cfg;
+    Duet__Hello *h = duet__hello__unpack(NULL, len, p);
+    if (!h) {
+        reject(c, 0, "malformed Hello (not a valid protobuf message)");
+        return;
+    }
+    if (h->protocol_version != RPC_PROTOCOL_VERSION)
+        reject(c, 0, "protocol version %u is not supported; this worker speaks version %u",
+               h->protocol_version, RPC_PROTOCOL_VERSION);
+    else if (!rpc_auth_check(cfg->token, c->nonce, sizeof c->nonce, h->auth_proof.data,
+                             h->auth_proof.len))
+        reject(c, 0, "authentication failed: the auth proof does not match this worker's token "
+                     "(check --auth-token-file on both sides)");
+    else if (h->rank != (uint32_t)cfg->rank)
+        reject(c, 1, "rank mismatch: the coordinator expects rank %u, this worker is rank %d",
+               h->rank, cfg->rank);
+    else if (h->world_size != (uint32_t)cfg->world)
+        reject(c, 1, "world size mismatch: the coordinator expects %u ranks, this worker was "
+                     "started with --world-size %d", h->world_size, cfg->world);
+    else if (h->model_fingerprint && h->model_fingerprint != cfg->fingerprint)
+        reject(c, 1, "model fingerprint mismatch: the coordinator expects %016" PRIx64
+                     ", this worker serves %s with fingerprint %016" PRIx64,
+               h->model_fingerprint, cfg->model_dir, cfg->fingerprint);
+    else if (w->coord)
+        reject(c, 1, "another coordinator is connected (from %s)", w->coord->peer);
+    else if (w->stopping)
+        reject(c, 1, "the worker is shutting down");
+    else {
+        char err[256];
+        Duet__HelloReply r = DUET__HELLO_REPLY__INIT;
+        r.ok = 1;
+        r.error = "";
+        r.rank = (uint32_t)cfg->rank;
+        r.world_size = (uint32_t)cfg->world;
+        r.model_fingerprint = cfg->fingerprint;
+        r.backend = (char *)cfg->backend;
+        r.model_path = (char *)cfg->model_dir;
+        c->state = C_READY;
+        w->coord = c;
+        uv_timer_stop(&c->timer);
+        conn_send(c, RPC_HELLO_REPLY, &r.base, err, sizeof err);
+        LOG(w, "coordinator connected from %s", c->peer);
+    }
+    duet__hello__free_unpacked(h, NULL);
+}
+
+/* Handles one frame. Returns without touching c if it was closed. */
+static void dispatch(conn *c, int type, const uint8_t *p, size_t len) {
+    wk *w = c->w;
+    char err[256];
+    if (c->state == C_CHALLENGED) {
+        if (type == RPC_HELLO)
+            on_hello(c, p, len);
+        else
+            reject(c, 0, "expected Hello as the first message, got %s", rpc_type_name(type));
+        return;
+    }
+    job *j;
+    switch (type) {
+    case RPC_LOAD_MODEL: {
+        Duet__LoadModel *m = duet__load_model__unpack(NULL, len, p);
+        if (!m) {
+            conn_close(c, "malformed LoadModel message");
+            return;
+        }
+        LOG(w, "LoadModel from %s (%s)", c->peer, w->model ? "already loaded" : "loading");
+        Duet__LoadProgress pr = DUET__LOAD_PROGRESS__INIT;
+        pr.bytes_total = w->cfg->ckpt_bytes;
+        pr.ok = 1;
+        pr.error = "";
+        conn_send(c, RPC_LOAD_PROGRESS, &pr.base, err, sizeof err);
+        j = xcalloc(1, sizeof *j);
+        j->kind = J_LOAD;
+        j->load = m;
+        break;
+    }
+    case RPC_STEP_PLAN: {
+        Duet__StepPlan *m = duet__step_plan__unpack(NULL, len, p);
+        if (!m) {
+            conn_close(c, "malformed StepPlan message");
+            return;
+        }
+        j = xcalloc(1, sizeof *j);
+        duet__step_result__init(&j->res);
+        j->kind = J_STEP;
+        j->plan = m;
+        break;
+    }
+    case RPC_RELEASE: {
+        Duet__Release *m = duet__release__unpack(NULL, len, p);
+        if (!m) {
+            conn_close(c, "malformed Release message");
+            return;
+        }
+        j = xcalloc(1, sizeof *j);
+        j->kind = J_RELEASE;
+        j->release = m;
+        break;
+    }
+    case RPC_HEARTBEAT: {
+        Duet__Heartbeat *m = duet__heartbeat__unpack(NULL, len, p);
+        if (!m) {
+            conn_close(c, "malformed Heartbeat message");
+            return;
+        }
+        Duet__Stats s = DUET__STATS__INIT;
+        s.seq = m->seq;
+        s.steps_done = atomic_load(&w->steps_done);
+        s.live_seqs = atomic_load(&w->live_seqs);
+        s.rank_weight_bytes = atomic_load(&w->rank_weight_bytes);
+        duet__heartbeat__free_unpacked(m, NULL);
+        conn_send(c, RPC_STATS, &s.base, err, sizeof err);
+        return;
+    }
+    case RPC_SHUTDOWN: {
+        Duet__Shutdown *m = duet__shutdown__unpack(NULL, len, p);
+        LOG(w, "Shutdown from %s: %s", c->peer, m && m->reason[0] ? m->reason : "(no reason)");
+        if (m) duet__shutdown__free_unpacked(m, NULL);
+        w->stopping = 1;
+        maybe_finish(w);
+        return;
+    }
+    default: {
+        char why[96];
+        snprintf(why, sizeof why, "unexpected %s message from the coordinator",
+                 rpc_type_name(type));
+        conn_close(c, why);
+        return;
+    }
+    }
+    j->conn_id = c->id;
+    enqueue(w, j);
+}
+
+static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
+    conn *c = h->data;
+    (void)suggested;
+    *buf = uv_buf_init(c->rbuf, sizeof c->rbuf);
+}
+
+static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
+    conn *c = s->data;
+    (void)buf;
+    if (nread == 0 || c->closing) return;
+    if (nread < 0) {
+        conn_close(c, nread == UV_EOF ? (c == c->w->coord ? "the coordinator disconnected"
+                                                          : "the peer disconnected")
+                                      : uv_strerror((int)nread));
+        return;
+    }
+    char err[256];
+    if (rpc_decoder_feed(c->dec, c->rbuf, (size_t)nread, err, sizeof err)) {
+        conn_close(c, err);
+        return;
+    }
+    int type;
+    const uint8_t *p;
+    size_t len;
+    while (!c->closing && rpc_decoder_next(c->dec, &type, &p, &len))
+        dispatch(c, type, p, len);
+}
+
+static void on_connection(uv_stream_t *server, int status) {
+    wk *w = server->data;
+    if (status < 0) {
+        LOG(w, "accept failed: %s", uv_strerror(status));
+        return;
+    }
+    conn *c = xcalloc(1, sizeof *c);
+    c->w = w;
+    c->id = ++w->next_id;
+    uv_tcp_init(&w->loop, &c->tcp);
+    uv_timer_init(&w->loop, &c->timer);
+    c->tcp.data = c->timer.data = c;
+    c->open_handles = 2;
+    c->dec = rpc_decoder_new(RPC_MAX_FRAME);
+    snprintf(c->peer, sizeof c->peer, "?");
+    c->next = w->conns;
+    w->conns = c;
+    w->n_conns++;
+    if (uv_accept(server, (uv_stream_t *)&c->tcp)) {
+        conn_close(c, "accept failed");
+        return;
+    }
+    struct sockaddr_storage ss;
+    int sl = sizeof ss;
+    if (!uv_tcp_getpeername(&c->tcp, (struct sockaddr *)&ss, &sl)) {
+        char host[64] = "?";
+        int port = 0;
+        if (ss.ss_family == AF_INET) {
+            uv_ip4_name((struct sockaddr_in *)&ss, host, sizeof host);
+            port = ntohs(((struct sockaddr_in *)&ss)->sin_port);
+        } else if (ss.ss_family == AF_INET6) {
+            uv_ip6_name((struct sockaddr_in6 *)&ss, host, sizeof host);
+            port = ntohs(((struct sockaddr_in6 *)&ss)->sin6_port);
+        }
+        snprintf(c->peer, sizeof c->peer, "%s:%d", host, port);
+    }
+    if (w->stopping) {
+        conn_close(c, "the worker is shutting down");
+        return;
+    }
+    if (w->n_conns > MAX_CONNS) {
+        conn_close(c, "too many connections are open (at most " "8" " at once)");
+        return;
+    }
+    uv_tcp_nodelay(&c->tcp, 1);
+    rpc_random_nonce(c->nonce);
+    Duet__Challenge ch = DUET__CHALLENGE__INIT;
+    ch.nonce.data = c->nonce;
+    ch.nonce.len = sizeof c->nonce;
+    ch.protocol_version = RPC_PROTOCOL_VERSION;
+    char err[256];
+    conn_send(c, RPC_CHALLENGE, &ch.base, err, sizeof err);
+    if (c->closing) return;
+    uv_timer_start(&c->timer, on_hello_timeout, (uint64_t)w->cfg->hello_timeout_ms, 0);
+    uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read);
+}
+
+/* ---- start and stop ---------------------------------------------------------------------- */
+
+static void on_signal(uv_signal_t *s, int signum) {
+    wk *w = s->data;
+    LOG(w, "%s received; shutting down", signum == SIGTERM ? "SIGTERM" : "SIGINT");
+    w->stopping = 1;
+    maybe_finish(w);
+}
+
+/* Once stopping: stop listening, close every connection, and when no job runs any more and
+ * every connection has closed, close the last handles so uv_run returns. */
+static void maybe_finish(wk *w) {
+    if (!w->stopping) return;
+    if (!uv_is_closing((uv_handle_t *)&w->server)) uv_close((uv_handle_t *)&w->server, NULL);
+    while (w->conns) conn_close(w->conns, NULL);
+    while (w->q_head) {
+        job *j = w->q_head;
+        w->q_head = j->next;
+        job_free(j);
+    }
+    w->q_tail = NULL;
+    if (w->running) return;
+    if (!uv_is_closing((uv_handle_t *)&w->sigterm)) {
+        uv_close((uv_handle_t *)&w->sigterm, NULL);
+        uv_close((uv_handle_t *)&w->sigint, NULL);
+    }
+}
+
+static int is_loopback(const struct sockaddr *sa) {
+    if (sa->sa_family == AF_INET)
+        return (ntohl(((const struct sockaddr_in *)sa)->sin_addr.s_addr) >> 24) == 127;
+    if (sa->sa_family == AF_INET6) {
+        const struct in6_addr *a = &((const struct sockaddr_in6 *)sa)->sin6_addr;
+        return IN6_IS_ADDR_LOOPBACK(a) ||
+               (IN6_IS_ADDR_V4MAPPED(a) && a->s6_addr[12] == 127);
+    }
+    return 0;
+}
+
+/* "HOST:PORT" or "[V6]:PORT" -> resolved address (numeric port). */
+static int parse_listen(const char *s, struct sockaddr_storage *out, char *err, size_t errlen) {
+    char host[256];
+    const char *colon = strrchr(s, ':');
+    if (!colon || colon == s || !colon[1])
+        return duet_err(err, errlen, DUET_EINVAL, "--listen %s: expected HOST:PORT", s);
+    size_t hl = (size_t)(colon - s);
+    if (s[0] == '[' && hl >= 2 && s[hl - 1] == ']') s++, hl -= 2;
+    if (hl >= sizeof host) return duet_err(err, errlen, DUET_EINVAL, "--listen: host too long");
+    memcpy(host, s, hl);
+    host[hl] = 0;
+    char *end;
+    long port = strtol(colon + 1, &end, 10);
+    if (*end || port < 0 || port > 65535)
+        return duet_err(err, errlen, DUET_EINVAL, "--listen: port '%s' is not in 0..65535",
+                        colon + 1);
+    struct addrinfo hints = {0}, *ai = NULL;
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_NUMERICSERV;
+    int rc = getaddrinfo(host, colon + 1, &hints, &ai);
+    if (rc || !ai)
+        return duet_err(err, errlen, DUET_EINVAL, "--listen: cannot resolve host '%s': %s", host,
+                        gai_strerror(rc));
+    memcpy(out, ai->ai_addr, ai->ai_addrlen);
+    freeaddrinfo(ai);
+    return 0;
+}
+
+static void on_walk_close(uv_handle_t *h, void *arg) {
+    (void)arg;
+    if (!uv_is_closing(h)) uv_close(h, NULL);
+}
+
+int rpcsrv_run(const rpcsrv_config *cfg, char *err, size_t errlen) {
+    struct sockaddr_storage addr;
+    int rc = parse_listen(cfg->listen, &addr, err, errlen);
+    if (rc) return rc;
+    wk *w = xcalloc(1, sizeof *w);
+    w->cfg = cfg;
+    uv_loop_init(&w->loop);
+    uv_tcp_init(&w->loop, &w->server);
+    w->server.data = w;
+    int u = uv_tcp_bind(&w->server, (const struct sockaddr *)&addr, 0);
+    if (!u) u = uv_listen((uv_stream_t *)&w->server, 16, on_connection);
+    if (u) {
+        rc = duet_err(err, errlen, DUET_EIO, "cannot listen on %s: %s", cfg->listen,
+                      uv_strerror(u));
+        uv_close((uv_handle_t *)&w->server, NULL);
+        uv_run(&w->loop, UV_RUN_DEFAULT);
+        uv_loop_close(&w->loop);
+        free(w);
+        return rc;
+    }
+    uv_signal_init(&w->loop, &w->sigterm);
+    uv_signal_init(&w->loop, &w->sigint);
+    w->sigterm.data = w->sigint.data = w;
+    uv_signal_start(&w->sigterm, on_signal, SIGTERM);
+    uv_signal_start(&w->sigint, on_signal, SIGINT);
+
+    struct sockaddr_storage bound;
+    int bl = sizeof bound;
+    uv_tcp_getsockname(&w->server, (struct sockaddr *)&bound, &bl);
+    char host[64] = "?";
+    int port = 0;
+    if (bound.ss_family == AF_INET6) {
+        uv_ip6_name((struct sockaddr_in6 *)&bound, host, sizeof host);
+        port = ntohs(((struct sockaddr_in6 *)&bound)->sin6_port);
+    } else {
+        uv_ip4_name((struct sockaddr_in *)&bound, host, sizeof host);
+        port = ntohs(((struct sockaddr_in *)&bound)->sin_port);
+    }
+    if (!is_loopback((struct sockaddr *)&bound))
+        LOG(w, "warning: listening on the non-loopback address %s; anyone who can reach it can "
+               "attempt to authenticate", host);
+    const char *fmt = bound.ss_family == AF_INET6 ? "[%s]:%d" : "%s:%d";
+    char where[96];
+    snprintf(where, sizeof where, fmt, host, port);
+    LOG(w, "listening on %s (world size %d, model %s, fingerprint %016" PRIx64 ", backend %s)",
+        where, cfg->world, cfg->model_dir, cfg->fingerprint, cfg->backend);
+    printf("duet-worker[%d] listening on %s\n", cfg->rank, where);
+    fflush(stdout);
+
+    uv_run(&w->loop, UV_RUN_DEFAULT);
+
+    /* everything was closed by maybe_finish; be defensive about stragglers */
+    uv_walk(&w->loop, on_walk_close, NULL);
+    uv_run(&w->loop, UV_RUN_DEFAULT);
+    uv_loop_close(&w->loop);
+    if (w->model) {
+        free_all_seqs(w);
+        dv4_free(w->model);
+    }
+    free(w->slots);
+    comm_destroy(w->cm);
+    if (w->b) w->b->ops->destroy(w->b);
+    LOG(w, "stopped");
+    free(w);
+    return 0;
+}
