@@ -333,9 +333,16 @@ static int run_load(wk *w, job *j) {
                         "max_seq_len %d is outside [1, 16777216]", max_len);
     if (!w->model) {
         if (cfg->world > 1 && !w->cm) {
+#ifdef DUET_HAVE_COMM_TCP
             int rc = comm_tcp_create(cfg->rank, cfg->world, cfg->peers, cfg->comm_timeout_ms,
                                      &w->cm, j->err, sizeof j->err);
             if (rc) return rc;
+#else
+            return duet_err(j->err, sizeof j->err, DUET_EINVAL,
+                            "world size %d needs the TCP data plane (worker/comm_tcp.c), which "
+                            "this build does not include yet; run with --world-size 1",
+                            cfg->world);
+#endif
         }
         if (!w->b) w->b = be_cpu_create(cfg->threads);
         dv4_shard shard = {cfg->rank, cfg->world, w->cm};
@@ -801,7 +808,10 @@ static void on_connection(uv_stream_t *server, int status) {
         return;
     }
     if (w->n_conns > MAX_CONNS) {
-        conn_close(c, "too many connections are open (at most " "8" " at once)");
+        char why[80];
+        snprintf(why, sizeof why, "too many connections are open (at most %d at once)",
+                 MAX_CONNS);
+        conn_close(c, why);
         return;
     }
     uv_tcp_nodelay(&c->tcp, 1);
