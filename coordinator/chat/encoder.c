@@ -175,6 +175,7 @@ static void emsg_add_block(emsg *m, int is_tool, char *text, size_t len, const c
 static int get_text(const json_t *c, const char *sep, const char *path, char **out,
                     size_t *out_len, char *err, size_t errlen) {
     chat_sb b = {0};
+    *out = NULL;
     if (!c || json_is_null(c)) {
         /* absent or null content renders as "" */
     } else if (json_is_string(c)) {
@@ -320,8 +321,8 @@ static int convert_one(emlist *l, const json_t *m, size_t i, int role, char *err
                        size_t errlen) {
     char path[48];
     snprintf(path, sizeof path, "messages[%zu].content", i);
-    char *text;
-    size_t len;
+    char *text = NULL;
+    size_t len = 0;
     int rc = get_text(json_object_get(m, "content"), role == R_TOOL ? "\n\n" : "\n", path, &text,
                       &len, err, errlen);
     if (rc) return rc;
