@@ -160,7 +160,10 @@ static void cpu_matmul(be *b, const be_weight *W, int row0, int N, const float *
     if (T <= 0 || N <= 0) return;
     mm_ctx c = {W, row0, T, ldx, ldy, x, y};
     int tasks = N / MM_ROWS;
-    pool_for(P(b), tasks, mm_task, &c);
+    if ((double)N * W->cols * T < 262144.0) /* too small to pay for waking the threads */
+        for (int i = 0; i < tasks; i++) mm_task(&c, i);
+    else
+        pool_for(P(b), tasks, mm_task, &c);
     if (tasks * MM_ROWS < N) mm_tail(&c, tasks * MM_ROWS, N);
 }
 
