@@ -482,6 +482,8 @@ static void split_added(enc_ctx_t *x, int k, const uint8_t *s, size_t n)
 int tok_encode(tok_t *t, const char *text, size_t len, tok_ids_t *out)
 {
     const uint8_t *s = (const uint8_t *)text;
+    if (len > TOK_MAX_TEXT)
+        return DUET_ENOMEM;
     if (!tok_utf8_valid(s, len)) {
         tok_u8_t u8 = {0};
         t->sanit.n = 0;

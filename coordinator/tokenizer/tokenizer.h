@@ -38,9 +38,13 @@ typedef struct {
 int tok_load(const char *path, tok_t **out, char *err, size_t errlen);
 void tok_free(tok_t *t);
 
+/* Longest text tok_encode accepts (bytes). A single pre-tokenizer piece of n bytes needs about
+ * 36n bytes of scratch, so this bounds the worst case to a few GiB; real prompts are far shorter. */
+#define TOK_MAX_TEXT ((size_t)64 << 20)
+
 /* Encodes len bytes of text (any bytes; see the invalid-UTF-8 rule above) and APPENDS the ids
  * to out. No BOS/EOS is added: special tokens are written as text and matched (longest first).
- * Returns 0 (cannot fail on input content). */
+ * Returns 0, or DUET_ENOMEM (nothing appended) if len > TOK_MAX_TEXT. */
 int tok_encode(tok_t *t, const char *text, size_t len, tok_ids_t *out);
 void tok_ids_free(tok_ids_t *ids);
 

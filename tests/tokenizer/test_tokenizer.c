@@ -378,6 +378,60 @@ START_TEST(encode_invalid_utf8)
 }
 END_TEST
 
+/* decode(encode(x)) must give back x with invalid UTF-8 replaced, for any bytes. */
+START_TEST(roundtrip_random_bytes)
+{
+    NEED_TOK();
+    static const char *const frags[] = {"<｜User｜>", "<｜Assistant｜>", "<think>", "</think>",
+                                        "｜DSML｜", "<｜", "｜>", "\r\n", "  ", "\t", "123456",
+                                        "é", "中文", "😀", "\xe4\xb8", "\xff", "\xed\xa0\x80"};
+    unsigned seed = 99;
+    char buf[2048];
+    tok_ids_t ids = {0};
+    for (int round = 0; round < 3000; round++) {
+        size_t n = 0, items = (size_t)(rand_r(&seed) % 120);
+        for (size_t i = 0; i < items && n + 32 < sizeof buf; i++) {
+            int r = rand_r(&seed) % 4;
+            if (r == 0) {
+                const char *f = frags[rand_r(&seed) % (sizeof frags / sizeof frags[0])];
+                memcpy(buf + n, f, strlen(f));
+                n += strlen(f);
+            } else if (r == 1) {
+                buf[n++] = (char)(rand_r(&seed) % 256);
+            } else {
+                buf[n++] = " abcXYZ019.,!?\n"[rand_r(&seed) % 16];
+            }
+        }
+        tok_buf_t want = {0};
+        tok_u8_t u8 = {0};
+        tok_buf_put(&want, "", 0);
+        tok_u8_feed(&u8, (const uint8_t *)buf, n, &want);
+        tok_u8_flush(&u8, &want);
+        encode_str(buf, n, &ids);
+        for (size_t i = 0; i < ids.n; i++)
+            ck_assert_msg(ids.v[i] >= 0 && (size_t)ids.v[i] < tok_vocab_size(T), "bad id");
+        char *back;
+        size_t blen;
+        tok_decode(T, ids.v, ids.n, 0, &back, &blen);
+        ck_assert_msg(blen == want.n && memcmp(back, want.p, blen) == 0,
+                      "round %d: decode(encode(bytes)) != bytes with U+FFFD repairs", round);
+        free(back);
+        free(want.p);
+    }
+    tok_ids_free(&ids);
+}
+END_TEST
+
+START_TEST(encode_size_limit)
+{
+    NEED_TOK();
+    tok_ids_t ids = {0};
+    /* the length check comes before any read, so a short buffer with a huge length is safe */
+    ck_assert_int_eq(tok_encode(T, "x", TOK_MAX_TEXT + 1, &ids), DUET_ENOMEM);
+    ck_assert_uint_eq(ids.n, 0);
+}
+END_TEST
+
 /* ======== BPE variants agree ================================================================= */
 
 START_TEST(bpe_variants_agree)
@@ -484,6 +538,8 @@ static Suite *tokenizer_suite(void)
     tcase_add_test(tc, stream_equals_decode_random);
     tcase_add_test(tc, encode_invalid_utf8);
     tcase_add_test(tc, bpe_variants_agree);
+    tcase_add_test(tc, roundtrip_random_bytes);
+    tcase_add_test(tc, encode_size_limit);
     tcase_add_test(tc, bad_files);
     suite_add_tcase(s, tc);
     return s;
