@@ -6,6 +6,8 @@
  *   tok-cli encode TOKENIZER_JSON [FILE]       whole file (default stdin) -> one line of ids
  *   tok-cli encode-docs TOKENIZER_JSON FILE    NUL-separated documents -> one line of ids each
  *   tok-cli decode TOKENIZER_JSON [--skip-special]   ids on stdin -> text on stdout
+ *   tok-cli decode-docs TOKENIZER_JSON [--skip-special]  one id list per stdin line -> for
+ *                                              each, a line with the byte length, then the text
  *   tok-cli classes [--utf8proc]               pre-tokenizer class of every code point (tests)
  *
  * It must never: crash on any input bytes; print partial output on a load error.
@@ -69,22 +71,35 @@ static int cmd_encode(tok_t *t, const char *path, int docs)
     return 0;
 }
 
-static int cmd_decode(tok_t *t, int skip)
+static void decode_print(tok_t *t, const tok_ids_t *ids, int skip, int with_len)
 {
-    tok_ids_t ids = {0};
-    long v;
-    while (scanf("%ld", &v) == 1) {
-        if (ids.n == ids.cap) {
-            ids.cap = ids.cap ? ids.cap * 2 : 256;
-            ids.v = xrealloc(ids.v, ids.cap * sizeof *ids.v);
-        }
-        ids.v[ids.n++] = (int32_t)v;
-    }
     char *text;
     size_t n;
-    tok_decode(t, ids.v, ids.n, skip, &text, &n);
+    tok_decode(t, ids->v, ids->n, skip, &text, &n);
+    if (with_len)
+        printf("%zu\n", n);
     fwrite(text, 1, n, stdout);
     free(text);
+}
+
+/* docs = 0: all ids on stdin form one sequence; docs = 1: one sequence per line. */
+static int cmd_decode(tok_t *t, int skip, int docs)
+{
+    tok_ids_t ids = {0};
+    char *line = NULL;
+    size_t cap = 0;
+    while (getline(&line, &cap, stdin) > 0) {
+        char *p = line, *end;
+        for (long v; (v = strtol(p, &end, 10)), end != p; p = end)
+            tok_ids_push(&ids, (int32_t)v);
+        if (docs) {
+            decode_print(t, &ids, skip, 1);
+            ids.n = 0;
+        }
+    }
+    if (!docs)
+        decode_print(t, &ids, skip, 0);
+    free(line);
     tok_ids_free(&ids);
     return 0;
 }
@@ -122,8 +137,9 @@ int main(int argc, char **argv)
         rc = cmd_encode(t, argc > 3 ? argv[3] : NULL, 0);
     else if (strcmp(argv[1], "encode-docs") == 0 && argc > 3)
         rc = cmd_encode(t, argv[3], 1);
-    else if (strcmp(argv[1], "decode") == 0)
-        rc = cmd_decode(t, argc > 3 && strcmp(argv[3], "--skip-special") == 0);
+    else if (strcmp(argv[1], "decode") == 0 || strcmp(argv[1], "decode-docs") == 0)
+        rc = cmd_decode(t, argc > 3 && strcmp(argv[3], "--skip-special") == 0,
+                        strcmp(argv[1], "decode-docs") == 0);
     else {
         fprintf(stderr, "tok-cli: unknown command %s\n", argv[1]);
         rc = 2;

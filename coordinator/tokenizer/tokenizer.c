@@ -103,44 +103,40 @@ static size_t put_cp(char *o, uint32_t cp)
     return 2; /* the map only produces code points < 0x800 */
 }
 
-/* Decodes a valid UTF-8 string into code points; returns the count or -1 if more than max. */
-static int utf8_cps(const char *s, uint32_t *cps, int max)
+/* Next code point of a valid UTF-8 string (jansson guarantees validity); advances *p. */
+static uint32_t next_cp(const uint8_t **p)
 {
-    const uint8_t *p = (const uint8_t *)s;
-    int n = 0;
-    while (*p) {
-        uint32_t c = *p;
-        int len = c < 0x80 ? 1 : c < 0xE0 ? 2 : c < 0xF0 ? 3 : 4;
-        if (len > 1) c &= (0x7F >> len);
-        for (int k = 1; k < len && p[k]; k++)
-            c = (c << 6) | (p[k] & 0x3F);
-        for (int k = 0; k < len && *p; k++)
-            p++;
-        if (n == max)
-            return -1;
-        cps[n++] = c;
-    }
-    return n;
+    const uint8_t *s = *p;
+    uint32_t c = s[0];
+    int len = c < 0x80 ? 1 : c < 0xE0 ? 2 : c < 0xF0 ? 3 : 4;
+    if (len > 1)
+        c &= (0x7Fu >> len);
+    for (int k = 1; k < len && s[k]; k++)
+        c = (c << 6) | (s[k] & 0x3Fu);
+    int k = 0;
+    while (k < len && s[k])
+        k++;
+    *p = s + k;
+    return c;
 }
 
 /* HF ByteLevel decoder rule: a token whose every character is in the byte map decodes to those
  * bytes; any other token decodes to its own UTF-8 bytes. Writes to o (room for strlen(s)). */
 static size_t token_bytes(const char *s, const int16_t cp_byte[512], char *o)
 {
-    size_t n = strlen(s);
-    uint32_t cps[256];
-    int m = utf8_cps(s, cps, 256);
-    if (m < 0)
-        goto raw;
-    for (int i = 0; i < m; i++)
-        if (cps[i] >= 512 || cp_byte[cps[i]] < 0)
-            goto raw;
-    for (int i = 0; i < m; i++)
-        o[i] = (char)cp_byte[cps[i]];
-    return (size_t)m;
-raw:
-    memcpy(o, s, n);
-    return n;
+    const uint8_t *p = (const uint8_t *)s;
+    while (*p) {
+        uint32_t c = next_cp(&p);
+        if (c >= 512 || cp_byte[c] < 0) {
+            size_t n = strlen(s);
+            memcpy(o, s, n);
+            return n;
+        }
+    }
+    size_t m = 0;
+    for (p = (const uint8_t *)s; *p;)
+        o[m++] = (char)cp_byte[next_cp(&p)];
+    return m;
 }
 
 /* ======== loading: validation of the JSON ==================================================== */

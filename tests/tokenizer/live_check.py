@@ -55,6 +55,45 @@ def compare(tk, cli, docs, label, quiet=False):
     return bad
 
 
+def check_decode(tk, cli, rng, n_seqs):
+    """Random id sequences (byte tokens, added/special tokens, unknown ids) decoded by tok-cli
+    and by HF, with and without skip_special_tokens; returns the number that differ."""
+    vocab = tk.get_vocab_size()
+    byte_ids = [tk.token_to_id(t) for t in ("\u0120", "\u00e4", "\u00b8", "\u0122", "\u00f0",
+                                            "\u0141", "\u00c3", "\u00a9", "\u00ff", "\u0100")]
+    seqs = []
+    for _ in range(n_seqs):
+        seq = []
+        for _ in range(rng.randint(0, 60)):
+            r = rng.random()
+            seq.append(rng.choice(byte_ids) if r < 0.4 else
+                       rng.randint(128000, vocab - 1) if r < 0.55 else
+                       rng.randint(vocab, vocab + 5) if r < 0.58 else rng.randint(0, 127999))
+        seqs.append(seq)
+    bad = 0
+    for skip in (False, True):
+        args = [cli, "decode-docs", tokref.tokenizer_json_path()] + (["--skip-special"] if skip else [])
+        r = subprocess.run(args, input="".join(" ".join(map(str, s)) + "\n" for s in seqs).encode(),
+                           capture_output=True)
+        if r.returncode != 0:
+            tokref.fail("tok-cli decode-docs failed: %s" % r.stderr.decode(errors="replace"))
+        outs, off = [], 0
+        while off < len(r.stdout):
+            nl = r.stdout.index(b"\n", off)
+            n = int(r.stdout[off:nl])
+            outs.append(r.stdout[nl + 1:nl + 1 + n])
+            off = nl + 1 + n
+        if len(outs) != len(seqs):
+            tokref.fail("tok-cli decode-docs printed %d texts for %d sequences" % (len(outs), len(seqs)))
+        for s, o in zip(seqs, outs):
+            ref = tk.decode(s, skip_special_tokens=skip).encode("utf-8")
+            if o != ref:
+                bad += 1
+                if bad <= 5:
+                    print("DECODE MISMATCH skip=%s ids %s\n  hf:   %r\n  ours: %r" % (skip, s, ref, o))
+    return bad
+
+
 def probe(c):
     ch = chr(c)
     return "a" + ch + "b " + ch + "\n!" + ch + "1" + ch + ch + " x" + ch + "  " + ch + "\u0301|"
@@ -96,7 +135,10 @@ def main():
     chars = sum(len(d) for d in docs)
     print("live_check: %d documents, %d characters, %d mismatches (seed %d)" %
           (len(docs), chars, bad, seed))
-    return 1 if bad else 0
+    dbad = check_decode(tk, a.cli, rng, a.docs)
+    print("live_check: %d random id sequences decoded twice (with/without skip_special), "
+          "%d mismatches (seed %d)" % (a.docs, dbad, seed))
+    return 1 if bad or dbad else 0
 
 
 if __name__ == "__main__":
