@@ -1,0 +1,619 @@
+/* test_worker.c — integration tests of the real duet-worker binary over real loopback sockets.
+ *
+ * Why: the worker's promises are about processes and sockets — it listens before any
+ * coordinator exists, refuses wrong tokens, versions, ranks, world sizes and models with a
+ * logged reason and keeps serving, survives garbage, computes the same logits as the engine
+ * in-process, and exits 0 on SIGTERM. So each test starts the binary (argv[1]) on a free port
+ * with the tiny checkpoint (argv[2]) and speaks the protocol through tests/rpc/rpc_client.
+ * Every wait is a poll() on a socket or pipe with a deadline; nothing sleeps.
+ */
+#include <check.h>
+#include <math.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+
+#include "common/err.h"
+#include "tests/rpc/rpc_client.h"
+#include "worker/model.h"
+
+static const char *worker_bin, *model_dir;
+static char token_path[256], bad_mode_path[256], tmpdir[128];
+static const char *TOKEN = "test-token-0123456789abcdef";
+#define T_MS 30000 /* generous deadline for anything the worker must do (ASan build) */
+
+/* ---- fixtures ---------------------------------------------------------------------------- */
+
+static void start(wproc *w, const char *extra1, const char *extra2) {
+    const char *argv[16] = {"--rank", "0", "--world-size", "1", "--model", model_dir,
+                            "--auth-token-file", token_path, "--listen", "127.0.0.1:0",
+                            "--threads", "1", extra1, extra2, NULL};
+    ck_assert_int_eq(wproc_start(w, worker_bin, argv, T_MS), 0);
+    ck_assert_int_gt(w->port, 0);
+}
+
+static void stop_ok(wproc *w) {
+    int st = wproc_stop(w, SIGTERM, T_MS);
+    ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 0, "worker exit status %d", st);
+}
+
+static uint64_t model_fingerprint(void) {
+    static uint64_t fp;
+    if (!fp) {
+        char err[512];
+        be *b = be_cpu_create(1);
+        dv4_model *m;
+        ck_assert_msg(dv4_load(model_dir, b, NULL, &m, err, sizeof err) == 0, "%s", err);
+        fp = dv4_fingerprint(m);
+        dv4_free(m);
+        b->ops->destroy(b);
+    }
+    return fp;
+}
+
+/* Connects and completes a correct handshake; asserts it was accepted. */
+static void connect_ok(rcli *c, const wproc *w) {
+    ck_assert_int_eq(rcli_connect(c, w->port, T_MS), 0);
+    Duet__HelloReply *r = rcli_handshake(c, TOKEN, RPC_PROTOCOL_VERSION, 0, 1, 0, T_MS);
+    ck_assert_ptr_nonnull(r);
+    ck_assert_msg(r->ok, "handshake refused: %s", r->error);
+    ck_assert_uint_eq(r->model_fingerprint, model_fingerprint());
+    ck_assert_str_eq(r->backend, "cpu");
+    duet__hello_reply__free_unpacked(r, NULL);
+}
+
+static void load_ok(rcli *c, int expect_start) {
+    Duet__LoadModel lm = DUET__LOAD_MODEL__INIT;
+    lm.max_seqs = 4;
+    lm.max_seq_len = 64;
+    ck_assert_int_eq(rcli_send(c, RPC_LOAD_MODEL, &lm.base), 0);
+    Duet__LoadProgress *p = rcli_expect(c, RPC_LOAD_PROGRESS, T_MS);
+    ck_assert_ptr_nonnull(p);
+    if (expect_start) ck_assert(!p->done);
+    if (!p->done) {
+        duet__load_progress__free_unpacked(p, NULL);
+        p = rcli_expect(c, RPC_LOAD_PROGRESS, T_MS);
+        ck_assert_ptr_nonnull(p);
+    }
+    ck_assert_msg(p->done && p->ok, "LoadModel failed: %s", p->error);
+    ck_assert_uint_gt(p->rank_weight_bytes, 0);
+    duet__load_progress__free_unpacked(p, NULL);
+}
+
+/* Sends one StepPlan of a single chunk and returns the result. */
+static Duet__StepResult *step1(rcli *c, uint64_t step, uint64_t seq, uint32_t pos,
+                               const int32_t *ids, size_t n, int sample, float temp,
+                               uint64_t seed, int ret_logits) {
+    Duet__SamplingParams sp = DUET__SAMPLING_PARAMS__INIT;
+    sp.temperature = temp;
+    sp.seed = seed;
+    sp.n_logprobs = 3;
+    Duet__SeqChunk ch = DUET__SEQ_CHUNK__INIT;
+    ch.seq_id = seq;
+    ch.start_pos = pos;
+    ch.token_ids = (int32_t *)ids;
+    ch.n_token_ids = n;
+    ch.sample = sample;
+    ch.sampling = &sp;
+    ch.return_logits = ret_logits;
+    Duet__SeqChunk *chs[1] = {&ch};
+    Duet__StepPlan p = DUET__STEP_PLAN__INIT;
+    p.step_id = step;
+    p.chunks = chs;
+    p.n_chunks = 1;
+    ck_assert_int_eq(rcli_send(c, RPC_STEP_PLAN, &p.base), 0);
+    Duet__StepResult *r = rcli_expect(c, RPC_STEP_RESULT, T_MS);
+    ck_assert_ptr_nonnull(r);
+    ck_assert_uint_eq(r->step_id, step);
+    return r;
+}
+
+static Duet__Stats *heartbeat(rcli *c, uint64_t seq) {
+    Duet__Heartbeat hb = DUET__HEARTBEAT__INIT;
+    hb.seq = seq;
+    ck_assert_int_eq(rcli_send(c, RPC_HEARTBEAT, &hb.base), 0);
+    Duet__Stats *s = rcli_expect(c, RPC_STATS, T_MS);
+    ck_assert_ptr_nonnull(s);
+    ck_assert_uint_eq(s->seq, seq);
+    return s;
+}
+
+static double max_rel_err(const float *a, const float *b, size_t n) {
+    double num = 0, den = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs((double)a[i] - b[i]);
+        if (d > num) num = d;
+        if (fabs(b[i]) > den) den = fabs(b[i]);
+    }
+    return den > 0 ? num / den : num;
+}
+
+/* ---- (a) handshake, load, steps, logits equal the in-process engine ---------------------- */
+
+START_TEST(step_matches_engine) {
+    wproc w;
+    start(&w, NULL, NULL);
+    rcli c;
+    connect_ok(&c, &w);
+    /* a StepPlan before LoadModel is an error result, not a crash */
+    const int32_t ids[5] = {1, 2, 3, 4, 5};
+    Duet__StepResult *r = step1(&c, 1, 7, 0, ids, 5, 1, 0, 0, 0);
+    ck_assert(!r->ok);
+    ck_assert_ptr_nonnull(strstr(r->error, "LoadModel"));
+    duet__step_result__free_unpacked(r, NULL);
+    load_ok(&c, 1);
+
+    /* in-process reference on the same checkpoint, same thread count */
+    char err[512];
+    be *b = be_cpu_create(1);
+    dv4_model *m;
+    ck_assert_int_eq(dv4_load(model_dir, b, NULL, &m, err, sizeof err), 0);
+    const int vocab = dv4_cfg(m)->vocab_size;
+    dv4_seq *s;
+    ck_assert_int_eq(dv4_seq_new(m, 64, &s, err, sizeof err), 0);
+    float *ref = xmalloc((size_t)5 * vocab * sizeof *ref);
+    dv4_chunk ch = {s, ids, 5, DV4_LOGITS_ALL};
+    ck_assert_int_eq(dv4_forward(m, &ch, 1, ref, err, sizeof err), 0);
+
+    r = step1(&c, 2, 7, 0, ids, 5, 1, 0, 0, 1);
+    ck_assert_msg(r->ok, "%s", r->error);
+    ck_assert_uint_eq(r->n_results, 1);
+    Duet__SeqResult *q = r->results[0];
+    ck_assert_uint_eq(q->seq_id, 7);
+    ck_assert_uint_eq(q->n_logits, (size_t)5 * vocab);
+    double e = max_rel_err(q->logits, ref, (size_t)5 * vocab);
+    ck_assert_msg(e <= 1e-6, "prefill logits differ from the engine: rel err %g", e);
+    /* greedy = argmax of the last row; logprob is its log-softmax */
+    const float *last = ref + (size_t)4 * vocab;
+    int best = 0;
+    for (int i = 1; i < vocab; i++)
+        if (last[i] > last[best]) best = i;
+    ck_assert_int_eq(q->token_id, best);
+    ck_assert(q->logprob <= 0 && q->logprob > -30);
+    ck_assert_uint_eq(q->n_top_ids, 3);
+    ck_assert_int_eq(q->top_ids[0], best);
+    ck_assert_float_eq_tol(q->top_logprobs[0], q->logprob, 1e-6);
+    int32_t next = q->token_id;
+    duet__step_result__free_unpacked(r, NULL);
+
+    /* decode one position: the worker's sequence state must match the engine's */
+    dv4_chunk ch2 = {s, &next, 1, DV4_LOGITS_ALL};
+    ck_assert_int_eq(dv4_forward(m, &ch2, 1, ref, err, sizeof err), 0);
+    r = step1(&c, 3, 7, 5, &next, 1, 1, 0, 0, 1);
+    ck_assert_msg(r->ok, "%s", r->error);
+    e = max_rel_err(r->results[0]->logits, ref, (size_t)vocab);
+    ck_assert_msg(e <= 1e-6, "decode logits differ from the engine: rel err %g", e);
+    duet__step_result__free_unpacked(r, NULL);
+    free(ref);
+    dv4_seq_free(m, s);
+    dv4_free(m);
+    b->ops->destroy(b);
+
+    /* a wrong start position is an error naming the sequence; state is unchanged */
+    r = step1(&c, 4, 7, 3, ids, 1, 1, 0, 0, 0);
+    ck_assert(!r->ok);
+    ck_assert_ptr_nonnull(strstr(r->error, "seq 7"));
+    duet__step_result__free_unpacked(r, NULL);
+    /* unknown sequence not at 0; token outside the vocabulary */
+    r = step1(&c, 5, 99, 4, ids, 1, 1, 0, 0, 0);
+    ck_assert(!r->ok);
+    ck_assert_ptr_nonnull(strstr(r->error, "seq 99"));
+    duet__step_result__free_unpacked(r, NULL);
+    const int32_t bad_id = 1 << 30;
+    r = step1(&c, 6, 8, 0, &bad_id, 1, 1, 0, 0, 0);
+    ck_assert(!r->ok);
+    ck_assert_ptr_nonnull(strstr(r->error, "vocabulary"));
+    duet__step_result__free_unpacked(r, NULL);
+
+    /* seeded sampling is deterministic: same seed and prompt, two sequences, same token */
+    int32_t tok[2];
+    for (int k = 0; k < 2; k++) {
+        r = step1(&c, 10 + (uint64_t)k, 20 + (uint64_t)k, 0, ids, 5, 1, 1.0f, 42, 0);
+        ck_assert_msg(r->ok, "%s", r->error);
+        tok[k] = r->results[0]->token_id;
+        ck_assert(tok[k] >= 0 && tok[k] < vocab);
+        duet__step_result__free_unpacked(r, NULL);
+    }
+    ck_assert_int_eq(tok[0], tok[1]);
+
+    Duet__Stats *st = heartbeat(&c, 77);
+    ck_assert_uint_eq(st->live_seqs, 3);
+    ck_assert_uint_ge(st->steps_done, 4);
+    ck_assert_uint_gt(st->rank_weight_bytes, 0);
+    duet__stats__free_unpacked(st, NULL);
+    /* Release goes through the job queue; an empty plan after it orders the heartbeat */
+    uint64_t rel_ids[3] = {7, 20, 21};
+    Duet__Release rel = DUET__RELEASE__INIT;
+    rel.seq_ids = rel_ids;
+    rel.n_seq_ids = 3;
+    ck_assert_int_eq(rcli_send(&c, RPC_RELEASE, &rel.base), 0);
+    Duet__StepPlan empty = DUET__STEP_PLAN__INIT;
+    empty.step_id = 50;
+    ck_assert_int_eq(rcli_send(&c, RPC_STEP_PLAN, &empty.base), 0);
+    r = rcli_expect(&c, RPC_STEP_RESULT, T_MS);
+    ck_assert_ptr_nonnull(r);
+    ck_assert(r->ok);
+    duet__step_result__free_unpacked(r, NULL);
+    st = heartbeat(&c, 78);
+    ck_assert_uint_eq(st->live_seqs, 0);
+    duet__stats__free_unpacked(st, NULL);
+
+    /* Shutdown: the worker exits 0 on its own */
+    Duet__Shutdown sd = DUET__SHUTDOWN__INIT;
+    sd.reason = "test over";
+    ck_assert_int_eq(rcli_send(&c, RPC_SHUTDOWN, &sd.base), 0);
+    ck_assert(rcli_wait_closed(&c, T_MS));
+    rcli_close(&c);
+    int code = wproc_stop(&w, 0, T_MS);
+    ck_assert_msg(WIFEXITED(code) && WEXITSTATUS(code) == 0, "exit status %d", code);
+    ck_assert_ptr_nonnull(strstr(w.log, "Shutdown from"));
+}
+END_TEST
+
+/* ---- (b) a wrong token is refused; the worker then accepts the right one ----------------- */
+
+START_TEST(wrong_token_then_correct) {
+    wproc w;
+    start(&w, NULL, NULL);
+    rcli c;
+    ck_assert_int_eq(rcli_connect(&c, w.port, T_MS), 0);
+    Duet__HelloReply *r =
+        rcli_handshake(&c, "not-the-token-0123456789", RPC_PROTOCOL_VERSION, 0, 1, 0, T_MS);
+    ck_assert_ptr_nonnull(r);
+    ck_assert(!r->ok);
+    ck_assert_ptr_nonnull(strstr(r->error, "authentication failed"));
+    ck_assert_uint_eq(r->model_fingerprint, 0); /* nothing about the model to strangers */
+    duet__hello_reply__free_unpacked(r, NULL);
+    ck_assert(rcli_wait_closed(&c, T_MS));
+    rcli_close(&c);
+    ck_assert(wproc_wait_log(&w, "authentication failed", T_MS));
+    connect_ok(&c, &w);
+    Duet__Stats *st = heartbeat(&c, 1);
+    duet__stats__free_unpacked(st, NULL);
+    rcli_close(&c);
+    stop_ok(&w);
+}
+END_TEST
+
+/* ---- (c) wrong version, rank, world size, fingerprint; a second coordinator -------------- */
+
+START_TEST(mismatches_rejected) {
+    wproc w;
+    start(&w, NULL, NULL);
+    struct {
+        uint32_t version, rank, world;
+        uint64_t fp;
+        const char *reply, *log;
+    } cases[] = {
+        {RPC_PROTOCOL_VERSION + 1, 0, 1, 0, "protocol version 2", "protocol version 2"},
+        {RPC_PROTOCOL_VERSION, 1, 1, 0, "rank mismatch", "rank mismatch"},
+        {RPC_PROTOCOL_VERSION, 0, 2, 0, "world size mismatch", "world size mismatch"},
+        {RPC_PROTOCOL_VERSION, 0, 1, model_fingerprint() ^ 1, "fingerprint mismatch",
+         "fingerprint mismatch"},
+    };
+    rcli c;
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        ck_assert_int_eq(rcli_connect(&c, w.port, T_MS), 0);
+        Duet__HelloReply *r = rcli_handshake(&c, TOKEN, cases[i].version, cases[i].rank,
+                                             cases[i].world, cases[i].fp, T_MS);
+        ck_assert_ptr_nonnull(r);
+        ck_assert(!r->ok);
+        ck_assert_msg(strstr(r->error, cases[i].reply), "case %zu: reply '%s'", i, r->error);
+        duet__hello_reply__free_unpacked(r, NULL);
+        ck_assert(rcli_wait_closed(&c, T_MS));
+        rcli_close(&c);
+        ck_assert_msg(wproc_wait_log(&w, cases[i].log, T_MS), "case %zu not logged", i);
+    }
+    /* the right fingerprint is accepted; a second authenticated coordinator is refused */
+    ck_assert_int_eq(rcli_connect(&c, w.port, T_MS), 0);
+    Duet__HelloReply *r =
+        rcli_handshake(&c, TOKEN, RPC_PROTOCOL_VERSION, 0, 1, model_fingerprint(), T_MS);
+    ck_assert_ptr_nonnull(r);
+    ck_assert(r->ok);
+    duet__hello_reply__free_unpacked(r, NULL);
+    rcli c2;
+    ck_assert_int_eq(rcli_connect(&c2, w.port, T_MS), 0);
+    r = rcli_handshake(&c2, TOKEN, RPC_PROTOCOL_VERSION, 0, 1, 0, T_MS);
+    ck_assert_ptr_nonnull(r);
+    ck_assert(!r->ok);
+    ck_assert_ptr_nonnull(strstr(r->error, "another coordinator"));
+    duet__hello_reply__free_unpacked(r, NULL);
+    ck_assert(rcli_wait_closed(&c2, T_MS));
+    rcli_close(&c2);
+    ck_assert(wproc_wait_log(&w, "another coordinator", T_MS));
+
+    /* the first coordinator still works; after it leaves, a new one is accepted, the model
+     * stays loaded, and the old sequences are gone */
+    load_ok(&c, 1);
+    const int32_t ids[3] = {3, 4, 5};
+    Duet__StepResult *sr = step1(&c, 1, 5, 0, ids, 3, 1, 0, 0, 0);
+    ck_assert(sr->ok);
+    duet__step_result__free_unpacked(sr, NULL);
+    rcli_close(&c);
+    ck_assert(wproc_wait_log(&w, "the coordinator disconnected", T_MS));
+    connect_ok(&c, &w);
+    load_ok(&c, 1);
+    ck_assert(wproc_wait_log(&w, "already loaded", T_MS));
+    sr = step1(&c, 2, 5, 3, ids, 1, 1, 0, 0, 0);
+    ck_assert(!sr->ok);
+    ck_assert_ptr_nonnull(strstr(sr->error, "seq 5 is not known"));
+    duet__step_result__free_unpacked(sr, NULL);
+    rcli_close(&c);
+    stop_ok(&w);
+}
+END_TEST
+
+/* ---- (d) garbage, oversized, unknown type, bad protobuf: that connection only ------------ */
+
+START_TEST(garbage_closes_only_that_connection) {
+    wproc w;
+    start(&w, NULL, NULL);
+    rcli good;
+    connect_ok(&good, &w); /* an authenticated coordinator that must survive all of this */
+    uint8_t oversized[5], unknown[6] = {2, 0, 0, 0, 200, 0}, zero[5] = {0, 0, 0, 0, 2};
+    rpc_frame_header(oversized, RPC_HELLO, RPC_MAX_FRAME); /* length = max + 1 */
+    uint8_t bad_pb[8] = {0}, heartbeat_first[5];
+    rpc_frame_header(bad_pb, RPC_HELLO, 3);
+    bad_pb[5] = 0xff, bad_pb[6] = 0xff, bad_pb[7] = 0xff; /* truncated varint key */
+    rpc_frame_header(heartbeat_first, RPC_HEARTBEAT, 0);
+    const char *http = "GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+    struct {
+        const void *bytes;
+        size_t n;
+        const char *log;
+    } cases[] = {
+        {http, strlen(http), "exceeds the maximum"},
+        {oversized, sizeof oversized, "exceeds the maximum"},
+        {unknown, sizeof unknown, "unknown message type 200"},
+        {zero, sizeof zero, "length 0"},
+        {bad_pb, sizeof bad_pb, "malformed Hello"},
+        {heartbeat_first, sizeof heartbeat_first, "expected Hello as the first message"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        rcli c;
+        ck_assert_int_eq(rcli_connect(&c, w.port, T_MS), 0);
+        ck_assert_int_eq(rcli_send_raw(&c, cases[i].bytes, cases[i].n), 0);
+        ck_assert_msg(rcli_wait_closed(&c, T_MS), "case %zu: connection not closed", i);
+        rcli_close(&c);
+        ck_assert_msg(wproc_wait_log(&w, cases[i].log, T_MS), "case %zu: '%s' not logged", i,
+                      cases[i].log);
+    }
+    /* the coordinator was untouched */
+    Duet__Stats *st = heartbeat(&good, 9);
+    duet__stats__free_unpacked(st, NULL);
+    /* garbage from the authenticated coordinator closes it; a new one is then accepted */
+    ck_assert_int_eq(rcli_send_raw(&good, unknown, sizeof unknown), 0);
+    ck_assert(rcli_wait_closed(&good, T_MS));
+    rcli_close(&good);
+    ck_assert(wproc_wait_log(&w, "unknown message type 200", T_MS));
+    /* a malformed StepPlan payload from a coordinator closes that connection too */
+    connect_ok(&good, &w);
+    ck_assert_int_eq(rcli_send_raw(&good, bad_pb, 5), 0); /* header only... */
+    uint8_t bad_plan[8];
+    rpc_frame_header(bad_plan, RPC_STEP_PLAN, 3);
+    bad_plan[5] = 0xff, bad_plan[6] = 0xff, bad_plan[7] = 0xff;
+    rcli_close(&good); /* ...then hang up mid-frame: a partial frame is just dropped */
+    connect_ok(&good, &w);
+    ck_assert_int_eq(rcli_send_raw(&good, bad_plan, sizeof bad_plan), 0);
+    ck_assert(rcli_wait_closed(&good, T_MS));
+    rcli_close(&good);
+    ck_assert(wproc_wait_log(&w, "malformed StepPlan", T_MS));
+    connect_ok(&good, &w);
+    load_ok(&good, 1);
+    rcli_close(&good);
+    stop_ok(&w);
+}
+END_TEST
+
+/* ---- (e) SIGTERM, Hello timeout, refusals at start-up ------------------------------------ */
+
+START_TEST(sigterm_exits_zero) {
+    wproc w;
+    start(&w, NULL, NULL);
+    rcli c;
+    connect_ok(&c, &w);
+    load_ok(&c, 1);
+    int st = wproc_stop(&w, SIGTERM, T_MS);
+    ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 0, "exit status %d", st);
+    ck_assert_ptr_nonnull(strstr(w.log, "SIGTERM received"));
+    ck_assert(rcli_wait_closed(&c, T_MS));
+    rcli_close(&c);
+}
+END_TEST
+
+START_TEST(hello_timeout_closes) {
+    wproc w;
+    start(&w, "--hello-timeout-ms", "300");
+    rcli c;
+    ck_assert_int_eq(rcli_connect(&c, w.port, T_MS), 0);
+    Duet__Challenge *ch = rcli_expect(&c, RPC_CHALLENGE, T_MS);
+    ck_assert_ptr_nonnull(ch);
+    ck_assert_uint_eq(ch->nonce.len, RPC_NONCE_BYTES);
+    ck_assert_uint_eq(ch->protocol_version, RPC_PROTOCOL_VERSION);
+    duet__challenge__free_unpacked(ch, NULL);
+    ck_assert(rcli_wait_closed(&c, T_MS));
+    rcli_close(&c);
+    ck_assert(wproc_wait_log(&w, "no Hello within 300 ms", T_MS));
+    connect_ok(&c, &w);
+    rcli_close(&c);
+    stop_ok(&w);
+}
+END_TEST
+
+static void start_fails(const char *const *argv, const char *msg, int want_code) {
+    wproc w;
+    ck_assert_int_ne(wproc_start(&w, worker_bin, argv, T_MS), 0);
+    int st = wproc_stop(&w, 0, T_MS);
+    ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == want_code, "exit status %d", st);
+    ck_assert_msg(strstr(w.log, msg), "expected '%s' in: %s", msg, w.log);
+}
+
+START_TEST(startup_refusals) {
+    const char *open_token[] = {"--rank", "0", "--world-size", "1", "--model", model_dir,
+                                "--auth-token-file", bad_mode_path, "--listen", "127.0.0.1:0",
+                                NULL};
+    start_fails(open_token, "chmod 600", 1);
+    const char *no_model[] = {"--rank", "0", "--world-size", "1", "--model", "/nonexistent/m",
+                              "--auth-token-file", token_path, "--listen", "127.0.0.1:0",
+                              NULL};
+    start_fails(no_model, "cannot start", 1);
+    const char *bad_rank[] = {"--rank", "2", "--world-size", "2", "--model", model_dir,
+                              "--auth-token-file", token_path, NULL};
+    start_fails(bad_rank, "must be below --world-size", 2);
+    const char *no_peers[] = {"--rank", "0", "--world-size", "2", "--model", model_dir,
+                              "--auth-token-file", token_path, NULL};
+    start_fails(no_peers, "--peers", 2);
+    const char *cuda[] = {"--rank", "0", "--world-size", "1", "--model", model_dir,
+                          "--auth-token-file", token_path, "--backend", "cuda", NULL};
+    start_fails(cuda, "--backend cuda is not available", 2);
+}
+END_TEST
+
+/* ---- world size 2: tensor + expert parallelism across two real workers ------------------- */
+
+static int free_port(void) {
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {0};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t l = sizeof a;
+    ck_assert_int_eq(bind(fd, (struct sockaddr *)&a, sizeof a), 0);
+    ck_assert_int_eq(getsockname(fd, (struct sockaddr *)&a, &l), 0);
+    close(fd);
+    return ntohs(a.sin_port);
+}
+
+START_TEST(two_ranks_match_one_process) {
+    char peers[64];
+    snprintf(peers, sizeof peers, "127.0.0.1:%d,127.0.0.1:%d", free_port(), free_port());
+    wproc w[2];
+    rcli c[2];
+    for (int r = 0; r < 2; r++) {
+        const char *argv[] = {"--rank", r ? "1" : "0", "--world-size", "2", "--model", model_dir,
+                              "--auth-token-file", token_path, "--listen", "127.0.0.1:0",
+                              "--threads", "1", "--peers", peers, NULL};
+        ck_assert_int_eq(wproc_start(&w[r], worker_bin, argv, T_MS), 0);
+    }
+    for (int r = 0; r < 2; r++) {
+        ck_assert_int_eq(rcli_connect(&c[r], w[r].port, T_MS), 0);
+        Duet__HelloReply *h =
+            rcli_handshake(&c[r], TOKEN, RPC_PROTOCOL_VERSION, (uint32_t)r, 2, 0, T_MS);
+        ck_assert_ptr_nonnull(h);
+        ck_assert_msg(h->ok, "rank %d: %s", r, h->error);
+        ck_assert_uint_eq(h->rank, (uint32_t)r);
+        duet__hello_reply__free_unpacked(h, NULL);
+    }
+    /* both LoadModels must be in flight together: the data plane forms between them */
+    Duet__LoadModel lm = DUET__LOAD_MODEL__INIT;
+    lm.max_seqs = 2;
+    lm.max_seq_len = 32;
+    for (int r = 0; r < 2; r++) ck_assert_int_eq(rcli_send(&c[r], RPC_LOAD_MODEL, &lm.base), 0);
+    uint64_t bytes[2];
+    for (int r = 0; r < 2; r++) {
+        Duet__LoadProgress *p;
+        while ((p = rcli_expect(&c[r], RPC_LOAD_PROGRESS, T_MS)) && !p->done)
+            duet__load_progress__free_unpacked(p, NULL);
+        ck_assert_ptr_nonnull(p);
+        ck_assert_msg(p->ok, "rank %d: %s", r, p->error);
+        bytes[r] = p->rank_weight_bytes;
+        duet__load_progress__free_unpacked(p, NULL);
+    }
+
+    char err[512];
+    be *b = be_cpu_create(1);
+    dv4_model *m;
+    ck_assert_int_eq(dv4_load(model_dir, b, NULL, &m, err, sizeof err), 0);
+    ck_assert_uint_lt(bytes[0], dv4_rank_weight_bytes(m)); /* each rank holds a part */
+    const int vocab = dv4_cfg(m)->vocab_size;
+    dv4_seq *s;
+    ck_assert_int_eq(dv4_seq_new(m, 32, &s, err, sizeof err), 0);
+    const int32_t ids[6] = {9, 8, 7, 6, 5, 4};
+    float *ref = xmalloc((size_t)6 * vocab * sizeof *ref);
+    dv4_chunk ch = {s, ids, 6, DV4_LOGITS_ALL};
+    ck_assert_int_eq(dv4_forward(m, &ch, 1, ref, err, sizeof err), 0);
+
+    Duet__SeqChunk k = DUET__SEQ_CHUNK__INIT;
+    Duet__SamplingParams sp = DUET__SAMPLING_PARAMS__INIT;
+    k.seq_id = 1;
+    k.token_ids = (int32_t *)ids;
+    k.n_token_ids = 6;
+    k.sample = 1;
+    k.sampling = &sp;
+    k.return_logits = 1;
+    Duet__SeqChunk *ks[1] = {&k};
+    Duet__StepPlan plan = DUET__STEP_PLAN__INIT;
+    plan.step_id = 1;
+    plan.chunks = ks;
+    plan.n_chunks = 1;
+    for (int r = 0; r < 2; r++) ck_assert_int_eq(rcli_send(&c[r], RPC_STEP_PLAN, &plan.base), 0);
+    Duet__StepResult *res[2];
+    for (int r = 0; r < 2; r++) {
+        res[r] = rcli_expect(&c[r], RPC_STEP_RESULT, T_MS);
+        ck_assert_ptr_nonnull(res[r]);
+        ck_assert_msg(res[r]->ok, "rank %d: %s", r, res[r]->error);
+    }
+    ck_assert_uint_eq(res[1]->n_results, 0); /* only rank 0 answers with tokens */
+    ck_assert_uint_eq(res[0]->n_results, 1);
+    ck_assert_uint_eq(res[0]->results[0]->n_logits, (size_t)6 * vocab);
+    double e = max_rel_err(res[0]->results[0]->logits, ref, (size_t)6 * vocab);
+    ck_assert_msg(e <= 1e-4, "2-rank logits differ from one process: rel err %g", e);
+    for (int r = 0; r < 2; r++) duet__step_result__free_unpacked(res[r], NULL);
+    free(ref);
+    dv4_seq_free(m, s);
+    dv4_free(m);
+    b->ops->destroy(b);
+    for (int r = 0; r < 2; r++) {
+        rcli_close(&c[r]);
+        stop_ok(&w[r]);
+    }
+}
+END_TEST
+
+int main(int argc, char **argv) {
+    if (argc != 3) {
+        fprintf(stderr, "usage: test_worker DUET_WORKER_BINARY MODEL_DIR\n");
+        return 2;
+    }
+    worker_bin = argv[1];
+    model_dir = argv[2];
+    snprintf(tmpdir, sizeof tmpdir, "/tmp/duet-worker-test-XXXXXX");
+    if (!mkdtemp(tmpdir)) return 1;
+    snprintf(token_path, sizeof token_path, "%s/token", tmpdir);
+    snprintf(bad_mode_path, sizeof bad_mode_path, "%s/token-open", tmpdir);
+    FILE *f = fopen(token_path, "w");
+    fprintf(f, "%s\n", TOKEN);
+    fclose(f);
+    chmod(token_path, 0600);
+    f = fopen(bad_mode_path, "w");
+    fprintf(f, "%s\n", TOKEN);
+    fclose(f);
+    chmod(bad_mode_path, 0644);
+
+    Suite *s = suite_create("worker-rpc");
+    TCase *t = tcase_create("worker");
+    tcase_set_timeout(t, 240);
+    tcase_add_test(t, step_matches_engine);
+    tcase_add_test(t, wrong_token_then_correct);
+    tcase_add_test(t, mismatches_rejected);
+    tcase_add_test(t, garbage_closes_only_that_connection);
+    tcase_add_test(t, sigterm_exits_zero);
+    tcase_add_test(t, hello_timeout_closes);
+    tcase_add_test(t, startup_refusals);
+    tcase_add_test(t, two_ranks_match_one_process);
+    suite_add_tcase(s, t);
+    SRunner *r = srunner_create(s);
+    srunner_run_all(r, CK_NORMAL);
+    int failed = srunner_ntests_failed(r);
+    srunner_free(r);
+    unlink(token_path);
+    unlink(bad_mode_path);
+    rmdir(tmpdir);
+    return failed ? 1 : 0;
+}
