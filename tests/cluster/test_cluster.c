@@ -1,0 +1,909 @@
+/* test_cluster.c — the cluster end to end: real duet-worker and duet-coordinator processes on
+ * loopback, driven through the admin socket and duetctl.
+ *
+ * Why: the pool, the admin socket and the workers only prove themselves together, over real
+ * sockets, with real process deaths. Each case starts its own processes in a fresh temporary
+ * directory, waits on pipes, sockets and pids with deadlines (never on sleeps), and kills
+ * whatever it started when it ends. Cases (argv[1] picks one; meson runs each as a test):
+ *   equivalence  1, 2 and 4 workers: prompt logits vs the transformers fixture, greedy tokens
+ *                vs the single-process duet-generate, two concurrent requests batched
+ *   auth         wrong token / wrong fingerprint / no worker: the coordinator exits with the reason
+ *   recover      kill -9 a worker mid-generation: clear error, degraded, recovers by itself
+ *   drain        drain lets the in-flight request finish and refuses new ones; resume
+ *   admin        socket permissions, stale socket, bad lines, limits, duetctl exit codes
+ * It must never leave a process behind (children die with the test: PR_SET_PDEATHSIG).
+ *
+ *   test_cluster CASE WORKER COORDINATOR DUETCTL GENERATE MODEL_DIR FIXTURE
+ */
+#include <check.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <math.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <jansson.h>
+
+#include "common/err.h"
+#include "common/safetensors.h"
+
+static const char *g_worker, *g_coord, *g_ctl, *g_generate, *g_model, *g_fixture;
+
+#define MAX_PROCS 16
+static pid_t g_pids[MAX_PROCS];
+static int g_npids;
+static char g_dir[256];   /* per-test temporary directory */
+static char g_token[300]; /* token file path */
+static char g_sock[300];  /* admin socket path */
+
+/* ---- time, processes ------------------------------------------------------------------- */
+
+static double now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec * 1e-6;
+}
+
+/* A poll interval for state polling with a deadline (not synchronisation: the deadline is). */
+static void pause_ms(int ms) {
+    struct timespec ts = {0, (long)ms * 1000000L};
+    nanosleep(&ts, NULL);
+}
+
+/* Starts argv[0] with stdout to a pipe (*out_fd) or to log, stderr to log. */
+static pid_t spawn(char *const argv[], int *out_fd, const char *log) {
+    int p[2] = {-1, -1};
+    if (out_fd) ck_assert_int_eq(pipe2(p, O_CLOEXEC), 0);
+    pid_t parent = getpid();
+    pid_t pid = fork();
+    ck_assert_int_ge(pid, 0);
+    if (pid == 0) {
+        prctl(PR_SET_PDEATHSIG, SIGKILL);
+        if (getppid() != parent) _exit(127);
+        int fd = open(log, O_WRONLY | O_CREAT | O_APPEND, 0600);
+        if (fd >= 0) {
+            dup2(fd, 2);
+            if (!out_fd) dup2(fd, 1);
+        }
+        if (out_fd) dup2(p[1], 1);
+        execv(argv[0], argv);
+        _exit(127);
+    }
+    if (out_fd) {
+        close(p[1]);
+        *out_fd = p[0];
+    }
+    ck_assert_int_lt(g_npids, MAX_PROCS);
+    g_pids[g_npids++] = pid;
+    return pid;
+}
+
+static void forget_pid(pid_t pid) {
+    for (int i = 0; i < g_npids; i++)
+        if (g_pids[i] == pid) g_pids[i] = g_pids[--g_npids];
+}
+
+/* Waits for pid to exit within timeout_ms; returns its wait status, or -1 on timeout. */
+static int wait_exit(pid_t pid, int timeout_ms) {
+    int pfd = (int)syscall(SYS_pidfd_open, pid, 0);
+    double end = now_ms() + timeout_ms;
+    int st;
+    for (;;) {
+        pid_t r = waitpid(pid, &st, WNOHANG);
+        if (r == pid) {
+            if (pfd >= 0) close(pfd);
+            forget_pid(pid);
+            return st;
+        }
+        double left = end - now_ms();
+        if (left <= 0) break;
+        if (pfd >= 0) {
+            struct pollfd q = {pfd, POLLIN, 0};
+            poll(&q, 1, (int)left);
+        } else {
+            pause_ms(10);
+        }
+    }
+    if (pfd >= 0) close(pfd);
+    return -1;
+}
+
+static void kill_all(void) {
+    for (int i = 0; i < g_npids; i++) kill(g_pids[i], SIGKILL);
+    for (int i = 0; i < g_npids; i++) waitpid(g_pids[i], NULL, 0);
+    g_npids = 0;
+}
+
+/* Reads one line from fd within timeout_ms (byte at a time: these are short lines). */
+static int read_line(int fd, char *buf, size_t cap, int timeout_ms) {
+    double end = now_ms() + timeout_ms;
+    size_t n = 0;
+    while (n + 1 < cap) {
+        int left = (int)(end - now_ms());
+        if (left <= 0) return -1;
+        struct pollfd q = {fd, POLLIN, 0};
+        if (poll(&q, 1, left) <= 0) continue;
+        char ch;
+        ssize_t r = read(fd, &ch, 1);
+        if (r <= 0) return -1;
+        if (ch == '\n') break;
+        buf[n++] = ch;
+    }
+    buf[n] = 0;
+    return 0;
+}
+
+static char *slurp(const char *path) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return xstrdup("");
+    char *s = xmalloc(1 << 20);
+    size_t n = fread(s, 1, (1 << 20) - 1, f);
+    s[n] = 0;
+    fclose(f);
+    return s;
+}
+
+static int free_port(void) {
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    ck_assert_int_eq(bind(fd, (struct sockaddr *)&a, sizeof a), 0);
+    socklen_t l = sizeof a;
+    getsockname(fd, (struct sockaddr *)&a, &l);
+    close(fd);
+    return ntohs(a.sin_port);
+}
+
+/* ---- fixtures: temp dir, token, workers, coordinator ------------------------------------ */
+
+static void setup(void) {
+    snprintf(g_dir, sizeof g_dir, "/tmp/duet-cluster-XXXXXX");
+    ck_assert_ptr_nonnull(mkdtemp(g_dir));
+    snprintf(g_token, sizeof g_token, "%s/token", g_dir);
+    FILE *f = fopen(g_token, "w");
+    fprintf(f, "test-token-%08x-0123456789abcdef\n", (unsigned)getpid());
+    fclose(f);
+    chmod(g_token, 0600);
+    snprintf(g_sock, sizeof g_sock, "%s/admin/admin.sock", g_dir);
+}
+
+static void teardown(void) {
+    kill_all();
+    char cmd[400];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", g_dir);
+    if (system(cmd) != 0) fprintf(stderr, "could not remove %s\n", g_dir);
+}
+
+typedef struct {
+    pid_t pid;
+    int out;
+    char addr[64];
+    char log[300];
+    int rank;
+} worker_proc;
+
+/* Starts worker `rank` of `world` listening on port (0 = any) and waits for its line. */
+static void start_worker(worker_proc *w, int rank, int world, const char *peers, int port,
+                         const char *token) {
+    char listen[64], rk[16], ws[16];
+    snprintf(listen, sizeof listen, "127.0.0.1:%d", port);
+    snprintf(rk, sizeof rk, "%d", rank);
+    snprintf(ws, sizeof ws, "%d", world);
+    snprintf(w->log, sizeof w->log, "%s/worker%d.log", g_dir, rank);
+    char *argv[20];
+    int a = 0;
+    argv[a++] = (char *)g_worker;
+    argv[a++] = "--listen"; argv[a++] = listen;
+    argv[a++] = "--rank"; argv[a++] = rk;
+    argv[a++] = "--world-size"; argv[a++] = ws;
+    argv[a++] = "--model"; argv[a++] = (char *)g_model;
+    argv[a++] = "--backend"; argv[a++] = "cpu";
+    argv[a++] = "--auth-token-file"; argv[a++] = (char *)token;
+    argv[a++] = "--threads"; argv[a++] = "1";
+    if (peers) {
+        argv[a++] = "--peers";
+        argv[a++] = (char *)peers;
+    }
+    argv[a] = NULL;
+    w->rank = rank;
+    w->pid = spawn(argv, &w->out, w->log);
+    char line[256];
+    int rc = read_line(w->out, line, sizeof line, 60000);
+    char *log = rc ? slurp(w->log) : NULL;
+    ck_assert_msg(rc == 0, "worker %d printed no 'listening on' line within 60 s; its log:\n%s",
+                  rank, log);
+    const char *at = strstr(line, "listening on ");
+    ck_assert_msg(at != NULL, "worker %d: unexpected first line '%s'", rank, line);
+    snprintf(w->addr, sizeof w->addr, "%s", at + strlen("listening on "));
+}
+
+static void start_workers(worker_proc *ws, int n, char *peers, size_t cap) {
+    peers[0] = 0;
+    for (int i = 0; i < n; i++) {
+        size_t l = strlen(peers);
+        snprintf(peers + l, cap - l, "%s127.0.0.1:%d", i ? "," : "", free_port());
+    }
+    for (int i = 0; i < n; i++) start_worker(&ws[i], i, n, n > 1 ? peers : NULL, 0, g_token);
+}
+
+static char g_clog[300];
+
+static pid_t start_coord(const worker_proc *ws, int n, const char *const *extra) {
+    static char list[1024];
+    list[0] = 0;
+    for (int i = 0; i < n; i++) {
+        size_t l = strlen(list);
+        snprintf(list + l, sizeof list - l, "%s%s", i ? "," : "", ws[i].addr);
+    }
+    snprintf(g_clog, sizeof g_clog, "%s/coordinator.log", g_dir);
+    char *argv[32];
+    int a = 0;
+    argv[a++] = (char *)g_coord;
+    argv[a++] = "--workers"; argv[a++] = list;
+    argv[a++] = "--auth-token-file"; argv[a++] = g_token;
+    argv[a++] = "--admin-socket"; argv[a++] = g_sock;
+    argv[a++] = "--connect-timeout"; argv[a++] = "30";
+    for (int i = 0; extra && extra[i]; i++) argv[a++] = (char *)extra[i];
+    argv[a] = NULL;
+    return spawn(argv, NULL, g_clog);
+}
+
+/* ---- admin client ------------------------------------------------------------------------ */
+
+typedef struct {
+    int fd;
+    char *buf;
+    size_t len, cap;
+} aconn;
+
+static int aconn_open(aconn *c, const char *path) {
+    memset(c, 0, sizeof *c);
+    struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    if (strlen(path) >= sizeof sa.sun_path) return -1;
+    memcpy(sa.sun_path, path, strlen(path) + 1);
+    c->fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (connect(c->fd, (struct sockaddr *)&sa, sizeof sa) != 0) {
+        close(c->fd);
+        c->fd = -1;
+        return -1;
+    }
+    c->cap = 1 << 16;
+    c->buf = xmalloc(c->cap);
+    return 0;
+}
+
+static void aconn_close(aconn *c) {
+    if (c->fd >= 0) close(c->fd);
+    free(c->buf);
+    c->fd = -1;
+    c->buf = NULL;
+}
+
+static void aconn_send_raw(aconn *c, const char *s, size_t n) {
+    while (n) {
+        ssize_t w = write(c->fd, s, n);
+        ck_assert_int_gt(w, 0);
+        s += w;
+        n -= (size_t)w;
+    }
+}
+
+static void aconn_send(aconn *c, json_t *req) {
+    char *s = json_dumps(req, JSON_COMPACT);
+    aconn_send_raw(c, s, strlen(s));
+    aconn_send_raw(c, "\n", 1);
+    free(s);
+    json_decref(req);
+}
+
+/* Reads one response line within timeout_ms; NULL on timeout or EOF. */
+static json_t *aconn_recv(aconn *c, int timeout_ms) {
+    double end = now_ms() + timeout_ms;
+    for (;;) {
+        char *nl = memchr(c->buf, '\n', c->len);
+        if (nl) {
+            size_t l = (size_t)(nl - c->buf);
+            json_t *r = json_loadb(c->buf, l, 0, NULL);
+            memmove(c->buf, nl + 1, c->len - l - 1);
+            c->len -= l + 1;
+            ck_assert_msg(r != NULL, "the coordinator sent a line that is not JSON");
+            return r;
+        }
+        int left = (int)(end - now_ms());
+        if (left <= 0) return NULL;
+        struct pollfd q = {c->fd, POLLIN, 0};
+        if (poll(&q, 1, left) <= 0) continue;
+        if (c->len + 65536 > c->cap) c->buf = xrealloc(c->buf, c->cap *= 2);
+        ssize_t r = read(c->fd, c->buf + c->len, c->cap - c->len);
+        if (r <= 0) return NULL;
+        c->len += (size_t)r;
+    }
+}
+
+static json_t *call(json_t *req, int timeout_ms) {
+    aconn c;
+    if (aconn_open(&c, g_sock)) {
+        json_decref(req);
+        return NULL;
+    }
+    aconn_send(&c, req);
+    json_t *r = aconn_recv(&c, timeout_ms);
+    aconn_close(&c);
+    return r;
+}
+
+static json_t *status(void) { return call(json_pack("{s:s}", "cmd", "status"), 10000); }
+
+static const char *jstr(json_t *o, const char *path1, const char *path2) {
+    json_t *v = json_object_get(o, path1);
+    if (path2) v = json_object_get(v, path2);
+    return json_string_value(v);
+}
+
+/* Polls status until state == want (deadline timeout_ms). Returns the last status. */
+static json_t *wait_state(const char *want, int timeout_ms) {
+    double end = now_ms() + timeout_ms;
+    for (;;) {
+        json_t *s = status();
+        const char *st = s ? jstr(s, "result", "state") : NULL;
+        if (st && !strcmp(st, want)) return s;
+        if (now_ms() > end) {
+            char *log = slurp(g_clog);
+            char *d = s ? json_dumps(s, JSON_COMPACT) : xstrdup("(no answer)");
+            ck_abort_msg("state did not become '%s' within %d ms; last status %s\ncoordinator "
+                         "log:\n%s",
+                         want, timeout_ms, d, log);
+        }
+        json_decref(s);
+        pause_ms(50);
+    }
+}
+
+static json_t *gen_req(const int32_t *ids, int n, int max_tokens, int logits) {
+    json_t *a = json_array();
+    for (int i = 0; i < n; i++) json_array_append_new(a, json_integer(ids[i]));
+    return json_pack("{s:s, s:o, s:i, s:b}", "cmd", "generate", "prompt_ids", a, "max_tokens",
+                     max_tokens, "return_logits", logits);
+}
+
+/* Token ids of a generate result as a string "a b c". */
+static void tokens_str(json_t *resp, char *out, size_t cap) {
+    json_t *ids = json_object_get(json_object_get(resp, "result"), "token_ids");
+    size_t i, n = 0;
+    json_t *v;
+    out[0] = 0;
+    json_array_foreach(ids, i, v) n += (size_t)snprintf(out + n, n < cap ? cap - n : 0, "%s%lld",
+                                                         i ? " " : "", (long long)json_integer_value(v));
+}
+
+/* The single-process golden path: duet-generate's greedy tokens. */
+static void golden_tokens(const int32_t *ids, int n, int n_new, char *out, size_t cap) {
+    char *prompt = xmalloc((size_t)n * 12 + 1);
+    size_t l = 0;
+    prompt[0] = 0;
+    for (int i = 0; i < n; i++) l += (size_t)sprintf(prompt + l, "%s%d", i ? " " : "", ids[i]);
+    char nn[16], log[300];
+    snprintf(nn, sizeof nn, "%d", n_new);
+    snprintf(log, sizeof log, "%s/generate.log", g_dir);
+    char *argv[] = {(char *)g_generate, "--model", (char *)g_model, "--prompt", prompt, "-n", nn,
+                    NULL};
+    int fd;
+    pid_t pid = spawn(argv, &fd, log);
+    char line[4096];
+    ck_assert_int_eq(read_line(fd, line, sizeof line, 120000), 0);
+    close(fd);
+    ck_assert_int_eq(wait_exit(pid, 60000), 0);
+    ck_assert_msg(!strncmp(line, "generated: ", 11), "duet-generate printed '%s'", line);
+    size_t ll = strlen(line + 11);
+    ck_assert_uint_lt(ll, cap);
+    memcpy(out, line + 11, ll + 1);
+    free(prompt);
+}
+
+/* Stops the coordinator with SIGTERM and checks that it exits 0 (sanitizers clean). */
+static void stop_coord(pid_t pid) {
+    kill(pid, SIGTERM);
+    int st = wait_exit(pid, 30000);
+    char *log = slurp(g_clog);
+    ck_assert_msg(st == 0, "the coordinator did not exit 0 after SIGTERM (status %d); log:\n%s",
+                  st, log);
+    free(log);
+}
+
+/* ---- the fixture ------------------------------------------------------------------------ */
+
+#define FIX_POS 255 /* prompt = tokens[0..255]: spans two ratio-128 compression windows */
+
+typedef struct {
+    st_set *st;
+    int32_t prompt[FIX_POS + 1];
+    const float *row; /* [vocab] transformers logits at FIX_POS */
+    int vocab;
+    int argmax;
+} fixture;
+
+static void fixture_load(fixture *f) {
+    char err[512];
+    ck_assert_msg(st_open(g_fixture, &f->st, err, sizeof err) == 0, "%s", err);
+    const st_tensor *tok = st_find(f->st, "tokens"), *sp = st_find(f->st, "sel_pos"),
+                    *sl = st_find(f->st, "sel_logits"), *am = st_find(f->st, "argmax");
+    ck_assert(tok && sp && sl && am && tok->dtype == ST_I64 && sl->dtype == ST_F32);
+    const int64_t *t = tok->data, *pos = sp->data, *amx = am->data;
+    for (int i = 0; i <= FIX_POS; i++) f->prompt[i] = (int32_t)t[i];
+    f->vocab = (int)sl->shape[1];
+    f->row = NULL;
+    for (int64_t i = 0; i < sp->shape[0]; i++)
+        if (pos[i] == FIX_POS) f->row = (const float *)sl->data + i * f->vocab;
+    ck_assert_msg(f->row != NULL, "the fixture has no logits for position %d", FIX_POS);
+    f->argmax = (int)amx[FIX_POS];
+}
+
+static double rel_l2(json_t *row, const float *ref, int n) {
+    ck_assert_int_eq((int)json_array_size(row), n);
+    double num = 0, den = 0;
+    for (int v = 0; v < n; v++) {
+        double d = json_number_value(json_array_get(row, (size_t)v)) - ref[v];
+        num += d * d;
+        den += (double)ref[v] * ref[v];
+    }
+    return sqrt(num / den);
+}
+
+/* ---- equivalence ------------------------------------------------------------------------- */
+
+#define N_NEW 8
+
+static const int32_t SHORT_A[] = {0, 128, 256, 384, 512, 640, 768, 896};
+static const int32_t SHORT_B[] = {5, 17, 300, 301, 999, 42};
+
+START_TEST(equivalence) {
+    static const int worlds[] = {1, 2, 4};
+    int world = worlds[_i];
+    fixture f;
+    fixture_load(&f);
+    char golden[1024], golden_a[1024], golden_b[1024];
+    golden_tokens(f.prompt, FIX_POS + 1, N_NEW, golden, sizeof golden);
+    golden_tokens(SHORT_A, 8, N_NEW, golden_a, sizeof golden_a);
+    golden_tokens(SHORT_B, 6, N_NEW, golden_b, sizeof golden_b);
+
+    worker_proc ws[4];
+    char peers[512];
+    start_workers(ws, world, peers, sizeof peers);
+    pid_t cp = start_coord(ws, world, NULL);
+    json_decref(wait_state("serving", 60000));
+
+    json_t *r = call(gen_req(f.prompt, FIX_POS + 1, N_NEW, 1), 300000);
+    ck_assert_msg(r != NULL, "no answer to generate");
+    char *d = json_dumps(r, JSON_COMPACT);
+    ck_assert_msg(json_is_true(json_object_get(r, "ok")), "world %d: generate failed: %.500s",
+                  world, d);
+    free(d);
+    json_t *res = json_object_get(r, "result");
+    json_t *logits = json_object_get(res, "logits");
+    ck_assert_int_eq((int)json_array_size(logits), N_NEW);
+    double rel = rel_l2(json_array_get(logits, 0), f.row, f.vocab);
+    printf("world %d: prompt-last logits vs transformers: rel L2 %.3e\n", world, rel);
+    ck_assert_msg(rel <= 1e-5, "world %d: relative L2 error %.3e > 1e-5 against the fixture",
+                  world, rel);
+    char toks[1024];
+    tokens_str(r, toks, sizeof toks);
+    printf("world %d: tokens %s (golden %s)\n", world, toks, golden);
+    ck_assert_int_eq(json_integer_value(json_array_get(json_object_get(res, "token_ids"), 0)),
+                     f.argmax);
+    ck_assert_str_eq(toks, golden);
+    json_decref(r);
+
+    /* two requests at once: batched into the same steps, each as if alone */
+    aconn a, b;
+    ck_assert_int_eq(aconn_open(&a, g_sock), 0);
+    ck_assert_int_eq(aconn_open(&b, g_sock), 0);
+    aconn_send(&a, gen_req(SHORT_A, 8, N_NEW, 0));
+    aconn_send(&b, gen_req(SHORT_B, 6, N_NEW, 0));
+    json_t *ra = aconn_recv(&a, 120000), *rb = aconn_recv(&b, 120000);
+    ck_assert(ra && rb);
+    tokens_str(ra, toks, sizeof toks);
+    ck_assert_str_eq(toks, golden_a);
+    tokens_str(rb, toks, sizeof toks);
+    ck_assert_str_eq(toks, golden_b);
+    json_decref(ra);
+    json_decref(rb);
+    aconn_close(&a);
+    aconn_close(&b);
+    stop_coord(cp);
+    st_close(f.st);
+}
+END_TEST
+
+/* ---- start-up failures ------------------------------------------------------------------ */
+
+static void expect_exit_with(pid_t cp, const char *what, const char *needle) {
+    int st = wait_exit(cp, 30000);
+    char *log = slurp(g_clog);
+    ck_assert_msg(st != -1, "%s: the coordinator is still running after 30 s; log:\n%s", what,
+                  log);
+    ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) != 0,
+                  "%s: the coordinator should exit non-zero (status %d)", what, st);
+    ck_assert_msg(strstr(log, needle) != NULL, "%s: the log does not say '%s':\n%s", what,
+                  needle, log);
+    free(log);
+}
+
+START_TEST(auth) {
+    /* a worker with another token refuses the coordinator; the coordinator says why */
+    char other[320];
+    snprintf(other, sizeof other, "%s/other-token", g_dir);
+    FILE *fp = fopen(other, "w");
+    fprintf(fp, "a-completely-different-token-0000\n");
+    fclose(fp);
+    chmod(other, 0600);
+    worker_proc w;
+    start_worker(&w, 0, 1, NULL, 0, other);
+    pid_t cp = start_coord(&w, 1, NULL);
+    expect_exit_with(cp, "wrong token", "refused the handshake");
+    char *log = slurp(g_clog);
+    ck_assert_msg(strstr(log, w.addr) != NULL, "the reason should name the worker:\n%s", log);
+    free(log);
+    kill(w.pid, SIGKILL);
+    wait_exit(w.pid, 10000);
+
+    /* the right token but another model fingerprint */
+    start_worker(&w, 0, 1, NULL, 0, g_token);
+    const char *fpx[] = {"--model-fingerprint", "123456789abcdef", NULL};
+    unlink(g_clog);
+    cp = start_coord(&w, 1, fpx);
+    expect_exit_with(cp, "wrong fingerprint", "w0");
+    log = slurp(g_clog);
+    ck_assert_msg(strstr(log, "fingerprint") != NULL, "the reason should be the fingerprint:\n%s",
+                  log);
+    free(log);
+
+    /* nobody listening: the start-up deadline */
+    worker_proc ghost;
+    snprintf(ghost.addr, sizeof ghost.addr, "127.0.0.1:%d", free_port());
+    const char *fast[] = {"--connect-timeout", "1", NULL};
+    unlink(g_clog);
+    double t0 = now_ms();
+    cp = start_coord(&ghost, 1, fast);
+    expect_exit_with(cp, "no worker", "did not answer within --connect-timeout");
+    ck_assert_double_lt(now_ms() - t0, 15000);
+}
+END_TEST
+
+/* ---- kill a worker mid-generation, recover ---------------------------------------------- */
+
+static int generated_so_far(void) {
+    json_t *s = call(json_pack("{s:s, s:b}", "cmd", "status", "verbose", 1), 10000);
+    json_t *reqs = json_object_get(json_object_get(s, "result"), "requests");
+    int n = json_is_array(reqs) && json_array_size(reqs)
+                ? (int)json_integer_value(json_object_get(json_array_get(reqs, 0), "generated"))
+                : -1;
+    json_decref(s);
+    return n;
+}
+
+START_TEST(recover) {
+    worker_proc ws[2];
+    char peers[256];
+    start_workers(ws, 2, peers, sizeof peers);
+    const char *extra[] = {"--step-timeout", "20", NULL};
+    pid_t cp = start_coord(ws, 2, extra);
+    json_decref(wait_state("serving", 60000));
+    json_t *r = call(gen_req(SHORT_A, 8, N_NEW, 0), 120000);
+    ck_assert(r && json_is_true(json_object_get(r, "ok")));
+    char before[1024], after[1024];
+    tokens_str(r, before, sizeof before);
+    json_decref(r);
+
+    /* a long generation; kill -9 worker 1 once it is under way */
+    aconn a;
+    ck_assert_int_eq(aconn_open(&a, g_sock), 0);
+    aconn_send(&a, gen_req(SHORT_A, 8, 3000, 0));
+    double end = now_ms() + 60000;
+    while (generated_so_far() < 4) {
+        ck_assert_msg(now_ms() < end, "the long generation did not start within 60 s");
+        pause_ms(20);
+    }
+    int port1 = atoi(strrchr(ws[1].addr, ':') + 1);
+    double t_kill = now_ms();
+    kill(ws[1].pid, SIGKILL);
+    ck_assert_int_ne(wait_exit(ws[1].pid, 10000), -1);
+    r = aconn_recv(&a, 30000);
+    double waited = now_ms() - t_kill;
+    ck_assert_msg(r != NULL, "the in-flight generate got no answer within 30 s of the kill");
+    char *d = json_dumps(r, JSON_COMPACT);
+    printf("after kill (%.0f ms): %s\n", waited, d);
+    ck_assert_msg(!json_is_true(json_object_get(r, "ok")), "generate should fail: %s", d);
+    ck_assert_str_eq(jstr(r, "error", "code"), "worker_failure");
+    ck_assert_msg(strstr(jstr(r, "error", "message"), "w1") != NULL ||
+                      strstr(jstr(r, "error", "message"), "w0") != NULL,
+                  "the error should name a worker: %s", d);
+    free(d);
+    json_decref(r);
+    aconn_close(&a);
+
+    /* degraded, the dead worker shown down, while it is away */
+    json_t *s = status();
+    ck_assert_str_eq(jstr(s, "result", "state"), "degraded");
+    json_t *w1 = json_array_get(json_object_get(json_object_get(s, "result"), "workers"), 1);
+    const char *w1st = json_string_value(json_object_get(w1, "state"));
+    ck_assert_msg(!strcmp(w1st, "down") || !strcmp(w1st, "connecting"),
+                  "w1 should be down, is %s", w1st);
+    ck_assert(json_is_string(json_object_get(w1, "error")));
+    json_decref(s);
+    /* a request now waits for the group instead of failing at once */
+    aconn q;
+    ck_assert_int_eq(aconn_open(&q, g_sock), 0);
+    aconn_send(&q, gen_req(SHORT_A, 8, N_NEW, 0));
+
+    /* bring it back on the same port: the coordinator re-forms the group by itself */
+    start_worker(&ws[1], 1, 2, peers, port1, g_token);
+    json_decref(wait_state("serving", 90000));
+    r = aconn_recv(&q, 120000);
+    ck_assert_msg(r && json_is_true(json_object_get(r, "ok")),
+                  "the request queued during the outage should succeed");
+    tokens_str(r, after, sizeof after);
+    ck_assert_str_eq(after, before);
+    json_decref(r);
+    aconn_close(&q);
+    r = call(gen_req(SHORT_A, 8, N_NEW, 0), 120000);
+    ck_assert(r && json_is_true(json_object_get(r, "ok")));
+    tokens_str(r, after, sizeof after);
+    ck_assert_str_eq(after, before);
+    json_decref(r);
+    stop_coord(cp);
+}
+END_TEST
+
+/* ---- drain / resume ----------------------------------------------------------------------- */
+
+static int run_ctl(const char *const *args, char *out, size_t cap) {
+    char *argv[16];
+    int a = 0;
+    argv[a++] = (char *)g_ctl;
+    for (int i = 0; args[i]; i++) argv[a++] = (char *)args[i];
+    argv[a] = NULL;
+    char log[300];
+    snprintf(log, sizeof log, "%s/duetctl.log", g_dir);
+    int fd;
+    pid_t pid = spawn(argv, &fd, log);
+    size_t n = 0;
+    double end = now_ms() + 30000;
+    for (;;) {
+        int left = (int)(end - now_ms());
+        ck_assert_msg(left > 0, "duetctl did not finish within 30 s");
+        struct pollfd q = {fd, POLLIN, 0};
+        if (poll(&q, 1, left) <= 0) continue;
+        ssize_t r = read(fd, out + n, cap - n - 1);
+        if (r <= 0) break;
+        n += (size_t)r;
+        if (n + 1 >= cap) break;
+    }
+    out[n] = 0;
+    close(fd);
+    int st = wait_exit(pid, 30000);
+    ck_assert(st != -1 && WIFEXITED(st));
+    return WEXITSTATUS(st);
+}
+
+START_TEST(drain) {
+    worker_proc w;
+    start_worker(&w, 0, 1, NULL, 0, g_token);
+    pid_t cp = start_coord(&w, 1, NULL);
+    json_decref(wait_state("serving", 60000));
+
+    aconn a;
+    ck_assert_int_eq(aconn_open(&a, g_sock), 0);
+    aconn_send(&a, gen_req(SHORT_A, 8, 120, 0));
+    double end = now_ms() + 60000;
+    while (generated_so_far() < 2) {
+        ck_assert_msg(now_ms() < end, "the generation did not start within 60 s");
+        pause_ms(20);
+    }
+    char out[8192];
+    const char *drain_args[] = {"-s", g_sock, "drain", NULL};
+    ck_assert_int_eq(run_ctl(drain_args, out, sizeof out), 0);
+    ck_assert_msg(strstr(out, "draining") != NULL, "duetctl drain printed: %s", out);
+
+    json_t *r = call(gen_req(SHORT_A, 8, 4, 0), 10000);
+    ck_assert(r && !json_is_true(json_object_get(r, "ok")));
+    ck_assert_str_eq(jstr(r, "error", "code"), "server_draining");
+    json_decref(r);
+    const char *gen_args[] = {"-s", g_sock, "generate", "--max-tokens", "2", "1 2 3", NULL};
+    ck_assert_int_eq(run_ctl(gen_args, out, sizeof out), 1); /* ok:false → 1 */
+
+    /* the in-flight request finishes in full */
+    r = aconn_recv(&a, 120000);
+    ck_assert(r && json_is_true(json_object_get(r, "ok")));
+    ck_assert_int_eq((int)json_array_size(json_object_get(json_object_get(r, "result"),
+                                                          "token_ids")), 120);
+    ck_assert_str_eq(jstr(json_object_get(r, "result"), "finish_reason", NULL), "length");
+    json_decref(r);
+    aconn_close(&a);
+    json_decref(wait_state("drained", 10000));
+
+    const char *resume_args[] = {"-s", g_sock, "--json", "resume", NULL};
+    ck_assert_int_eq(run_ctl(resume_args, out, sizeof out), 0);
+    json_t *j = json_loads(out, 0, NULL);
+    ck_assert_msg(j && !strcmp(jstr(j, "state", NULL), "serving"), "resume --json: %s", out);
+    json_decref(j);
+    ck_assert_int_eq(run_ctl(gen_args, out, sizeof out), 0);
+    ck_assert_msg(strstr(out, "(length):") != NULL, "duetctl generate printed: %s", out);
+
+    /* drain --wait with nothing in flight answers drained at once */
+    const char *wait_args[] = {"-s", g_sock, "--json", "drain", "--wait", "--timeout", "5", NULL};
+    ck_assert_int_eq(run_ctl(wait_args, out, sizeof out), 0);
+    ck_assert_msg(strstr(out, "\"drained\"") != NULL, "drain --wait printed: %s", out);
+    const char *resume2[] = {"-s", g_sock, "resume", NULL};
+    ck_assert_int_eq(run_ctl(resume2, out, sizeof out), 0);
+    stop_coord(cp);
+}
+END_TEST
+
+/* ---- admin socket ------------------------------------------------------------------------ */
+
+START_TEST(admin) {
+    worker_proc w;
+    start_worker(&w, 0, 1, NULL, 0, g_token);
+    pid_t cp = start_coord(&w, 1, NULL);
+    json_decref(wait_state("serving", 60000));
+
+    struct stat st;
+    char dir[320];
+    snprintf(dir, sizeof dir, "%s/admin", g_dir);
+    ck_assert_int_eq(stat(dir, &st), 0);
+    ck_assert_int_eq(st.st_mode & 0777, 0700);
+    ck_assert_int_eq(lstat(g_sock, &st), 0);
+    ck_assert(S_ISSOCK(st.st_mode));
+    ck_assert_int_eq(st.st_mode & 0777, 0600);
+
+    /* bad lines get bad_request and the connection stays usable; answers keep the id */
+    aconn c;
+    ck_assert_int_eq(aconn_open(&c, g_sock), 0);
+    static const char *const bad[] = {"{not json", "[1,2]", "{\"id\":7}", "\"status\""};
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        aconn_send_raw(&c, bad[i], strlen(bad[i]));
+        aconn_send_raw(&c, "\n", 1);
+        json_t *r = aconn_recv(&c, 10000);
+        ck_assert_msg(r != NULL, "no answer to bad line '%s'", bad[i]);
+        ck_assert(!json_is_true(json_object_get(r, "ok")));
+        ck_assert_str_eq(jstr(r, "error", "code"), "bad_request");
+        json_decref(r);
+    }
+    aconn_send(&c, json_pack("{s:s, s:s}", "id", "x1", "cmd", "no-such-thing"));
+    json_t *r = aconn_recv(&c, 10000);
+    ck_assert_str_eq(jstr(r, "error", "code"), "unknown_command");
+    ck_assert_str_eq(jstr(r, "id", NULL), "x1");
+    json_decref(r);
+    /* two requests in one write: two answers, in order */
+    const char *two = "{\"id\":1,\"cmd\":\"status\"}\n{\"id\":2,\"cmd\":\"reload\"}\n";
+    aconn_send_raw(&c, two, strlen(two));
+    r = aconn_recv(&c, 10000);
+    ck_assert_int_eq(json_integer_value(json_object_get(r, "id")), 1);
+    ck_assert_str_eq(jstr(r, "result", "state"), "serving");
+    json_decref(r);
+    r = aconn_recv(&c, 10000);
+    ck_assert_int_eq(json_integer_value(json_object_get(r, "id")), 2);
+    ck_assert(json_is_array(json_object_get(json_object_get(r, "result"), "workers")));
+    json_decref(r);
+
+    /* at most 8 connections: the 9th is refused (c is the first) */
+    aconn more[8];
+    for (int i = 0; i < 7; i++) ck_assert_int_eq(aconn_open(&more[i], g_sock), 0);
+    /* make sure all 8 are accepted before the 9th: each answers a status */
+    for (int i = 0; i < 7; i++) {
+        aconn_send(&more[i], json_pack("{s:s}", "cmd", "status"));
+        json_t *x = aconn_recv(&more[i], 10000);
+        ck_assert(x && json_is_true(json_object_get(x, "ok")));
+        json_decref(x);
+    }
+    ck_assert_int_eq(aconn_open(&more[7], g_sock), 0);
+    r = aconn_recv(&more[7], 10000);
+    ck_assert_msg(r != NULL, "the 9th connection should get an answer before being closed");
+    ck_assert_str_eq(jstr(r, "error", "code"), "conflict");
+    json_decref(r);
+    ck_assert_ptr_null(aconn_recv(&more[7], 10000)); /* closed */
+    aconn_close(&more[7]);
+    for (int i = 0; i < 7; i++) aconn_close(&more[i]);
+
+    /* a line over 64 KiB: bad_request, then the connection is closed */
+    char *big = xmalloc(70000);
+    memset(big, ' ', 70000);
+    aconn_send_raw(&c, big, 70000);
+    free(big);
+    r = aconn_recv(&c, 10000);
+    ck_assert(r != NULL);
+    ck_assert_str_eq(jstr(r, "error", "code"), "bad_request");
+    json_decref(r);
+    ck_assert_ptr_null(aconn_recv(&c, 10000));
+    aconn_close(&c);
+
+    /* duetctl: human and --json status, exit codes */
+    char out[16384];
+    const char *s1[] = {"-s", g_sock, "status", NULL};
+    ck_assert_int_eq(run_ctl(s1, out, sizeof out), 0);
+    ck_assert_msg(strstr(out, "state: serving") && strstr(out, w.addr), "status: %s", out);
+    const char *s2[] = {"-s", g_sock, "--json", "status", "-v", NULL};
+    ck_assert_int_eq(run_ctl(s2, out, sizeof out), 0);
+    json_t *j = json_loads(out, 0, NULL);
+    ck_assert_msg(j && json_is_array(json_object_get(j, "requests")), "status --json: %s", out);
+    ck_assert_str_eq(jstr(json_array_get(json_object_get(j, "workers"), 0), "state", NULL), "up");
+    json_decref(j);
+    const char *s3[] = {"-s", g_sock, "reload", NULL};
+    ck_assert_int_eq(run_ctl(s3, out, sizeof out), 0);
+    const char *s4[] = {"-s", g_sock, "abort", "gen-999", NULL};
+    ck_assert_int_eq(run_ctl(s4, out, sizeof out), 1);
+    const char *s5[] = {"-s", g_sock, "frobnicate", NULL};
+    ck_assert_int_eq(run_ctl(s5, out, sizeof out), 2);
+    char nosock[320];
+    snprintf(nosock, sizeof nosock, "%s/nothing.sock", g_dir);
+    const char *s6[] = {"-s", nosock, "status", NULL};
+    ck_assert_int_eq(run_ctl(s6, out, sizeof out), 2);
+
+    /* a second coordinator on the same socket refuses to start and leaves it alone */
+    char clog1[300];
+    snprintf(clog1, sizeof clog1, "%s", g_clog);
+    snprintf(g_clog, sizeof g_clog, "%s/coordinator2.log", g_dir);
+    pid_t cp2 = start_coord(&w, 1, NULL);
+    int st2 = wait_exit(cp2, 30000);
+    ck_assert(st2 != -1 && WIFEXITED(st2) && WEXITSTATUS(st2) != 0);
+    char *log = slurp(g_clog);
+    ck_assert_msg(strstr(log, "another coordinator is listening") != NULL, "%s", log);
+    free(log);
+    snprintf(g_clog, sizeof g_clog, "%s", clog1);
+    json_decref(wait_state("serving", 10000));
+
+    /* kill -9 leaves a stale socket file; the next coordinator removes it and serves */
+    kill(cp, SIGKILL);
+    ck_assert_int_ne(wait_exit(cp, 10000), -1);
+    ck_assert_int_eq(lstat(g_sock, &st), 0);
+    cp = start_coord(&w, 1, NULL);
+    json_decref(wait_state("serving", 60000));
+    stop_coord(cp);
+    ck_assert_int_ne(lstat(g_sock, &st), 0); /* removed on exit */
+}
+END_TEST
+
+int main(int argc, char **argv) {
+    if (argc != 8) {
+        fprintf(stderr,
+                "usage: test_cluster CASE WORKER COORDINATOR DUETCTL GENERATE MODEL FIXTURE\n");
+        return 2;
+    }
+    g_worker = argv[2];
+    g_coord = argv[3];
+    g_ctl = argv[4];
+    g_generate = argv[5];
+    g_model = argv[6];
+    g_fixture = argv[7];
+    signal(SIGPIPE, SIG_IGN);
+    Suite *s = suite_create("cluster");
+    TCase *tc = tcase_create(argv[1]);
+    tcase_set_timeout(tc, 900);
+    tcase_add_checked_fixture(tc, setup, teardown);
+    if (!strcmp(argv[1], "equivalence")) tcase_add_loop_test(tc, equivalence, 0, 3);
+    else if (!strcmp(argv[1], "auth")) tcase_add_test(tc, auth);
+    else if (!strcmp(argv[1], "recover")) tcase_add_test(tc, recover);
+    else if (!strcmp(argv[1], "drain")) tcase_add_test(tc, drain);
+    else if (!strcmp(argv[1], "admin")) tcase_add_test(tc, admin);
+    else {
+        fprintf(stderr, "test_cluster: unknown case %s\n", argv[1]);
+        return 2;
+    }
+    suite_add_tcase(s, tc);
+    SRunner *sr = srunner_create(s);
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed ? 1 : 0;
+}
