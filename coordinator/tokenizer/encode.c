@@ -479,7 +479,7 @@ static void split_added(enc_ctx_t *x, int k, const uint8_t *s, size_t n)
     }
 }
 
-int tok_encode(tok_t *t, const char *text, size_t len, tok_ids_t *out)
+static int encode(tok_t *t, const char *text, size_t len, tok_ids_t *out, int added)
 {
     const uint8_t *s = (const uint8_t *)text;
     if (len > TOK_MAX_TEXT)
@@ -493,6 +493,19 @@ int tok_encode(tok_t *t, const char *text, size_t len, tok_ids_t *out)
         len = t->sanit.n;
     }
     enc_ctx_t x = {t, out};
-    split_added(&x, 0, s, len);
+    if (added)
+        split_added(&x, 0, s, len);
+    else
+        tok_pretokenize(t, s, len, bpe_piece, &x);
     return 0;
+}
+
+int tok_encode(tok_t *t, const char *text, size_t len, tok_ids_t *out)
+{
+    return encode(t, text, len, out, 1);
+}
+
+int tok_encode_plain(tok_t *t, const char *text, size_t len, tok_ids_t *out)
+{
+    return encode(t, text, len, out, 0);
 }

@@ -4,7 +4,8 @@
  * arbitrary text and compare with HF tokenizers from Python.
  *
  *   tok-cli encode TOKENIZER_JSON [FILE]       whole file (default stdin) -> one line of ids
- *   tok-cli encode-docs TOKENIZER_JSON FILE    NUL-separated documents -> one line of ids each
+ *   tok-cli encode-docs TOKENIZER_JSON FILE [--plain]   NUL-separated documents -> one line of
+ *                                              ids each (--plain: tok_encode_plain)
  *   tok-cli decode TOKENIZER_JSON [--skip-special]   ids on stdin -> text on stdout
  *   tok-cli decode-docs TOKENIZER_JSON [--skip-special]  one id list per stdin line -> for
  *                                              each, a line with the byte length, then the text
@@ -46,7 +47,7 @@ static void print_ids(const tok_ids_t *ids)
     putchar('\n');
 }
 
-static int cmd_encode(tok_t *t, const char *path, int docs)
+static int cmd_encode(tok_t *t, const char *path, int docs, int plain)
 {
     char *buf;
     size_t len;
@@ -62,7 +63,10 @@ static int cmd_encode(tok_t *t, const char *path, int docs)
         if (docs && i == len && start == len)
             break; /* trailing separator */
         ids.n = 0;
-        tok_encode(t, buf + start, i - start, &ids);
+        if (plain)
+            tok_encode_plain(t, buf + start, i - start, &ids);
+        else
+            tok_encode(t, buf + start, i - start, &ids);
         print_ids(&ids);
         start = i + 1;
     }
@@ -134,9 +138,9 @@ int main(int argc, char **argv)
     }
     int rc;
     if (strcmp(argv[1], "encode") == 0)
-        rc = cmd_encode(t, argc > 3 ? argv[3] : NULL, 0);
+        rc = cmd_encode(t, argc > 3 ? argv[3] : NULL, 0, 0);
     else if (strcmp(argv[1], "encode-docs") == 0 && argc > 3)
-        rc = cmd_encode(t, argv[3], 1);
+        rc = cmd_encode(t, argv[3], 1, argc > 4 && strcmp(argv[4], "--plain") == 0);
     else if (strcmp(argv[1], "decode") == 0 || strcmp(argv[1], "decode-docs") == 0)
         rc = cmd_decode(t, argc > 3 && strcmp(argv[3], "--skip-special") == 0,
                         strcmp(argv[1], "decode-docs") == 0);

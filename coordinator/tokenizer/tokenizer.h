@@ -46,6 +46,12 @@ void tok_free(tok_t *t);
  * to out. No BOS/EOS is added: special tokens are written as text and matched (longest first).
  * Returns 0, or DUET_ENOMEM (nothing appended) if len > TOK_MAX_TEXT. */
 int tok_encode(tok_t *t, const char *text, size_t len, tok_ids_t *out);
+
+/* Same as tok_encode, but added-token spellings are NOT recognised: all of the text goes through
+ * the pre-tokenizer and BPE (so "<｜User｜>" becomes ordinary BPE pieces). Equals HF tokenizers
+ * with the added_tokens list emptied. For text a user typed, when spellings must not turn into
+ * control tokens. */
+int tok_encode_plain(tok_t *t, const char *text, size_t len, tok_ids_t *out);
 void tok_ids_free(tok_ids_t *ids);
 
 /* Decodes ids to UTF-8 text in a fresh NUL-terminated xmalloc'd buffer (*out, *out_len bytes

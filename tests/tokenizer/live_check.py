@@ -22,13 +22,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tokref  # noqa: E402
 
 
-def run_cli(cli, docs):
+def run_cli(cli, docs, plain=False):
     with tempfile.NamedTemporaryFile(suffix=".bin", delete=False) as f:
         f.write(b"\0".join(d.encode("utf-8") for d in docs))
         path = f.name
     try:
-        r = subprocess.run([cli, "encode-docs", tokref.tokenizer_json_path(), path],
-                           capture_output=True)
+        r = subprocess.run([cli, "encode-docs", tokref.tokenizer_json_path(), path] +
+                           (["--plain"] if plain else []), capture_output=True)
     finally:
         os.unlink(path)
     if r.returncode != 0:
@@ -39,9 +39,9 @@ def run_cli(cli, docs):
     return [[int(x) for x in ln.split()] for ln in lines]
 
 
-def compare(tk, cli, docs, label, quiet=False):
+def compare(tk, cli, docs, label, quiet=False, plain=False):
     """Number of documents whose ids differ; prints the first five unless quiet."""
-    ours = run_cli(cli, docs)
+    ours = run_cli(cli, docs, plain)
     bad = 0
     for i, (d, o) in enumerate(zip(docs, ours)):
         ref = tk.encode(d, add_special_tokens=False).ids
@@ -135,6 +135,10 @@ def main():
     chars = sum(len(d) for d in docs)
     print("live_check: %d documents, %d characters, %d mismatches (seed %d)" %
           (len(docs), chars, bad, seed))
+    pbad = compare(tokref.hf_tokenizer_without_added(), a.cli, docs, "plain seed %d" % seed,
+                   plain=True)
+    print("live_check: tok_encode_plain vs HF without added tokens: %d mismatches" % pbad)
+    bad += pbad
     dbad = check_decode(tk, a.cli, rng, a.docs)
     print("live_check: %d random id sequences decoded twice (with/without skip_special), "
           "%d mismatches (seed %d)" % (a.docs, dbad, seed))

@@ -422,6 +422,30 @@ START_TEST(roundtrip_random_bytes)
 }
 END_TEST
 
+START_TEST(encode_plain_ignores_added)
+{
+    NEED_TOK();
+    const char *text = "<｜User｜>Hi<think>x</think><｜end▁of▁sentence｜>";
+    tok_ids_t a = {0}, b = {0};
+    ck_assert_int_eq(tok_encode_plain(T, text, strlen(text), &a), 0);
+    for (size_t i = 0; i < a.n; i++)
+        ck_assert_msg(!tok_is_added(T, a.v[i]), "plain encoding produced added token %d", a.v[i]);
+    char *back;
+    size_t n;
+    tok_decode(T, a.v, a.n, 0, &back, &n);
+    ck_assert_str_eq(back, text);
+    free(back);
+    /* on text without added-token spellings both encoders agree */
+    const char *plain = "Hello, world! 1234567890 中文 😀\n\n";
+    a.n = 0;
+    tok_encode_plain(T, plain, strlen(plain), &a);
+    encode_str(plain, strlen(plain), &b);
+    ck_assert(a.n == b.n && memcmp(a.v, b.v, a.n * sizeof *a.v) == 0);
+    tok_ids_free(&a);
+    tok_ids_free(&b);
+}
+END_TEST
+
 START_TEST(encode_size_limit)
 {
     NEED_TOK();
@@ -540,6 +564,7 @@ static Suite *tokenizer_suite(void)
     tcase_add_test(tc, bpe_variants_agree);
     tcase_add_test(tc, roundtrip_random_bytes);
     tcase_add_test(tc, encode_size_limit);
+    tcase_add_test(tc, encode_plain_ignores_added);
     tcase_add_test(tc, bad_files);
     suite_add_tcase(s, tc);
     return s;

@@ -42,6 +42,16 @@ def hf_tokenizer():
     return Tokenizer.from_file(tokenizer_json_path())
 
 
+def hf_tokenizer_without_added():
+    """The same tokenizer with its added_tokens list emptied (reference of tok_encode_plain)."""
+    import json
+    from tokenizers import Tokenizer
+    with open(tokenizer_json_path(), encoding="utf-8") as f:
+        j = json.load(f)
+    j["added_tokens"] = []
+    return Tokenizer.from_str(json.dumps(j))
+
+
 def added_token_spellings():
     import json
     with open(tokenizer_json_path(), encoding="utf-8") as f:
