@@ -64,6 +64,10 @@ void rpc_decoder_free(rpc_decoder *d) {
     free(d);
 }
 
+void rpc_decoder_set_max(rpc_decoder *d, uint32_t max_frame) {
+    d->max_frame = max_frame ? max_frame : RPC_MAX_FRAME;
+}
+
 size_t rpc_decoder_buffered(const rpc_decoder *d) { return d->wr - d->rd; }
 
 /* Validates every frame header that is now complete, so that an oversized length is refused

@@ -51,6 +51,9 @@ int rpc_auth_check(const char *token, const uint8_t *nonce, size_t nonce_len,
                    const uint8_t *proof, size_t proof_len); /* 1 = valid (constant time) */
 
 /* ---- additions (rpc.c) ------------------------------------------------------------------ */
+/* Changes the maximum frame size for every header not yet validated (e.g. a small limit while
+ * a connection is unauthenticated, the full one after). 0 = RPC_MAX_FRAME. */
+void rpc_decoder_set_max(rpc_decoder *d, uint32_t max_frame);
 /* Bytes the decoder currently holds (whole frames not yet popped + a partial one). */
 size_t rpc_decoder_buffered(const rpc_decoder *d);
 

@@ -39,6 +39,10 @@
 #define MAX_CONNS 8          /* open connections (the coordinator + handshakes in progress) */
 #define CLOSE_GRACE_MS 2000  /* how long a closing connection may take to flush its last reply */
 #define MAX_TOP_LOGPROBS 20
+/* Frames before authentication are small (a Hello is ~60 bytes): an unauthenticated peer can
+ * make the worker buffer at most this much. The full RPC_MAX_FRAME applies after Hello, to
+ * frames whose header arrives after the HelloReply was earned. */
+#define HANDSHAKE_MAX_FRAME (64u << 10)
 
 /* ---- logging ----------------------------------------------------------------------------- */
 
@@ -468,6 +472,21 @@ static int run_step(wk *w, job *j) {
     if (rc) {
         for (int q = 0; q < n; q++)
             if (created[q]) free_slot(w, sl[q]);
+        if (w->cfg->world > 1 && logits) {
+            /* the forward pass failed with valid input: a collective failed, and a comm is
+             * unusable after an error (comm.h). Drop model, sequences and data plane; the
+             * next LoadModel forms them again. */
+            size_t l = strlen(j->err);
+            snprintf(j->err + l, sizeof j->err - l,
+                     " (the data plane is down: the model was unloaded; send LoadModel to "
+                     "re-form it)");
+            free_all_seqs(w);
+            dv4_free(w->model);
+            w->model = NULL;
+            comm_destroy(w->cm);
+            w->cm = NULL;
+            atomic_store(&w->rank_weight_bytes, 0);
+        }
         goto out;
     }
     j->res.compute_us = (uint64_t)((t1.tv_sec - t0.tv_sec) * 1000000LL +
@@ -644,6 +663,7 @@ static void on_hello(conn *c, const uint8_t *p, size_t len) {
         r.model_path = (char *)cfg->model_dir;
         c->state = C_READY;
         w->coord = c;
+        rpc_decoder_set_max(c->dec, RPC_MAX_FRAME);
         uv_timer_stop(&c->timer);
         conn_send(c, RPC_HELLO_REPLY, &r.base, err, sizeof err);
         LOG(w, "coordinator connected from %s", c->peer);
@@ -780,7 +800,7 @@ static void on_connection(uv_stream_t *server, int status) {
     uv_timer_init(&w->loop, &c->timer);
     c->tcp.data = c->timer.data = c;
     c->open_handles = 2;
-    c->dec = rpc_decoder_new(RPC_MAX_FRAME);
+    c->dec = rpc_decoder_new(HANDSHAKE_MAX_FRAME);
     snprintf(c->peer, sizeof c->peer, "?");
     c->next = w->conns;
     w->conns = c;

@@ -177,6 +177,28 @@ START_TEST(oversized_refused_at_header) {
 }
 END_TEST
 
+START_TEST(max_can_grow) {
+    /* a small limit while unauthenticated, the full one after */
+    rpc_decoder *d = rpc_decoder_new(64);
+    char err[256];
+    uint8_t hdr[5];
+    rpc_frame_header(hdr, RPC_STEP_PLAN, 100);
+    rpc_decoder *d2 = rpc_decoder_new(64);
+    ck_assert_int_eq(rpc_decoder_feed(d2, hdr, 5, err, sizeof err), DUET_EFORMAT);
+    rpc_decoder_free(d2);
+    rpc_decoder_set_max(d, 0);
+    ck_assert_int_eq(rpc_decoder_feed(d, hdr, 5, err, sizeof err), 0);
+    uint8_t body[100] = {0};
+    ck_assert_int_eq(rpc_decoder_feed(d, body, 100, err, sizeof err), 0);
+    int type;
+    const uint8_t *p;
+    size_t len;
+    ck_assert_int_eq(rpc_decoder_next(d, &type, &p, &len), 1);
+    ck_assert_uint_eq(len, 100);
+    rpc_decoder_free(d);
+}
+END_TEST
+
 START_TEST(unknown_type_refused) {
     int bad[] = {0, RPC_TYPE_MAX + 1, 255};
     for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
@@ -337,6 +359,7 @@ int main(void) {
     tcase_add_test(t, zero_length_refused);
     tcase_add_test(t, oversized_refused_at_header);
     tcase_add_test(t, unknown_type_refused);
+    tcase_add_test(t, max_can_grow);
     tcase_add_test(t, bad_frame_after_good_ones);
     tcase_add_test(t, pack_round_trip);
     suite_add_tcase(s, t);

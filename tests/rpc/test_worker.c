@@ -359,7 +359,8 @@ START_TEST(garbage_closes_only_that_connection) {
     connect_ok(&good, &w); /* an authenticated coordinator that must survive all of this */
     uint8_t oversized[5], unknown[6] = {2, 0, 0, 0, 200, 0}, zero[5] = {0, 0, 0, 0, 2};
     rpc_frame_header(oversized, RPC_HELLO, RPC_MAX_FRAME); /* length = max + 1 */
-    uint8_t bad_pb[8] = {0}, heartbeat_first[5];
+    uint8_t bad_pb[8] = {0}, heartbeat_first[5], big_hello[5];
+    rpc_frame_header(big_hello, RPC_HELLO, 100000); /* fine later, too big before auth */
     rpc_frame_header(bad_pb, RPC_HELLO, 3);
     bad_pb[5] = 0xff, bad_pb[6] = 0xff, bad_pb[7] = 0xff; /* truncated varint key */
     rpc_frame_header(heartbeat_first, RPC_HEARTBEAT, 0);
@@ -373,6 +374,7 @@ START_TEST(garbage_closes_only_that_connection) {
         {oversized, sizeof oversized, "exceeds the maximum"},
         {unknown, sizeof unknown, "unknown message type 200"},
         {zero, sizeof zero, "length 0"},
+        {big_hello, sizeof big_hello, "exceeds the maximum of 65536 bytes"},
         {bad_pb, sizeof bad_pb, "malformed Hello"},
         {heartbeat_first, sizeof heartbeat_first, "expected Hello as the first message"},
     };
