@@ -224,19 +224,20 @@ static void trie_add(struct tok_trie *tr, const char *s, int32_t id)
     tr->nodes[node].id = id;
 }
 
-static int load_ids(tok_t *t, json_t *vocab, json_t *added, char *err, size_t errlen)
+/* Checks every id and added-token option; sets *max_id to the highest id. */
+static int check_ids(json_t *vocab, json_t *added, int64_t *max_id, char *err, size_t errlen)
 {
-    int64_t max_id = -1;
     const char *k;
     json_t *v;
+    size_t i;
+    *max_id = -1;
     json_object_foreach(vocab, k, v) {
         if (!json_is_integer(v) || json_integer_value(v) < 0 || json_integer_value(v) > 16777216)
             return duet_err(err, errlen, DUET_EFORMAT,
                             "tokenizer.json vocab entry \"%s\" has no valid id (an integer "
                             "0..16777216 is required)", k);
-        if (json_integer_value(v) > max_id) max_id = json_integer_value(v);
+        if (json_integer_value(v) > *max_id) *max_id = json_integer_value(v);
     }
-    size_t i;
     json_array_foreach(added, i, v) {
         json_t *id = json_object_get(v, "id");
         const char *c = json_string_value(json_object_get(v, "content"));
@@ -249,27 +250,31 @@ static int load_ids(tok_t *t, json_t *vocab, json_t *added, char *err, size_t er
             return duet_err(err, errlen, DUET_EFORMAT,
                             "tokenizer.json added token \"%s\" uses lstrip/rstrip/single_word, "
                             "which this tokenizer does not implement", c);
-        if (json_integer_value(id) > max_id) max_id = json_integer_value(id);
+        if (json_integer_value(id) > *max_id) *max_id = json_integer_value(id);
     }
-    if (max_id < 255)
+    if (*max_id < 255)
         return duet_err(err, errlen, DUET_EFORMAT, "tokenizer.json vocabulary is too small");
-    t->n_ids = (size_t)max_id + 1;
-    t->spell = xcalloc(t->n_ids, sizeof *t->spell);
-    t->vkey = xcalloc(t->n_ids, sizeof *t->vkey);
-    t->idflags = xcalloc(t->n_ids, 1);
-    /* one arena for every spelling */
-    size_t total = 0;
+    return 0;
+}
+
+/* Copies every spelling into one arena; fills spell, vkey, idflags and the added-token tries. */
+static int fill_ids(tok_t *t, json_t *vocab, json_t *added, char *err, size_t errlen)
+{
+    const char *k;
+    json_t *v;
+    size_t i, total = 0;
     json_object_foreach(vocab, k, v) total += strlen(k) + 1;
-    json_array_foreach(added, i, v) total += strlen(json_string_value(json_object_get(v, "content"))) + 1;
+    json_array_foreach(added, i, v)
+        total += strlen(json_string_value(json_object_get(v, "content"))) + 1;
     t->strs = xmalloc(total);
+    t->strs_len = total;
     char *p = t->strs;
     json_object_foreach(vocab, k, v) {
-        size_t id = (size_t)json_integer_value(v);
-        size_t n = strlen(k) + 1;
-        memcpy(p, k, n);
+        size_t id = (size_t)json_integer_value(v), n = strlen(k) + 1;
         if (t->vkey[id])
             return duet_err(err, errlen, DUET_EFORMAT,
                             "tokenizer.json vocab assigns id %zu twice", id);
+        memcpy(p, k, n);
         t->vkey[id] = t->spell[id] = p;
         t->idflags[id] |= 1;
         p += n;
@@ -287,8 +292,22 @@ static int load_ids(tok_t *t, json_t *vocab, json_t *added, char *err, size_t er
                  (int32_t)id);
         p += n;
     }
-    t->strs_len = total;
-    /* hashes */
+    return 0;
+}
+
+static int load_ids(tok_t *t, json_t *vocab, json_t *added, char *err, size_t errlen)
+{
+    int64_t max_id;
+    int rc = check_ids(vocab, added, &max_id, err, errlen);
+    if (rc != 0)
+        return rc;
+    t->n_ids = (size_t)max_id + 1;
+    t->spell = xcalloc(t->n_ids, sizeof *t->spell);
+    t->vkey = xcalloc(t->n_ids, sizeof *t->vkey);
+    t->idflags = xcalloc(t->n_ids, 1);
+    rc = fill_ids(t, vocab, added, err, errlen);
+    if (rc != 0)
+        return rc;
     t->vhash_cap = pow2_at_least(t->n_ids * 2);
     t->vhash = xmalloc(t->vhash_cap * sizeof *t->vhash);
     memset(t->vhash, 0xff, t->vhash_cap * sizeof *t->vhash);

@@ -526,7 +526,14 @@ START_TEST(bad_files)
     p[9] = '2'; /* {1,3} -> {1,2} */
     assert_load_fails(alt, len, DUET_EFORMAT, "pre_tokenizer");
     free(alt);
-    /* a merge naming a missing token */
+    /* an added-token option we do not implement is refused */
+    alt = xstrdup(real);
+    p = strstr(alt, "\"lstrip\": false");
+    ck_assert_ptr_nonnull(p);
+    memcpy(p + 10, "true ", 5); /* "lstrip": true , — still valid JSON */
+    assert_load_fails(alt, len, DUET_EFORMAT, "lstrip");
+    free(alt);
+    /* a vocabulary without the single-byte tokens */
     const char *tiny_head = "{\"added_tokens\":[],\"normalizer\":null,\"pre_tokenizer\":";
     p = strstr(real, "\"pre_tokenizer\":");
     char *q = strstr(real, "\"post_processor\"");
