@@ -26,6 +26,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <uv.h>
 
@@ -851,7 +852,15 @@ static void on_connection(uv_stream_t *server, int status) {
 
 static void on_signal(uv_signal_t *s, int signum) {
     wk *w = s->data;
-    LOG(w, "%s received; shutting down", signum == SIGTERM ? "SIGTERM" : "SIGINT");
+    if (w->stopping && w->running) {
+        /* a job cannot be interrupted (e.g. forming the data plane waits for its peers up to
+         * --comm-timeout-ms); a second signal is the operator saying "now" */
+        LOG(w, "%s received again while a job is running; exiting at once",
+            signum == SIGTERM ? "SIGTERM" : "SIGINT");
+        _exit(1);
+    }
+    LOG(w, "%s received; shutting down%s", signum == SIGTERM ? "SIGTERM" : "SIGINT",
+        w->running ? " after the running job (signal again to exit at once)" : "");
     w->stopping = 1;
     maybe_finish(w);
 }

@@ -223,16 +223,32 @@ START_TEST(step_matches_engine) {
     }
     ck_assert_int_eq(tok[0], tok[1]);
 
+    /* 4 slots (LoadModel max_seqs): one more sequence fits, the next is refused */
+    r = step1(&c, 12, 30, 0, ids, 2, 0, 0, 0, 0);
+    ck_assert_msg(r->ok, "%s", r->error);
+    ck_assert_int_eq(r->results[0]->token_id, -1); /* sample = false */
+    duet__step_result__free_unpacked(r, NULL);
+    r = step1(&c, 13, 31, 0, ids, 2, 0, 0, 0, 0);
+    ck_assert(!r->ok);
+    ck_assert_ptr_nonnull(strstr(r->error, "no free sequence slot"));
+    duet__step_result__free_unpacked(r, NULL);
+    /* past max_seq_len (64) */
+    static const int32_t many[63] = {0};
+    r = step1(&c, 14, 30, 2, many, 63, 0, 0, 0, 0);
+    ck_assert(!r->ok);
+    ck_assert_ptr_nonnull(strstr(r->error, "max_seq_len"));
+    duet__step_result__free_unpacked(r, NULL);
+
     Duet__Stats *st = heartbeat(&c, 77);
-    ck_assert_uint_eq(st->live_seqs, 3);
+    ck_assert_uint_eq(st->live_seqs, 4);
     ck_assert_uint_ge(st->steps_done, 4);
     ck_assert_uint_gt(st->rank_weight_bytes, 0);
     duet__stats__free_unpacked(st, NULL);
     /* Release goes through the job queue; an empty plan after it orders the heartbeat */
-    uint64_t rel_ids[3] = {7, 20, 21};
+    uint64_t rel_ids[5] = {7, 20, 21, 30, 12345 /* unknown ids are ignored */};
     Duet__Release rel = DUET__RELEASE__INIT;
     rel.seq_ids = rel_ids;
-    rel.n_seq_ids = 3;
+    rel.n_seq_ids = 5;
     ck_assert_int_eq(rcli_send(&c, RPC_RELEASE, &rel.base), 0);
     Duet__StepPlan empty = DUET__STEP_PLAN__INIT;
     empty.step_id = 50;
@@ -578,6 +594,57 @@ START_TEST(two_ranks_match_one_process) {
 }
 END_TEST
 
+/* A rank whose peers never come: LoadModel fails after --comm-timeout-ms with a sentence and
+ * the worker keeps serving; while a load waits, SIGTERM waits for it and a second SIGTERM
+ * exits at once. */
+START_TEST(missing_peer) {
+    char peers[64];
+    snprintf(peers, sizeof peers, "127.0.0.1:%d,127.0.0.1:%d", free_port(), free_port());
+    wproc w;
+    const char *argv[] = {"--rank", "0", "--world-size", "2", "--model", model_dir,
+                          "--auth-token-file", token_path, "--listen", "127.0.0.1:0",
+                          "--peers", peers, "--comm-timeout-ms", "400", NULL};
+    ck_assert_int_eq(wproc_start(&w, worker_bin, argv, T_MS), 0);
+    rcli c;
+    ck_assert_int_eq(rcli_connect(&c, w.port, T_MS), 0);
+    Duet__HelloReply *h = rcli_handshake(&c, TOKEN, RPC_PROTOCOL_VERSION, 0, 2, 0, T_MS);
+    ck_assert_ptr_nonnull(h);
+    ck_assert(h->ok);
+    duet__hello_reply__free_unpacked(h, NULL);
+    Duet__LoadModel lm = DUET__LOAD_MODEL__INIT;
+    ck_assert_int_eq(rcli_send(&c, RPC_LOAD_MODEL, &lm.base), 0);
+    Duet__LoadProgress *p;
+    while ((p = rcli_expect(&c, RPC_LOAD_PROGRESS, T_MS)) && !p->done)
+        duet__load_progress__free_unpacked(p, NULL);
+    ck_assert_ptr_nonnull(p);
+    ck_assert(!p->ok);
+    ck_assert_uint_gt(strlen(p->error), 10);
+    duet__load_progress__free_unpacked(p, NULL);
+    Duet__Stats *st = heartbeat(&c, 5);
+    ck_assert_uint_eq(st->rank_weight_bytes, 0);
+    duet__stats__free_unpacked(st, NULL);
+    rcli_close(&c);
+    stop_ok(&w);
+
+    const char *argv2[] = {"--rank", "0", "--world-size", "2", "--model", model_dir,
+                           "--auth-token-file", token_path, "--listen", "127.0.0.1:0",
+                           "--peers", peers, "--comm-timeout-ms", "600000", NULL};
+    ck_assert_int_eq(wproc_start(&w, worker_bin, argv2, T_MS), 0);
+    ck_assert_int_eq(rcli_connect(&c, w.port, T_MS), 0);
+    h = rcli_handshake(&c, TOKEN, RPC_PROTOCOL_VERSION, 0, 2, 0, T_MS);
+    ck_assert_ptr_nonnull(h);
+    duet__hello_reply__free_unpacked(h, NULL);
+    ck_assert_int_eq(rcli_send(&c, RPC_LOAD_MODEL, &lm.base), 0);
+    ck_assert(wproc_wait_log(&w, "LoadModel from", T_MS));
+    kill(w.pid, SIGTERM);
+    ck_assert(wproc_wait_log(&w, "signal again to exit at once", T_MS));
+    int code = wproc_stop(&w, SIGTERM, T_MS);
+    ck_assert_msg(WIFEXITED(code) && WEXITSTATUS(code) == 1, "exit status %d", code);
+    ck_assert_ptr_nonnull(strstr(w.log, "exiting at once"));
+    rcli_close(&c);
+}
+END_TEST
+
 int main(int argc, char **argv) {
     if (argc != 3) {
         fprintf(stderr, "usage: test_worker DUET_WORKER_BINARY MODEL_DIR\n");
@@ -609,6 +676,7 @@ int main(int argc, char **argv) {
     tcase_add_test(t, hello_timeout_closes);
     tcase_add_test(t, startup_refusals);
     tcase_add_test(t, two_ranks_match_one_process);
+    tcase_add_test(t, missing_peer);
     suite_add_tcase(s, t);
     SRunner *r = srunner_create(s);
     srunner_run_all(r, CK_NORMAL);
