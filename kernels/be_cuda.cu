@@ -1,0 +1,1533 @@
+/* be_cuda.cu — the CUDA backend: every op of worker/backend.h on one GPU.
+ *
+ * Why: the forward pass is written once against backend.h; this file runs it on a GPU with the
+ * same numbers as the CPU reference (worker/be_cpu.c): fp32 activations and fp32 accumulation,
+ * weights kept in their stored format in device memory and decoded inside the kernels (FP8 e4m3
+ * with e8m0 block scales, packed FP4 e2m1 with per-32 e8m0 scales, BF16, F32). A weight slice
+ * that does not start on a scale block is converted to BF16 on upload (lossless: e4m3 x 2^k and
+ * e2m1 x 2^k are exact in bf16). Everything runs on one stream, so ordering is the stream's;
+ * host metadata (positions, key plans, ids) goes through a pinned staging ring.
+ *
+ * Must never: use managed memory; allocate device memory past the cap without a sentence;
+ * let a CUDA error pass silently (every call is checked; an error aborts naming file and line,
+ * since backend ops have no error return).
+ *
+ * Sections: memory and the cap · weights · matmul · norms, RoPE, embed · mHC · attention ·
+ * compressor · indexer · MoE · elementwise · the ops table · synthetic weights.
+ */
+#include <cuda_runtime.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+extern "C" {
+#include "common/err.h"
+#include "common/formats.h"
+}
+#include "kernels/be_cuda.h"
+#include "kernels/fmt_dev.cuh"
+
+#define CK(x) ck_cuda((x), #x, __FILE__, __LINE__)
+static void ck_cuda(cudaError_t e, const char *what, const char *file, int line) {
+    if (e == cudaSuccess) return;
+    fprintf(stderr, "duet cuda: %s failed at %s:%d: %s\n", what, file, line, cudaGetErrorString(e));
+    abort();
+}
+#define LAUNCHED() launched(__FILE__, __LINE__)
+
+/* ======================================================================================== */
+/* the backend object, memory and the cap                                                    */
+/* ======================================================================================== */
+
+typedef struct { void *p; size_t n; } blk;
+
+typedef struct {
+    be base;
+    int dev, integrated, sync_each;
+    cudaStream_t s;
+    char name[256];
+    int ccmaj, ccmin;
+    size_t cap, used;          /* bytes: cap = fraction x total; used = live + cached blocks */
+    /* caching allocator for alloc/free (scratch and state): live map + free list */
+    blk *live; size_t n_live, cap_live;
+    blk *freel; size_t n_free, cap_free;
+    /* pinned staging ring for per-call host metadata; dev_meta mirrors its offsets */
+    unsigned char *pin, *dmeta;
+    size_t meta_cap, meta_off;
+    /* scratch for ops that need temporaries (moe, index scores) */
+} be_cuda;
+
+static be_cuda *C(be *b) { return (be_cuda *)b; }
+static be_cuda *g_launch_be; /* for LAUNCHED's optional sync; set per create (one per process ok) */
+
+static void launched(const char *file, int line) {
+    ck_cuda(cudaGetLastError(), "kernel launch", file, line);
+    if (g_launch_be && g_launch_be->sync_each)
+        ck_cuda(cudaStreamSynchronize(g_launch_be->s), "kernel run", file, line);
+}
+
+static size_t host_mem_available(void) {
+    FILE *f = fopen("/proc/meminfo", "r");
+    if (!f) return (size_t)-1;
+    char line[256];
+    size_t kb = (size_t)-1;
+    while (fgets(line, sizeof line, f))
+        if (sscanf(line, "MemAvailable: %zu kB", &kb) == 1) break;
+    fclose(f);
+    return kb == (size_t)-1 ? kb : kb * 1024;
+}
+
+static int fits(be_cuda *c, size_t bytes, char *err, size_t errlen) {
+    if (c->used + bytes > c->cap)
+        return duet_err(err, errlen, DUET_ENOMEM,
+                        "device memory cap reached: %.1f MiB in use + %.1f MiB asked > cap %.1f "
+                        "MiB (raise the memory fraction or load less)",
+                        c->used / 1048576.0, bytes / 1048576.0, c->cap / 1048576.0);
+    if (c->integrated) {
+        size_t avail = host_mem_available();
+        size_t reserve = (size_t)1 << 30; /* leave 1 GiB to the host */
+        if (avail != (size_t)-1 && bytes + reserve > avail)
+            return duet_err(err, errlen, DUET_ENOMEM,
+                            "integrated GPU: %.1f MiB asked but the host has only %.1f MiB "
+                            "available (MemAvailable, 1 GiB kept for the host)",
+                            bytes / 1048576.0, avail / 1048576.0);
+    }
+    return 0;
+}
+
+extern "C" int be_cuda_fits(be *b, size_t bytes, char *err, size_t errlen) {
+    return fits(C(b), bytes, err, errlen);
+}
+extern "C" size_t be_cuda_mem_used(const be *b) { return ((const be_cuda *)b)->used; }
+extern "C" size_t be_cuda_mem_cap(const be *b) { return ((const be_cuda *)b)->cap; }
+
+static void drop_free_blocks(be_cuda *c) {
+    for (size_t i = 0; i < c->n_free; i++) {
+        CK(cudaFree(c->freel[i].p));
+        c->used -= c->freel[i].n;
+    }
+    c->n_free = 0;
+}
+
+/* cudaMalloc under the cap; aborts with a sentence when it does not fit. */
+static void *dmalloc(be_cuda *c, size_t bytes) {
+    char err[300];
+    if (bytes == 0) bytes = 16;
+    if (fits(c, bytes, err, sizeof err)) {
+        drop_free_blocks(c);
+        if (fits(c, bytes, err, sizeof err)) {
+            fprintf(stderr, "duet cuda: %s\n", err);
+            abort();
+        }
+    }
+    void *p = NULL;
+    cudaError_t e = cudaMalloc(&p, bytes);
+    if (e != cudaSuccess) {
+        cudaGetLastError();
+        drop_free_blocks(c);
+        CK(cudaMalloc(&p, bytes));
+    }
+    c->used += bytes;
+    return p;
+}
+static void dfree(be_cuda *c, void *p, size_t bytes) {
+    if (!p) return;
+    CK(cudaFree(p));
+    c->used -= bytes;
+}
+
+static size_t round_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
+
+static void *cu_alloc(be *b, size_t bytes) {
+    be_cuda *c = C(b);
+    size_t n = round_up(bytes ? bytes : 1, 256);
+    void *p = NULL;
+    for (size_t i = 0; i < c->n_free; i++)
+        if (c->freel[i].n == n) {
+            p = c->freel[i].p;
+            c->freel[i] = c->freel[--c->n_free];
+            break;
+        }
+    if (!p) p = dmalloc(c, n);
+    if (c->n_live == c->cap_live) {
+        c->cap_live = c->cap_live ? 2 * c->cap_live : 1024;
+        c->live = (blk *)xrealloc(c->live, c->cap_live * sizeof *c->live);
+    }
+    c->live[c->n_live++] = (blk){p, n};
+    CK(cudaMemsetAsync(p, 0, n, c->s));
+    return p;
+}
+
+static void cu_free(be *b, void *p) {
+    be_cuda *c = C(b);
+    if (!p) return;
+    for (size_t i = c->n_live; i-- > 0;)
+        if (c->live[i].p == p) {
+            blk k = c->live[i];
+            c->live[i] = c->live[--c->n_live];
+            if (c->n_free == c->cap_free) {
+                c->cap_free = c->cap_free ? 2 * c->cap_free : 256;
+                c->freel = (blk *)xrealloc(c->freel, c->cap_free * sizeof *c->freel);
+            }
+            c->freel[c->n_free++] = k;
+            return;
+        }
+    /* interior pointers (e.g. sink + h0) are never freed by the model; anything else is a bug */
+    fprintf(stderr, "duet cuda: free of a pointer this backend did not allocate (%p)\n", p);
+    abort();
+}
+
+static void cu_upload(be *b, void *dst, const void *src, size_t bytes) {
+    if (!bytes) return;
+    CK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, C(b)->s));
+    CK(cudaStreamSynchronize(C(b)->s));
+}
+static void cu_download(be *b, void *dst, const void *src, size_t bytes) {
+    if (!bytes) return;
+    CK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, C(b)->s));
+    CK(cudaStreamSynchronize(C(b)->s));
+}
+
+/* Stages host metadata for the kernels of this op: returns its device address. Asynchronous;
+ * the ring wraps after a stream sync, so nothing still in flight is overwritten. */
+static void *stage(be_cuda *c, const void *src, size_t bytes) {
+    size_t n = round_up(bytes ? bytes : 1, 256);
+    if (n > c->meta_cap) {
+        CK(cudaStreamSynchronize(c->s));
+        if (c->pin) CK(cudaFreeHost(c->pin));
+        if (c->dmeta) dfree(c, c->dmeta, c->meta_cap);
+        c->meta_cap = round_up(n, (size_t)1 << 20) * 2;
+        CK(cudaHostAlloc((void **)&c->pin, c->meta_cap, cudaHostAllocDefault));
+        c->dmeta = (unsigned char *)dmalloc(c, c->meta_cap);
+        c->meta_off = 0;
+    }
+    if (c->meta_off + n > c->meta_cap) {
+        CK(cudaStreamSynchronize(c->s));
+        c->meta_off = 0;
+    }
+    memcpy(c->pin + c->meta_off, src, bytes);
+    void *d = c->dmeta + c->meta_off;
+    CK(cudaMemcpyAsync(d, c->pin + c->meta_off, bytes, cudaMemcpyHostToDevice, c->s));
+    c->meta_off += n;
+    return d;
+}
+
+__global__ void k_fill(float *x, float v, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x)
+        x[i] = v;
+}
+
+static int grid_for(size_t n, int threads) {
+    size_t g = (n + threads - 1) / threads;
+    return (int)(g > 65535 * 8 ? 65535 * 8 : (g ? g : 1));
+}
+
+static void cu_fill(be *b, float *x, float v, size_t n) {
+    if (!n) return;
+    k_fill<<<grid_for(n, 256), 256, 0, C(b)->s>>>(x, v, n);
+    LAUNCHED();
+}
+static void cu_copy(be *b, float *dst, const float *src, size_t n) {
+    if (!n) return;
+    CK(cudaMemcpyAsync(dst, src, n * sizeof(float), cudaMemcpyDeviceToDevice, C(b)->s));
+}
+
+/* ======================================================================================== */
+/* weights                                                                                  */
+/* ======================================================================================== */
+
+enum { WK_F32, WK_BF16, WK_FP8, WK_FP4 };
+
+/* Device view of a weight, passed by value to kernels. */
+typedef struct {
+    int kind;
+    int rows, cols;            /* logical [N, K] */
+    const void *data;          /* F32/BF16/FP8: [N, K]; FP4: [N, K/2] bytes */
+    const uint8_t *scale;      /* FP8: [ceil(N/bn), scols]; FP4: [N, scols] */
+    int scols, bn, bk;
+} dw;
+
+struct be_weight {
+    dw v;
+    size_t bytes;              /* device bytes of data + scale */
+    size_t dbytes, sbytes;
+    void *data;
+    uint8_t *scale;
+};
+
+extern "C" size_t be_cuda_weight_bytes(const be_weight *w) { return w ? w->bytes : 0; }
+
+__device__ __forceinline__ float wget(const dw &w, int64_t n, int64_t k) {
+    switch (w.kind) {
+    case WK_F32: return ((const float *)w.data)[n * w.cols + k];
+    case WK_BF16: return fd_bf16_to_f32(((const uint16_t *)w.data)[n * w.cols + k]);
+    case WK_FP8:
+        return fd_e4m3_to_f32(((const uint8_t *)w.data)[n * w.cols + k]) *
+               fd_e8m0_to_f32(w.scale[(n / w.bn) * w.scols + k / w.bk]);
+    default: {
+        uint8_t byte = ((const uint8_t *)w.data)[n * (w.cols / 2) + k / 2];
+        uint32_t nib = (k & 1) ? (byte >> 4) : (byte & 15);
+        return fd_e2m1_to_f32(nib) * fd_e8m0_to_f32(w.scale[n * w.scols + k / w.bk]);
+    }
+    }
+}
+
+static be_weight *wnew(be_cuda *c, int kind, int64_t rows, int64_t cols, size_t data_bytes,
+                       size_t scale_bytes) {
+    be_weight *w = (be_weight *)xcalloc(1, sizeof *w);
+    w->v.kind = kind;
+    w->v.rows = (int)rows;
+    w->v.cols = (int)cols;
+    w->data = dmalloc(c, data_bytes);
+    if (scale_bytes) w->scale = (uint8_t *)dmalloc(c, scale_bytes);
+    w->bytes = data_bytes + scale_bytes;
+    w->dbytes = data_bytes;
+    w->sbytes = scale_bytes;
+    w->v.data = w->data;
+    w->v.scale = w->scale;
+    return w;
+}
+
+static void h2d(be_cuda *c, void *dst, const void *src, size_t n) {
+    CK(cudaMemcpyAsync(dst, src, n, cudaMemcpyHostToDevice, c->s));
+    CK(cudaStreamSynchronize(c->s));
+}
+
+static be_weight *cu_weight_slice(be *b, const ck_weight *w, int64_t r0, int64_t nr,
+                                  int64_t c0, int64_t nc) {
+    be_cuda *c = C(b);
+    if (w->kind == CK_FP8_WEIGHT && r0 % w->block_n == 0 && c0 % w->block_k == 0) {
+        int64_t bn = w->block_n, bk = w->block_k;
+        int64_t sr0 = r0 / bn, snr = (r0 + nr + bn - 1) / bn - sr0;
+        int64_t sc0 = c0 / bk, snc = (c0 + nc + bk - 1) / bk - sc0;
+        uint8_t *hd = (uint8_t *)xmalloc((size_t)(nr * nc)), *hs = (uint8_t *)xmalloc((size_t)(snr * snc));
+        const uint8_t *src = (const uint8_t *)w->data;
+        for (int64_t r = 0; r < nr; r++) memcpy(hd + r * nc, src + (r0 + r) * w->cols + c0, (size_t)nc);
+        for (int64_t r = 0; r < snr; r++)
+            memcpy(hs + r * snc, w->scale + (sr0 + r) * w->scale_cols + sc0, (size_t)snc);
+        be_weight *o = wnew(c, WK_FP8, nr, nc, (size_t)(nr * nc), (size_t)(snr * snc));
+        o->v.scols = (int)snc;
+        o->v.bn = (int)bn;
+        o->v.bk = (int)bk;
+        h2d(c, o->data, hd, (size_t)(nr * nc));
+        h2d(c, o->scale, hs, (size_t)(snr * snc));
+        free(hd);
+        free(hs);
+        return o;
+    }
+    if (w->kind == CK_FP4_WEIGHT && c0 % w->block_k == 0 && nc % 2 == 0 && w->cols % 2 == 0) {
+        int64_t bk = w->block_k, snc = (nc + bk - 1) / bk, sc0 = c0 / bk;
+        size_t db = (size_t)(nr * nc / 2), sb = (size_t)(nr * snc);
+        uint8_t *hd = (uint8_t *)xmalloc(db), *hs = (uint8_t *)xmalloc(sb);
+        const uint8_t *src = (const uint8_t *)w->data;
+        for (int64_t r = 0; r < nr; r++) {
+            memcpy(hd + r * (nc / 2), src + (r0 + r) * (w->cols / 2) + c0 / 2, (size_t)(nc / 2));
+            memcpy(hs + r * snc, w->scale + (r0 + r) * w->scale_cols + sc0, (size_t)snc);
+        }
+        be_weight *o = wnew(c, WK_FP4, nr, nc, db, sb);
+        o->v.scols = (int)snc;
+        o->v.bn = 1;
+        o->v.bk = (int)bk;
+        h2d(c, o->data, hd, db);
+        h2d(c, o->scale, hs, sb);
+        free(hd);
+        free(hs);
+        return o;
+    }
+    if (w->kind == CK_PLAIN && (w->dtype == ST_F32 || w->dtype == ST_BF16)) {
+        size_t es = w->dtype == ST_F32 ? 4 : 2;
+        size_t db = (size_t)(nr * nc) * es;
+        unsigned char *hd = (unsigned char *)xmalloc(db);
+        const unsigned char *src = (const unsigned char *)w->data;
+        for (int64_t r = 0; r < nr; r++)
+            memcpy(hd + (size_t)(r * nc) * es, src + (size_t)((r0 + r) * w->cols + c0) * es, (size_t)nc * es);
+        be_weight *o = wnew(c, w->dtype == ST_F32 ? WK_F32 : WK_BF16, nr, nc, db, 0);
+        h2d(c, o->data, hd, db);
+        free(hd);
+        return o;
+    }
+    /* unaligned FP8/FP4 slices and other dtypes: exact BF16 (FP8/FP4) or F32 (other plain) */
+    int to_bf16 = w->kind != CK_PLAIN;
+    size_t es = to_bf16 ? 2 : 4, db = (size_t)(nr * nc) * es;
+    unsigned char *hd = (unsigned char *)xmalloc(db);
+    float *row = (float *)xmalloc((size_t)w->cols * sizeof *row);
+    for (int64_t r = 0; r < nr; r++) {
+        ck_row_f32(w, r0 + r, row);
+        for (int64_t k = 0; k < nc; k++) {
+            if (to_bf16) ((uint16_t *)hd)[r * nc + k] = fmt_f32_to_bf16(row[c0 + k]);
+            else ((float *)hd)[r * nc + k] = row[c0 + k];
+        }
+    }
+    free(row);
+    be_weight *o = wnew(c, to_bf16 ? WK_BF16 : WK_F32, nr, nc, db, 0);
+    h2d(c, o->data, hd, db);
+    free(hd);
+    return o;
+}
+
+static be_weight *cu_weight(be *b, const ck_weight *w) {
+    return cu_weight_slice(b, w, 0, w->rows, 0, w->cols);
+}
+
+static void cu_weight_free(be *b, be_weight *w) {
+    if (!w) return;
+    be_cuda *c = C(b);
+    CK(cudaStreamSynchronize(c->s));
+    dfree(c, w->data, w->dbytes);
+    dfree(c, w->scale, w->sbytes);
+    free(w);
+}
+
+static float *cu_vector(be *b, const ck_weight *w) {
+    size_t n = (size_t)(w->rows * w->cols);
+    float *h = (float *)xmalloc(n * sizeof *h);
+    for (int64_t r = 0; r < w->rows; r++) ck_row_f32(w, r, h + r * w->cols);
+    float *d = (float *)cu_alloc(b, n * sizeof *d);
+    h2d(C(b), d, h, n * sizeof *d);
+    free(h);
+    return d;
+}
+
+/* ======================================================================================== */
+/* matmul: y[T, N] = x[T, K] · W[row0 : row0+N]ᵀ                                             */
+/* ======================================================================================== */
+
+/* --- small T: one warp per weight row, 16-byte weight loads, TT tokens at once ----------- */
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+/* decodes the 16 bytes at chunk `ch` of row n into EPC floats (without scale); returns scale */
+template <int KIND> struct wchunk;
+template <> struct wchunk<WK_FP8> {
+    enum { EPC = 16 };
+    static __device__ __forceinline__ float load(const dw &w, int n, int ch, float *o) {
+        uint4 v = __ldg((const uint4 *)((const uint8_t *)w.data + (size_t)n * w.cols) + ch);
+        uint32_t u[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            __half2_raw lo = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(u[i] & 0xFFFF), __NV_E4M3);
+            __half2_raw hi = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(u[i] >> 16), __NV_E4M3);
+            float2 a = __half22float2(__half2(lo)), bb = __half22float2(__half2(hi));
+            o[4 * i] = a.x; o[4 * i + 1] = a.y; o[4 * i + 2] = bb.x; o[4 * i + 3] = bb.y;
+        }
+        return fd_e8m0_to_f32(w.scale[(n / w.bn) * w.scols + (ch * 16) / w.bk]);
+    }
+};
+template <> struct wchunk<WK_FP4> {
+    enum { EPC = 32 };
+    static __device__ __forceinline__ float load(const dw &w, int n, int ch, float *o) {
+        uint4 v = __ldg((const uint4 *)((const uint8_t *)w.data + (size_t)n * (w.cols / 2)) + ch);
+        uint32_t u[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+#pragma unroll
+            for (int j = 0; j < 8; j++) o[8 * i + j] = fd_e2m1_to_f32((u[i] >> (4 * j)) & 15u);
+        return fd_e8m0_to_f32(w.scale[(size_t)n * w.scols + (ch * 32) / w.bk]);
+    }
+};
+template <> struct wchunk<WK_BF16> {
+    enum { EPC = 8 };
+    static __device__ __forceinline__ float load(const dw &w, int n, int ch, float *o) {
+        uint4 v = __ldg((const uint4 *)((const uint16_t *)w.data + (size_t)n * w.cols) + ch);
+        uint32_t u[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            o[2 * i] = __uint_as_float(u[i] << 16);
+            o[2 * i + 1] = __uint_as_float(u[i] & 0xFFFF0000u);
+        }
+        return 1.0f;
+    }
+};
+template <> struct wchunk<WK_F32> {
+    enum { EPC = 4 };
+    static __device__ __forceinline__ float load(const dw &w, int n, int ch, float *o) {
+        float4 v = __ldg((const float4 *)((const float *)w.data + (size_t)n * w.cols) + ch);
+        o[0] = v.x; o[1] = v.y; o[2] = v.z; o[3] = v.w;
+        return 1.0f;
+    }
+};
+
+template <int KIND, int TT>
+__global__ void __launch_bounds__(256) k_gemv(dw w, int row0, int N, const float *__restrict__ x,
+                                              int ldx, float *__restrict__ y, int ldy, int T) {
+    typedef wchunk<KIND> WC;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int n = blockIdx.x * 8 + warp;
+    if (n >= N) return;
+    int wn = row0 + n, nch = w.cols / WC::EPC;
+    float acc[TT];
+#pragma unroll
+    for (int t = 0; t < TT; t++) acc[t] = 0.f;
+    for (int ch = lane; ch < nch; ch += 32) {
+        float wv[WC::EPC];
+        float s = WC::load(w, wn, ch, wv);
+#pragma unroll
+        for (int t = 0; t < TT; t++) {
+            if (t < T) {
+                const float4 *xp = (const float4 *)(x + (size_t)t * ldx + ch * WC::EPC);
+                float part = 0.f;
+#pragma unroll
+                for (int i = 0; i < WC::EPC / 4; i++) {
+                    float4 xv = __ldg(xp + i);
+                    part += wv[4 * i] * xv.x + wv[4 * i + 1] * xv.y + wv[4 * i + 2] * xv.z +
+                            wv[4 * i + 3] * xv.w;
+                }
+                acc[t] += part * s;
+            }
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < TT; t++) {
+        if (t < T) {
+            float v = warp_sum(acc[t]);
+            if (lane == 0) y[(size_t)t * ldy + n] = v;
+        }
+    }
+}
+
+/* --- any T: 64x64 tiles, weights decoded into shared memory, 4x4 outputs per thread ------ */
+enum { TM = 64, TN = 64, TK = 16 };
+
+__global__ void __launch_bounds__(256) k_gemm(dw w, int row0, int N, const float *__restrict__ x,
+                                              int ldx, float *__restrict__ y, int ldy, int T) {
+    __shared__ float xs[TK][TM + 4];
+    __shared__ float ws[TK][TN + 4];
+    int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    int t0 = blockIdx.y * TM, n0 = blockIdx.x * TN, K = w.cols;
+    float acc[4][4] = {};
+    for (int k0 = 0; k0 < K; k0 += TK) {
+        for (int i = threadIdx.x; i < TM * TK; i += 256) {
+            int r = i / TK, kk = i % TK;
+            int t = t0 + r, k = k0 + kk;
+            xs[kk][r] = (t < T && k < K) ? x[(size_t)t * ldx + k] : 0.f;
+            int n = n0 + r;
+            ws[kk][r] = (n < N && k < K) ? wget(w, row0 + n, k) : 0.f;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < TK; kk++) {
+            float a[4], bb[4];
+#pragma unroll
+            for (int i = 0; i < 4; i++) { a[i] = xs[kk][ty * 4 + i]; bb[i] = ws[kk][tx * 4 + i]; }
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+#pragma unroll
+                for (int j = 0; j < 4; j++) acc[i][j] += a[i] * bb[j];
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            int t = t0 + ty * 4 + i, n = n0 + tx * 4 + j;
+            if (t < T && n < N) y[(size_t)t * ldy + n] = acc[i][j];
+        }
+}
+
+template <int KIND>
+static void gemv_launch(be_cuda *c, const dw &w, int row0, int N, const float *x, int ldx,
+                        float *y, int ldy, int T) {
+    dim3 g((N + 7) / 8);
+    for (int t = 0; t < T; t += 8) {
+        int tt = T - t < 8 ? T - t : 8;
+        const float *xt = x + (size_t)t * ldx;
+        float *yt = y + (size_t)t * ldy;
+        if (tt == 1) k_gemv<KIND, 1><<<g, 256, 0, c->s>>>(w, row0, N, xt, ldx, yt, ldy, tt);
+        else if (tt <= 2) k_gemv<KIND, 2><<<g, 256, 0, c->s>>>(w, row0, N, xt, ldx, yt, ldy, tt);
+        else if (tt <= 4) k_gemv<KIND, 4><<<g, 256, 0, c->s>>>(w, row0, N, xt, ldx, yt, ldy, tt);
+        else k_gemv<KIND, 8><<<g, 256, 0, c->s>>>(w, row0, N, xt, ldx, yt, ldy, tt);
+        LAUNCHED();
+    }
+}
+
+static int gemv_ok(const dw &w, const float *x, int ldx) {
+    int epc = w.kind == WK_FP8 ? 16 : w.kind == WK_FP4 ? 32 : w.kind == WK_BF16 ? 8 : 4;
+    if (w.cols % epc || ((uintptr_t)x & 15) || ldx % 4) return 0;
+    if (w.kind == WK_FP8 && w.bk % 16) return 0;
+    if (w.kind == WK_FP4 && w.bk % 32) return 0;
+    return 1;
+}
+
+static void mm(be_cuda *c, const be_weight *W, int row0, int N, const float *x, int ldx, float *y,
+               int ldy, int T) {
+    if (T <= 0 || N <= 0) return;
+    const dw &w = W->v;
+    if (T <= 16 && gemv_ok(w, x, ldx)) {
+        switch (w.kind) {
+        case WK_FP8: gemv_launch<WK_FP8>(c, w, row0, N, x, ldx, y, ldy, T); break;
+        case WK_FP4: gemv_launch<WK_FP4>(c, w, row0, N, x, ldx, y, ldy, T); break;
+        case WK_BF16: gemv_launch<WK_BF16>(c, w, row0, N, x, ldx, y, ldy, T); break;
+        default: gemv_launch<WK_F32>(c, w, row0, N, x, ldx, y, ldy, T); break;
+        }
+        return;
+    }
+    dim3 g((N + TN - 1) / TN, (T + TM - 1) / TM);
+    k_gemm<<<g, 256, 0, c->s>>>(w, row0, N, x, ldx, y, ldy, T);
+    LAUNCHED();
+}
+
+static void cu_matmul(be *b, const be_weight *W, int row0, int N, const float *x, int ldx,
+                      float *y, int ldy, int T) {
+    mm(C(b), W, row0, N, x, ldx, y, ldy, T);
+}
+
+/* ======================================================================================== */
+/* embedding, norms, RoPE                                                                   */
+/* ======================================================================================== */
+
+__global__ void k_embed(dw w, const int32_t *ids, int n_hc, float *h) {
+    int t = blockIdx.x, D = w.cols;
+    int id = ids[t];
+    for (int i = threadIdx.x; i < D; i += blockDim.x) {
+        float v = wget(w, id, i);
+        for (int j = 0; j < n_hc; j++) h[((size_t)t * n_hc + j) * D + i] = v;
+    }
+}
+
+static void cu_embed(be *b, const be_weight *table, const int32_t *ids, int T, int n_hc, float *h) {
+    if (T <= 0) return;
+    const int32_t *d = (const int32_t *)stage(C(b), ids, (size_t)T * sizeof *ids);
+    k_embed<<<T, 256, 0, C(b)->s>>>(table->v, d, n_hc, h);
+    LAUNCHED();
+}
+
+/* block-wide sum (all threads get the result); blockDim.x a multiple of 32, <= 1024 */
+__device__ float block_sum(float v, float *sh) {
+    v = warp_sum(v);
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+    __syncthreads();
+    if (lane == 0) sh[warp] = v;
+    __syncthreads();
+    float s = 0;
+    for (int i = 0; i < nw; i++) s += sh[i];
+    return s;
+}
+
+__device__ __forceinline__ float inv_rms_dev(double ss, int n, float eps) {
+    return (float)(1.0 / sqrt(ss / n + eps));
+}
+
+/* one block per row; w may be NULL (head_rms); y may equal x */
+__global__ void k_rmsnorm(const float *x, const float *w, float *y, int n, float eps) {
+    __shared__ float sh[32];
+    const float *xr = x + (size_t)blockIdx.x * n;
+    float *yr = y + (size_t)blockIdx.x * n;
+    float ss = 0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) ss += xr[i] * xr[i];
+    ss = block_sum(ss, sh);
+    float r = inv_rms_dev(ss, n, eps);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) yr[i] = w ? w[i] * (xr[i] * r) : xr[i] * r;
+}
+
+static void cu_rmsnorm(be *b, const float *x, const float *w, float *y, int T, int n, float eps) {
+    if (T <= 0) return;
+    k_rmsnorm<<<T, 256, 0, C(b)->s>>>(x, w, y, n, eps);
+    LAUNCHED();
+}
+static void cu_head_rms(be *b, float *x, int rows, int dim, float eps) {
+    if (rows <= 0) return;
+    k_rmsnorm<<<rows, dim >= 256 ? 256 : 128, 0, C(b)->s>>>(x, NULL, x, dim, eps);
+    LAUNCHED();
+}
+
+__device__ __forceinline__ void rope_pair(float *r, int i, int pos, const float *omega, int inverse) {
+    float ang = (float)pos * omega[i];
+    float cs = cosf(ang), sn = sinf(ang);
+    if (inverse) sn = -sn;
+    float a = r[2 * i], bb = r[2 * i + 1];
+    r[2 * i] = a * cs - bb * sn;
+    r[2 * i + 1] = a * sn + bb * cs;
+}
+
+/* grid (T*n_heads), threads over pairs */
+__global__ void k_rope(float *x, int n_heads, int head_dim, int rope_dims, const int32_t *pos,
+                       const float *omega, int inverse) {
+    int row = blockIdx.x, t = row / n_heads;
+    float *r = x + (size_t)row * head_dim + head_dim - rope_dims;
+    for (int i = threadIdx.x; i < rope_dims / 2; i += blockDim.x) rope_pair(r, i, pos[t], omega, inverse);
+}
+
+static void cu_rope(be *b, float *x, int T, int n_heads, int head_dim, int rope_dims,
+                    const int32_t *pos, const float *omega, int inverse) {
+    if (T <= 0 || n_heads <= 0) return;
+    be_cuda *c = C(b);
+    const int32_t *dp = (const int32_t *)stage(c, pos, (size_t)T * sizeof *pos);
+    const float *dom = (const float *)stage(c, omega, (size_t)(rope_dims / 2) * sizeof *omega);
+    k_rope<<<T * n_heads, 32, 0, c->s>>>(x, n_heads, head_dim, rope_dims, dp, dom, inverse);
+    LAUNCHED();
+}
+
+/* ======================================================================================== */
+/* mHC (spec §2.3, §2.6)                                                                     */
+/* ======================================================================================== */
+
+__device__ __forceinline__ float sigmoid_dev(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+/* mu[k] = inv_rms(X) * (fn[k] · X) for k < n_mix, warps over k; block of 256. */
+__device__ void mhc_mix_dev(const float *X, const float *fn, int n_mix, int width, float norm_eps,
+                            float *mu, float *sh) {
+    float ss = 0;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) ss += X[i] * X[i];
+    ss = block_sum(ss, sh);
+    float r = inv_rms_dev(ss, width, norm_eps);
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+    for (int k = warp; k < n_mix; k += nw) {
+        const float *f = fn + (size_t)k * width;
+        float s = 0;
+        for (int i = lane * 4; i < width; i += 128) {
+            float4 a = *(const float4 *)(f + i), xv = *(const float4 *)(X + i);
+            s += a.x * xv.x + a.y * xv.y + a.z * xv.z + a.w * xv.w;
+        }
+        s = warp_sum(s);
+        if (lane == 0) mu[k] = s * r;
+    }
+    __syncthreads();
+}
+
+__device__ void sinkhorn_dev(float *Cm, int n, int iters, float eps) {
+    for (int j = 0; j < n; j++) {
+        float *row = Cm + j * n, mx = row[0], s = 0;
+        for (int k = 1; k < n; k++) mx = row[k] > mx ? row[k] : mx;
+        for (int k = 0; k < n; k++) s += (row[k] = expf(row[k] - mx));
+        for (int k = 0; k < n; k++) row[k] = row[k] / s + eps;
+    }
+    for (int it = 0; it < iters; it++) {
+        if (it > 0)
+            for (int j = 0; j < n; j++) {
+                float s = 0;
+                for (int k = 0; k < n; k++) s += Cm[j * n + k];
+                for (int k = 0; k < n; k++) Cm[j * n + k] /= s + eps;
+            }
+        for (int k = 0; k < n; k++) {
+            float s = 0;
+            for (int j = 0; j < n; j++) s += Cm[j * n + k];
+            for (int j = 0; j < n; j++) Cm[j * n + k] /= s + eps;
+        }
+    }
+}
+
+/* one block per token; mode 0: mhc_pre (writes u, post, comb), 1: hc_head (writes u only) */
+__global__ void __launch_bounds__(256) k_mhc_pre(const float *h, const float *fn, const float *base,
+                                                 const float *scale, int n, int D, int iters,
+                                                 float hc_eps, float norm_eps, float *u,
+                                                 float *post, float *comb, int head_mode) {
+    __shared__ float sh[32];
+    __shared__ float mu[16 * 16];
+    __shared__ float pre[16];
+    __shared__ float Cm[16 * 16];
+    int t = blockIdx.x;
+    int n_mix = head_mode ? n : (2 + n) * n;
+    const float *X = h + (size_t)t * n * D;
+    mhc_mix_dev(X, fn, n_mix, n * D, norm_eps, mu, sh);
+    if (threadIdx.x == 0) {
+        for (int j = 0; j < n; j++) pre[j] = sigmoid_dev(mu[j] * scale[0] + base[j]) + hc_eps;
+        if (!head_mode) {
+            for (int j = 0; j < n; j++)
+                post[t * n + j] = 2.0f * sigmoid_dev(mu[n + j] * scale[1] + base[n + j]);
+            for (int j = 0; j < n * n; j++) Cm[j] = mu[2 * n + j] * scale[2] + base[2 * n + j];
+            sinkhorn_dev(Cm, n, iters, hc_eps);
+            for (int j = 0; j < n * n; j++) comb[(size_t)t * n * n + j] = Cm[j];
+        }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < D; i += blockDim.x) {
+        float s = 0;
+        for (int j = 0; j < n; j++) s += pre[j] * X[(size_t)j * D + i];
+        u[(size_t)t * D + i] = s;
+    }
+}
+
+static void cu_mhc_pre(be *b, const float *h, const float *fn, const float *base,
+                       const float *scale, int T, int n_hc, int D, int iters, float hc_eps,
+                       float norm_eps, float *u, float *post, float *comb) {
+    if (T <= 0) return;
+    k_mhc_pre<<<T, 256, 0, C(b)->s>>>(h, fn, base, scale, n_hc, D, iters, hc_eps, norm_eps, u,
+                                      post, comb, 0);
+    LAUNCHED();
+}
+
+static void cu_hc_head(be *b, const float *h, const float *fn, const float *base,
+                       const float *scale, int T, int n_hc, int D, float hc_eps, float norm_eps,
+                       float *y) {
+    if (T <= 0) return;
+    k_mhc_pre<<<T, 256, 0, C(b)->s>>>(h, fn, base, scale, n_hc, D, 0, hc_eps, norm_eps, y, NULL,
+                                      NULL, 1);
+    LAUNCHED();
+}
+
+/* thread per (t, i): X[k][i] = post[k] v[i] + sum_j C[j][k] X[j][i] */
+__global__ void k_mhc_post(float *h, const float *v, const float *post, const float *comb, int T,
+                           int n, int D) {
+    size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (idx >= (size_t)T * D) return;
+    int t = (int)(idx / D), i = (int)(idx % D);
+    float *X = h + (size_t)t * n * D;
+    const float *Cm = comb + (size_t)t * n * n;
+    float xs[16];
+    for (int j = 0; j < n; j++) xs[j] = X[(size_t)j * D + i];
+    float vt = v[(size_t)t * D + i];
+    for (int k = 0; k < n; k++) {
+        float s = post[t * n + k] * vt;
+        for (int j = 0; j < n; j++) s += Cm[j * n + k] * xs[j];
+        X[(size_t)k * D + i] = s;
+    }
+}
+
+static void cu_mhc_post(be *b, float *h, const float *v, const float *post, const float *comb,
+                        int T, int n_hc, int D) {
+    if (T <= 0) return;
+    size_t n = (size_t)T * D;
+    k_mhc_post<<<(unsigned)((n + 255) / 256), 256, 0, C(b)->s>>>(h, v, post, comb, T, n_hc, D);
+    LAUNCHED();
+}
+
+/* ======================================================================================== */
+/* attention with sinks over a key plan (spec §2.4.5)                                        */
+/* ======================================================================================== */
+
+enum { ATT_WARPS = 4, ATT_MAXD = 512 };
+
+/* one block per (t, h); warps take keys round-robin with an online softmax each, merged with
+ * the sink at the end. Lane owns dims lane + 32*j. */
+__global__ void __launch_bounds__(ATT_WARPS * 32) k_attn(be_attn_args a, const be_keyplan *plan) {
+    __shared__ float wm[ATT_WARPS], wl[ATT_WARPS];
+    __shared__ float wacc[ATT_WARPS][ATT_MAXD];
+    int t = blockIdx.x / a.n_heads, h = blockIdx.x % a.n_heads, d = a.head_dim;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nd = d / 32;
+    const be_keyplan p = plan[t];
+    const float *q = a.q + ((size_t)t * a.n_heads + h) * d;
+    float qv[ATT_MAXD / 32], acc[ATT_MAXD / 32];
+#pragma unroll
+    for (int j = 0; j < ATT_MAXD / 32; j++) {
+        qv[j] = j < nd ? q[lane + 32 * j] : 0.f;
+        acc[j] = 0.f;
+    }
+    int n_ring = p.ring_hi - p.ring_lo, n_rows = p.row_hi - p.row_lo;
+    int n_keys = n_ring + n_rows + p.n_cmp;
+    float m = -INFINITY, l = 0.f;
+    for (int j = warp; j < n_keys; j += ATT_WARPS) {
+        const float *key;
+        if (j < n_ring) key = p.ring + (size_t)((p.ring_lo + j) % p.ring_size) * d;
+        else if (j < n_ring + n_rows) key = a.kv + (size_t)(p.row_lo + j - n_ring) * d;
+        else {
+            int i = j - n_ring - n_rows;
+            int e = a.cmp_idx ? a.cmp_idx[(size_t)t * a.idx_stride + i] : i;
+            key = p.cmp + (size_t)e * d;
+        }
+        float kv[ATT_MAXD / 32];
+        float dot = 0.f;
+#pragma unroll
+        for (int jj = 0; jj < ATT_MAXD / 32; jj++) {
+            kv[jj] = jj < nd ? key[lane + 32 * jj] : 0.f;
+            dot += qv[jj] * kv[jj];
+        }
+        float s = warp_sum(dot) * a.scale;
+        float mn = s > m ? s : m;
+        float corr = expf(m - mn), e = expf(s - mn);
+        l = l * corr + e;
+#pragma unroll
+        for (int jj = 0; jj < ATT_MAXD / 32; jj++) acc[jj] = acc[jj] * corr + e * kv[jj];
+        m = mn;
+    }
+    if (lane == 0) { wm[warp] = m; wl[warp] = l; }
+#pragma unroll
+    for (int jj = 0; jj < ATT_MAXD / 32; jj++)
+        if (jj < nd) wacc[warp][lane + 32 * jj] = acc[jj];
+    __syncthreads();
+    float sink = a.sink[h], M = sink;
+    for (int w = 0; w < ATT_WARPS; w++) M = wm[w] > M ? wm[w] : M;
+    double den = exp((double)sink - M);
+    float f[ATT_WARPS];
+    for (int w = 0; w < ATT_WARPS; w++) {
+        f[w] = wl[w] > 0 ? expf(wm[w] - M) : 0.f;
+        den += (double)wl[w] * f[w];
+    }
+    float inv = (float)(1.0 / den);
+    float *o = a.out + ((size_t)t * a.n_heads + h) * d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float s = 0;
+        for (int w = 0; w < ATT_WARPS; w++) s += f[w] * wacc[w][i];
+        o[i] = s * inv;
+    }
+}
+
+static void cu_attention(be *b, const be_attn_args *a) {
+    if (a->T <= 0) return;
+    be_cuda *c = C(b);
+    if (a->head_dim % 32 || a->head_dim > ATT_MAXD) {
+        fprintf(stderr, "duet cuda: attention head_dim %d is not a multiple of 32 up to %d\n",
+                a->head_dim, ATT_MAXD);
+        abort();
+    }
+    const be_keyplan *dp = (const be_keyplan *)stage(c, a->plan, (size_t)a->T * sizeof *a->plan);
+    be_attn_args da = *a;
+    da.plan = NULL;
+    k_attn<<<a->T * a->n_heads, ATT_WARPS * 32, 0, c->s>>>(da, dp);
+    LAUNCHED();
+}
+
+__global__ void k_ring_write(float *ring, int ring_size, int dim, const float *kv,
+                             const int32_t *pos) {
+    int t = blockIdx.x;
+    float *dst = ring + (size_t)(pos[t] % ring_size) * dim;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) dst[i] = kv[(size_t)t * dim + i];
+}
+
+static void cu_ring_write(be *b, float *ring, int ring_size, int dim, const float *kv,
+                          const int32_t *pos, int T) {
+    if (T <= 0) return;
+    be_cuda *c = C(b);
+    /* several tokens may map to one slot (T > ring_size): only the last one may write */
+    int first = T > ring_size ? T - ring_size : 0;
+    const int32_t *dp = (const int32_t *)stage(c, pos + first, (size_t)(T - first) * sizeof *pos);
+    k_ring_write<<<T - first, 128, 0, c->s>>>(ring, ring_size, dim, kv + (size_t)first * dim, dp);
+    LAUNCHED();
+}
+
+/* ======================================================================================== */
+/* compressor (spec §2.4.3)                                                                  */
+/* ======================================================================================== */
+
+/* Value of the A (gate: G) input of window row r, half `off` (0 or d), channel ch, for a row at
+ * absolute position p: from this call's inputs if p >= pos0, else from the state at call start
+ * (cur_*: rows of the current window; prev_*: the last closed window's A-halves). */
+typedef struct {
+    int T, m, c, d, rope_dims, pos0;
+    const float *a, *g, *ape, *norm;
+    float eps;
+    const float *omega;
+    float *cur_a, *cur_g, *prev_a, *prev_g, *entries;
+    int fp8_nope_qat, hadamard_fp4_qat;
+} cmp_dev;
+
+/* candidate i of window w, channel ch: c == 1: row i of the window; c == 2: even i = row i/2's
+ * B-half of window w, odd i = row i/2's A-half of window w-1 (the CPU's order) */
+__device__ __forceinline__ void cmp_cand(const cmp_dev &a, int w, int i, int ch, float *av, float *gv) {
+    int m = a.m, d = a.d, cd = a.c * d;
+    int r = a.c == 2 ? i / 2 : i;
+    if (a.c == 1 || (i & 1) == 0) {
+        int off = a.c == 2 ? d : 0, p = w * m + r;
+        if (p >= a.pos0) {
+            int t = p - a.pos0;
+            *av = a.a[(size_t)t * cd + off + ch];
+            *gv = a.g[(size_t)t * cd + off + ch] + a.ape[(size_t)r * cd + off + ch];
+        } else {
+            *av = a.cur_a[(size_t)r * cd + off + ch];
+            *gv = a.cur_g[(size_t)r * cd + off + ch];
+        }
+        return;
+    }
+    int pp = (w - 1) * m + r;
+    if (pp >= a.pos0) {
+        int t = pp - a.pos0;
+        *av = a.a[(size_t)t * cd + ch];
+        *gv = a.g[(size_t)t * cd + ch] + a.ape[(size_t)r * cd + ch];
+    } else if (w * m - 1 >= a.pos0) { /* window w-1 closes in this call: rows from cur at start */
+        *av = a.cur_a[(size_t)r * cd + ch];
+        *gv = a.cur_g[(size_t)r * cd + ch];
+    } else {
+        *av = a.prev_a[(size_t)r * d + ch];
+        *gv = a.prev_g[(size_t)r * d + ch];
+    }
+}
+
+/* block per closing window; shared z[d] */
+__global__ void __launch_bounds__(256) k_cmp_windows(cmp_dev a, int w_first) {
+    extern __shared__ float z[];
+    __shared__ float sh[32];
+    int w = w_first + blockIdx.x, m = a.m, d = a.d;
+    for (int ch = threadIdx.x; ch < d; ch += blockDim.x) {
+        int nc = m * a.c;
+        float mx = -INFINITY, av, gv;
+        for (int i = 0; i < nc; i++) {
+            cmp_cand(a, w, i, ch, &av, &gv);
+            mx = gv > mx ? gv : mx;
+        }
+        double den = 0, num = 0;
+        for (int i = 0; i < nc; i++) {
+            cmp_cand(a, w, i, ch, &av, &gv);
+            double e = exp((double)gv - mx);
+            den += e;
+            num += e * av;
+        }
+        z[ch] = (float)(num / den);
+    }
+    __syncthreads();
+    float ss = 0;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) ss += z[i] * z[i];
+    ss = block_sum(ss, sh);
+    float r = inv_rms_dev(ss, d, a.eps);
+    __syncthreads();
+    for (int i = threadIdx.x; i < d; i += blockDim.x) z[i] = a.norm[i] * (z[i] * r);
+    __syncthreads();
+    float *rp = z + d - a.rope_dims;
+    for (int i = threadIdx.x; i < a.rope_dims / 2; i += blockDim.x) rope_pair(rp, i, w * m, a.omega, 0);
+    __syncthreads();
+    if (a.fp8_nope_qat) {
+        int nope = d - a.rope_dims;
+        for (int i = threadIdx.x * 64; i + 64 <= nope; i += blockDim.x * 64) fd_act_quant_fp8(z + i, 64);
+        __syncthreads();
+    }
+    if (a.hadamard_fp4_qat) {
+        fd_hadamard_block(z, d);
+        for (int i = threadIdx.x * 32; i < d; i += blockDim.x * 32)
+            fd_fp4_roundtrip(z + i, d - i < 32 ? d - i : 32);
+        __syncthreads();
+    }
+    for (int i = threadIdx.x; i < d; i += blockDim.x) a.entries[(size_t)w * d + i] = z[i];
+}
+
+/* prev <- A-halves of window wl (closed in this call), from inputs or the state at call start */
+__global__ void k_cmp_prev(cmp_dev a, int wl) {
+    int m = a.m, d = a.d, cd = a.c * d;
+    for (int idx = blockIdx.x * blockDim.x + threadIdx.x; idx < m * d; idx += gridDim.x * blockDim.x) {
+        int r = idx / d, ch = idx % d, p = wl * m + r;
+        float av, gv;
+        if (p >= a.pos0) {
+            int t = p - a.pos0;
+            av = a.a[(size_t)t * cd + ch];
+            gv = a.g[(size_t)t * cd + ch] + a.ape[(size_t)r * cd + ch];
+        } else {
+            av = a.cur_a[(size_t)r * cd + ch];
+            gv = a.cur_g[(size_t)r * cd + ch];
+        }
+        a.prev_a[(size_t)r * d + ch] = av;
+        a.prev_g[(size_t)r * d + ch] = gv;
+    }
+}
+
+/* cur rows <- the last token of this call at each window row */
+__global__ void k_cmp_cur(cmp_dev a) {
+    int m = a.m, cd = a.c * a.d;
+    for (int idx = blockIdx.x * blockDim.x + threadIdx.x; idx < m * cd; idx += gridDim.x * blockDim.x) {
+        int j = idx / cd, i = idx % cd;
+        int t = ((j - a.pos0 % m) % m + m) % m; /* first token at row j */
+        if (t >= a.T) continue;
+        t += (a.T - 1 - t) / m * m;             /* last one */
+        a.cur_a[(size_t)j * cd + i] = a.a[(size_t)t * cd + i];
+        a.cur_g[(size_t)j * cd + i] = a.g[(size_t)t * cd + i] + a.ape[(size_t)j * cd + i];
+    }
+}
+
+static void cu_compress(be *b, const be_compress_args *a) {
+    if (a->T <= 0) return;
+    be_cuda *c = C(b);
+    int m = a->m, pos0 = a->pos[0], T = a->T;
+    for (int t = 1; t < T; t++)
+        if (a->pos[t] != pos0 + t) {
+            fprintf(stderr, "duet cuda: compress needs consecutive positions\n");
+            abort();
+        }
+    if (m > 128 || (a->c == 2 && m > 128) || a->d > 4096) {
+        fprintf(stderr, "duet cuda: compress ratio %d or width %d unsupported\n", m, a->d);
+        abort();
+    }
+    cmp_dev d = {T, m, a->c, a->d, a->rope_dims, pos0, a->a, a->g, a->ape, a->norm, a->eps,
+                 (const float *)stage(c, a->omega, (size_t)(a->rope_dims / 2) * sizeof(float)),
+                 a->cur_a, a->cur_g, a->prev_a, a->prev_g, a->entries, a->fp8_nope_qat,
+                 a->hadamard_fp4_qat};
+    /* windows closing at tokens of this call: positions w*m + m-1 in [pos0, pos0+T) */
+    int w_first = pos0 / m;                    /* smallest w with w*m + m - 1 >= pos0 */
+    int w_end = (pos0 + T) / m;                /* windows w < w_end close by pos0 + T - 1 */
+    int nw = w_end - w_first;
+    if (nw > 0) {
+        k_cmp_windows<<<nw, 256, (size_t)a->d * sizeof(float), c->s>>>(d, w_first);
+        LAUNCHED();
+        if (a->c == 2) {
+            k_cmp_prev<<<grid_for((size_t)m * a->d, 256), 256, 0, c->s>>>(d, w_end - 1);
+            LAUNCHED();
+        }
+    }
+    k_cmp_cur<<<grid_for((size_t)m * a->c * a->d, 256), 256, 0, c->s>>>(d);
+    LAUNCHED();
+}
+
+/* ======================================================================================== */
+/* indexer scores and top-k (spec §2.4.4)                                                    */
+/* ======================================================================================== */
+
+/* grid (ceil(nv_max/8), T); q row staged in shared memory; warp per entry */
+__global__ void __launch_bounds__(256) k_index_scores(be_index_args a, const int *nvis,
+                                                      float *scores, int ld) {
+    extern __shared__ float qs[];
+    int t = blockIdx.y, nv = nvis[t], hd = a.head_dim, H = a.n_heads;
+    const float *q = a.q + (size_t)t * H * hd;
+    for (int i = threadIdx.x; i < H * hd; i += blockDim.x) qs[i] = q[i];
+    __syncthreads();
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int e = blockIdx.x * 8 + warp;
+    if (e >= nv) return;
+    const float *key = a.keys + (size_t)e * hd;
+    const float *w = a.w + (size_t)t * H;
+    float kv[16];
+    int nk = (hd + 31) / 32;
+    for (int j = 0; j < 16; j++) kv[j] = (j < nk && lane + 32 * j < hd) ? key[lane + 32 * j] : 0.f;
+    float score = 0;
+    for (int g = 0; g < H; g++) {
+        float dot = 0;
+        for (int j = 0; j < 16; j++)
+            if (j < nk && lane + 32 * j < hd) dot += qs[g * hd + lane + 32 * j] * kv[j];
+        dot = warp_sum(dot);
+        score += w[g] * (dot > 0 ? dot : 0);
+    }
+    if (lane == 0) scores[(size_t)t * ld + e] = score;
+}
+
+__device__ __forceinline__ uint32_t ord_key(float f) {
+    uint32_t u = __float_as_uint(f);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+/* block per row: radix-select the k-th largest key, then write all larger entries and the
+ * lowest-indexed equal ones (the set the CPU heap keeps, up to ties) */
+__global__ void __launch_bounds__(256) k_topk(const float *scores, int ld, const int *nvis, int topk,
+                                              int32_t *idx) {
+    __shared__ unsigned hist[256];
+    __shared__ uint32_t s_prefix;
+    __shared__ int s_need, s_cnt;
+    int t = blockIdx.x, nv = nvis[t];
+    int k = topk < nv ? topk : nv;
+    const float *sc = scores + (size_t)t * ld;
+    int32_t *out = idx + (size_t)t * topk;
+    if (k <= 0) return;
+    if (k == nv) {
+        for (int i = threadIdx.x; i < nv; i += blockDim.x) out[i] = i;
+        return;
+    }
+    if (threadIdx.x == 0) { s_prefix = 0; s_need = k; }
+    __syncthreads();
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
+        __syncthreads();
+        uint32_t pre = s_prefix, mask = shift == 24 ? 0u : (0xFFFFFFFFu << (shift + 8));
+        for (int i = threadIdx.x; i < nv; i += blockDim.x) {
+            uint32_t key = ord_key(sc[i]);
+            if ((key & mask) == (pre & mask)) atomicAdd(&hist[(key >> shift) & 255], 1u);
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            int need = s_need;
+            for (int dgt = 255; dgt >= 0; dgt--) {
+                if ((int)hist[dgt] >= need) {
+                    s_prefix = pre | ((uint32_t)dgt << shift);
+                    break;
+                }
+                need -= (int)hist[dgt];
+            }
+            s_need = need; /* how many entries equal to the final key to take */
+        }
+        __syncthreads();
+    }
+    uint32_t thr = s_prefix;
+    if (threadIdx.x == 0) s_cnt = 0;
+    __syncthreads();
+    for (int i = threadIdx.x; i < nv; i += blockDim.x)
+        if (ord_key(sc[i]) > thr) out[atomicAdd(&s_cnt, 1)] = i;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int n = s_cnt;
+        for (int i = 0; i < nv && n < k; i++)
+            if (ord_key(sc[i]) == thr) out[n++] = i;
+    }
+}
+
+static void cu_index_topk(be *b, const be_index_args *a) {
+    if (a->T <= 0) return;
+    be_cuda *c = C(b);
+    int nvmax = 0;
+    for (int t = 0; t < a->T; t++) nvmax = a->n_visible[t] > nvmax ? a->n_visible[t] : nvmax;
+    if (nvmax == 0) return;
+    if (a->head_dim > 512 || (size_t)a->n_heads * a->head_dim * 4 > 200 * 1024) {
+        fprintf(stderr, "duet cuda: indexer shape %d x %d unsupported\n", a->n_heads, a->head_dim);
+        abort();
+    }
+    const int *dn = (const int *)stage(c, a->n_visible, (size_t)a->T * sizeof(int));
+    float *scores = (float *)cu_alloc(b, (size_t)a->T * nvmax * sizeof(float));
+    size_t smem = (size_t)a->n_heads * a->head_dim * sizeof(float);
+    if (smem > 48 * 1024)
+        CK(cudaFuncSetAttribute(k_index_scores, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    dim3 g((nvmax + 7) / 8, a->T);
+    k_index_scores<<<g, 256, smem, c->s>>>(*a, dn, scores, nvmax);
+    LAUNCHED();
+    k_topk<<<a->T, 256, 0, c->s>>>(scores, nvmax, dn, a->topk, a->idx);
+    LAUNCHED();
+    cu_free(b, scores);
+}
+
+/* ======================================================================================== */
+/* MoE (spec §2.5)                                                                          */
+/* ======================================================================================== */
+
+__device__ __forceinline__ float softplus_dev(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
+
+/* thread per token: scores, selection (bias top-K or hash ids), weights */
+__global__ void k_route(float *logits, int T, int E, int K, const float *bias, const int32_t *hash_sel,
+                        int norm_topk, float route_scale, int32_t *sel, float *wsel) {
+    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= T) return;
+    float *lt = logits + (size_t)t * E;
+    for (int e = 0; e < E; e++) lt[e] = sqrtf(softplus_dev(lt[e]));
+    int32_t *st = sel + (size_t)t * K;
+    if (hash_sel) {
+        for (int k = 0; k < K; k++) st[k] = hash_sel[(size_t)t * K + k];
+    } else {
+        for (int k = 0; k < K; k++) {
+            int best = -1;
+            float bs = -INFINITY;
+            for (int e = 0; e < E; e++) {
+                int used = 0;
+                for (int q = 0; q < k; q++) used |= st[q] == e;
+                float v = lt[e] + (bias ? bias[e] : 0.0f);
+                if (!used && (best < 0 || v > bs)) { best = e; bs = v; }
+            }
+            st[k] = best;
+        }
+    }
+    float sum = 0;
+    for (int k = 0; k < K; k++) sum += lt[st[k]];
+    for (int k = 0; k < K; k++)
+        wsel[(size_t)t * K + k] = (norm_topk ? lt[st[k]] / (sum + 1e-20f) : lt[st[k]]) * route_scale;
+}
+
+__global__ void k_gather(const float *x, const int32_t *rows, int n, int D, float *xs) {
+    size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (idx >= (size_t)n * D) return;
+    int r = (int)(idx / D), i = (int)(idx % D);
+    xs[idx] = x[(size_t)rows[r] * D + i];
+}
+
+__global__ void k_swiglu(float *g, const float *p, int n, int I, float limit, const float *wts) {
+    size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (idx >= (size_t)n * I) return;
+    int r = (int)(idx / I);
+    float gv = g[idx], pv = p[idx];
+    if (limit > 0) {
+        if (gv > limit) gv = limit;
+        if (pv > limit) pv = limit;
+        if (pv < -limit) pv = -limit;
+    }
+    g[idx] = gv / (1.0f + expf(-gv)) * pv * (wts ? wts[r] : 1.0f);
+}
+
+/* out[rows[r]] += ys[r], rows of one expert are distinct tokens, so no races */
+__global__ void k_scatter_add(float *out, const float *ys, const int32_t *rows, int n, int D) {
+    size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (idx >= (size_t)n * D) return;
+    int r = (int)(idx / D), i = (int)(idx % D);
+    int t = rows ? rows[r] : r;
+    atomicAdd(&out[(size_t)t * D + i], ys[idx]);
+}
+
+static void expert_ffn(be_cuda *c, const be_weight *w1, const be_weight *w2, const be_weight *w3,
+                       const float *xs, int n, int D, int I, const float *wts, float limit,
+                       float *g, float *p, float *ys) {
+    mm(c, w1, 0, I, xs, D, g, I, n);
+    mm(c, w3, 0, I, xs, D, p, I, n);
+    size_t nI = (size_t)n * I;
+    k_swiglu<<<(unsigned)((nI + 255) / 256), 256, 0, c->s>>>(g, p, n, I, limit, wts);
+    LAUNCHED();
+    mm(c, w2, 0, D, g, I, ys, D, n);
+}
+
+static void cu_moe(be *b, const be_moe_layer *L, const float *x, const int32_t *ids, int T,
+                   float *out) {
+    if (T <= 0) return;
+    be_cuda *c = C(b);
+    int E = L->n_experts, K = L->top_k, D = L->hidden, I = L->inter;
+    int SI = L->shared_inter ? L->shared_inter : I, IM = SI > I ? SI : I;
+    float *logits = (float *)cu_alloc(b, (size_t)T * E * sizeof(float));
+    int32_t *sel = (int32_t *)cu_alloc(b, (size_t)T * K * sizeof(int32_t));
+    float *wsel = (float *)cu_alloc(b, (size_t)T * K * sizeof(float));
+    mm(c, L->gate, 0, E, x, D, logits, E, T);
+    const int32_t *hsel = NULL;
+    if (L->tid2eid) {
+        int32_t *h = (int32_t *)xmalloc((size_t)T * K * sizeof *h);
+        for (int t = 0; t < T; t++)
+            for (int k = 0; k < K; k++) h[(size_t)t * K + k] = (int32_t)L->tid2eid[(size_t)ids[t] * K + k];
+        hsel = (const int32_t *)stage(c, h, (size_t)T * K * sizeof *h);
+        free(h);
+    }
+    k_route<<<(T + 127) / 128, 128, 0, c->s>>>(logits, T, E, K, L->bias, hsel, L->norm_topk,
+                                              L->route_scale, sel, wsel);
+    LAUNCHED();
+    /* group rows by expert on the host (one sync per layer) */
+    int32_t *hs = (int32_t *)xmalloc((size_t)T * K * sizeof *hs);
+    float *hw = (float *)xmalloc((size_t)T * K * sizeof *hw);
+    cu_download(b, hs, sel, (size_t)T * K * sizeof *hs);
+    cu_download(b, hw, wsel, (size_t)T * K * sizeof *hw);
+    int *cnt = (int *)xcalloc((size_t)E + 1, sizeof *cnt);
+    for (int i = 0; i < T * K; i++)
+        if (hs[i] >= 0 && hs[i] < E) cnt[hs[i] + 1]++;
+    for (int e = 0; e < E; e++) cnt[e + 1] += cnt[e];
+    int32_t *rows = (int32_t *)xmalloc((size_t)T * K * sizeof *rows);
+    float *wts = (float *)xmalloc((size_t)T * K * sizeof *wts);
+    int *fillp = (int *)xmalloc((size_t)E * sizeof *fillp);
+    memcpy(fillp, cnt, (size_t)E * sizeof *fillp);
+    for (int t = 0; t < T; t++)
+        for (int k = 0; k < K; k++) {
+            int e = hs[(size_t)t * K + k];
+            if (e < 0 || e >= E) continue;
+            rows[fillp[e]] = t;
+            wts[fillp[e]++] = hw[(size_t)t * K + k];
+        }
+    int32_t *drows = (int32_t *)stage(c, rows, (size_t)T * K * sizeof *rows);
+    float *dwts = (float *)stage(c, wts, (size_t)T * K * sizeof *wts);
+    float *xs = (float *)cu_alloc(b, (size_t)T * D * sizeof(float));
+    float *ys = (float *)cu_alloc(b, (size_t)T * D * sizeof(float));
+    float *g = (float *)cu_alloc(b, (size_t)T * IM * sizeof(float));
+    float *p = (float *)cu_alloc(b, (size_t)T * IM * sizeof(float));
+    CK(cudaMemsetAsync(out, 0, (size_t)T * D * sizeof(float), c->s));
+    for (int e = 0; e < E; e++) {
+        int n = cnt[e + 1] - cnt[e];
+        if (!n || !L->w1[e]) continue;
+        size_t nD = (size_t)n * D;
+        k_gather<<<(unsigned)((nD + 255) / 256), 256, 0, c->s>>>(x, drows + cnt[e], n, D, xs);
+        LAUNCHED();
+        expert_ffn(c, L->w1[e], L->w2[e], L->w3[e], xs, n, D, I, dwts + cnt[e], L->swiglu_limit,
+                   g, p, ys);
+        k_scatter_add<<<(unsigned)((nD + 255) / 256), 256, 0, c->s>>>(out, ys, drows + cnt[e], n, D);
+        LAUNCHED();
+    }
+    if (L->s1) {
+        expert_ffn(c, L->s1, L->s2, L->s3, x, T, D, SI, NULL, L->swiglu_limit, g, p, ys);
+        size_t nD = (size_t)T * D;
+        k_scatter_add<<<(unsigned)((nD + 255) / 256), 256, 0, c->s>>>(out, ys, NULL, T, D);
+        LAUNCHED();
+    }
+    cu_free(b, logits);
+    cu_free(b, sel);
+    cu_free(b, wsel);
+    cu_free(b, xs);
+    cu_free(b, ys);
+    cu_free(b, g);
+    cu_free(b, p);
+    free(hs);
+    free(hw);
+    free(cnt);
+    free(rows);
+    free(wts);
+    free(fillp);
+}
+
+/* ======================================================================================== */
+/* elementwise                                                                              */
+/* ======================================================================================== */
+
+__global__ void k_scale(float *x, size_t n, float s) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        x[i] *= s;
+}
+__global__ void k_add(float *y, const float *x, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        y[i] += x[i];
+}
+/* thread per (row, block) */
+__global__ void k_fp8_qat(float *x, int T, int dim, int nope, int block) {
+    int nb = nope / block;
+    int idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= T * nb) return;
+    int t = idx / nb, j = idx % nb;
+    fd_act_quant_fp8(x + (size_t)t * dim + (size_t)j * block, block);
+}
+/* block per row: WHT in shared memory, then FP4 round trip per 32 */
+__global__ void k_hadamard_fp4(float *x, int dim) {
+    extern __shared__ float z[];
+    float *xr = x + (size_t)blockIdx.x * dim;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) z[i] = xr[i];
+    fd_hadamard_block(z, dim);
+    for (int i = threadIdx.x * 32; i < dim; i += blockDim.x * 32) fd_fp4_roundtrip(z + i, dim - i < 32 ? dim - i : 32);
+    __syncthreads();
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) xr[i] = z[i];
+}
+
+static void cu_scale_rows(be *b, float *x, int T, int n, float s) {
+    size_t N = (size_t)T * n;
+    if (!N) return;
+    k_scale<<<grid_for(N, 256), 256, 0, C(b)->s>>>(x, N, s);
+    LAUNCHED();
+}
+static void cu_add(be *b, float *y, const float *x, size_t n) {
+    if (!n) return;
+    k_add<<<grid_for(n, 256), 256, 0, C(b)->s>>>(y, x, n);
+    LAUNCHED();
+}
+static void cu_fp8_qat(be *b, float *x, int T, int dim, int nope, int block) {
+    int n = T * (nope / block);
+    if (n <= 0) return;
+    k_fp8_qat<<<(n + 127) / 128, 128, 0, C(b)->s>>>(x, T, dim, nope, block);
+    LAUNCHED();
+}
+static void cu_hadamard_fp4(be *b, float *x, int rows, int dim) {
+    if (rows <= 0) return;
+    k_hadamard_fp4<<<rows, 128, (size_t)dim * sizeof(float), C(b)->s>>>(x, dim);
+    LAUNCHED();
+}
+
+/* ======================================================================================== */
+/* lifetime and the ops table                                                                */
+/* ======================================================================================== */
+
+static void cu_destroy(be *b) {
+    be_cuda *c = C(b);
+    cudaStreamSynchronize(c->s);
+    for (size_t i = 0; i < c->n_live; i++) cudaFree(c->live[i].p);
+    for (size_t i = 0; i < c->n_free; i++) cudaFree(c->freel[i].p);
+    if (c->pin) cudaFreeHost(c->pin);
+    if (c->dmeta) cudaFree(c->dmeta);
+    cudaStreamDestroy(c->s);
+    free(c->live);
+    free(c->freel);
+    if (g_launch_be == c) g_launch_be = NULL;
+    free(c);
+}
+
+static const struct be_ops cuda_ops = {
+    "cuda",
+    cu_alloc, cu_free, cu_upload, cu_download, cu_fill, cu_copy,
+    cu_weight, cu_weight_slice, cu_weight_free, cu_vector,
+    cu_matmul, cu_embed, cu_rmsnorm, cu_head_rms, cu_rope,
+    cu_mhc_pre, cu_mhc_post, cu_hc_head,
+    cu_attention, cu_ring_write, cu_compress, cu_index_topk, cu_moe,
+    cu_scale_rows, cu_add, cu_fp8_qat, cu_hadamard_fp4,
+    cu_destroy,
+};
+
+extern "C" be *be_cuda_create(int device, double mem_fraction, char *err, size_t errlen) {
+    if (!(mem_fraction > 0 && mem_fraction <= 1)) {
+        duet_err(err, errlen, DUET_EINVAL, "GPU memory fraction %g is outside (0, 1]", mem_fraction);
+        return NULL;
+    }
+    int n = 0;
+    cudaError_t e = cudaGetDeviceCount(&n);
+    if (e != cudaSuccess || n == 0) {
+        duet_err(err, errlen, DUET_EINVAL, "no CUDA device found (%s)",
+                 e != cudaSuccess ? cudaGetErrorString(e) : "0 devices");
+        return NULL;
+    }
+    if (device < 0 || device >= n) {
+        duet_err(err, errlen, DUET_EINVAL, "CUDA device %d does not exist (%d found)", device, n);
+        return NULL;
+    }
+    if ((e = cudaSetDevice(device)) != cudaSuccess) {
+        duet_err(err, errlen, DUET_EIO, "CUDA device %d: %s", device, cudaGetErrorString(e));
+        return NULL;
+    }
+    cudaDeviceProp pr;
+    if ((e = cudaGetDeviceProperties(&pr, device)) != cudaSuccess) {
+        duet_err(err, errlen, DUET_EIO, "CUDA device %d: %s", device, cudaGetErrorString(e));
+        return NULL;
+    }
+    be_cuda *c = (be_cuda *)xcalloc(1, sizeof *c);
+    c->base.ops = &cuda_ops;
+    c->base.n_threads = 1;
+    c->dev = device;
+    snprintf(c->name, sizeof c->name, "%s", pr.name);
+    c->ccmaj = pr.major;
+    c->ccmin = pr.minor;
+    int integ = 0;
+    cudaDeviceGetAttribute(&integ, cudaDevAttrIntegrated, device);
+    c->integrated = integ;
+    size_t fr = 0, tot = 0;
+    if ((e = cudaMemGetInfo(&fr, &tot)) != cudaSuccess) {
+        duet_err(err, errlen, DUET_EIO, "CUDA device %d: %s", device, cudaGetErrorString(e));
+        free(c);
+        return NULL;
+    }
+    c->cap = (size_t)(mem_fraction * (double)tot);
+    if (c->cap > fr && !integ) c->cap = fr; /* another process holds part of the card */
+    c->sync_each = getenv("DUET_CUDA_SYNC") && atoi(getenv("DUET_CUDA_SYNC"));
+    if ((e = cudaStreamCreateWithFlags(&c->s, cudaStreamNonBlocking)) != cudaSuccess) {
+        duet_err(err, errlen, DUET_EIO, "CUDA stream: %s", cudaGetErrorString(e));
+        free(c);
+        return NULL;
+    }
+    g_launch_be = c;
+    return &c->base;
+}
+
+extern "C" int be_cuda_sync(be *b, char *err, size_t errlen) {
+    cudaError_t e = cudaStreamSynchronize(C(b)->s);
+    if (e != cudaSuccess) return duet_err(err, errlen, DUET_EIO, "CUDA: %s", cudaGetErrorString(e));
+    return 0;
+}
+
+extern "C" const char *be_cuda_device_name(const be *b, int *cc_major, int *cc_minor) {
+    const be_cuda *c = (const be_cuda *)b;
+    if (cc_major) *cc_major = c->ccmaj;
+    if (cc_minor) *cc_minor = c->ccmin;
+    return c->name;
+}
+
+/* ======================================================================================== */
+/* synthetic weights (tools/bench): generated on the device, never on the host               */
+/* ======================================================================================== */
+
+__device__ __forceinline__ uint32_t hash32(uint64_t x) {
+    x ^= x >> 33; x *= 0xff51afd7ed558ccdULL; x ^= x >> 33; x *= 0xc4ceb9fe1a85ec53ULL; x ^= x >> 33;
+    return (uint32_t)x;
+}
+
+/* bytes: random, but FP8 bytes avoid NaN (0x7F/0xFF) */
+__global__ void k_rand_bytes(uint8_t *p, size_t n, uint64_t seed, int fp8, uint8_t fixed) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        uint8_t v = fixed ? fixed : (uint8_t)hash32(seed * 0x9E3779B97F4A7C15ULL + i);
+        if (fp8 && (v & 0x7F) == 0x7F) v ^= 1;
+        p[i] = v;
+    }
+}
+__global__ void k_rand_bf16(uint16_t *p, size_t n, uint64_t seed) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        float u = (hash32(seed * 0x9E3779B97F4A7C15ULL + i) >> 8) * (1.0f / 16777216.0f);
+        p[i] = fd_f32_to_bf16((u - 0.5f) * 0.05f);
+    }
+}
+__global__ void k_rand_f32(float *p, size_t n, uint64_t seed, float lo, float hi) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        float u = (hash32(seed * 0x9E3779B97F4A7C15ULL + i) >> 8) * (1.0f / 16777216.0f);
+        p[i] = lo + (hi - lo) * u;
+    }
+}
+
+extern "C" be_weight *be_cuda_weight_random(be *b, ck_kind kind, st_dtype dtype, int64_t rows,
+                                            int64_t cols, uint64_t seed) {
+    be_cuda *c = C(b);
+    be_weight *w;
+    if (kind == CK_FP8_WEIGHT) {
+        int64_t sr = (rows + 127) / 128, sc = (cols + 127) / 128;
+        w = wnew(c, WK_FP8, rows, cols, (size_t)(rows * cols), (size_t)(sr * sc));
+        w->v.scols = (int)sc;
+        w->v.bn = 128;
+        w->v.bk = 128;
+        k_rand_bytes<<<grid_for((size_t)(rows * cols), 256), 256, 0, c->s>>>((uint8_t *)w->data, (size_t)(rows * cols), seed, 1, 0);
+        k_rand_bytes<<<grid_for((size_t)(sr * sc), 256), 256, 0, c->s>>>(w->scale, (size_t)(sr * sc), seed, 0, 127 - 8);
+    } else if (kind == CK_FP4_WEIGHT) {
+        int64_t sc = cols / 32;
+        w = wnew(c, WK_FP4, rows, cols, (size_t)(rows * cols / 2), (size_t)(rows * sc));
+        w->v.scols = (int)sc;
+        w->v.bn = 1;
+        w->v.bk = 32;
+        k_rand_bytes<<<grid_for((size_t)(rows * cols / 2), 256), 256, 0, c->s>>>((uint8_t *)w->data, (size_t)(rows * cols / 2), seed, 0, 0);
+        k_rand_bytes<<<grid_for((size_t)(rows * sc), 256), 256, 0, c->s>>>(w->scale, (size_t)(rows * sc), seed, 0, 127 - 6);
+    } else {
+        (void)dtype;
+        w = wnew(c, WK_BF16, rows, cols, (size_t)(rows * cols) * 2, 0);
+        k_rand_bf16<<<grid_for((size_t)(rows * cols), 256), 256, 0, c->s>>>((uint16_t *)w->data, (size_t)(rows * cols), seed);
+    }
+    LAUNCHED();
+    return w;
+}
+
+extern "C" float *be_cuda_vector_random(be *b, size_t n, float lo, float hi, uint64_t seed) {
+    float *p = (float *)cu_alloc(b, n * sizeof(float));
+    k_rand_f32<<<grid_for(n, 256), 256, 0, C(b)->s>>>(p, n, seed, lo, hi);
+    LAUNCHED();
+    return p;
+}
