@@ -24,8 +24,10 @@
 #include <string.h>
 
 extern "C" {
+#include "common/ckpt.h"
 #include "common/err.h"
 #include "common/formats.h"
+#include "worker/backend.h"
 }
 #include "kernels/be_cuda.h"
 #include "kernels/fmt_dev.cuh"
