@@ -35,6 +35,7 @@ typedef struct conn {
     struct bufferevent *bev;  /* NULL once closed */
     int busy;                 /* a request is being handled */
     int in_process;           /* inside process_lines (no recursion) */
+    int close_when_flushed;   /* an over-long line was refused: close after the reply */
     int refs;                 /* 1 for the open connection + 1 per pending request */
     struct conn *prev, *next;
 } conn;
@@ -197,8 +198,7 @@ static void handle_line(conn *c, const char *line, size_t len) {
 /* Handles complete lines while no request is pending. */
 static void process_lines(conn *c) {
     if (c->in_process) return;
-    c->in_process = 1;
-    c->refs++; /* keep c while handlers run */
+    c->in_process = 1; /* handlers never close c, so c outlives this loop */
     while (c->bev && !c->busy) {
         struct evbuffer *in = bufferevent_get_input(c->bev);
         struct evbuffer_ptr eol = evbuffer_search_eol(in, NULL, NULL, EVBUFFER_EOL_LF);
@@ -206,12 +206,10 @@ static void process_lines(conn *c) {
             if (evbuffer_get_length(in) > ADMIN_MAX_LINE) {
                 send_error(c, NULL, "bad_request",
                            "request line longer than 65536 bytes; closing the connection");
+                /* no resynchronising: close once the reply is written (conn_write_cb) */
                 bufferevent_disable(c->bev, EV_READ);
-                /* close once the reply is written */
-                bufferevent_setwatermark(c->bev, EV_WRITE, 0, 0);
+                c->close_when_flushed = 1;
                 c->busy = 1;
-                struct evbuffer *out = bufferevent_get_output(c->bev);
-                if (evbuffer_get_length(out) == 0) conn_close(c);
             }
             break;
         }
@@ -230,16 +228,13 @@ static void process_lines(conn *c) {
         free(line);
     }
     c->in_process = 0;
-    conn_unref(c);
 }
 
 static void conn_read_cb(struct bufferevent *bev, void *arg) { process_lines(arg); }
 
 static void conn_write_cb(struct bufferevent *bev, void *arg) {
     conn *c = arg;
-    /* the over-long-line case: busy with reading disabled means "close when flushed" */
-    if (c->busy && !(bufferevent_get_enabled(bev) & EV_READ) &&
-        evbuffer_get_length(bufferevent_get_output(bev)) == 0)
+    if (c->close_when_flushed && evbuffer_get_length(bufferevent_get_output(bev)) == 0)
         conn_close(c);
 }
 

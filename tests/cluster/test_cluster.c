@@ -44,7 +44,8 @@ static const char *g_worker, *g_coord, *g_ctl, *g_generate, *g_model, *g_fixture
 #define MAX_PROCS 16
 static pid_t g_pids[MAX_PROCS];
 static int g_npids;
-static char g_dir[256];   /* per-test temporary directory */
+static char g_root[200];  /* one temporary directory per run, removed by main */
+static char g_dir[256];   /* per-test directory inside it */
 static char g_token[300]; /* token file path */
 static char g_sock[300];  /* admin socket path */
 
@@ -168,7 +169,7 @@ static int free_port(void) {
 /* ---- fixtures: temp dir, token, workers, coordinator ------------------------------------ */
 
 static void setup(void) {
-    snprintf(g_dir, sizeof g_dir, "/tmp/duet-cluster-XXXXXX");
+    snprintf(g_dir, sizeof g_dir, "%s/case-XXXXXX", g_root);
     ck_assert_ptr_nonnull(mkdtemp(g_dir));
     snprintf(g_token, sizeof g_token, "%s/token", g_dir);
     FILE *f = fopen(g_token, "w");
@@ -178,11 +179,13 @@ static void setup(void) {
     snprintf(g_sock, sizeof g_sock, "%s/admin/admin.sock", g_dir);
 }
 
-static void teardown(void) {
-    kill_all();
-    char cmd[400];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", g_dir);
-    if (system(cmd) != 0) fprintf(stderr, "could not remove %s\n", g_dir);
+static void teardown(void) { kill_all(); }
+
+/* Removes the run's directory (also after a failed case, whose teardown does not run). */
+static void remove_root(void) {
+    char cmd[300];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", g_root);
+    if (system(cmd) != 0) fprintf(stderr, "could not remove %s\n", g_root);
 }
 
 typedef struct {
@@ -887,6 +890,11 @@ int main(int argc, char **argv) {
     g_model = argv[6];
     g_fixture = argv[7];
     signal(SIGPIPE, SIG_IGN);
+    snprintf(g_root, sizeof g_root, "/tmp/duet-cluster-XXXXXX");
+    if (!mkdtemp(g_root)) {
+        perror("mkdtemp");
+        return 1;
+    }
     Suite *s = suite_create("cluster");
     TCase *tc = tcase_create(argv[1]);
     tcase_set_timeout(tc, 900);
@@ -905,5 +913,6 @@ int main(int argc, char **argv) {
     srunner_run_all(sr, CK_NORMAL);
     int failed = srunner_ntests_failed(sr);
     srunner_free(sr);
+    remove_root();
     return failed ? 1 : 0;
 }
