@@ -241,6 +241,11 @@ static int check_shard(const dv4_config *c, const dv4_shard *s, char *err, size_
 
 int dv4_load(const char *dir, be *b, const dv4_shard *shard, dv4_model **out, char *err,
              size_t errlen) {
+    return dv4_load_ex(dir, b, shard, NULL, NULL, out, err, errlen);
+}
+
+int dv4_load_ex(const char *dir, be *b, const dv4_shard *shard, dv4_progress_fn progress,
+                void *ctx, dv4_model **out, char *err, size_t errlen) {
     *out = NULL;
     dv4_model *m = xcalloc(1, sizeof *m);
     m->b = b;
@@ -266,7 +271,11 @@ int dv4_load(const char *dir, be *b, const dv4_shard *shard, dv4_model **out, ch
     m->hc_head_scale = V(&l, "hc_head_scale");
     m->layers = xcalloc((size_t)c->num_hidden_layers, sizeof *m->layers);
     m->n_layers = c->num_hidden_layers;
-    for (int i = 0; i < c->num_hidden_layers && !l.rc; i++) load_layer(&l, i);
+    uint64_t total = st_total_bytes(m->st);
+    for (int i = 0; i < c->num_hidden_layers && !l.rc; i++) {
+        load_layer(&l, i);
+        if (progress && !l.rc) progress(total * (uint64_t)(i + 1) / (uint64_t)c->num_hidden_layers, total, ctx);
+    }
     if (l.rc) {
         dv4_free(m);
         return l.rc;

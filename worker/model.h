@@ -33,6 +33,11 @@ typedef struct {
  * whole model in this process. */
 int dv4_load(const char *dir, be *b, const dv4_shard *shard, dv4_model **out, char *err,
              size_t errlen);
+/* As dv4_load, calling progress(done, total, ctx) from the loading thread as layers complete
+ * (bytes of the checkpoint covered so far / in all). */
+typedef void (*dv4_progress_fn)(uint64_t done, uint64_t total, void *ctx);
+int dv4_load_ex(const char *dir, be *b, const dv4_shard *shard, dv4_progress_fn progress,
+                void *ctx, dv4_model **out, char *err, size_t errlen);
 /* Bytes of checkpoint weights this rank holds (its slices of split tensors + replicated). */
 uint64_t dv4_rank_weight_bytes(const dv4_model *m);
 void dv4_free(dv4_model *m);

@@ -117,6 +117,9 @@ struct wk {
     uv_loop_t loop;
     uv_tcp_t server;
     uv_signal_t sigterm, sigint;
+    uv_async_t progress;        /* the loading thread's "more bytes loaded" wake-up */
+    _Atomic uint64_t load_done; /* checkpoint bytes covered by the running LoadModel */
+    int load_pct_logged;
     conn *conns;
     int n_conns;
     conn *coord;
@@ -326,6 +329,14 @@ static void free_all_seqs(wk *w) {
 }
 
 /* Work thread: LoadModel. Keeps an already loaded model (same files, same fingerprint). */
+/* Loading thread: remember how far the load got and wake the loop (uv_async coalesces). */
+static void on_load_progress(uint64_t done, uint64_t total, void *ctx) {
+    wk *w = ctx;
+    (void)total;
+    atomic_store(&w->load_done, done);
+    uv_async_send(&w->progress);
+}
+
 static int run_load(wk *w, job *j) {
     const rpcsrv_config *cfg = w->cfg;
     int max_seqs = j->load->max_seqs ? (int)j->load->max_seqs : cfg->max_seqs;
@@ -351,7 +362,9 @@ static int run_load(wk *w, job *j) {
         }
         if (!w->b) w->b = be_cpu_create(cfg->threads);
         dv4_shard shard = {cfg->rank, cfg->world, w->cm};
-        int rc = dv4_load(cfg->model_dir, w->b, &shard, &w->model, j->err, sizeof j->err);
+        atomic_store(&w->load_done, 0);
+        int rc = dv4_load_ex(cfg->model_dir, w->b, &shard, on_load_progress, w, &w->model, j->err,
+                             sizeof j->err);
         if (rc) return rc;
         if (dv4_fingerprint(w->model) != cfg->fingerprint) {
             dv4_free(w->model);
@@ -565,6 +578,28 @@ static void job_work(uv_work_t *req) {
     }
 }
 
+/* Loop thread: forward the loading thread's progress to the coordinator and the log. Nothing
+ * is sent once the load job has finished (its done message is the last LoadProgress). */
+static void on_progress_async(uv_async_t *h) {
+    wk *w = h->data;
+    if (!w->running || w->running->kind != J_LOAD) return;
+    uint64_t done = atomic_load(&w->load_done), total = w->cfg->ckpt_bytes;
+    int pct = total ? (int)(done * 100 / total) : 0;
+    if (pct >= w->load_pct_logged + 10 || pct == 100) {
+        LOG(w, "loading: %d%% of %" PRIu64 " checkpoint bytes", pct, total);
+        w->load_pct_logged = pct;
+    }
+    conn *c = w->coord && !w->coord->closing ? w->coord : NULL;
+    if (!c) return;
+    Duet__LoadProgress m = DUET__LOAD_PROGRESS__INIT;
+    m.bytes_done = done;
+    m.bytes_total = total;
+    m.ok = 1;
+    m.error = "";
+    char err[256];
+    conn_send(c, RPC_LOAD_PROGRESS, &m.base, err, sizeof err);
+}
+
 static void job_done(uv_work_t *req, int status) {
     job *j = req->data;
     wk *w = j->w;
@@ -692,6 +727,7 @@ static void dispatch(conn *c, int type, const uint8_t *p, size_t len) {
             return;
         }
         LOG(w, "LoadModel from %s (%s)", c->peer, w->model ? "already loaded" : "loading");
+        w->load_pct_logged = -10;
         Duet__LoadProgress pr = DUET__LOAD_PROGRESS__INIT;
         pr.bytes_total = w->cfg->ckpt_bytes;
         pr.ok = 1;
@@ -881,6 +917,7 @@ static void maybe_finish(wk *w) {
     if (!uv_is_closing((uv_handle_t *)&w->sigterm)) {
         uv_close((uv_handle_t *)&w->sigterm, NULL);
         uv_close((uv_handle_t *)&w->sigint, NULL);
+        uv_close((uv_handle_t *)&w->progress, NULL);
     }
 }
 
@@ -948,6 +985,8 @@ int rpcsrv_run(const rpcsrv_config *cfg, char *err, size_t errlen) {
         free(w);
         return rc;
     }
+    uv_async_init(&w->loop, &w->progress, on_progress_async);
+    w->progress.data = w;
     uv_signal_init(&w->loop, &w->sigterm);
     uv_signal_init(&w->loop, &w->sigint);
     w->sigterm.data = w->sigint.data = w;

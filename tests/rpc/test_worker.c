@@ -77,7 +77,12 @@ static void load_ok(rcli *c, int expect_start) {
     Duet__LoadProgress *p = rcli_expect(c, RPC_LOAD_PROGRESS, T_MS);
     ck_assert_ptr_nonnull(p);
     if (expect_start) ck_assert(!p->done);
-    if (!p->done) {
+    uint64_t last = 0;
+    while (!p->done) { /* start, then per-layer progress: monotonic, within the total */
+        ck_assert(p->ok);
+        ck_assert_uint_ge(p->bytes_done, last);
+        ck_assert_uint_le(p->bytes_done, p->bytes_total);
+        last = p->bytes_done;
         duet__load_progress__free_unpacked(p, NULL);
         p = rcli_expect(c, RPC_LOAD_PROGRESS, T_MS);
         ck_assert_ptr_nonnull(p);
