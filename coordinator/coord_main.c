@@ -236,11 +236,25 @@ static void step_done(void *arg, int ok, const Duet__StepResult *res, const char
 /* Starts the next step when the pool is free: admits waiting requests, batches every running
  * sequence (prefill for new ones, one decode token for the others). */
 static void schedule(coord *c) {
+    /* a client that went away cancels its request (at the step boundary when running) */
+    for (gen *g = c->waiting, *nx; g; g = nx) {
+        nx = g->next;
+        if (!admin_req_connected(g->r)) {
+            unlink_gen(&c->waiting, g);
+            c->n_waiting--;
+            gen_reply_ok(c, g, "abort"); /* dropped: nobody is listening */
+            c->aborted++;
+            gen_free(g);
+        }
+    }
+    for (gen *g = c->running; g; g = g->next)
+        if (!admin_req_connected(g->r)) g->abort = 1;
     /* aborted sequences that are not in a step end now */
     for (gen *g = c->running, *nx; g; g = nx) {
         nx = g->next;
         if (g->abort && !g->in_step) finish_running(c, g, "abort");
     }
+    check_drained(c);
     if (!pool_can_step(c->pool)) return;
     while (c->waiting && c->n_running < c->max_seqs) {
         gen *g = c->waiting;

@@ -304,6 +304,9 @@ static void maybe_load(pool *p) {
 }
 
 static void log_progress(pool *p, int final) {
+    /* a percentage means something only once every loading worker has told its total */
+    for (int i = 0; i < p->n && !final; i++)
+        if (p->w[i].st == W_LOADING && !p->w[i].load_total) return;
     uint64_t done, total;
     pool_load_progress(p, &done, &total);
     if (!total) return;

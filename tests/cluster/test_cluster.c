@@ -9,6 +9,9 @@
  *                vs the single-process duet-generate, two concurrent requests batched
  *   auth         wrong token / wrong fingerprint / no worker: the coordinator exits with the reason
  *   recover      kill -9 a worker mid-generation: clear error, degraded, recovers by itself
+ *   recover-idle kill -9 a worker between requests: degraded, recovers when it is back
+ *   hung         SIGSTOP a worker: step timeout mid-generation, heartbeat timeout when idle,
+ *                recovery after SIGCONT
  *   drain        drain lets the in-flight request finish and refuses new ones; resume
  *   admin        socket permissions, stale socket, bad lines, limits, duetctl exit codes
  * It must never leave a process behind (children die with the test: PR_SET_PDEATHSIG).
@@ -668,6 +671,112 @@ START_TEST(recover) {
 }
 END_TEST
 
+/* ---- a hung worker (SIGSTOP): step timeout, heartbeat timeout, recovery ------------------- */
+
+static void expect_worker_error(json_t *s, int rank, const char *needle) {
+    json_t *w = json_array_get(json_object_get(json_object_get(s, "result"), "workers"),
+                               (size_t)rank);
+    const char *e = json_string_value(json_object_get(w, "error"));
+    ck_assert_msg(e && strstr(e, needle), "worker %d's error should mention '%s': %s", rank,
+                  needle, e ? e : "(none)");
+}
+
+START_TEST(hung) {
+    worker_proc ws[2];
+    char peers[256];
+    start_workers(ws, 2, peers, sizeof peers);
+    const char *extra[] = {"--step-timeout", "3", "--heartbeat-timeout", "2", NULL};
+    pid_t cp = start_coord(ws, 2, extra);
+    json_decref(wait_state("serving", 60000));
+    json_t *r = call(gen_req(SHORT_A, 8, N_NEW, 0), 120000);
+    ck_assert(r && json_is_true(json_object_get(r, "ok")));
+    char before[1024], after[1024];
+    tokens_str(r, before, sizeof before);
+    json_decref(r);
+
+    /* mid-generation: the step times out */
+    aconn a;
+    ck_assert_int_eq(aconn_open(&a, g_sock), 0);
+    aconn_send(&a, gen_req(SHORT_A, 8, 3000, 0));
+    double end = now_ms() + 60000;
+    while (generated_so_far() < 4) {
+        ck_assert_msg(now_ms() < end, "the long generation did not start within 60 s");
+        pause_ms(20);
+    }
+    double t0 = now_ms();
+    kill(ws[1].pid, SIGSTOP);
+    r = aconn_recv(&a, 30000);
+    double waited = now_ms() - t0;
+    ck_assert_msg(r != NULL, "no answer within 30 s of stopping a worker");
+    ck_assert_str_eq(jstr(r, "error", "code"), "worker_failure");
+    ck_assert_msg(strstr(jstr(r, "error", "message"), "within 3.0 s") != NULL,
+                  "expected a step timeout: %s", jstr(r, "error", "message"));
+    ck_assert_msg(waited < 10000, "the step failed only after %.0f ms (timeout 3 s)", waited);
+    json_decref(r);
+    aconn_close(&a);
+    json_t *s = status();
+    ck_assert_str_eq(jstr(s, "result", "state"), "degraded");
+    json_decref(s);
+    kill(ws[1].pid, SIGCONT);
+    json_decref(wait_state("serving", 60000));
+    r = call(gen_req(SHORT_A, 8, N_NEW, 0), 120000);
+    ck_assert(r && json_is_true(json_object_get(r, "ok")));
+    tokens_str(r, after, sizeof after);
+    ck_assert_str_eq(after, before);
+    json_decref(r);
+
+    /* idle: the heartbeat times out */
+    kill(ws[1].pid, SIGSTOP);
+    t0 = now_ms();
+    s = wait_state("degraded", 15000);
+    ck_assert_msg(now_ms() - t0 < 8000, "degraded only after %.0f ms (heartbeat timeout 2 s)",
+                  now_ms() - t0);
+    expect_worker_error(s, 1, "heartbeat timeout");
+    json_decref(s);
+    kill(ws[1].pid, SIGCONT);
+    json_decref(wait_state("serving", 60000));
+    r = call(gen_req(SHORT_A, 8, N_NEW, 0), 120000);
+    ck_assert(r && json_is_true(json_object_get(r, "ok")));
+    tokens_str(r, after, sizeof after);
+    ck_assert_str_eq(after, before);
+    json_decref(r);
+    stop_coord(cp);
+}
+END_TEST
+
+/* ---- kill -9 a worker while the group is idle ------------------------------------------------ *
+ * Rank 0 took no part in a collective when rank 1 died, so nothing told it that its data plane
+ * is broken: when the group is re-formed, its LoadModel must re-form the data plane with the new
+ * rank 1 rather than answer "already loaded", or the group never becomes ready. */
+
+START_TEST(recover_idle) {
+    worker_proc ws[2];
+    char peers[256];
+    start_workers(ws, 2, peers, sizeof peers);
+    pid_t cp = start_coord(ws, 2, NULL);
+    json_decref(wait_state("serving", 60000));
+    json_t *r = call(gen_req(SHORT_A, 8, N_NEW, 0), 120000);
+    ck_assert(r && json_is_true(json_object_get(r, "ok")));
+    char before[1024], after[1024];
+    tokens_str(r, before, sizeof before);
+    json_decref(r);
+    int port1 = atoi(strrchr(ws[1].addr, ':') + 1);
+    kill(ws[1].pid, SIGKILL);
+    ck_assert_int_ne(wait_exit(ws[1].pid, 10000), -1);
+    json_t *s = wait_state("degraded", 10000);
+    expect_worker_error(s, 1, "w1");
+    json_decref(s);
+    start_worker(&ws[1], 1, 2, peers, port1, g_token);
+    json_decref(wait_state("serving", 60000));
+    r = call(gen_req(SHORT_A, 8, N_NEW, 0), 120000);
+    ck_assert(r && json_is_true(json_object_get(r, "ok")));
+    tokens_str(r, after, sizeof after);
+    ck_assert_str_eq(after, before);
+    json_decref(r);
+    stop_coord(cp);
+}
+END_TEST
+
 /* ---- drain / resume ----------------------------------------------------------------------- */
 
 static int run_ctl(const char *const *args, char *out, size_t cap) {
@@ -705,10 +814,33 @@ START_TEST(drain) {
     pid_t cp = start_coord(&w, 1, NULL);
     json_decref(wait_state("serving", 60000));
 
+    /* a client that goes away cancels its request at the next step */
     aconn a;
     ck_assert_int_eq(aconn_open(&a, g_sock), 0);
-    aconn_send(&a, gen_req(SHORT_A, 8, 120, 0));
+    aconn_send(&a, gen_req(SHORT_A, 8, 3000, 0));
     double end = now_ms() + 60000;
+    while (generated_so_far() < 2) {
+        ck_assert_msg(now_ms() < end, "the generation did not start within 60 s");
+        pause_ms(20);
+    }
+    aconn_close(&a);
+    end = now_ms() + 10000;
+    for (;;) {
+        json_t *s = status();
+        json_t *res = json_object_get(s, "result");
+        int running = (int)json_integer_value(json_object_get(json_object_get(res, "queue"),
+                                                               "running"));
+        int aborted = (int)json_integer_value(json_object_get(json_object_get(res, "counters"),
+                                                               "aborted"));
+        json_decref(s);
+        if (running == 0 && aborted == 1) break;
+        ck_assert_msg(now_ms() < end, "a disconnected client's request still runs after 10 s");
+        pause_ms(20);
+    }
+
+    ck_assert_int_eq(aconn_open(&a, g_sock), 0);
+    aconn_send(&a, gen_req(SHORT_A, 8, 120, 0));
+    end = now_ms() + 60000;
     while (generated_so_far() < 2) {
         ck_assert_msg(now_ms() < end, "the generation did not start within 60 s");
         pause_ms(20);
@@ -902,6 +1034,8 @@ int main(int argc, char **argv) {
     if (!strcmp(argv[1], "equivalence")) tcase_add_loop_test(tc, equivalence, 0, 3);
     else if (!strcmp(argv[1], "auth")) tcase_add_test(tc, auth);
     else if (!strcmp(argv[1], "recover")) tcase_add_test(tc, recover);
+    else if (!strcmp(argv[1], "recover-idle")) tcase_add_test(tc, recover_idle);
+    else if (!strcmp(argv[1], "hung")) tcase_add_test(tc, hung);
     else if (!strcmp(argv[1], "drain")) tcase_add_test(tc, drain);
     else if (!strcmp(argv[1], "admin")) tcase_add_test(tc, admin);
     else {
