@@ -212,8 +212,7 @@ static void fail_step(pool *p, const char *msg) {
 /* A start-up problem that retrying cannot fix (or the deadline passed). */
 static void fatal(pool *p, const char *msg) {
     if (p->fatal_sent) return;
-    p->fatal_sent = 1;
-    plog("%s", msg);
+    p->fatal_sent = 1; /* the caller logs msg (POOL_EV_FATAL) */
     for (int i = 0; i < p->n; i++) {
         close_conn(&p->w[i]);
         p->w[i].st = W_DOWN;
@@ -573,6 +572,8 @@ static void event_cb(struct bufferevent *bev, short what, void *arg) {
         if (w->st == W_UP && w->owes_step)
             worker_fail(w, "worker w%d (%s) %s during step %llu", w->rank, w->addr, why,
                         (unsigned long long)w->p->step_id);
+        else if (w->st == W_CONNECTING)
+            worker_fail(w, "worker w%d (%s) %s", w->rank, w->addr, why);
         else
             worker_fail(w, "worker w%d (%s) %s while %s", w->rank, w->addr, why,
                         wstate_names[w->st]);
@@ -591,12 +592,16 @@ static void tick_cb(evutil_socket_t fd, short what, void *arg) {
         for (int i = 0; i < p->n; i++) {
             worker *w = &p->w[i];
             if (w->st < W_CONNECTED) {
-                char msg[900];
+                char msg[900], last[600];
+                if (w->error[0])
+                    snprintf(last, sizeof last, "%s", w->error);
+                else
+                    snprintf(last, sizeof last, "worker w%d (%s) is still %s", w->rank, w->addr,
+                             wstate_names[w->st]);
                 snprintf(msg, sizeof msg,
-                         "worker w%d (%s) did not answer within --connect-timeout %.0f s (%s): "
-                         "start the workers first, check the address and the firewall",
-                         w->rank, w->addr, p->cfg.connect_timeout_s,
-                         w->error[0] ? w->error : wstate_names[w->st]);
+                         "%s; gave up after --connect-timeout %.0f s: start the workers first, "
+                         "check the address and the firewall",
+                         last, p->cfg.connect_timeout_s);
                 fatal(p, msg);
                 return;
             }
