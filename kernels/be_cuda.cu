@@ -53,6 +53,7 @@ typedef struct {
     char name[256];
     int ccmaj, ccmin;
     size_t cap, used;          /* bytes: cap = fraction x total; used = live + cached blocks */
+    size_t free_bytes;         /* of used: cached free blocks, given back when the cap is hit */
     /* caching allocator for alloc/free (scratch and state): live map + free list */
     blk *live; size_t n_live, cap_live;
     blk *freel; size_t n_free, cap_free;
@@ -83,11 +84,11 @@ static size_t host_mem_available(void) {
 }
 
 static int fits(be_cuda *c, size_t bytes, char *err, size_t errlen) {
-    if (c->used + bytes > c->cap)
+    if (c->used - c->free_bytes + bytes > c->cap)
         return duet_err(err, errlen, DUET_ENOMEM,
                         "device memory cap reached: %.1f MiB in use + %.1f MiB asked > cap %.1f "
                         "MiB (raise the memory fraction or load less)",
-                        c->used / 1048576.0, bytes / 1048576.0, c->cap / 1048576.0);
+                        (c->used - c->free_bytes) / 1048576.0, bytes / 1048576.0, c->cap / 1048576.0);
     if (c->integrated) {
         size_t avail = host_mem_available();
         size_t reserve = (size_t)1 << 30; /* leave 1 GiB to the host */
@@ -112,14 +113,15 @@ static void drop_free_blocks(be_cuda *c) {
         c->used -= c->freel[i].n;
     }
     c->n_free = 0;
+    c->free_bytes = 0;
 }
 
 /* cudaMalloc under the cap; aborts with a sentence when it does not fit. */
 static void *dmalloc(be_cuda *c, size_t bytes) {
     char err[300];
     if (bytes == 0) bytes = 16;
-    if (fits(c, bytes, err, sizeof err)) {
-        drop_free_blocks(c);
+    if (c->used + bytes > c->cap) drop_free_blocks(c);
+    {
         if (fits(c, bytes, err, sizeof err)) {
             fprintf(stderr, "duet cuda: %s\n", err);
             abort();
@@ -151,6 +153,7 @@ static void *cu_alloc(be *b, size_t bytes) {
         if (c->freel[i].n == n) {
             p = c->freel[i].p;
             c->freel[i] = c->freel[--c->n_free];
+            c->free_bytes -= n;
             break;
         }
     if (!p) p = dmalloc(c, n);
@@ -175,6 +178,7 @@ static void cu_free(be *b, void *p) {
                 c->freel = (blk *)xrealloc(c->freel, c->cap_free * sizeof *c->freel);
             }
             c->freel[c->n_free++] = k;
+            c->free_bytes += k.n;
             return;
         }
     /* interior pointers (e.g. sink + h0) are never freed by the model; anything else is a bug */

@@ -236,7 +236,8 @@ int main(int argc, char **argv) {
         return 1;
     }
     int maj, min;
-    printf("device: %s (sm_%d%d)\n", be_cuda_device_name(b, &maj, &min), maj, min);
+    const char *dev = be_cuda_device_name(b, &maj, &min);
+    printf("device: %s (sm_%d%d)\n", dev, maj, min);
     if (dv4_load(argv[1], b, NULL, &g_m, err, sizeof err)) {
         printf("FAIL: load: %s\n", err);
         return 1;
