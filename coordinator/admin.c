@@ -15,6 +15,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -333,9 +334,29 @@ int admin_open(struct event_base *base, const char *path, admin_handler fn, void
     return 0;
 }
 
+/* Writes what is still queued for c (the last answers before exit), for at most ~1 s. The
+ * bufferevent's output buffer cannot be drained from outside (libevent freezes its front), so
+ * the bytes are written from a linearised view. */
+static void flush_conn(conn *c) {
+    struct evbuffer *out = bufferevent_get_output(c->bev);
+    evutil_socket_t fd = bufferevent_getfd(c->bev);
+    size_t len = evbuffer_get_length(out), off = 0;
+    const unsigned char *p = len ? evbuffer_pullup(out, -1) : NULL;
+    for (int spins = 0; fd >= 0 && p && off < len && spins < 100; spins++) {
+        struct pollfd q = {fd, POLLOUT, 0};
+        if (poll(&q, 1, 10) < 0 && errno != EINTR) break;
+        if (q.revents & (POLLERR | POLLHUP)) break;
+        if (!(q.revents & POLLOUT)) continue;
+        ssize_t w = write(fd, p + off, len - off);
+        if (w > 0) off += (size_t)w;
+        else if (w < 0 && errno != EAGAIN && errno != EINTR) break;
+    }
+}
+
 void admin_close(admin *a) {
     if (!a) return;
     evconnlistener_free(a->lis);
+    for (conn *c = a->conns; c; c = c->next) flush_conn(c);
     while (a->conns) conn_close(a->conns);
     unlink(a->path);
     free(a->path);

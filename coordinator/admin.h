@@ -38,8 +38,9 @@ int admin_default_path(char *out, size_t cap, char *err, size_t errlen);
  * fails), binds (umask 0177, then chmod 0600) and listens on base. */
 int admin_open(struct event_base *base, const char *path, admin_handler fn, void *ctx,
                admin **out, char *err, size_t errlen);
-/* Closes every connection (pending requests are answered by nobody: their admin_req stays
- * valid until replied to) and removes the socket file. */
+/* Writes out the answers already given (for at most about a second), closes every connection
+ * (a pending request's admin_req stays valid until replied to; that reply goes nowhere) and
+ * removes the socket file. */
 void admin_close(admin *a);
 const char *admin_path(const admin *a);
 

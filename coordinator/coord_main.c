@@ -326,6 +326,7 @@ static void check_drained(coord *c) {
         free(d);
     }
     if (c->exit_when_drained) {
+        c->exit_when_drained = 0; /* once */
         clog_("drained; exiting");
         event_base_loopbreak(c->base);
     }

@@ -311,7 +311,7 @@ static void log_progress(pool *p, int final) {
     if (!total) return;
     int pct = (int)(100.0 * (double)done / (double)total);
     int dec = pct / 10;
-    if (!final && dec <= p->pct_logged) return;
+    if (dec <= p->pct_logged && (!final || dec == 10)) return;
     p->pct_logged = dec;
     plog("loading: %d%% (%.1f of %.1f MiB over %d workers)", pct, (double)done / 1048576.0,
          (double)total / 1048576.0, p->n);

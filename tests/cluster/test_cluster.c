@@ -889,7 +889,51 @@ START_TEST(drain) {
     ck_assert_msg(strstr(out, "\"drained\"") != NULL, "drain --wait printed: %s", out);
     const char *resume2[] = {"-s", g_sock, "resume", NULL};
     ck_assert_int_eq(run_ctl(resume2, out, sizeof out), 0);
+
+    /* drain --timeout: what is still running after it ends with finish_reason "abort" */
+    ck_assert_int_eq(aconn_open(&a, g_sock), 0);
+    aconn_send(&a, gen_req(SHORT_A, 8, 3000, 0));
+    end = now_ms() + 60000;
+    while (generated_so_far() < 2) {
+        ck_assert_msg(now_ms() < end, "the generation did not start within 60 s");
+        pause_ms(20);
+    }
+    const char *to_args[] = {"-s", g_sock, "--json", "drain", "--timeout", "1", "--wait", NULL};
+    double t0 = now_ms();
+    ck_assert_int_eq(run_ctl(to_args, out, sizeof out), 0);
+    ck_assert_msg(strstr(out, "\"drained\"") != NULL, "drain --timeout --wait printed: %s", out);
+    ck_assert_double_lt(now_ms() - t0, 10000);
+    r = aconn_recv(&a, 10000);
+    ck_assert(r && json_is_true(json_object_get(r, "ok")));
+    ck_assert_str_eq(jstr(json_object_get(r, "result"), "finish_reason", NULL), "abort");
+    ck_assert_int_lt((int)json_array_size(json_object_get(json_object_get(r, "result"),
+                                                          "token_ids")), 3000);
+    json_decref(r);
+    aconn_close(&a);
+    ck_assert_int_eq(run_ctl(resume2, out, sizeof out), 0);
+
+    /* SIGHUP reloads and keeps serving */
+    kill(cp, SIGHUP);
+    json_decref(wait_state("serving", 10000));
+
+    /* SIGTERM: the in-flight request finishes, then the coordinator exits 0 */
+    ck_assert_int_eq(aconn_open(&a, g_sock), 0);
+    aconn_send(&a, gen_req(SHORT_A, 8, 40, 0));
+    end = now_ms() + 60000;
+    while (generated_so_far() < 2) {
+        ck_assert_msg(now_ms() < end, "the generation did not start within 60 s");
+        pause_ms(20);
+    }
     stop_coord(cp);
+    r = aconn_recv(&a, 10000);
+    char *rd = r ? json_dumps(r, JSON_COMPACT) : xstrdup("(nothing)");
+    ck_assert_msg(r && json_is_true(json_object_get(r, "ok")),
+                  "the request in flight at SIGTERM should complete; got %.300s", rd);
+    free(rd);
+    ck_assert_int_eq((int)json_array_size(json_object_get(json_object_get(r, "result"),
+                                                          "token_ids")), 40);
+    json_decref(r);
+    aconn_close(&a);
 }
 END_TEST
 
