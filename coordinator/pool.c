@@ -38,6 +38,7 @@
 #define BACKOFF_MIN_S 0.05
 #define BACKOFF_MAX_S 1.0
 #define TICK_MS 100
+#define PREAUTH_MAX_FRAME (64u << 10) /* until the worker's HelloReply accepted us */
 
 /* ---- types ---------------------------------------------------------------------------- */
 
@@ -178,7 +179,7 @@ static void set_down(worker *w, double delay) {
 static void start_connect(worker *w) {
     pool *p = w->p;
     w->bev = bufferevent_socket_new(p->base, -1, BEV_OPT_CLOSE_ON_FREE);
-    w->dec = rpc_decoder_new(RPC_MAX_FRAME);
+    w->dec = rpc_decoder_new(PREAUTH_MAX_FRAME);
     w->st = W_CONNECTING;
     w->attempt_start = now_s();
     w->last_rx = 0;
@@ -413,6 +414,7 @@ static void on_hello_reply(worker *w, const uint8_t *buf, size_t len) {
     duet__hello_reply__free_unpacked(r, NULL);
     w->st = W_CONNECTED;
     w->error[0] = 0;
+    rpc_decoder_set_max(w->dec, RPC_MAX_FRAME);
     maybe_load(p);
 }
 

@@ -14,6 +14,8 @@
  *                recovery after SIGCONT
  *   drain        drain lets the in-flight request finish and refuses new ones; resume
  *   admin        socket permissions, stale socket, bad lines, limits, duetctl exit codes
+ *   protocol     a scripted fake worker in this process: garbage frames, the handshake bytes,
+ *                LoadModel and progress, heartbeats, StepPlans, a wrong step id, a wrong rank
  * It must never leave a process behind (children die with the test: PR_SET_PDEATHSIG).
  *
  *   test_cluster CASE WORKER COORDINATOR DUETCTL GENERATE MODEL_DIR FIXTURE
@@ -40,7 +42,9 @@
 #include <jansson.h>
 
 #include "common/err.h"
+#include "common/rpc.h"
 #include "common/safetensors.h"
+#include "proto/duet.pb-c.h"
 
 static const char *g_worker, *g_coord, *g_ctl, *g_generate, *g_model, *g_fixture;
 
@@ -816,6 +820,289 @@ START_TEST(recover_idle) {
 }
 END_TEST
 
+/* ---- the protocol, against a scripted fake worker ------------------------------------------ */
+
+static int fake_listen(int *port) {
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    int one = 1;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    ck_assert_int_eq(bind(fd, (struct sockaddr *)&a, sizeof a), 0);
+    ck_assert_int_eq(listen(fd, 8), 0);
+    socklen_t l = sizeof a;
+    getsockname(fd, (struct sockaddr *)&a, &l);
+    *port = ntohs(a.sin_port);
+    return fd;
+}
+
+static int fake_accept(int lfd, int timeout_ms) {
+    struct pollfd q = {lfd, POLLIN, 0};
+    ck_assert_msg(poll(&q, 1, timeout_ms) == 1, "the coordinator did not connect within %d ms",
+                  timeout_ms);
+    int fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
+    ck_assert_int_ge(fd, 0);
+    return fd;
+}
+
+static void fake_send_raw(int fd, const void *p, size_t n) {
+    ck_assert_int_eq(write(fd, p, n), (ssize_t)n);
+}
+
+static void fake_send(int fd, int type, const ProtobufCMessage *m) {
+    char err[200];
+    size_t len;
+    uint8_t *buf = rpc_frame_pack(type, m, RPC_MAX_FRAME, &len, err, sizeof err);
+    ck_assert_ptr_nonnull(buf);
+    fake_send_raw(fd, buf, len);
+    free(buf);
+}
+
+/* Reads the next frame (skipping heartbeats when skip_hb, which it answers with Stats).
+ * Returns the type; *payload is malloc'd. */
+static int fake_recv(int fd, rpc_decoder *dec, uint8_t **payload, size_t *len, int skip_hb,
+                     int *n_hb) {
+    double end = now_ms() + 10000;
+    char err[200];
+    for (;;) {
+        int type;
+        const uint8_t *p;
+        size_t l;
+        while (rpc_decoder_next(dec, &type, &p, &l) == 1) {
+            if (skip_hb && type == RPC_HEARTBEAT) {
+                Duet__Heartbeat *hb = duet__heartbeat__unpack(NULL, l, p);
+                ck_assert_ptr_nonnull(hb);
+                Duet__Stats st = DUET__STATS__INIT;
+                st.seq = hb->seq;
+                duet__heartbeat__free_unpacked(hb, NULL);
+                if (n_hb) (*n_hb)++;
+                fake_send(fd, RPC_STATS, &st.base);
+                continue;
+            }
+            *payload = xmalloc(l ? l : 1);
+            memcpy(*payload, p, l);
+            *len = l;
+            return type;
+        }
+        int left = (int)(end - now_ms());
+        ck_assert_msg(left > 0, "the coordinator sent no frame within 10 s");
+        struct pollfd q = {fd, POLLIN, 0};
+        if (poll(&q, 1, left) <= 0) continue;
+        uint8_t buf[65536];
+        ssize_t r = read(fd, buf, sizeof buf);
+        ck_assert_msg(r > 0, "the coordinator closed the connection unexpectedly");
+        ck_assert_int_eq(rpc_decoder_feed(dec, buf, (size_t)r, err, sizeof err), 0);
+    }
+}
+
+/* The coordinator must close fd within timeout_ms. */
+static void fake_expect_closed(int fd, int timeout_ms, const char *what) {
+    double end = now_ms() + timeout_ms;
+    for (;;) {
+        int left = (int)(end - now_ms());
+        ck_assert_msg(left > 0, "%s: the coordinator kept the connection open", what);
+        struct pollfd q = {fd, POLLIN, 0};
+        if (poll(&q, 1, left) <= 0) continue;
+        char b[4096];
+        ssize_t r = read(fd, b, sizeof b);
+        if (r <= 0) break;
+    }
+    close(fd);
+}
+
+/* Challenge → Hello (checked) → HelloReply with the given rank. */
+static void fake_handshake(int fd, rpc_decoder *dec, uint32_t rank, uint64_t fp) {
+    uint8_t nonce[RPC_NONCE_BYTES];
+    rpc_random_nonce(nonce);
+    Duet__Challenge ch = DUET__CHALLENGE__INIT;
+    ch.nonce.data = nonce;
+    ch.nonce.len = sizeof nonce;
+    ch.protocol_version = RPC_PROTOCOL_VERSION;
+    fake_send(fd, RPC_CHALLENGE, &ch.base);
+    uint8_t *p;
+    size_t l;
+    ck_assert_int_eq(fake_recv(fd, dec, &p, &l, 0, NULL), RPC_HELLO);
+    Duet__Hello *h = duet__hello__unpack(NULL, l, p);
+    free(p);
+    ck_assert_ptr_nonnull(h);
+    char token[512], err[200];
+    ck_assert_int_eq(rpc_read_token_file(g_token, token, sizeof token, err, sizeof err), 0);
+    ck_assert_msg(rpc_auth_check(token, nonce, sizeof nonce, h->auth_proof.data,
+                                 h->auth_proof.len) == 1,
+                  "the Hello's auth proof is not HMAC-SHA256(token, nonce)");
+    ck_assert_uint_eq(h->protocol_version, RPC_PROTOCOL_VERSION);
+    ck_assert_uint_eq(h->rank, 0);
+    ck_assert_uint_eq(h->world_size, 1);
+    duet__hello__free_unpacked(h, NULL);
+    Duet__HelloReply r = DUET__HELLO_REPLY__INIT;
+    r.ok = 1;
+    r.rank = rank;
+    r.world_size = 1;
+    r.model_fingerprint = fp;
+    r.backend = "fake";
+    r.model_path = "/nowhere";
+    fake_send(fd, RPC_HELLO_REPLY, &r.base);
+}
+
+static Duet__StepPlan *fake_plan(int fd, rpc_decoder *dec, int *n_hb) {
+    uint8_t *p;
+    size_t l;
+    int t = fake_recv(fd, dec, &p, &l, 1, n_hb);
+    ck_assert_msg(t == RPC_STEP_PLAN, "expected a StepPlan, got %s", rpc_type_name(t));
+    Duet__StepPlan *plan = duet__step_plan__unpack(NULL, l, p);
+    free(p);
+    ck_assert_ptr_nonnull(plan);
+    return plan;
+}
+
+START_TEST(protocol) {
+    int port;
+    int lfd = fake_listen(&port);
+    worker_proc fake;
+    snprintf(fake.addr, sizeof fake.addr, "127.0.0.1:%d", port);
+    const char *extra[] = {"--max-seqs", "3", "--max-seq-len", "512", NULL};
+    pid_t cp = start_coord(&fake, 1, extra);
+
+    /* garbage: an oversized length, an unknown type, a malformed Challenge. Each connection is
+     * closed, and the coordinator comes back */
+    int c = fake_accept(lfd, 10000);
+    const uint8_t huge[5] = {0xff, 0xff, 0xff, 0x7f, RPC_CHALLENGE};
+    fake_send_raw(c, huge, sizeof huge);
+    fake_expect_closed(c, 5000, "oversized frame");
+    c = fake_accept(lfd, 5000);
+    const uint8_t unknown[6] = {2, 0, 0, 0, 99, 0};
+    fake_send_raw(c, unknown, sizeof unknown);
+    fake_expect_closed(c, 5000, "unknown frame type");
+    c = fake_accept(lfd, 5000);
+    const uint8_t bad[8] = {4, 0, 0, 0, RPC_CHALLENGE, 0xff, 0xff, 0xff};
+    fake_send_raw(c, bad, sizeof bad);
+    fake_expect_closed(c, 5000, "malformed Challenge");
+    json_t *s = status();
+    ck_assert_str_eq(jstr(s, "result", "state"), "starting");
+    json_decref(s);
+
+    /* the real thing */
+    c = fake_accept(lfd, 5000);
+    rpc_decoder *dec = rpc_decoder_new(RPC_MAX_FRAME);
+    fake_handshake(c, dec, 0, 0xabcULL);
+    uint8_t *p;
+    size_t l;
+    ck_assert_int_eq(fake_recv(c, dec, &p, &l, 1, NULL), RPC_LOAD_MODEL);
+    Duet__LoadModel *lm = duet__load_model__unpack(NULL, l, p);
+    free(p);
+    ck_assert_ptr_nonnull(lm);
+    ck_assert_uint_eq(lm->max_seqs, 3);
+    ck_assert_uint_eq(lm->max_seq_len, 512);
+    duet__load_model__free_unpacked(lm, NULL);
+    Duet__LoadProgress pr = DUET__LOAD_PROGRESS__INIT;
+    pr.bytes_done = 50;
+    pr.bytes_total = 100;
+    fake_send(c, RPC_LOAD_PROGRESS, &pr.base);
+    double end = now_ms() + 10000;
+    for (;;) { /* progress shows in status */
+        s = status();
+        double pct = json_number_value(json_object_get(
+            json_object_get(json_object_get(s, "result"), "loading"), "percent"));
+        json_decref(s);
+        if (pct == 50.0) break;
+        ck_assert_msg(now_ms() < end, "status never showed 50%% loaded");
+        pause_ms(20);
+    }
+    pr.bytes_done = 100;
+    pr.done = 1;
+    pr.ok = 1;
+    pr.rank_weight_bytes = 1234;
+    fake_send(c, RPC_LOAD_PROGRESS, &pr.base);
+    s = wait_state("serving", 10000);
+    json_t *res = json_object_get(s, "result");
+    ck_assert_str_eq(jstr(json_object_get(res, "model"), "fingerprint", NULL), "0000000000000abc");
+    ck_assert_int_eq(json_integer_value(json_object_get(
+                         json_array_get(json_object_get(res, "workers"), 0), "rank_weight_bytes")),
+                     1234);
+    json_decref(s);
+
+    /* a generate becomes StepPlans: prefill, then one decode token */
+    aconn a;
+    ck_assert_int_eq(aconn_open(&a, g_sock), 0);
+    const int32_t prompt[] = {3, 4, 5};
+    aconn_send(&a, gen_req(prompt, 3, 4, 0));
+    int n_hb = 0;
+    Duet__StepPlan *plan = fake_plan(c, dec, &n_hb);
+    ck_assert_uint_eq(plan->n_chunks, 1);
+    Duet__SeqChunk *ch = plan->chunks[0];
+    ck_assert_uint_eq(ch->start_pos, 0);
+    ck_assert_uint_eq(ch->n_token_ids, 3);
+    ck_assert_int_eq(ch->token_ids[2], 5);
+    ck_assert(ch->sample);
+    uint64_t seq = ch->seq_id;
+    Duet__SeqResult sr = DUET__SEQ_RESULT__INIT;
+    sr.seq_id = seq;
+    sr.token_id = 7;
+    Duet__SeqResult *srp = &sr;
+    Duet__StepResult res1 = DUET__STEP_RESULT__INIT;
+    res1.step_id = plan->step_id;
+    res1.ok = 1;
+    res1.n_results = 1;
+    res1.results = &srp;
+    fake_send(c, RPC_STEP_RESULT, &res1.base);
+    uint64_t step1 = plan->step_id;
+    duet__step_plan__free_unpacked(plan, NULL);
+    plan = fake_plan(c, dec, &n_hb);
+    ck_assert_uint_eq(plan->step_id, step1 + 1);
+    ck_assert_uint_eq(plan->chunks[0]->seq_id, seq);
+    ck_assert_uint_eq(plan->chunks[0]->start_pos, 3);
+    ck_assert_uint_eq(plan->chunks[0]->n_token_ids, 1);
+    ck_assert_int_eq(plan->chunks[0]->token_ids[0], 7);
+    /* idle heartbeats: at least one since the handshake (1 s interval) */
+    end = now_ms() + 5000;
+    while (n_hb == 0) {
+        ck_assert_msg(now_ms() < end, "no Heartbeat within 5 s");
+        uint8_t *q;
+        size_t ql;
+        int t = fake_recv(c, dec, &q, &ql, 0, NULL);
+        free(q);
+        if (t == RPC_HEARTBEAT) n_hb++;
+    }
+    /* a reply for a step that is not in flight: the step fails, the connection closes */
+    res1.step_id = plan->step_id + 100;
+    fake_send(c, RPC_STEP_RESULT, &res1.base);
+    duet__step_plan__free_unpacked(plan, NULL);
+    json_t *r = aconn_recv(&a, 10000);
+    ck_assert_ptr_nonnull(r);
+    ck_assert_str_eq(jstr(r, "error", "code"), "worker_failure");
+    ck_assert_msg(strstr(jstr(r, "error", "message"), "not in flight") != NULL, "%s",
+                  jstr(r, "error", "message"));
+    json_decref(r);
+    aconn_close(&a);
+    fake_expect_closed(c, 5000, "wrong step id");
+    rpc_decoder_free(dec);
+    s = status();
+    ck_assert_str_eq(jstr(s, "result", "state"), "degraded");
+    json_decref(s);
+
+    /* after the first start a wrong rank is not fatal: the worker is retried */
+    c = fake_accept(lfd, 5000);
+    dec = rpc_decoder_new(RPC_MAX_FRAME);
+    fake_handshake(c, dec, 3, 0xabcULL);
+    fake_expect_closed(c, 5000, "wrong rank");
+    rpc_decoder_free(dec);
+    c = fake_accept(lfd, 5000);
+    s = status();
+    const char *e = json_string_value(json_object_get(
+        json_array_get(json_object_get(json_object_get(s, "result"), "workers"), 0), "error"));
+    ck_assert_msg(e && strstr(e, "rank 3 of 1"), "w0's error: %s", e ? e : "(none)");
+    json_decref(s);
+    /* and a different model fingerprint is refused too */
+    dec = rpc_decoder_new(RPC_MAX_FRAME);
+    fake_handshake(c, dec, 0, 0xdefULL);
+    fake_expect_closed(c, 5000, "other fingerprint");
+    rpc_decoder_free(dec);
+    c = fake_accept(lfd, 5000);
+    close(c);
+    stop_coord(cp);
+    close(lfd);
+}
+END_TEST
+
 /* ---- drain / resume ----------------------------------------------------------------------- */
 
 static int run_ctl(const char *const *args, char *out, size_t cap) {
@@ -1119,6 +1406,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(argv[1], "recover")) tcase_add_test(tc, recover);
     else if (!strcmp(argv[1], "recover-idle")) tcase_add_test(tc, recover_idle);
     else if (!strcmp(argv[1], "hung")) tcase_add_test(tc, hung);
+    else if (!strcmp(argv[1], "protocol")) tcase_add_test(tc, protocol);
     else if (!strcmp(argv[1], "drain")) tcase_add_test(tc, drain);
     else if (!strcmp(argv[1], "admin")) tcase_add_test(tc, admin);
     else {
