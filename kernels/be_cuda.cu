@@ -145,7 +145,7 @@ static void dfree(be_cuda *c, void *p, size_t bytes) {
 
 static size_t round_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
 
-static void *cu_alloc(be *b, size_t bytes) {
+static void *alloc_impl(be *b, size_t bytes, int zero) {
     be_cuda *c = C(b);
     size_t n = round_up(bytes ? bytes : 1, 256);
     void *p = NULL;
@@ -162,9 +162,12 @@ static void *cu_alloc(be *b, size_t bytes) {
         c->live = (blk *)xrealloc(c->live, c->cap_live * sizeof *c->live);
     }
     c->live[c->n_live++] = (blk){p, n};
-    CK(cudaMemsetAsync(p, 0, n, c->s));
+    if (zero) CK(cudaMemsetAsync(p, 0, n, c->s));
     return p;
 }
+static void *cu_alloc(be *b, size_t bytes) { return alloc_impl(b, bytes, 1); }
+/* scratch of an op: not zeroed (every element is written before it is read) */
+static void *scratch(be *b, size_t bytes) { return alloc_impl(b, bytes, 0); }
 
 static void cu_free(be *b, void *p) {
     be_cuda *c = C(b);
@@ -409,12 +412,18 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
-/* decodes the 16 bytes at chunk `ch` of row n into EPC floats (without scale); returns scale */
+/* Weight rows are read in 16-byte chunks: raw() loads chunk `ch` of row n, dec() expands it
+ * into EPC floats (without scale), scale() is the chunk's e8m0 scale (1 for BF16/F32). */
 template <int KIND> struct wchunk;
 template <> struct wchunk<WK_FP8> {
     enum { EPC = 16 };
-    static __device__ __forceinline__ float load(const dw &w, int n, int ch, float *o) {
-        uint4 v = __ldg((const uint4 *)((const uint8_t *)w.data + (size_t)n * w.cols) + ch);
+    static __device__ __forceinline__ uint4 raw(const dw &w, int n, int ch) {
+        return __ldg((const uint4 *)((const uint8_t *)w.data + (size_t)n * w.cols) + ch);
+    }
+    static __device__ __forceinline__ float scale(const dw &w, int n, int ch) {
+        return fd_e8m0_to_f32(__ldg(w.scale + (n / w.bn) * w.scols + (ch * 16) / w.bk));
+    }
+    static __device__ __forceinline__ void dec(uint4 v, float *o) {
         uint32_t u[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
         for (int i = 0; i < 4; i++) {
@@ -423,79 +432,113 @@ template <> struct wchunk<WK_FP8> {
             float2 a = __half22float2(__half2(lo)), bb = __half22float2(__half2(hi));
             o[4 * i] = a.x; o[4 * i + 1] = a.y; o[4 * i + 2] = bb.x; o[4 * i + 3] = bb.y;
         }
-        return fd_e8m0_to_f32(w.scale[(n / w.bn) * w.scols + (ch * 16) / w.bk]);
     }
 };
 template <> struct wchunk<WK_FP4> {
     enum { EPC = 32 };
-    static __device__ __forceinline__ float load(const dw &w, int n, int ch, float *o) {
-        uint4 v = __ldg((const uint4 *)((const uint8_t *)w.data + (size_t)n * (w.cols / 2)) + ch);
+    static __device__ __forceinline__ uint4 raw(const dw &w, int n, int ch) {
+        return __ldg((const uint4 *)((const uint8_t *)w.data + (size_t)n * (w.cols / 2)) + ch);
+    }
+    static __device__ __forceinline__ float scale(const dw &w, int n, int ch) {
+        return fd_e8m0_to_f32(__ldg(w.scale + (size_t)n * w.scols + (ch * 32) / w.bk));
+    }
+    static __device__ __forceinline__ void dec(uint4 v, float *o) {
         uint32_t u[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
         for (int i = 0; i < 4; i++)
 #pragma unroll
             for (int j = 0; j < 8; j++) o[8 * i + j] = fd_e2m1_to_f32((u[i] >> (4 * j)) & 15u);
-        return fd_e8m0_to_f32(w.scale[(size_t)n * w.scols + (ch * 32) / w.bk]);
     }
 };
 template <> struct wchunk<WK_BF16> {
     enum { EPC = 8 };
-    static __device__ __forceinline__ float load(const dw &w, int n, int ch, float *o) {
-        uint4 v = __ldg((const uint4 *)((const uint16_t *)w.data + (size_t)n * w.cols) + ch);
+    static __device__ __forceinline__ uint4 raw(const dw &w, int n, int ch) {
+        return __ldg((const uint4 *)((const uint16_t *)w.data + (size_t)n * w.cols) + ch);
+    }
+    static __device__ __forceinline__ float scale(const dw &, int, int) { return 1.0f; }
+    static __device__ __forceinline__ void dec(uint4 v, float *o) {
         uint32_t u[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
         for (int i = 0; i < 4; i++) {
             o[2 * i] = __uint_as_float(u[i] << 16);
             o[2 * i + 1] = __uint_as_float(u[i] & 0xFFFF0000u);
         }
-        return 1.0f;
     }
 };
 template <> struct wchunk<WK_F32> {
     enum { EPC = 4 };
-    static __device__ __forceinline__ float load(const dw &w, int n, int ch, float *o) {
-        float4 v = __ldg((const float4 *)((const float *)w.data + (size_t)n * w.cols) + ch);
-        o[0] = v.x; o[1] = v.y; o[2] = v.z; o[3] = v.w;
-        return 1.0f;
+    static __device__ __forceinline__ uint4 raw(const dw &w, int n, int ch) {
+        return __ldg((const uint4 *)((const float *)w.data + (size_t)n * w.cols) + ch);
+    }
+    static __device__ __forceinline__ float scale(const dw &, int, int) { return 1.0f; }
+    static __device__ __forceinline__ void dec(uint4 v, float *o) {
+        o[0] = __uint_as_float(v.x); o[1] = __uint_as_float(v.y);
+        o[2] = __uint_as_float(v.z); o[3] = __uint_as_float(v.w);
     }
 };
+
+/* acc[t] += (one chunk of row wn) · x[t] for t < T */
+template <int KIND, int TT>
+__device__ __forceinline__ void gemv_chunk(uint4 rv, float s, int ch, const float *const *xr, int T,
+                                           float *acc) {
+    typedef wchunk<KIND> WC;
+    float wv[WC::EPC];
+    WC::dec(rv, wv);
+#pragma unroll
+    for (int t = 0; t < TT; t++) {
+        if (t < T) {
+            const float4 *xp = (const float4 *)(xr[t] + ch * WC::EPC);
+            float part = 0.f;
+#pragma unroll
+            for (int i = 0; i < WC::EPC / 4; i++) {
+                float4 xv = __ldg(xp + i);
+                part += wv[4 * i] * xv.x + wv[4 * i + 1] * xv.y + wv[4 * i + 2] * xv.z +
+                        wv[4 * i + 3] * xv.w;
+            }
+            acc[t] += part * s;
+        }
+    }
+}
+
+/* One warp: the dot products of weight row wn with up to TT input rows xr[t]; the lane sums
+ * are reduced over the warp (every lane gets them). Four chunks are loaded before use so that
+ * 2 KB per warp are in flight. */
+template <int KIND, int TT>
+__device__ __forceinline__ void gemv_row(const dw &w, int wn, const float *const *xr, int T, int lane,
+                                         float *acc) {
+    typedef wchunk<KIND> WC;
+    int nch = w.cols / WC::EPC, ch = lane;
+#pragma unroll
+    for (int t = 0; t < TT; t++) acc[t] = 0.f;
+    for (; ch + 96 < nch; ch += 128) {
+        uint4 r0 = WC::raw(w, wn, ch), r1 = WC::raw(w, wn, ch + 32), r2 = WC::raw(w, wn, ch + 64),
+              r3 = WC::raw(w, wn, ch + 96);
+        float s0 = WC::scale(w, wn, ch), s1 = WC::scale(w, wn, ch + 32),
+              s2 = WC::scale(w, wn, ch + 64), s3 = WC::scale(w, wn, ch + 96);
+        gemv_chunk<KIND, TT>(r0, s0, ch, xr, T, acc);
+        gemv_chunk<KIND, TT>(r1, s1, ch + 32, xr, T, acc);
+        gemv_chunk<KIND, TT>(r2, s2, ch + 64, xr, T, acc);
+        gemv_chunk<KIND, TT>(r3, s3, ch + 96, xr, T, acc);
+    }
+    for (; ch < nch; ch += 32) gemv_chunk<KIND, TT>(WC::raw(w, wn, ch), WC::scale(w, wn, ch), ch, xr, T, acc);
+#pragma unroll
+    for (int t = 0; t < TT; t++) acc[t] = warp_sum(acc[t]);
+}
 
 template <int KIND, int TT>
 __global__ void __launch_bounds__(256) k_gemv(dw w, int row0, int N, const float *__restrict__ x,
                                               int ldx, float *__restrict__ y, int ldy, int T) {
-    typedef wchunk<KIND> WC;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int n = blockIdx.x * 8 + warp;
     if (n >= N) return;
-    int wn = row0 + n, nch = w.cols / WC::EPC;
+    const float *xr[TT];
+#pragma unroll
+    for (int t = 0; t < TT; t++) xr[t] = x + (size_t)(t < T ? t : 0) * ldx;
     float acc[TT];
+    gemv_row<KIND, TT>(w, row0 + n, xr, T, lane, acc);
 #pragma unroll
-    for (int t = 0; t < TT; t++) acc[t] = 0.f;
-    for (int ch = lane; ch < nch; ch += 32) {
-        float wv[WC::EPC];
-        float s = WC::load(w, wn, ch, wv);
-#pragma unroll
-        for (int t = 0; t < TT; t++) {
-            if (t < T) {
-                const float4 *xp = (const float4 *)(x + (size_t)t * ldx + ch * WC::EPC);
-                float part = 0.f;
-#pragma unroll
-                for (int i = 0; i < WC::EPC / 4; i++) {
-                    float4 xv = __ldg(xp + i);
-                    part += wv[4 * i] * xv.x + wv[4 * i + 1] * xv.y + wv[4 * i + 2] * xv.z +
-                            wv[4 * i + 3] * xv.w;
-                }
-                acc[t] += part * s;
-            }
-        }
-    }
-#pragma unroll
-    for (int t = 0; t < TT; t++) {
-        if (t < T) {
-            float v = warp_sum(acc[t]);
-            if (lane == 0) y[(size_t)t * ldy + n] = v;
-        }
-    }
+    for (int t = 0; t < TT; t++)
+        if (t < T && lane == 0) y[(size_t)t * ldy + n] = acc[t];
 }
 
 /* --- any T: 64x64 tiles, weights decoded into shared memory, 4x4 outputs per thread ------ */
@@ -677,27 +720,6 @@ static void cu_rope(be *b, float *x, int T, int n_heads, int head_dim, int rope_
 
 __device__ __forceinline__ float sigmoid_dev(float x) { return 1.0f / (1.0f + expf(-x)); }
 
-/* mu[k] = inv_rms(X) * (fn[k] · X) for k < n_mix, warps over k; block of 256. */
-__device__ void mhc_mix_dev(const float *X, const float *fn, int n_mix, int width, float norm_eps,
-                            float *mu, float *sh) {
-    float ss = 0;
-    for (int i = threadIdx.x; i < width; i += blockDim.x) ss += X[i] * X[i];
-    ss = block_sum(ss, sh);
-    float r = inv_rms_dev(ss, width, norm_eps);
-    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
-    for (int k = warp; k < n_mix; k += nw) {
-        const float *f = fn + (size_t)k * width;
-        float s = 0;
-        for (int i = lane * 4; i < width; i += 128) {
-            float4 a = *(const float4 *)(f + i), xv = *(const float4 *)(X + i);
-            s += a.x * xv.x + a.y * xv.y + a.z * xv.z + a.w * xv.w;
-        }
-        s = warp_sum(s);
-        if (lane == 0) mu[k] = s * r;
-    }
-    __syncthreads();
-}
-
 __device__ void sinkhorn_dev(float *Cm, int n, int iters, float eps) {
     for (int j = 0; j < n; j++) {
         float *row = Cm + j * n, mx = row[0], s = 0;
@@ -720,20 +742,49 @@ __device__ void sinkhorn_dev(float *Cm, int n, int iters, float eps) {
     }
 }
 
-/* one block per token; mode 0: mhc_pre (writes u, post, comb), 1: hc_head (writes u only) */
-__global__ void __launch_bounds__(256) k_mhc_pre(const float *h, const float *fn, const float *base,
-                                                 const float *scale, int n, int D, int iters,
-                                                 float hc_eps, float norm_eps, float *u,
-                                                 float *post, float *comb, int head_mode) {
+/* Stage 1 of mHC pre / HC head: grid (n_mix, T, S): block (k, t, s) writes the partial dot of
+ * fn[k] with token t's streams over width slice s, and (k == 0) the partial sum of squares.
+ * Splitting the width over S blocks keeps a decode step (T = 1) from running on one SM. */
+__global__ void __launch_bounds__(256) k_mhc_mix(const float *h, const float *fn, int n_mix, int width,
+                                                 int slice, float *part, float *sspart) {
     __shared__ float sh[32];
+    int k = blockIdx.x, t = blockIdx.y, sidx = blockIdx.z, S = gridDim.z;
+    const float *X = h + (size_t)t * width, *f = fn + (size_t)k * width;
+    int i0 = sidx * slice, i1 = i0 + slice < width ? i0 + slice : width;
+    float d = 0, ss = 0;
+    for (int i = i0 + threadIdx.x * 4; i < i1; i += blockDim.x * 4) {
+        float4 xv = *(const float4 *)(X + i), fv = *(const float4 *)(f + i);
+        d += fv.x * xv.x + fv.y * xv.y + fv.z * xv.z + fv.w * xv.w;
+        if (k == 0) ss += xv.x * xv.x + xv.y * xv.y + xv.z * xv.z + xv.w * xv.w;
+    }
+    d = block_sum(d, sh);
+    if (k == 0) ss = block_sum(ss, sh);
+    if (threadIdx.x == 0) {
+        part[((size_t)t * n_mix + k) * S + sidx] = d;
+        if (k == 0) sspart[(size_t)t * S + sidx] = ss;
+    }
+}
+
+/* Stage 2: block per token; mode 0: mhc_pre (writes u, post, comb), 1: hc_head (u only) */
+__global__ void __launch_bounds__(256) k_mhc_fin(const float *h, const float *part, const float *sspart,
+                                                 int S, const float *base, const float *scale, int n,
+                                                 int D, int iters, float hc_eps, float norm_eps,
+                                                 float *u, float *post, float *comb, int head_mode) {
     __shared__ float mu[16 * 16];
     __shared__ float pre[16];
     __shared__ float Cm[16 * 16];
     int t = blockIdx.x;
     int n_mix = head_mode ? n : (2 + n) * n;
     const float *X = h + (size_t)t * n * D;
-    mhc_mix_dev(X, fn, n_mix, n * D, norm_eps, mu, sh);
     if (threadIdx.x == 0) {
+        double ss = 0;
+        for (int s2 = 0; s2 < S; s2++) ss += sspart[(size_t)t * S + s2];
+        float r = inv_rms_dev(ss, n * D, norm_eps);
+        for (int k = 0; k < n_mix; k++) {
+            float d = 0;
+            for (int s2 = 0; s2 < S; s2++) d += part[((size_t)t * n_mix + k) * S + s2];
+            mu[k] = d * r;
+        }
         for (int j = 0; j < n; j++) pre[j] = sigmoid_dev(mu[j] * scale[0] + base[j]) + hc_eps;
         if (!head_mode) {
             for (int j = 0; j < n; j++)
@@ -751,22 +802,43 @@ __global__ void __launch_bounds__(256) k_mhc_pre(const float *h, const float *fn
     }
 }
 
+static void mhc_run(be *b, const float *h, const float *fn, const float *base, const float *scale,
+                    int T, int n, int D, int iters, float hc_eps, float norm_eps, float *u,
+                    float *post, float *comb, int head_mode) {
+    be_cuda *c = C(b);
+    int n_mix = head_mode ? n : (2 + n) * n, width = n * D;
+    if (n > 8 || width % 4) {
+        fprintf(stderr, "duet cuda: mHC with n_hc %d and width %d unsupported\n", n, width);
+        abort();
+    }
+    int S = (int)(528 / ((long)T * n_mix));
+    S = S < 1 ? 1 : S > 32 ? 32 : S;
+    int slice = (width + S - 1) / S;
+    slice = (slice + 3) / 4 * 4;
+    S = (width + slice - 1) / slice;
+    float *part = (float *)scratch(b, (size_t)T * n_mix * S * sizeof(float));
+    float *sspart = (float *)scratch(b, (size_t)T * S * sizeof(float));
+    k_mhc_mix<<<dim3(n_mix, T, S), 256, 0, c->s>>>(h, fn, n_mix, width, slice, part, sspart);
+    LAUNCHED();
+    k_mhc_fin<<<T, 256, 0, c->s>>>(h, part, sspart, S, base, scale, n, D, iters, hc_eps, norm_eps, u,
+                                   post, comb, head_mode);
+    LAUNCHED();
+    cu_free(b, part);
+    cu_free(b, sspart);
+}
+
 static void cu_mhc_pre(be *b, const float *h, const float *fn, const float *base,
                        const float *scale, int T, int n_hc, int D, int iters, float hc_eps,
                        float norm_eps, float *u, float *post, float *comb) {
     if (T <= 0) return;
-    k_mhc_pre<<<T, 256, 0, C(b)->s>>>(h, fn, base, scale, n_hc, D, iters, hc_eps, norm_eps, u,
-                                      post, comb, 0);
-    LAUNCHED();
+    mhc_run(b, h, fn, base, scale, T, n_hc, D, iters, hc_eps, norm_eps, u, post, comb, 0);
 }
 
 static void cu_hc_head(be *b, const float *h, const float *fn, const float *base,
                        const float *scale, int T, int n_hc, int D, float hc_eps, float norm_eps,
                        float *y) {
     if (T <= 0) return;
-    k_mhc_pre<<<T, 256, 0, C(b)->s>>>(h, fn, base, scale, n_hc, D, 0, hc_eps, norm_eps, y, NULL,
-                                      NULL, 1);
-    LAUNCHED();
+    mhc_run(b, h, fn, base, scale, T, n_hc, D, 0, hc_eps, norm_eps, y, NULL, NULL, 1);
 }
 
 /* thread per (t, i): X[k][i] = post[k] v[i] + sum_j C[j][k] X[j][i] */
@@ -799,7 +871,7 @@ static void cu_mhc_post(be *b, float *h, const float *v, const float *post, cons
 /* attention with sinks over a key plan (spec §2.4.5)                                        */
 /* ======================================================================================== */
 
-enum { ATT_WARPS = 4, ATT_MAXD = 512 };
+enum { ATT_WARPS = 16, ATT_MAXD = 512 };
 
 /* one block per (t, h); warps take keys round-robin with an online softmax each, merged with
  * the sink at the end. Lane owns dims lane + 32*j. */
@@ -1243,6 +1315,99 @@ static void expert_ffn(be_cuda *c, const be_weight *w1, const be_weight *w2, con
     mm(c, w2, 0, D, g, I, ys, D, n);
 }
 
+/* ---- grouped routed experts: pairs (token, expert) sorted by expert, in chunks of <= 8 ------ */
+typedef struct { int e, p0, n; } mchunk;   /* expert, first sorted pair, pairs (<= 8) */
+
+__device__ __forceinline__ float swiglu_dev(float gv, float pv, float limit, float wgt) {
+    if (limit > 0) {
+        if (gv > limit) gv = limit;
+        if (pv > limit) pv = limit;
+        if (pv < -limit) pv = -limit;
+    }
+    return gv / (1.0f + expf(-gv)) * pv * wgt;
+}
+
+/* hbuf[pair, n] = swiglu(w1[e][n] · x[tok], w3[e][n] · x[tok]) * weight; grid (I/8, chunks) */
+template <int KIND>
+__global__ void __launch_bounds__(256) k_moe_up(const dw *w1s, const dw *w3s, const mchunk *chunks,
+                                                const int32_t *pair_tok, const float *pair_w,
+                                                const float *x, int ldx, int I, float limit,
+                                                float *hbuf) {
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, n = blockIdx.x * 8 + warp;
+    if (n >= I) return;
+    mchunk ck = chunks[blockIdx.y];
+    const float *xr[8];
+#pragma unroll
+    for (int t = 0; t < 8; t++) xr[t] = x + (size_t)pair_tok[ck.p0 + (t < ck.n ? t : 0)] * ldx;
+    float g[8], p[8];
+    gemv_row<KIND, 8>(w1s[ck.e], n, xr, ck.n, lane, g);
+    gemv_row<KIND, 8>(w3s[ck.e], n, xr, ck.n, lane, p);
+    if (lane == 0)
+#pragma unroll
+        for (int t = 0; t < 8; t++)
+            if (t < ck.n) hbuf[(size_t)(ck.p0 + t) * I + n] = swiglu_dev(g[t], p[t], limit, pair_w[ck.p0 + t]);
+}
+
+/* ys[pair, n] = w2[e][n] · hbuf[pair]; grid (D/8, chunks) */
+template <int KIND>
+__global__ void __launch_bounds__(256) k_moe_down(const dw *w2s, const mchunk *chunks, const float *hbuf,
+                                                  int I, int D, float *ys) {
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, n = blockIdx.x * 8 + warp;
+    if (n >= D) return;
+    mchunk ck = chunks[blockIdx.y];
+    const float *xr[8];
+#pragma unroll
+    for (int t = 0; t < 8; t++) xr[t] = hbuf + (size_t)(ck.p0 + (t < ck.n ? t : 0)) * I;
+    float acc[8];
+    gemv_row<KIND, 8>(w2s[ck.e], n, xr, ck.n, lane, acc);
+    if (lane == 0)
+#pragma unroll
+        for (int t = 0; t < 8; t++)
+            if (t < ck.n) ys[(size_t)(ck.p0 + t) * D + n] = acc[t];
+}
+
+/* out[t] = shared[t] + sum_k ys[inv[t, k]] (inv -1: the pair's expert is another rank's) */
+__global__ void k_moe_combine(float *out, const float *ys, const int32_t *inv, int T, int K, int D,
+                              const float *shared) {
+    size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (idx >= (size_t)T * D) return;
+    int t = (int)(idx / D), i = (int)(idx % D);
+    float s = 0;
+    for (int k = 0; k < K; k++) {
+        int p = inv[(size_t)t * K + k];
+        if (p >= 0) s += ys[(size_t)p * D + i];
+    }
+    out[idx] = shared ? s + shared[idx] : s;
+}
+
+/* The kind shared by every present routed expert and usable by the chunked GEMV, or -1. */
+static int experts_kind(const be_moe_layer *L) {
+    int kind = -1;
+    for (int e = 0; e < L->n_experts; e++) {
+        if (!L->w1[e]) continue;
+        const be_weight *ws[3] = {L->w1[e], L->w2[e], L->w3[e]};
+        for (int j = 0; j < 3; j++) {
+            const dw &w = ws[j]->v;
+            if (kind < 0) kind = w.kind;
+            int epc = w.kind == WK_FP8 ? 16 : w.kind == WK_FP4 ? 32 : w.kind == WK_BF16 ? 8 : 4;
+            if (w.kind != kind || w.cols % epc || (w.kind == WK_FP8 && w.bk % 16) ||
+                (w.kind == WK_FP4 && w.bk % 32))
+                return -1;
+        }
+    }
+    return kind;
+}
+
+template <int KIND>
+static void moe_grouped_launch(be_cuda *c, const dw *dw1, const dw *dw2, const dw *dw3,
+                               const mchunk *dch, int nch, const int32_t *ptok, const float *pw,
+                               const float *x, int D, int I, float limit, float *hbuf, float *ys) {
+    k_moe_up<KIND><<<dim3((I + 7) / 8, nch), 256, 0, c->s>>>(dw1, dw3, dch, ptok, pw, x, D, I, limit, hbuf);
+    LAUNCHED();
+    k_moe_down<KIND><<<dim3((D + 7) / 8, nch), 256, 0, c->s>>>(dw2, dch, hbuf, I, D, ys);
+    LAUNCHED();
+}
+
 static void cu_moe(be *b, const be_moe_layer *L, const float *x, const int32_t *ids, int T,
                    float *out) {
     if (T <= 0) return;
@@ -1250,8 +1415,9 @@ static void cu_moe(be *b, const be_moe_layer *L, const float *x, const int32_t *
     int E = L->n_experts, K = L->top_k, D = L->hidden, I = L->inter;
     int SI = L->shared_inter ? L->shared_inter : I, IM = SI > I ? SI : I;
     float *logits = (float *)cu_alloc(b, (size_t)T * E * sizeof(float));
-    int32_t *sel = (int32_t *)cu_alloc(b, (size_t)T * K * sizeof(int32_t));
-    float *wsel = (float *)cu_alloc(b, (size_t)T * K * sizeof(float));
+    /* sel [T, K] int32 then wsel [T, K] f32 in one buffer: one download */
+    int32_t *sel = (int32_t *)cu_alloc(b, (size_t)T * K * 8);
+    float *wsel = (float *)(sel + (size_t)T * K);
     mm(c, L->gate, 0, E, x, D, logits, E, T);
     const int32_t *hsel = NULL;
     if (L->tid2eid) {
@@ -1265,10 +1431,9 @@ static void cu_moe(be *b, const be_moe_layer *L, const float *x, const int32_t *
                                               L->route_scale, sel, wsel);
     LAUNCHED();
     /* group rows by expert on the host (one sync per layer) */
-    int32_t *hs = (int32_t *)xmalloc((size_t)T * K * sizeof *hs);
-    float *hw = (float *)xmalloc((size_t)T * K * sizeof *hw);
-    cu_download(b, hs, sel, (size_t)T * K * sizeof *hs);
-    cu_download(b, hw, wsel, (size_t)T * K * sizeof *hw);
+    int32_t *hs = (int32_t *)xmalloc((size_t)T * K * 8);
+    float *hw = (float *)(hs + (size_t)T * K);
+    cu_download(b, hs, sel, (size_t)T * K * 8);
     int *cnt = (int *)xcalloc((size_t)E + 1, sizeof *cnt);
     for (int i = 0; i < T * K; i++)
         if (hs[i] >= 0 && hs[i] < E) cnt[hs[i] + 1]++;
@@ -1284,6 +1449,71 @@ static void cu_moe(be *b, const be_moe_layer *L, const float *x, const int32_t *
             rows[fillp[e]] = t;
             wts[fillp[e]++] = hw[(size_t)t * K + k];
         }
+    int kind = experts_kind(L);
+    int np = cnt[E];
+    int nchunks = 0;
+    for (int e = 0; e < E; e++)
+        if (L->w1[e]) nchunks += (cnt[e + 1] - cnt[e] + 7) / 8;
+    if (kind >= 0 && nchunks > 0 && nchunks <= 65535) {
+        /* grouped: every routed expert in two launches, then one combine */
+        mchunk *ch = (mchunk *)xmalloc((size_t)nchunks * sizeof *ch);
+        int nc = 0;
+        for (int e = 0; e < E; e++)
+            for (int p0 = cnt[e]; L->w1[e] && p0 < cnt[e + 1]; p0 += 8)
+                ch[nc++] = (mchunk){e, p0, cnt[e + 1] - p0 < 8 ? cnt[e + 1] - p0 : 8};
+        int32_t *inv = (int32_t *)xmalloc((size_t)T * K * sizeof *inv);
+        for (int i = 0; i < T * K; i++) inv[i] = -1;
+        {
+            int *fp = (int *)xmalloc((size_t)E * sizeof *fp);
+            memcpy(fp, cnt, (size_t)E * sizeof *fp);
+            for (int t = 0; t < T; t++)
+                for (int k = 0; k < K; k++) {
+                    int e = hs[(size_t)t * K + k];
+                    if (e >= 0 && e < E && L->w1[e]) inv[(size_t)t * K + k] = fp[e]++;
+                    else if (e >= 0 && e < E) fp[e]++;
+                }
+            free(fp);
+        }
+        dw *tw = (dw *)xcalloc((size_t)3 * E, sizeof *tw);
+        for (int e = 0; e < E; e++)
+            if (L->w1[e]) {
+                tw[e] = L->w1[e]->v;
+                tw[E + e] = L->w2[e]->v;
+                tw[2 * E + e] = L->w3[e]->v;
+            }
+        const dw *dtw = (const dw *)stage(c, tw, (size_t)3 * E * sizeof *tw);
+        const mchunk *dch = (const mchunk *)stage(c, ch, (size_t)nchunks * sizeof *ch);
+        int32_t *dtok = (int32_t *)stage(c, rows, (size_t)(np ? np : 1) * sizeof *rows);
+        float *dpw = (float *)stage(c, wts, (size_t)(np ? np : 1) * sizeof *wts);
+        int32_t *dinv = (int32_t *)stage(c, inv, (size_t)T * K * sizeof *inv);
+        float *hbuf = (float *)scratch(b, (size_t)np * I * sizeof(float));
+        float *ysb = (float *)scratch(b, (size_t)np * D * sizeof(float));
+        switch (kind) {
+        case WK_FP4: moe_grouped_launch<WK_FP4>(c, dtw, dtw + E, dtw + 2 * E, dch, nchunks, dtok, dpw, x, D, I, L->swiglu_limit, hbuf, ysb); break;
+        case WK_FP8: moe_grouped_launch<WK_FP8>(c, dtw, dtw + E, dtw + 2 * E, dch, nchunks, dtok, dpw, x, D, I, L->swiglu_limit, hbuf, ysb); break;
+        case WK_BF16: moe_grouped_launch<WK_BF16>(c, dtw, dtw + E, dtw + 2 * E, dch, nchunks, dtok, dpw, x, D, I, L->swiglu_limit, hbuf, ysb); break;
+        default: moe_grouped_launch<WK_F32>(c, dtw, dtw + E, dtw + 2 * E, dch, nchunks, dtok, dpw, x, D, I, L->swiglu_limit, hbuf, ysb); break;
+        }
+        float *shb = NULL;
+        if (L->s1) {
+            float *g = (float *)scratch(b, (size_t)T * SI * sizeof(float));
+            float *p = (float *)scratch(b, (size_t)T * SI * sizeof(float));
+            shb = (float *)scratch(b, (size_t)T * D * sizeof(float));
+            expert_ffn(c, L->s1, L->s2, L->s3, x, T, D, SI, NULL, L->swiglu_limit, g, p, shb);
+            cu_free(b, g);
+            cu_free(b, p);
+        }
+        size_t nD = (size_t)T * D;
+        k_moe_combine<<<(unsigned)((nD + 255) / 256), 256, 0, c->s>>>(out, ysb, dinv, T, K, D, shb);
+        LAUNCHED();
+        cu_free(b, hbuf);
+        cu_free(b, ysb);
+        if (shb) cu_free(b, shb);
+        free(ch);
+        free(inv);
+        free(tw);
+    } else {
+    /* fallback: one expert at a time */
     int32_t *drows = (int32_t *)stage(c, rows, (size_t)T * K * sizeof *rows);
     float *dwts = (float *)stage(c, wts, (size_t)T * K * sizeof *wts);
     float *xs = (float *)cu_alloc(b, (size_t)T * D * sizeof(float));
@@ -1308,15 +1538,14 @@ static void cu_moe(be *b, const be_moe_layer *L, const float *x, const int32_t *
         k_scatter_add<<<(unsigned)((nD + 255) / 256), 256, 0, c->s>>>(out, ys, NULL, T, D);
         LAUNCHED();
     }
-    cu_free(b, logits);
-    cu_free(b, sel);
-    cu_free(b, wsel);
     cu_free(b, xs);
     cu_free(b, ys);
     cu_free(b, g);
     cu_free(b, p);
+    }
+    cu_free(b, logits);
+    cu_free(b, sel);
     free(hs);
-    free(hw);
     free(cnt);
     free(rows);
     free(wts);

@@ -466,7 +466,8 @@ static void t_index(int T, int H, int hd, int topk, int n_ent) {
 
 /* ---- MoE ----------------------------------------------------------------------------------- */
 
-static void t_moe(int T, int E, int K, int D, int I, int hash) {
+/* ep_half: odd experts belong to "another rank" (NULL weights) on both backends */
+static void t_moe(int T, int E, int K, int D, int I, int hash, int ep_half) {
     hweight gate, ex[3 * 16], sh[3];
     hw_make(&gate, K_FP8, E, D, 0.2f);
     be_weight *gc = CPU->ops->weight(CPU, &gate.w), *gg = G->ops->weight(G, &gate.w);
@@ -502,13 +503,24 @@ static void t_moe(int T, int E, int K, int D, int I, int hash) {
     Lg.gate = gg;
     Lg.bias = hash ? NULL : dbias;
     Lg.w1 = w1g; Lg.w2 = w2g; Lg.w3 = w3g;
+    const be_weight *n1c[16], *n2c[16], *n3c[16], *n1g[16], *n2g[16], *n3g[16];
+    if (ep_half) {
+        for (int e = 0; e < E; e++) {
+            int off = e & 1;
+            n1c[e] = off ? NULL : w1c[e]; n2c[e] = off ? NULL : w2c[e]; n3c[e] = off ? NULL : w3c[e];
+            n1g[e] = off ? NULL : w1g[e]; n2g[e] = off ? NULL : w2g[e]; n3g[e] = off ? NULL : w3g[e];
+        }
+        Lc.w1 = n1c; Lc.w2 = n2c; Lc.w3 = n3c;
+        Lg.w1 = n1g; Lg.w2 = n2g; Lg.w3 = n3g;
+    }
     Lg.s1 = s1g; Lg.s2 = s2g; Lg.s3 = s3g;
     float *x = rvec((size_t)T * D, -2, 2), *out = xmalloc((size_t)T * D * 4);
     CPU->ops->moe(CPU, &Lc, x, ids, T, out);
     float *dx = dup_dev(x, (size_t)T * D * 4), *dout = dev_nan((size_t)T * D);
     G->ops->moe(G, &Lg, dx, ids, T, dout);
     char cas[96];
-    snprintf(cas, sizeof cas, "T%d E%d k%d D%d I%d %s fp4+fp8", T, E, K, D, I, hash ? "hash" : "score");
+    snprintf(cas, sizeof cas, "T%d E%d k%d D%d I%d %s%s", T, E, K, D, I, hash ? "hash" : "score",
+             ep_half ? " half-experts" : "");
     report("moe", cas, cmp_dev(dout, out, (size_t)T * D), 1e-5);
     for (int e = 0; e < E; e++) {
         CPU->ops->weight_free(CPU, (be_weight *)w1c[e]); CPU->ops->weight_free(CPU, (be_weight *)w2c[e]);
@@ -612,13 +624,16 @@ int main(int argc, char **argv) {
     t_rmsnorm(64, 128);
     t_rope(9, 8, 128, 64, 0);
     t_rope(9, 8, 512, 64, 1);
+    t_mhc(1, 4, 4096);
     t_mhc(5, 4, 256);
     t_mhc(3, 4, 4096);
+    t_mhc(64, 4, 512);
     t_attention(1, 8, 128, 8, 40, 10, 0, 0);
     t_attention(37, 8, 128, 8, 0, 9, 0, 0);
     t_attention(20, 8, 128, 8, 100, 25, 1, 16);
     t_attention(5, 16, 512, 128, 300, 600, 1, 512);
     t_attention(3, 4, 512, 128, 1000, 7, 0, 0);
+    t_attention(300, 8, 512, 128, 0, 75, 1, 64);
     static const int ch1[] = {1, 3, 7, 130, 1, 1, 1, 2, 37};
     static const int ch2[] = {300};
     static const int ch3[] = {5, 128, 1, 127, 200, 1};
@@ -630,9 +645,11 @@ int main(int argc, char **argv) {
     t_index(1, 16, 128, 16, 40);
     t_index(37, 16, 128, 16, 9);
     t_index(50, 64, 128, 512, 2000);
-    t_moe(1, 8, 2, 256, 128, 0);
-    t_moe(7, 8, 2, 256, 128, 1);
-    t_moe(40, 16, 6, 256, 128, 0);
+    t_moe(1, 8, 2, 256, 128, 0, 0);
+    t_moe(7, 8, 2, 256, 128, 1, 0);
+    t_moe(40, 16, 6, 256, 128, 0, 0);
+    t_moe(200, 8, 2, 256, 128, 0, 0);
+    t_moe(33, 16, 6, 256, 128, 0, 1);
     t_elementwise();
     t_vector_and_cap();
     if (be_cuda_sync(G, err, sizeof err)) {
