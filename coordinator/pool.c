@@ -69,6 +69,8 @@ typedef struct worker {
     int owes_step;            /* a StepResult for the current step is outstanding */
     Duet__StepResult *step_res;
     char error[512];          /* last problem, for status; "" when none */
+    double step_ms[64];       /* ring of the last step round trips (ms), for step_ms_p50 */
+    int n_step_ms;
 } worker;
 
 struct pool {
@@ -471,6 +473,8 @@ static void on_step_result(worker *w, const uint8_t *buf, size_t len) {
         return;
     }
     w->owes_step = 0;
+    w->step_ms[w->steps_done % 64] = (now_s() - p->step_start) * 1000.0;
+    if (w->n_step_ms < 64) w->n_step_ms++;
     w->steps_done++;
     w->step_res = r;
     for (int i = 0; i < p->n; i++)
@@ -611,13 +615,26 @@ static void tick_cb(evutil_socket_t fd, short what, void *arg) {
     }
     if (p->step_active && p->cfg.step_timeout_s > 0 &&
         t - p->step_start > p->cfg.step_timeout_s) {
+        /* Name every worker that owes the answer with how long it has been silent: a worker
+         * waiting in a collective still answers heartbeats, the stuck one does not. Blame the
+         * most silent one. */
+        char list[600];
+        size_t len = 0;
+        worker *blame = NULL;
+        list[0] = 0;
         for (int i = 0; i < p->n; i++) {
             worker *w = &p->w[i];
-            if (w->owes_step) {
-                worker_fail(w, "worker w%d (%s) did not answer step %llu within %.1f s", w->rank,
-                            w->addr, (unsigned long long)p->step_id, p->cfg.step_timeout_s);
-                return;
-            }
+            if (!w->owes_step) continue;
+            if (!blame || w->last_rx < blame->last_rx) blame = w;
+            if (len < sizeof list)
+                len += (size_t)snprintf(list + len, sizeof list - len,
+                                        "%sw%d (%s, last message %.1f s ago)", len ? ", " : "",
+                                        w->rank, w->addr, t - w->last_rx);
+        }
+        if (blame) {
+            worker_fail(blame, "step %llu was not answered within %.1f s by %s",
+                        (unsigned long long)p->step_id, p->cfg.step_timeout_s, list);
+            return;
         }
     }
     for (int i = 0; i < p->n; i++) {
@@ -800,6 +817,11 @@ void pool_load_progress(const pool *p, uint64_t *done, uint64_t *total) {
 
 uint64_t pool_fingerprint(const pool *p) { return p->fingerprint; }
 
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
 json_t *pool_workers_json(const pool *p) {
     json_t *arr = json_array();
     double t = now_s();
@@ -818,6 +840,14 @@ json_t *pool_workers_json(const pool *p) {
                                 : json_null());
         json_object_set_new(o, "rank_weight_bytes", json_integer((json_int_t)w->weight_bytes));
         json_object_set_new(o, "steps_done", json_integer((json_int_t)w->steps_done));
+        if (w->n_step_ms) {
+            double v[64];
+            memcpy(v, w->step_ms, sizeof v);
+            qsort(v, (size_t)w->n_step_ms, sizeof *v, cmp_double);
+            json_object_set_new(o, "step_ms_p50", json_real(v[w->n_step_ms / 2]));
+        } else {
+            json_object_set_new(o, "step_ms_p50", json_null());
+        }
         json_object_set_new(o, "backend", json_string(w->backend));
         if (w->st == W_LOADING && w->load_total)
             json_object_set_new(o, "load_percent",

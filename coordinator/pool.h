@@ -90,7 +90,8 @@ uint64_t pool_fingerprint(const pool *p);
 
 /* JSON array of per-worker objects for `status`:
  * {"name","addr","rank","state","last_heartbeat_ms","rank_weight_bytes","steps_done",
- *  "backend","error"}. The caller owns the reference. */
+ *  "step_ms_p50" (over the last 64 steps; null before the first), "backend","load_percent"
+ *  (while loading), "error"}. The caller owns the reference. */
 json_t *pool_workers_json(const pool *p);
 
 #endif

@@ -147,6 +147,8 @@ static void print_status(json_t *r) {
         printf(" weights %.1f MiB, %lld steps",
                (double)json_integer_value(json_object_get(w, "rank_weight_bytes")) / 1048576.0,
                (long long)json_integer_value(json_object_get(w, "steps_done")));
+        json_t *p50 = json_object_get(w, "step_ms_p50");
+        if (json_is_number(p50)) printf(", step p50 %.1f ms", json_number_value(p50));
         if (json_is_string(e)) printf("\n       last error: %s", json_string_value(e));
         printf("\n");
     }
