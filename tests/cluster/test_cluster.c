@@ -7,6 +7,7 @@
  * whatever it started when it ends. Cases (argv[1] picks one; meson runs each as a test):
  *   equivalence  1, 2 and 4 workers: prompt logits vs the transformers fixture, greedy tokens
  *                vs the single-process duet-generate, two concurrent requests batched
+ *   batching     7 requests of different lengths on 3 sequence slots: each as if alone
  *   auth         wrong token / wrong fingerprint / no worker: the coordinator exits with the reason
  *   recover      kill -9 a worker mid-generation: clear error, degraded, recovers by itself
  *   recover-idle kill -9 a worker between requests: degraded, recovers when it is back
@@ -570,6 +571,53 @@ START_TEST(equivalence) {
     }
     json_decref(ref);
     st_close(f.st);
+}
+END_TEST
+
+/* ---- continuous batching: more requests than sequence slots, joining and leaving ------------ */
+
+START_TEST(batching) {
+    worker_proc w;
+    start_worker(&w, 0, 1, NULL, 0, g_token);
+    const char *extra[] = {"--max-seqs", "3", NULL};
+    pid_t cp = start_coord(&w, 1, extra);
+    json_decref(wait_state("serving", 60000));
+    enum { N = 7 }; /* at most 8 admin connections: 7 + the status probe */
+    int32_t prompts[N][12];
+    int plen[N], maxt[N];
+    char solo[N][512], got[512];
+    for (int i = 0; i < N; i++) { /* different lengths: sequences join and leave mid-flight */
+        plen[i] = 1 + (i * 5) % 12;
+        maxt[i] = 2 + (i * 7) % 9;
+        for (int k = 0; k < plen[i]; k++) prompts[i][k] = (int32_t)((i * 131 + k * 17) % 1024);
+        json_t *r = call(gen_req(prompts[i], plen[i], maxt[i], 0), 60000);
+        ck_assert(r && json_is_true(json_object_get(r, "ok")));
+        tokens_str(r, solo[i], sizeof solo[i]);
+        json_decref(r);
+    }
+    aconn c[N];
+    for (int i = 0; i < N; i++) {
+        ck_assert_int_eq(aconn_open(&c[i], g_sock), 0);
+        aconn_send(&c[i], gen_req(prompts[i], plen[i], maxt[i], 0));
+    }
+    json_t *s = call(json_pack("{s:s, s:b}", "cmd", "status", "verbose", 1), 10000);
+    json_t *q = json_object_get(json_object_get(s, "result"), "queue");
+    ck_assert_int_le(json_integer_value(json_object_get(q, "running")), 3);
+    json_decref(s);
+    for (int i = 0; i < N; i++) {
+        json_t *r = aconn_recv(&c[i], 60000);
+        ck_assert_msg(r && json_is_true(json_object_get(r, "ok")), "request %d failed", i);
+        tokens_str(r, got, sizeof got);
+        ck_assert_msg(!strcmp(got, solo[i]), "request %d batched gave '%s', alone '%s'", i, got,
+                      solo[i]);
+        json_decref(r);
+        aconn_close(&c[i]);
+    }
+    s = status();
+    json_t *cnt = json_object_get(json_object_get(s, "result"), "counters");
+    ck_assert_int_eq(json_integer_value(json_object_get(cnt, "completed")), 2 * N);
+    json_decref(s);
+    stop_coord(cp);
 }
 END_TEST
 
@@ -1385,6 +1433,28 @@ START_TEST(admin) {
     json_decref(wait_state("serving", 60000));
     stop_coord(cp);
     ck_assert_int_ne(lstat(g_sock, &st), 0); /* removed on exit */
+
+    /* no --admin-socket: coordinator and duetctl agree on the default (§12 order) */
+    char xdg[320], def[400];
+    snprintf(xdg, sizeof xdg, "%s/xdg", g_dir);
+    ck_assert_int_eq(mkdir(xdg, 0700), 0);
+    setenv("XDG_RUNTIME_DIR", xdg, 1);
+    struct stat rd;
+    if (stat("/run/duet", &rd) == 0 && S_ISDIR(rd.st_mode) && access("/run/duet", W_OK) == 0)
+        snprintf(def, sizeof def, "/run/duet/admin.sock");
+    else
+        snprintf(def, sizeof def, "%s/duet/admin.sock", xdg);
+    char *argv[] = {(char *)g_coord, "--workers", w.addr, "--auth-token-file", g_token, NULL};
+    cp = spawn(argv, NULL, g_clog);
+    double end = now_ms() + 30000;
+    const char *s7[] = {"status", NULL};
+    while (run_ctl(s7, out, sizeof out) != 0) {
+        ck_assert_msg(now_ms() < end, "duetctl without -s never reached the coordinator");
+        pause_ms(50);
+    }
+    ck_assert_int_eq(lstat(def, &st), 0);
+    ck_assert(S_ISSOCK(st.st_mode));
+    stop_coord(cp);
 }
 END_TEST
 
@@ -1416,6 +1486,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(argv[1], "recover-idle")) tcase_add_test(tc, recover_idle);
     else if (!strcmp(argv[1], "hung")) tcase_add_test(tc, hung);
     else if (!strcmp(argv[1], "protocol")) tcase_add_test(tc, protocol);
+    else if (!strcmp(argv[1], "batching")) tcase_add_test(tc, batching);
     else if (!strcmp(argv[1], "drain")) tcase_add_test(tc, drain);
     else if (!strcmp(argv[1], "admin")) tcase_add_test(tc, admin);
     else {
