@@ -84,7 +84,10 @@ typedef struct {
     int exit_code;
     uint64_t next_seq_id;
     uint64_t completed, failed, aborted, rejected;
-    double start_time, last_step_time, last_step_ms;
+    double start_time;
+    double step_started;       /* when the step in flight was sent */
+    double last_step_time;     /* when the last step completed (0 = never) */
+    double last_step_ms;       /* how long it took */
     struct event *tick, *sig_term, *sig_int, *sig_hup;
 } coord;
 
@@ -179,7 +182,6 @@ static void schedule(coord *c);
 static void step_done(void *arg, int ok, const Duet__StepResult *res, const char *msg) {
     coord *c = arg;
     double t = now_s();
-    c->last_step_ms = (t - c->last_step_time) * 1000;
     if (!ok) {
         char m[700];
         snprintf(m, sizeof m, "the step failed: %s", msg);
@@ -191,6 +193,7 @@ static void step_done(void *arg, int ok, const Duet__StepResult *res, const char
         return;
     }
     c->last_step_time = t;
+    c->last_step_ms = (t - c->step_started) * 1000;
     for (gen *g = c->running, *nx; g; g = nx) {
         nx = g->next;
         if (!g->in_step) continue;
@@ -300,8 +303,7 @@ static void schedule(coord *c) {
     plan.n_chunks = (size_t)n;
     plan.chunks = cp;
     char err[300];
-    c->last_step_time = c->last_step_time > 0 ? c->last_step_time : now_s();
-    double t0 = now_s();
+    c->step_started = now_s();
     int rc = pool_step(c->pool, &plan, step_done, c, err, sizeof err);
     free(chunks);
     free(cp);
@@ -314,7 +316,6 @@ static void schedule(coord *c) {
         check_drained(c);
         return;
     }
-    c->last_step_time = t0;
 }
 
 static void check_drained(coord *c) {
@@ -364,6 +365,8 @@ static json_t *status_json(coord *c, int verbose) {
                         c->last_step_time > 0
                             ? json_integer((json_int_t)((t - c->last_step_time) * 1000))
                             : json_null());
+    json_object_set_new(s, "last_step_ms",
+                        c->last_step_time > 0 ? json_real(c->last_step_ms) : json_null());
     json_object_set_new(s, "pool", json_string(pool_state_name(pool_get_state(c->pool))));
     json_object_set_new(s, "model", json_pack("{s:s, s:i}", "fingerprint", fp, "max_model_len",
                                               c->max_seq_len));
