@@ -104,7 +104,10 @@ static int fits(be_cuda *c, size_t bytes, char *err, size_t errlen) {
 extern "C" int be_cuda_fits(be *b, size_t bytes, char *err, size_t errlen) {
     return fits(C(b), bytes, err, errlen);
 }
-extern "C" size_t be_cuda_mem_used(const be *b) { return ((const be_cuda *)b)->used; }
+extern "C" size_t be_cuda_mem_used(const be *b) {
+    const be_cuda *c = (const be_cuda *)b;
+    return c->used - c->free_bytes;
+}
 extern "C" size_t be_cuda_mem_cap(const be *b) { return ((const be_cuda *)b)->cap; }
 
 static void drop_free_blocks(be_cuda *c) {
@@ -200,15 +203,17 @@ static void cu_download(be *b, void *dst, const void *src, size_t bytes) {
     CK(cudaStreamSynchronize(C(b)->s));
 }
 
-/* Stages host metadata for the kernels of this op: returns its device address. Asynchronous;
- * the ring wraps after a stream sync, so nothing still in flight is overwritten. */
-static void *stage(be_cuda *c, const void *src, size_t bytes) {
+/* Makes room for `bytes` of staging (several stage() calls together) so that no wrap happens
+ * in between: arrays staged for kernels not launched yet are never overwritten by a later
+ * stage() of the same op. An op that stages more than one array before launching calls this
+ * first. Grows the ring when needed (after a sync: nothing of this op is staged yet). */
+static void stage_reserve(be_cuda *c, size_t bytes) {
     size_t n = round_up(bytes ? bytes : 1, 256);
-    if (n > c->meta_cap) {
+    if (n > c->meta_cap || !c->pin) {
         CK(cudaStreamSynchronize(c->s));
         if (c->pin) CK(cudaFreeHost(c->pin));
         if (c->dmeta) dfree(c, c->dmeta, c->meta_cap);
-        c->meta_cap = round_up(n, (size_t)1 << 20) * 2;
+        c->meta_cap = round_up(n > ((size_t)16 << 20) ? n : ((size_t)16 << 20), (size_t)1 << 20) * 2;
         CK(cudaHostAlloc((void **)&c->pin, c->meta_cap, cudaHostAllocDefault));
         c->dmeta = (unsigned char *)dmalloc(c, c->meta_cap);
         c->meta_off = 0;
@@ -217,6 +222,14 @@ static void *stage(be_cuda *c, const void *src, size_t bytes) {
         CK(cudaStreamSynchronize(c->s));
         c->meta_off = 0;
     }
+}
+
+/* Stages host metadata for the kernels of this op: returns its device address. Asynchronous
+ * (pinned ring + copy on the stream); a wrap waits for the stream first, so nothing still in
+ * flight is overwritten. */
+static void *stage(be_cuda *c, const void *src, size_t bytes) {
+    size_t n = round_up(bytes ? bytes : 1, 256);
+    stage_reserve(c, n);
     memcpy(c->pin + c->meta_off, src, bytes);
     void *d = c->dmeta + c->meta_off;
     CK(cudaMemcpyAsync(d, c->pin + c->meta_off, bytes, cudaMemcpyHostToDevice, c->s));
@@ -544,18 +557,19 @@ __global__ void __launch_bounds__(256) k_gemv(dw w, int row0, int N, const float
 /* --- any T: 64x64 tiles, weights decoded into shared memory, 4x4 outputs per thread ------ */
 enum { TM = 64, TN = 64, TK = 16 };
 
-__global__ void __launch_bounds__(256) k_gemm(dw w, int row0, int N, const float *__restrict__ x,
-                                              int ldx, float *__restrict__ y, int ldy, int T) {
+/* One 64x64 output tile at (t0, n0): rows t of x are x + (xrows ? xrows[t] : t) * ldx. */
+__device__ __forceinline__ void gemm_tile(const dw &w, int row0, int N, const float *__restrict__ x,
+                                          int ldx, const int32_t *xrows, float *__restrict__ y,
+                                          int ldy, int T, int t0, int n0) {
     __shared__ float xs[TK][TM + 4];
     __shared__ float ws[TK][TN + 4];
-    int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-    int t0 = blockIdx.y * TM, n0 = blockIdx.x * TN, K = w.cols;
+    int tx = threadIdx.x % 16, ty = threadIdx.x / 16, K = w.cols;
     float acc[4][4] = {};
     for (int k0 = 0; k0 < K; k0 += TK) {
         for (int i = threadIdx.x; i < TM * TK; i += 256) {
             int r = i / TK, kk = i % TK;
             int t = t0 + r, k = k0 + kk;
-            xs[kk][r] = (t < T && k < K) ? x[(size_t)t * ldx + k] : 0.f;
+            xs[kk][r] = (t < T && k < K) ? x[(size_t)(xrows ? xrows[t] : t) * ldx + k] : 0.f;
             int n = n0 + r;
             ws[kk][r] = (n < N && k < K) ? wget(w, row0 + n, k) : 0.f;
         }
@@ -579,6 +593,23 @@ __global__ void __launch_bounds__(256) k_gemm(dw w, int row0, int N, const float
             int t = t0 + ty * 4 + i, n = n0 + tx * 4 + j;
             if (t < T && n < N) y[(size_t)t * ldy + n] = acc[i][j];
         }
+}
+
+__global__ void __launch_bounds__(256) k_gemm(dw w, int row0, int N, const float *__restrict__ x,
+                                              int ldx, float *__restrict__ y, int ldy, int T) {
+    gemm_tile(w, row0, N, x, ldx, NULL, y, ldy, T, blockIdx.y * TM, blockIdx.x * TN);
+}
+
+/* grouped over experts: tile blockIdx.y = {expert e, first pair p0, pairs n <= 64};
+ * y[p0 + r] = W_e · x[xrows ? xrows[p0 + r] : p0 + r] */
+typedef struct { int e, p0, n; } gtile;
+__global__ void __launch_bounds__(256) k_gemm_grouped(const dw *ws, const gtile *tiles, int N,
+                                                      const float *__restrict__ x, int ldx,
+                                                      const int32_t *xrows, float *__restrict__ y,
+                                                      int ldy) {
+    gtile tl = tiles[blockIdx.y];
+    gemm_tile(ws[tl.e], 0, N, xrows ? x : x + (size_t)tl.p0 * ldx, ldx, xrows ? xrows + tl.p0 : NULL,
+              y + (size_t)tl.p0 * ldy, ldy, tl.n, 0, blockIdx.x * TN);
 }
 
 template <int KIND>
@@ -708,6 +739,7 @@ static void cu_rope(be *b, float *x, int T, int n_heads, int head_dim, int rope_
                     const int32_t *pos, const float *omega, int inverse) {
     if (T <= 0 || n_heads <= 0) return;
     be_cuda *c = C(b);
+    stage_reserve(c, (size_t)T * sizeof *pos + (size_t)rope_dims * sizeof *omega + 512);
     const int32_t *dp = (const int32_t *)stage(c, pos, (size_t)T * sizeof *pos);
     const float *dom = (const float *)stage(c, omega, (size_t)(rope_dims / 2) * sizeof *omega);
     k_rope<<<T * n_heads, 32, 0, c->s>>>(x, n_heads, head_dim, rope_dims, dp, dom, inverse);
@@ -1474,6 +1506,9 @@ static void cu_moe(be *b, const be_moe_layer *L, const float *x, const int32_t *
                 }
             free(fp);
         }
+        stage_reserve(c, (size_t)3 * E * sizeof(dw) + (size_t)nchunks * sizeof(mchunk) +
+                             (size_t)(np + 1) * 8 + (size_t)T * K * 4 +
+                             (size_t)(np / 64 + E + 1) * sizeof(int) * 3 + 8 * 256);
         dw *tw = (dw *)xcalloc((size_t)3 * E, sizeof *tw);
         for (int e = 0; e < E; e++)
             if (L->w1[e]) {
@@ -1488,7 +1523,32 @@ static void cu_moe(be *b, const be_moe_layer *L, const float *x, const int32_t *
         int32_t *dinv = (int32_t *)stage(c, inv, (size_t)T * K * sizeof *inv);
         float *hbuf = (float *)scratch(b, (size_t)np * I * sizeof(float));
         float *ysb = (float *)scratch(b, (size_t)np * D * sizeof(float));
-        switch (kind) {
+        int n_active = 0;
+        for (int e = 0; e < E; e++) n_active += L->w1[e] && cnt[e + 1] > cnt[e];
+        if (np >= 16 * (n_active ? n_active : 1)) {
+            /* many rows per expert: 64-row tiles, each expert's weights read once per tile */
+            int ntl = 0;
+            for (int e = 0; e < E; e++)
+                if (L->w1[e]) ntl += (cnt[e + 1] - cnt[e] + 63) / 64;
+            gtile *tl = (gtile *)xmalloc((size_t)(ntl ? ntl : 1) * sizeof *tl);
+            int q = 0;
+            for (int e = 0; e < E; e++)
+                for (int p0 = cnt[e]; L->w1[e] && p0 < cnt[e + 1]; p0 += 64)
+                    tl[q++] = (gtile){e, p0, cnt[e + 1] - p0 < 64 ? cnt[e + 1] - p0 : 64};
+            const gtile *dtl = (const gtile *)stage(c, tl, (size_t)(ntl ? ntl : 1) * sizeof *tl);
+            float *pb = (float *)scratch(b, (size_t)np * I * sizeof(float));
+            k_gemm_grouped<<<dim3((I + TN - 1) / TN, ntl), 256, 0, c->s>>>(dtw, dtl, I, x, D, dtok, hbuf, I);
+            LAUNCHED();
+            k_gemm_grouped<<<dim3((I + TN - 1) / TN, ntl), 256, 0, c->s>>>(dtw + 2 * E, dtl, I, x, D, dtok, pb, I);
+            LAUNCHED();
+            size_t nI = (size_t)np * I;
+            k_swiglu<<<(unsigned)((nI + 255) / 256), 256, 0, c->s>>>(hbuf, pb, np, I, L->swiglu_limit, dpw);
+            LAUNCHED();
+            k_gemm_grouped<<<dim3((D + TN - 1) / TN, ntl), 256, 0, c->s>>>(dtw + E, dtl, D, hbuf, I, NULL, ysb, D);
+            LAUNCHED();
+            cu_free(b, pb);
+            free(tl);
+        } else switch (kind) {
         case WK_FP4: moe_grouped_launch<WK_FP4>(c, dtw, dtw + E, dtw + 2 * E, dch, nchunks, dtok, dpw, x, D, I, L->swiglu_limit, hbuf, ysb); break;
         case WK_FP8: moe_grouped_launch<WK_FP8>(c, dtw, dtw + E, dtw + 2 * E, dch, nchunks, dtok, dpw, x, D, I, L->swiglu_limit, hbuf, ysb); break;
         case WK_BF16: moe_grouped_launch<WK_BF16>(c, dtw, dtw + E, dtw + 2 * E, dch, nchunks, dtok, dpw, x, D, I, L->swiglu_limit, hbuf, ysb); break;
@@ -1514,6 +1574,7 @@ static void cu_moe(be *b, const be_moe_layer *L, const float *x, const int32_t *
         free(tw);
     } else {
     /* fallback: one expert at a time */
+    stage_reserve(c, (size_t)T * K * 8 + 2 * 256);
     int32_t *drows = (int32_t *)stage(c, rows, (size_t)T * K * sizeof *rows);
     float *dwts = (float *)stage(c, wts, (size_t)T * K * sizeof *wts);
     float *xs = (float *)cu_alloc(b, (size_t)T * D * sizeof(float));

@@ -31,7 +31,8 @@ be *be_cuda_create(int device, double mem_fraction, char *err, size_t errlen);
  * MemAvailable); else DUET_ENOMEM with a sentence giving the numbers. */
 int be_cuda_fits(be *b, size_t bytes, char *err, size_t errlen);
 
-/* Bytes allocated from the device (weights, activations, cached free blocks) and the cap. */
+/* Bytes in use on the device (weights, activations, state, staging; cached free blocks, which
+ * are given back when the cap is reached, are not counted) and the cap. */
 size_t be_cuda_mem_used(const be *b);
 size_t be_cuda_mem_cap(const be *b);
 

@@ -650,6 +650,7 @@ int main(int argc, char **argv) {
     t_moe(40, 16, 6, 256, 128, 0, 0);
     t_moe(200, 8, 2, 256, 128, 0, 0);
     t_moe(33, 16, 6, 256, 128, 0, 1);
+    t_moe(9, 16, 6, 256, 128, 1, 1);
     t_elementwise();
     t_vector_and_cap();
     if (be_cuda_sync(G, err, sizeof err)) {
