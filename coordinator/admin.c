@@ -36,7 +36,8 @@ typedef struct conn {
     struct bufferevent *bev;  /* NULL once closed */
     int busy;                 /* a request is being handled */
     int in_process;           /* inside process_lines (no recursion) */
-    int close_when_flushed;   /* an over-long line was refused: close after the reply */
+    int refused;              /* an over-long line was refused: no more lines, then close */
+    int eof;                  /* the client half-closed: answer what it sent, then close */
     int refs;                 /* 1 for the open connection + 1 per pending request */
     struct conn *prev, *next;
 } conn;
@@ -196,11 +197,24 @@ static void handle_line(conn *c, const char *line, size_t len) {
     json_decref(req);
 }
 
-/* Handles complete lines while no request is pending. */
+static int has_line(conn *c) {
+    struct evbuffer *in = bufferevent_get_input(c->bev);
+    return evbuffer_search_eol(in, NULL, NULL, EVBUFFER_EOL_LF).pos >= 0;
+}
+
+/* Closes a refused or half-closed connection once nothing is left to answer or to write.
+ * May free c. */
+static void maybe_close(conn *c) {
+    if (!c->bev || c->busy || c->in_process || !(c->refused || c->eof)) return;
+    if (!c->refused && has_line(c)) return;
+    if (evbuffer_get_length(bufferevent_get_output(c->bev)) == 0) conn_close(c);
+}
+
+/* Handles complete lines while no request is pending. May free c (maybe_close). */
 static void process_lines(conn *c) {
     if (c->in_process) return;
     c->in_process = 1; /* handlers never close c, so c outlives this loop */
-    while (c->bev && !c->busy) {
+    while (c->bev && !c->busy && !c->refused) {
         struct evbuffer *in = bufferevent_get_input(c->bev);
         struct evbuffer_ptr eol = evbuffer_search_eol(in, NULL, NULL, EVBUFFER_EOL_LF);
         if (eol.pos < 0) {
@@ -209,8 +223,7 @@ static void process_lines(conn *c) {
                            "request line longer than 65536 bytes; closing the connection");
                 /* no resynchronising: close once the reply is written (conn_write_cb) */
                 bufferevent_disable(c->bev, EV_READ);
-                c->close_when_flushed = 1;
-                c->busy = 1;
+                c->refused = 1;
             }
             break;
         }
@@ -229,20 +242,31 @@ static void process_lines(conn *c) {
         free(line);
     }
     c->in_process = 0;
+    maybe_close(c);
 }
 
 static void conn_read_cb(struct bufferevent *bev, void *arg) { process_lines(arg); }
 
 static void conn_write_cb(struct bufferevent *bev, void *arg) {
     conn *c = arg;
-    if (c->close_when_flushed && evbuffer_get_length(bufferevent_get_output(bev)) == 0)
-        conn_close(c);
+    maybe_close(c);
 }
 
 static void conn_event_cb(struct bufferevent *bev, short what, void *arg) {
     conn *c = arg;
     if ((what & BEV_EVENT_TIMEOUT) && c->busy) {
         bufferevent_enable(bev, EV_READ); /* long request: not idle */
+        return;
+    }
+    /* End of input: a client that only half-closed (`nc -N`, socat) still gets every answer;
+     * one that closed completely (POLLHUP on a Unix socket) is gone, and its pending request
+     * is cancelled. */
+    struct pollfd q = {bufferevent_getfd(bev), POLLIN, 0};
+    if ((what & BEV_EVENT_EOF) && !(what & BEV_EVENT_ERROR) && poll(&q, 1, 0) >= 0 &&
+        !(q.revents & POLLHUP)) {
+        c->eof = 1;
+        bufferevent_disable(bev, EV_READ);
+        maybe_close(c);
         return;
     }
     conn_close(c);

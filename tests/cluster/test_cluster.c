@@ -1359,6 +1359,20 @@ START_TEST(admin) {
     ck_assert(json_is_array(json_object_get(json_object_get(r, "result"), "workers")));
     json_decref(r);
 
+    /* a client that half-closes after its lines still gets every answer, then EOF */
+    aconn h;
+    ck_assert_int_eq(aconn_open(&h, g_sock), 0);
+    aconn_send_raw(&h, two, strlen(two));
+    shutdown(h.fd, SHUT_WR);
+    for (int k = 1; k <= 2; k++) {
+        r = aconn_recv(&h, 10000);
+        ck_assert_msg(r != NULL, "half-closed client: answer %d missing", k);
+        ck_assert_int_eq(json_integer_value(json_object_get(r, "id")), k);
+        json_decref(r);
+    }
+    ck_assert_ptr_null(aconn_recv(&h, 10000));
+    aconn_close(&h);
+
     /* at most 8 connections: the 9th is refused (c is the first) */
     aconn more[8];
     for (int i = 0; i < 7; i++) ck_assert_int_eq(aconn_open(&more[i], g_sock), 0);
