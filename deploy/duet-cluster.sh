@@ -177,11 +177,14 @@ case "$cmd" in
   stop-worker) r=$(rank_arg "$@"); stop_pid "$DUET_STATE_DIR/worker$r.pid" "worker $r" 20 ;;
   stop-coordinator) stop_pid "$DUET_STATE_DIR/coordinator.pid" coordinator $((DUET_DRAIN_GRACE + 10)) ;;
   status)
+    any=0
     for f in "$DUET_STATE_DIR"/*.pid; do
       [ -e "$f" ] || continue
+      any=1
       n=$(basename "$f" .pid)
       if alive "$f"; then echo "$n: running (pid $(cat "$f"))"; else echo "$n: not running"; fi
     done
+    [ $any = 1 ] || echo "no process started from $DUET_STATE_DIR"
     ctl status ;;
   logs)
     follow=()
@@ -191,5 +194,5 @@ case "$cmd" in
       worker) tail -n 100 "${follow[@]}" "$DUET_STATE_DIR/worker${2:?give the worker rank}.log" ;;
       *) die "logs: coordinator or worker R" ;;
     esac ;;
-  *) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+  *) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0" >&2; exit 2 ;;
 esac
