@@ -298,6 +298,37 @@ __device__ __forceinline__ float wget(const dw &w, int64_t n, int64_t k) {
     }
 }
 
+/* elements k..k+3 of row n (k % 4 == 0, K % 4 == 0, scale blocks a multiple of 4 wide) */
+__device__ __forceinline__ void wget4(const dw &w, int64_t n, int64_t k, float *o) {
+    switch (w.kind) {
+    case WK_F32: {
+        float4 v = *(const float4 *)((const float *)w.data + n * w.cols + k);
+        o[0] = v.x; o[1] = v.y; o[2] = v.z; o[3] = v.w;
+        return;
+    }
+    case WK_BF16: {
+        uint2 v = *(const uint2 *)((const uint16_t *)w.data + n * w.cols + k);
+        o[0] = __uint_as_float(v.x << 16); o[1] = __uint_as_float(v.x & 0xFFFF0000u);
+        o[2] = __uint_as_float(v.y << 16); o[3] = __uint_as_float(v.y & 0xFFFF0000u);
+        return;
+    }
+    case WK_FP8: {
+        uint32_t v = *(const uint32_t *)((const uint8_t *)w.data + n * w.cols + k);
+        float sc = fd_e8m0_to_f32(w.scale[(n / w.bn) * w.scols + k / w.bk]);
+#pragma unroll
+        for (int i = 0; i < 4; i++) o[i] = fd_e4m3_to_f32((uint8_t)(v >> (8 * i))) * sc;
+        return;
+    }
+    default: {
+        uint32_t v = *(const uint16_t *)((const uint8_t *)w.data + n * (w.cols / 2) + k / 2);
+        float sc = fd_e8m0_to_f32(w.scale[n * w.scols + k / w.bk]);
+#pragma unroll
+        for (int i = 0; i < 4; i++) o[i] = fd_e2m1_to_f32((v >> (4 * i)) & 15u) * sc;
+        return;
+    }
+    }
+}
+
 static be_weight *wnew(be_cuda *c, int kind, int64_t rows, int64_t cols, size_t data_bytes,
                        size_t scale_bytes) {
     be_weight *w = (be_weight *)xcalloc(1, sizeof *w);
@@ -564,14 +595,28 @@ __device__ __forceinline__ void gemm_tile(const dw &w, int row0, int N, const fl
     __shared__ float xs[TK][TM + 4];
     __shared__ float ws[TK][TN + 4];
     int tx = threadIdx.x % 16, ty = threadIdx.x / 16, K = w.cols;
+    /* 4 consecutive k per thread when rows are 4-aligned: one 4/8/16-byte load each */
+    bool vec = K % 4 == 0 && ldx % 4 == 0 && ((uintptr_t)x & 15) == 0 &&
+               ((w.kind != WK_FP8 && w.kind != WK_FP4) || w.bk % 4 == 0);
     float acc[4][4] = {};
     for (int k0 = 0; k0 < K; k0 += TK) {
-        for (int i = threadIdx.x; i < TM * TK; i += 256) {
-            int r = i / TK, kk = i % TK;
-            int t = t0 + r, k = k0 + kk;
-            xs[kk][r] = (t < T && k < K) ? x[(size_t)(xrows ? xrows[t] : t) * ldx + k] : 0.f;
-            int n = n0 + r;
-            ws[kk][r] = (n < N && k < K) ? wget(w, row0 + n, k) : 0.f;
+        if (vec) {
+            int r = threadIdx.x / 4, kq = (threadIdx.x % 4) * 4, k = k0 + kq;
+            int t = t0 + r, n = n0 + r;
+            float4 xv = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (t < T && k < K) xv = *(const float4 *)(x + (size_t)(xrows ? xrows[t] : t) * ldx + k);
+            xs[kq][r] = xv.x; xs[kq + 1][r] = xv.y; xs[kq + 2][r] = xv.z; xs[kq + 3][r] = xv.w;
+            float wv[4] = {0.f, 0.f, 0.f, 0.f};
+            if (n < N && k < K) wget4(w, row0 + n, k, wv);
+            ws[kq][r] = wv[0]; ws[kq + 1][r] = wv[1]; ws[kq + 2][r] = wv[2]; ws[kq + 3][r] = wv[3];
+        } else {
+            for (int i = threadIdx.x; i < TM * TK; i += 256) {
+                int r = i / TK, kk = i % TK;
+                int t = t0 + r, k = k0 + kk;
+                xs[kk][r] = (t < T && k < K) ? x[(size_t)(xrows ? xrows[t] : t) * ldx + k] : 0.f;
+                int n = n0 + r;
+                ws[kk][r] = (n < N && k < K) ? wget(w, row0 + n, k) : 0.f;
+            }
         }
         __syncthreads();
 #pragma unroll
@@ -808,15 +853,20 @@ __global__ void __launch_bounds__(256) k_mhc_fin(const float *h, const float *pa
     int t = blockIdx.x;
     int n_mix = head_mode ? n : (2 + n) * n;
     const float *X = h + (size_t)t * n * D;
-    if (threadIdx.x == 0) {
+    __shared__ float rr;
+    if (threadIdx.x == blockDim.x - 1) {
         double ss = 0;
         for (int s2 = 0; s2 < S; s2++) ss += sspart[(size_t)t * S + s2];
-        float r = inv_rms_dev(ss, n * D, norm_eps);
-        for (int k = 0; k < n_mix; k++) {
-            float d = 0;
-            for (int s2 = 0; s2 < S; s2++) d += part[((size_t)t * n_mix + k) * S + s2];
-            mu[k] = d * r;
-        }
+        rr = inv_rms_dev(ss, n * D, norm_eps);
+    }
+    for (int k = threadIdx.x; k < n_mix; k += blockDim.x) { /* partial sums in a fixed order */
+        float d = 0;
+        for (int s2 = 0; s2 < S; s2++) d += part[((size_t)t * n_mix + k) * S + s2];
+        mu[k] = d;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int k = 0; k < n_mix; k++) mu[k] *= rr;
         for (int j = 0; j < n; j++) pre[j] = sigmoid_dev(mu[j] * scale[0] + base[j]) + hc_eps;
         if (!head_mode) {
             for (int j = 0; j < n; j++)
@@ -1242,7 +1292,17 @@ __global__ void __launch_bounds__(256) k_topk(const float *scores, int ld, const
     for (int i = threadIdx.x; i < nv; i += blockDim.x)
         if (ord_key(sc[i]) > thr) out[atomicAdd(&s_cnt, 1)] = i;
     __syncthreads();
-    if (threadIdx.x == 0) {
+    int n_eq = 0;
+    for (int i = threadIdx.x; i < nv; i += blockDim.x) n_eq += ord_key(sc[i]) == thr;
+    n_eq = __syncthreads_count(n_eq > 0) ? (int)block_sum((float)n_eq, (float *)hist) : 0;
+    int base = s_cnt;
+    __syncthreads(); /* everyone has read s_cnt before it moves again */
+    if (n_eq <= k - base) { /* every equal entry is taken: order does not matter */
+        for (int i = threadIdx.x; i < nv; i += blockDim.x)
+            if (ord_key(sc[i]) == thr) out[atomicAdd(&s_cnt, 1)] = i;
+        return;
+    }
+    if (threadIdx.x == 0) { /* ties beyond k: the lowest indices, in order */
         int n = s_cnt;
         for (int i = 0; i < nv && n < k; i++)
             if (ord_key(sc[i]) == thr) out[n++] = i;
@@ -1278,33 +1338,60 @@ static void cu_index_topk(be *b, const be_index_args *a) {
 
 __device__ __forceinline__ float softplus_dev(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
 
-/* thread per token: scores, selection (bias top-K or hash ids), weights */
-__global__ void k_route(float *logits, int T, int E, int K, const float *bias, const int32_t *hash_sel,
-                        int norm_topk, float route_scale, int32_t *sel, float *wsel) {
-    int t = blockIdx.x * blockDim.x + threadIdx.x;
-    if (t >= T) return;
-    float *lt = logits + (size_t)t * E;
-    for (int e = 0; e < E; e++) lt[e] = sqrtf(softplus_dev(lt[e]));
-    int32_t *st = sel + (size_t)t * K;
+/* block per token (256 threads): scores sqrt(softplus(logit)), selection (bias top-K, ties to
+ * the lowest expert id like the CPU, or hash ids), weights. E <= 1024, K <= 16. */
+__global__ void __launch_bounds__(256) k_route(const float *logits, int E, int K, const float *bias,
+                                               const int32_t *hash_sel, int norm_topk,
+                                               float route_scale, int32_t *sel, float *wsel) {
+    __shared__ float sc[1024];
+    __shared__ int st[16];
+    __shared__ float wv[32];
+    __shared__ int we[32];
+    int t = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    const float *lt = logits + (size_t)t * E;
+    for (int e = threadIdx.x; e < E; e += blockDim.x) sc[e] = sqrtf(softplus_dev(lt[e]));
+    __syncthreads();
     if (hash_sel) {
-        for (int k = 0; k < K; k++) st[k] = hash_sel[(size_t)t * K + k];
+        if (threadIdx.x < K) st[threadIdx.x] = hash_sel[(size_t)t * K + threadIdx.x];
     } else {
         for (int k = 0; k < K; k++) {
-            int best = -1;
-            float bs = -INFINITY;
-            for (int e = 0; e < E; e++) {
+            float bv = -INFINITY;
+            int be = -1;
+            for (int e = threadIdx.x; e < E; e += blockDim.x) {
                 int used = 0;
                 for (int q = 0; q < k; q++) used |= st[q] == e;
-                float v = lt[e] + (bias ? bias[e] : 0.0f);
-                if (!used && (best < 0 || v > bs)) { best = e; bs = v; }
+                float v = sc[e] + (bias ? bias[e] : 0.0f);
+                if (!used && (be < 0 || v > bv)) { bv = v; be = e; }
             }
-            st[k] = best;
+            for (int o = 16; o > 0; o >>= 1) {
+                float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+                int oe = __shfl_xor_sync(0xffffffffu, be, o);
+                if (oe >= 0 && (be < 0 || ov > bv || (ov == bv && oe < be))) { bv = ov; be = oe; }
+            }
+            if (lane == 0) { wv[warp] = bv; we[warp] = be; }
+            __syncthreads();
+            if (threadIdx.x == 0) {
+                float b2 = -INFINITY;
+                int e2 = -1;
+                for (int w = 0; w < nw; w++)
+                    if (we[w] >= 0 && (e2 < 0 || wv[w] > b2 || (wv[w] == b2 && we[w] < e2))) {
+                        b2 = wv[w];
+                        e2 = we[w];
+                    }
+                st[k] = e2;
+            }
+            __syncthreads();
         }
     }
-    float sum = 0;
-    for (int k = 0; k < K; k++) sum += lt[st[k]];
-    for (int k = 0; k < K; k++)
-        wsel[(size_t)t * K + k] = (norm_topk ? lt[st[k]] / (sum + 1e-20f) : lt[st[k]]) * route_scale;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float sum = 0;
+        for (int k = 0; k < K; k++) sum += sc[st[k]];
+        for (int k = 0; k < K; k++) {
+            sel[(size_t)t * K + k] = st[k];
+            wsel[(size_t)t * K + k] = (norm_topk ? sc[st[k]] / (sum + 1e-20f) : sc[st[k]]) * route_scale;
+        }
+    }
 }
 
 __global__ void k_gather(const float *x, const int32_t *rows, int n, int D, float *xs) {
@@ -1459,8 +1546,11 @@ static void cu_moe(be *b, const be_moe_layer *L, const float *x, const int32_t *
         hsel = (const int32_t *)stage(c, h, (size_t)T * K * sizeof *h);
         free(h);
     }
-    k_route<<<(T + 127) / 128, 128, 0, c->s>>>(logits, T, E, K, L->bias, hsel, L->norm_topk,
-                                              L->route_scale, sel, wsel);
+    if (E > 1024 || K > 16) {
+        fprintf(stderr, "duet cuda: MoE with %d experts, top-%d unsupported (max 1024, 16)\n", E, K);
+        abort();
+    }
+    k_route<<<T, 256, 0, c->s>>>(logits, E, K, L->bias, hsel, L->norm_topk, L->route_scale, sel, wsel);
     LAUNCHED();
     /* group rows by expert on the host (one sync per layer) */
     int32_t *hs = (int32_t *)xmalloc((size_t)T * K * 8);

@@ -618,6 +618,9 @@ int main(int argc, char **argv) {
         t_matmul(k, 384, 512, 9, 0, 100, 0, 3, 100, 40, 200);     /* unaligned slice */
     }
     t_matmul(K_FP8, 300, 200, 4, 0, 300, 0, 0, 0, 0, 0); /* K not a multiple of 16: tiled path */
+    t_matmul(K_BF16, 100, 202, 20, 0, 100, 1, 0, 0, 0, 0); /* K % 4 != 0: scalar tile loads */
+    t_matmul(K_F32, 64, 130, 33, 0, 64, 0, 0, 0, 0, 0);
+    t_matmul(K_FP8, 1000, 384, 70, 0, 1000, 0, 0, 0, 0, 0);
     t_embed(K_FP8);
     t_embed(K_BF16);
     t_rmsnorm(7, 4096);
