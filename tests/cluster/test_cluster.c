@@ -15,11 +15,12 @@
  *                recovery after SIGCONT
  *   drain        drain lets the in-flight request finish and refuses new ones; resume
  *   admin        socket permissions, stale socket, bad lines, limits, duetctl exit codes
+ *   deploy       deploy/duet-cluster.sh: start-cluster (2 workers), generate, status, stop
  *   protocol     a scripted fake worker in this process: garbage frames, the handshake bytes,
  *                LoadModel and progress, heartbeats, StepPlans, a wrong step id, a wrong rank
  * It must never leave a process behind (children die with the test: PR_SET_PDEATHSIG).
  *
- *   test_cluster CASE WORKER COORDINATOR DUETCTL GENERATE MODEL_DIR FIXTURE
+ *   test_cluster CASE WORKER COORDINATOR DUETCTL GENERATE MODEL_DIR FIXTURE SCRIPT BUILD_ROOT
  */
 #include <check.h>
 #include <errno.h>
@@ -48,6 +49,7 @@
 #include "proto/duet.pb-c.h"
 
 static const char *g_worker, *g_coord, *g_ctl, *g_generate, *g_model, *g_fixture;
+static const char *g_script, *g_build; /* deploy/duet-cluster.sh, the meson build root */
 
 #define MAX_PROCS 16
 static pid_t g_pids[MAX_PROCS];
@@ -189,9 +191,15 @@ static void setup(void) {
 
 static void teardown(void) { kill_all(); }
 
-/* Removes the run's directory (also after a failed case, whose teardown does not run). */
+/* Removes the run's directory (also after a failed case, whose teardown does not run), after
+ * killing what the deploy script started (recorded in its pid files). */
 static void remove_root(void) {
-    char cmd[300];
+    char cmd[600];
+    snprintf(cmd, sizeof cmd,
+             "for f in '%s'/*/state/*.pid; do [ -f \"$f\" ] && kill -9 \"$(cat \"$f\")\" "
+             "2>/dev/null; done; true",
+             g_root);
+    if (system(cmd) != 0) fprintf(stderr, "could not stop the deploy script's processes\n");
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", g_root);
     if (system(cmd) != 0) fprintf(stderr, "could not remove %s\n", g_root);
 }
@@ -618,6 +626,113 @@ START_TEST(batching) {
     ck_assert_int_eq(json_integer_value(json_object_get(cnt, "completed")), 2 * N);
     json_decref(s);
     stop_coord(cp);
+}
+END_TEST
+
+/* ---- the deploy script ------------------------------------------------------------------------- */
+
+static int run_ctl(const char *const *args, char *out, size_t cap);
+
+/* Runs the deploy script with args; returns its exit status; output into out. */
+static int run_script(const char *env, const char *const *args, char *out, size_t cap) {
+    char *argv[16];
+    int a = 0;
+    argv[a++] = "/bin/bash";
+    argv[a++] = (char *)g_script;
+    argv[a++] = "--env";
+    argv[a++] = (char *)env;
+    for (int i = 0; args[i]; i++) argv[a++] = (char *)args[i];
+    argv[a] = NULL;
+    char log[300];
+    snprintf(log, sizeof log, "%s/script.log", g_dir);
+    int fd;
+    pid_t pid = spawn(argv, &fd, log);
+    size_t n = 0;
+    double end = now_ms() + 120000;
+    for (;;) {
+        int left = (int)(end - now_ms());
+        ck_assert_msg(left > 0, "duet-cluster.sh %s did not finish within 120 s", args[0]);
+        struct pollfd q = {fd, POLLIN, 0};
+        if (poll(&q, 1, left) <= 0) continue;
+        ssize_t r = read(fd, out + n, cap - n - 1);
+        if (r <= 0) break;
+        n += (size_t)r;
+        if (n + 1 >= cap) break;
+    }
+    out[n] = 0;
+    close(fd);
+    int st = wait_exit(pid, 30000);
+    ck_assert(st != -1 && WIFEXITED(st));
+    return WEXITSTATUS(st);
+}
+
+static pid_t read_pid(const char *state, const char *name) {
+    char path[400];
+    snprintf(path, sizeof path, "%s/%s.pid", state, name);
+    FILE *f = fopen(path, "r");
+    if (!f) return -1;
+    int pid = -1;
+    if (fscanf(f, "%d", &pid) != 1) pid = -1;
+    fclose(f);
+    return pid;
+}
+
+START_TEST(deploy) {
+    char env[320], state[320], sock[320], out[16384];
+    snprintf(env, sizeof env, "%s/duet.env", g_dir);
+    snprintf(state, sizeof state, "%s/state", g_dir);
+    snprintf(sock, sizeof sock, "%s/adm/admin.sock", g_dir);
+    FILE *f = fopen(env, "w");
+    fprintf(f,
+            "DUET_BIN=%s\nDUET_MODEL=%s\nDUET_TOKEN_FILE=%s\n"
+            "DUET_WORKERS=127.0.0.1:%d,127.0.0.1:%d\nDUET_PEERS=127.0.0.1:%d,127.0.0.1:%d\n"
+            "DUET_STATE_DIR=%s\nDUET_ADMIN_SOCKET=%s\nDUET_START_TIMEOUT=60\n"
+            "DUET_DRAIN_GRACE=5\nDUET_WORKER_ARGS=\"--threads 1\"\n",
+            g_build, g_model, g_token, free_port(), free_port(), free_port(), free_port(), state,
+            sock);
+    fclose(f);
+    const char *start[] = {"start-cluster", NULL};
+    int rc = run_script(env, start, out, sizeof out);
+    ck_assert_msg(rc == 0, "start-cluster failed (%d):\n%s", rc, out);
+    ck_assert_msg(strstr(out, "coordinator: serving"), "start-cluster printed:\n%s", out);
+    pid_t pids[3] = {read_pid(state, "worker0"), read_pid(state, "worker1"),
+                     read_pid(state, "coordinator")};
+    for (int i = 0; i < 3; i++) ck_assert_int_eq(kill(pids[i], 0), 0);
+    /* starting again starts nothing new */
+    rc = run_script(env, start, out, sizeof out);
+    ck_assert_int_eq(rc, 0);
+    ck_assert_msg(strstr(out, "already running"), "second start-cluster printed:\n%s", out);
+    ck_assert_int_eq(read_pid(state, "coordinator"), pids[2]);
+
+    char golden[512];
+    golden_tokens(SHORT_A, 8, N_NEW, golden, sizeof golden);
+    char n_new[8];
+    snprintf(n_new, sizeof n_new, "%d", N_NEW);
+    const char *gen[] = {"-s", sock, "generate", "--max-tokens", n_new,
+                         "0 128 256 384 512 640 768 896", NULL};
+    ck_assert_int_eq(run_ctl(gen, out, sizeof out), 0);
+    ck_assert_msg(strstr(out, golden) != NULL, "generate printed '%s', expected tokens %s", out,
+                  golden);
+    const char *st[] = {"status", NULL};
+    ck_assert_int_eq(run_script(env, st, out, sizeof out), 0);
+    ck_assert_msg(strstr(out, "worker1: running") && strstr(out, "state: serving"), "status:\n%s",
+                  out);
+    const char *logs[] = {"logs", "worker", "1", NULL};
+    ck_assert_int_eq(run_script(env, logs, out, sizeof out), 0);
+    ck_assert_msg(strstr(out, "listening on"), "logs worker 1:\n%s", out);
+
+    const char *stop[] = {"stop", NULL};
+    ck_assert_int_eq(run_script(env, stop, out, sizeof out), 0);
+    for (int i = 0; i < 3; i++)
+        ck_assert_msg(kill(pids[i], 0) != 0, "process %d still runs after stop:\n%s", pids[i],
+                      out);
+    ck_assert_int_eq(read_pid(state, "coordinator"), -1);
+    char clog[400];
+    snprintf(clog, sizeof clog, "%s/coordinator.log", state);
+    char *log = slurp(clog);
+    ck_assert_msg(strstr(log, "drained; exiting"), "the coordinator did not drain:\n%s", log);
+    assert_clean_log(log);
+    free(log);
 }
 END_TEST
 
@@ -1473,11 +1588,13 @@ START_TEST(admin) {
 END_TEST
 
 int main(int argc, char **argv) {
-    if (argc != 8) {
-        fprintf(stderr,
-                "usage: test_cluster CASE WORKER COORDINATOR DUETCTL GENERATE MODEL FIXTURE\n");
+    if (argc != 10) {
+        fprintf(stderr, "usage: test_cluster CASE WORKER COORDINATOR DUETCTL GENERATE MODEL "
+                        "FIXTURE SCRIPT BUILD_ROOT\n");
         return 2;
     }
+    g_script = argv[8];
+    g_build = argv[9];
     g_worker = argv[2];
     g_coord = argv[3];
     g_ctl = argv[4];
@@ -1501,6 +1618,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(argv[1], "hung")) tcase_add_test(tc, hung);
     else if (!strcmp(argv[1], "protocol")) tcase_add_test(tc, protocol);
     else if (!strcmp(argv[1], "batching")) tcase_add_test(tc, batching);
+    else if (!strcmp(argv[1], "deploy")) tcase_add_test(tc, deploy);
     else if (!strcmp(argv[1], "drain")) tcase_add_test(tc, drain);
     else if (!strcmp(argv[1], "admin")) tcase_add_test(tc, admin);
     else {
