@@ -578,8 +578,9 @@ static void pool_cb(void *arg, pool_event ev, const char *msg) {
         clog_("serving");
         schedule(c);
         break;
-    case POOL_EV_DOWN:
-        clog_("not ready: %s", msg);
+    case POOL_EV_DOWN: /* the pool logged msg */
+        clog_("not ready: re-forming the worker group (requests wait up to %.0f s)",
+              c->recover_timeout_s);
         break;
     case POOL_EV_FATAL:
         clog_("cannot start: %s", msg);
