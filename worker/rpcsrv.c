@@ -16,6 +16,9 @@
  * job is running.
  */
 #include "worker/rpcsrv.h"
+#ifdef DUET_HAVE_CUDA
+#include "kernels/be_cuda.h"
+#endif
 
 #include <arpa/inet.h>
 #include <inttypes.h>
@@ -337,6 +340,30 @@ static void on_load_progress(uint64_t done, uint64_t total, void *ctx) {
     uv_async_send(&w->progress);
 }
 
+/* The compute backend named by --backend. cuda: refuse cleanly, before any weight is
+ * allocated, when this rank's share of the checkpoint cannot fit under the memory cap (on
+ * unified-memory machines the cap also respects the host's available memory). */
+static int make_backend(wk *w, char *err, size_t errlen) {
+    const rpcsrv_config *cfg = w->cfg;
+#ifdef DUET_HAVE_CUDA
+    if (!strcmp(cfg->backend, "cuda")) {
+        be *b = be_cuda_create(cfg->device, cfg->gpu_mem_fraction, err, errlen);
+        if (!b) return DUET_EINVAL;
+        int rc = be_cuda_fits(b, (size_t)(cfg->ckpt_bytes / (uint64_t)cfg->world), err, errlen);
+        if (rc) {
+            b->ops->destroy(b);
+            return rc;
+        }
+        w->b = b;
+        return 0;
+    }
+#endif
+    (void)err;
+    (void)errlen;
+    w->b = be_cpu_create(cfg->threads);
+    return 0;
+}
+
 static int run_load(wk *w, job *j) {
     const rpcsrv_config *cfg = w->cfg;
     int max_seqs = j->load->max_seqs ? (int)j->load->max_seqs : cfg->max_seqs;
@@ -349,18 +376,14 @@ static int run_load(wk *w, job *j) {
                         "max_seq_len %d is outside [1, 16777216]", max_len);
     if (!w->model) {
         if (cfg->world > 1 && !w->cm) {
-#ifdef DUET_HAVE_COMM_TCP
             int rc = comm_tcp_create(cfg->rank, cfg->world, cfg->peers, cfg->comm_timeout_ms,
                                      &w->cm, j->err, sizeof j->err);
             if (rc) return rc;
-#else
-            return duet_err(j->err, sizeof j->err, DUET_EINVAL,
-                            "world size %d needs the TCP data plane (worker/comm_tcp.c), which "
-                            "this build does not include yet; run with --world-size 1",
-                            cfg->world);
-#endif
         }
-        if (!w->b) w->b = be_cpu_create(cfg->threads);
+        if (!w->b) {
+            int rc = make_backend(w, j->err, sizeof j->err);
+            if (rc) return rc;
+        }
         dv4_shard shard = {cfg->rank, cfg->world, w->cm};
         atomic_store(&w->load_done, 0);
         int rc = dv4_load_ex(cfg->model_dir, w->b, &shard, on_load_progress, w, &w->model, j->err,

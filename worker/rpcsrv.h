@@ -16,7 +16,9 @@ typedef struct {
     const char *listen;      /* "HOST:PORT"; port 0 picks a free one (printed when ready) */
     int rank, world;
     const char *model_dir;
-    const char *backend;     /* "cpu" */
+    const char *backend;     /* "cpu" or "cuda" */
+    int device;              /* cuda: device ordinal */
+    double gpu_mem_fraction; /* cuda: cap on device memory, fraction of the total (0, 1] */
     const char *token;       /* shared auth token (never logged) */
     const char *const *peers; /* [world] data-plane "host:port" per rank, or NULL if world 1 */
     int threads;             /* compute threads of the cpu backend; <= 0: all cores */

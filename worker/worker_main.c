@@ -29,7 +29,8 @@
 static void usage(FILE *f) {
     fprintf(f,
             "usage: duet-worker --rank R --world-size N --model DIR --auth-token-file FILE\n"
-            "                   [--listen HOST:PORT] [--backend cpu] [--peers H:P,H:P,...]\n"
+            "                   [--listen HOST:PORT] [--backend cpu|cuda] [--peers H:P,H:P,...]\n"
+            "                   [--device N] [--gpu-memory-utilization F (0.9)]\n"
             "                   [--threads T] [--max-seqs S] [--max-seq-len L]\n"
             "                   [--hello-timeout-ms MS] [--comm-timeout-ms MS]\n"
             "Listens (default 127.0.0.1:7100; port 0 picks a free port) and waits for one\n"
@@ -98,12 +99,13 @@ int main(int argc, char **argv) {
     cfg.rank = -1;
     cfg.world = 0;
     cfg.backend = "cpu";
+    cfg.gpu_mem_fraction = 0.9;
     cfg.max_seqs = 16;
     cfg.max_seq_len = 4096;
     cfg.hello_timeout_ms = 10000;
     cfg.comm_timeout_ms = 120000;
     const char *token_file = NULL, *peers = NULL;
-    enum { O_RANK = 256, O_WORLD, O_MODEL, O_TOKEN, O_LISTEN, O_BACKEND, O_PEERS, O_THREADS,
+    enum { O_RANK = 256, O_WORLD, O_MODEL, O_TOKEN, O_LISTEN, O_BACKEND, O_DEVICE, O_GPU_MEM, O_PEERS, O_THREADS,
            O_SEQS, O_LEN, O_HELLO_TO, O_COMM_TO };
     static const struct option opts[] = {
         {"rank", required_argument, 0, O_RANK},
@@ -112,6 +114,8 @@ int main(int argc, char **argv) {
         {"auth-token-file", required_argument, 0, O_TOKEN},
         {"listen", required_argument, 0, O_LISTEN},
         {"backend", required_argument, 0, O_BACKEND},
+        {"device", required_argument, 0, O_DEVICE},
+        {"gpu-memory-utilization", required_argument, 0, O_GPU_MEM},
         {"peers", required_argument, 0, O_PEERS},
         {"threads", required_argument, 0, O_THREADS},
         {"max-seqs", required_argument, 0, O_SEQS},
@@ -129,6 +133,8 @@ int main(int argc, char **argv) {
         case O_TOKEN: token_file = optarg; break;
         case O_LISTEN: cfg.listen = optarg; break;
         case O_BACKEND: cfg.backend = optarg; break;
+        case O_DEVICE: cfg.device = atoi(optarg); break;
+        case O_GPU_MEM: cfg.gpu_mem_fraction = atof(optarg); break;
         case O_PEERS: peers = optarg; break;
         case O_THREADS: bad |= int_flag("threads", optarg, 0, 4096, &cfg.threads); break;
         case O_SEQS: bad |= int_flag("max-seqs", optarg, 1, 65536, &cfg.max_seqs); break;
@@ -160,9 +166,21 @@ int main(int argc, char **argv) {
                 cfg.world);
         return 2;
     }
-    if (strcmp(cfg.backend, "cpu") != 0) {
-        fprintf(stderr, "duet-worker: --backend %s is not available in this build; use "
-                        "--backend cpu\n", cfg.backend);
+#ifdef DUET_HAVE_CUDA
+    int backend_ok = !strcmp(cfg.backend, "cpu") || !strcmp(cfg.backend, "cuda");
+    const char *backends = "cpu or cuda";
+#else
+    int backend_ok = !strcmp(cfg.backend, "cpu");
+    const char *backends = "cpu (this build has no CUDA: nvcc was not found at configure time)";
+#endif
+    if (!backend_ok) {
+        fprintf(stderr, "duet-worker: --backend %s is not available; use %s\n", cfg.backend,
+                backends);
+        return 2;
+    }
+    if (cfg.gpu_mem_fraction <= 0 || cfg.gpu_mem_fraction > 1) {
+        fprintf(stderr, "duet-worker: --gpu-memory-utilization %g must be in (0, 1]\n",
+                cfg.gpu_mem_fraction);
         return 2;
     }
     char **peer_v = NULL;

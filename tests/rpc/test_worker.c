@@ -494,8 +494,8 @@ START_TEST(startup_refusals) {
                               "--auth-token-file", token_path, NULL};
     start_fails(no_peers, "--peers", 2);
     const char *cuda[] = {"--rank", "0", "--world-size", "1", "--model", model_dir,
-                          "--auth-token-file", token_path, "--backend", "cuda", NULL};
-    start_fails(cuda, "--backend cuda is not available", 2);
+                          "--auth-token-file", token_path, "--backend", "tpu", NULL};
+    start_fails(cuda, "--backend tpu is not available", 2);
 }
 END_TEST
 
