@@ -9,7 +9,7 @@
  *                vs the single-process duet-generate, two concurrent requests batched
  *   batching     7 requests of different lengths on 3 sequence slots: each as if alone
  *   auth         wrong token / wrong fingerprint / no worker: the coordinator exits with the reason
- *   recover      kill -9 a worker mid-generation: clear error, degraded, recovers by itself
+ *   recover      kill -9 a worker mid-step (prefill): clear error, degraded, recovers by itself
  *   recover-idle kill -9 a worker between requests: degraded, recovers when it is back
  *   hung         SIGSTOP a worker: step timeout mid-generation, heartbeat timeout when idle,
  *                recovery after SIGCONT
@@ -825,14 +825,18 @@ START_TEST(recover) {
     }
     json_decref(s0);
 
-    /* a long generation; kill -9 worker 1 once it is under way */
+    /* a long generation; kill -9 worker 1 while its first step (a 3000-token prefill, seconds
+     * long even without sanitizers, so both workers are surely inside it) is in flight. A kill
+     * between two steps is the recover-idle case. */
     aconn a;
     ck_assert_int_eq(aconn_open(&a, g_sock), 0);
-    aconn_send(&a, gen_req(SHORT_A, 8, 3000, 0));
+    static int32_t long_prompt[3000];
+    for (int i = 0; i < 3000; i++) long_prompt[i] = (int32_t)((i * 37) % 1024);
+    aconn_send(&a, gen_req(long_prompt, 3000, 1000, 0));
     double end = now_ms() + 60000;
-    while (generated_so_far() < 4) {
+    while (generated_so_far() < 0) { /* admitted: its prefill step was sent at once */
         ck_assert_msg(now_ms() < end, "the long generation did not start within 60 s");
-        pause_ms(20);
+        pause_ms(5);
     }
     int port1 = atoi(strrchr(ws[1].addr, ':') + 1);
     double t_kill = now_ms();
