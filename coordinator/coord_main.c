@@ -226,7 +226,8 @@ static void step_done(void *arg, int ok, const Duet__StepResult *res, const char
             size_t vocab = sr->n_logits / (size_t)chunk_len;
             const float *row = sr->logits + (size_t)(chunk_len - 1) * vocab;
             json_t *a = json_array();
-            for (size_t v = 0; v < vocab; v++) json_array_append_new(a, json_real(row[v]));
+            for (size_t v = 0; v < vocab; v++) /* JSON has no NaN/Inf: those become null */
+                json_array_append_new(a, isfinite(row[v]) ? json_real(row[v]) : json_null());
             json_array_append_new(g->logits, a);
         }
         if (g->n_out >= g->max_tokens) finish_running(c, g, "length");
