@@ -385,3 +385,5 @@ void dv4_seq_free(dv4_model *m, dv4_seq *s) {
 int dv4_seq_pos(const dv4_seq *s) { return s->pos; }
 
 uint64_t dv4_rank_weight_bytes(const dv4_model *m) { return m->rank_bytes; }
+
+void dv4_set_comm(dv4_model *m, comm *c) { m->shard.comm = c; }

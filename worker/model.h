@@ -38,6 +38,9 @@ int dv4_load(const char *dir, be *b, const dv4_shard *shard, dv4_model **out, ch
 typedef void (*dv4_progress_fn)(uint64_t done, uint64_t total, void *ctx);
 int dv4_load_ex(const char *dir, be *b, const dv4_shard *shard, dv4_progress_fn progress,
                 void *ctx, dv4_model **out, char *err, size_t errlen);
+/* Replaces the data plane of a loaded sharded model (after a peer failure the group forms a
+ * new one; the weights stay). c must have the same rank and world size. */
+void dv4_set_comm(dv4_model *m, comm *c);
 /* Bytes of checkpoint weights this rank holds (its slices of split tensors + replicated). */
 uint64_t dv4_rank_weight_bytes(const dv4_model *m);
 void dv4_free(dv4_model *m);

@@ -131,6 +131,8 @@ struct wk {
     /* engine: touched by the work thread while a job runs, by the loop only when none does */
     be *b;
     comm *cm;
+    atomic_int comm_stale;      /* set when the coordinator left: peers may have died and
+                                   restarted, so the next LoadModel re-forms the data plane */
     dv4_model *model;
     slot *slots;
     int n_slots, max_seq_len;
@@ -301,6 +303,7 @@ static void enqueue(wk *w, job *j) {
 /* The coordinator went away: its queued work is void; its sequences are freed (by a job, so
  * this never races a running step). The model stays loaded. */
 static void drop_coordinator_state(wk *w) {
+    if (w->cfg->world > 1) atomic_store(&w->comm_stale, 1);
     while (w->q_head) {
         job *j = w->q_head;
         w->q_head = j->next;
@@ -374,12 +377,17 @@ static int run_load(wk *w, job *j) {
     if (max_len <= 0 || max_len > (1 << 24))
         return duet_err(j->err, sizeof j->err, DUET_EINVAL,
                         "max_seq_len %d is outside [1, 16777216]", max_len);
+    /* The data plane is formed anew for every coordinator: a peer may have died and come back
+     * since (its old sockets are dead even if this rank never noticed). Loaded weights stay. */
+    if (cfg->world > 1 && (!w->cm || atomic_exchange(&w->comm_stale, 0))) {
+        comm_destroy(w->cm);
+        w->cm = NULL;
+        int rc = comm_tcp_create(cfg->rank, cfg->world, cfg->peers, cfg->comm_timeout_ms, &w->cm,
+                                 j->err, sizeof j->err);
+        if (rc) return rc;
+        if (w->model) dv4_set_comm(w->model, w->cm);
+    }
     if (!w->model) {
-        if (cfg->world > 1 && !w->cm) {
-            int rc = comm_tcp_create(cfg->rank, cfg->world, cfg->peers, cfg->comm_timeout_ms,
-                                     &w->cm, j->err, sizeof j->err);
-            if (rc) return rc;
-        }
         if (!w->b) {
             int rc = make_backend(w, j->err, sizeof j->err);
             if (rc) return rc;
@@ -511,18 +519,14 @@ static int run_step(wk *w, job *j) {
             if (created[q]) free_slot(w, sl[q]);
         if (w->cfg->world > 1 && logits) {
             /* the forward pass failed with valid input: a collective failed, and a comm is
-             * unusable after an error (comm.h). Drop model, sequences and data plane; the
-             * next LoadModel forms them again. */
+             * unusable after an error (comm.h). Drop sequences and the data plane (weights
+             * stay loaded); the next LoadModel forms the data plane again. */
             size_t l = strlen(j->err);
             snprintf(j->err + l, sizeof j->err - l,
-                     " (the data plane is down: the model was unloaded; send LoadModel to "
-                     "re-form it)");
+                     " (the data plane is down; send LoadModel to re-form it)");
             free_all_seqs(w);
-            dv4_free(w->model);
-            w->model = NULL;
             comm_destroy(w->cm);
             w->cm = NULL;
-            atomic_store(&w->rank_weight_bytes, 0);
         }
         goto out;
     }
