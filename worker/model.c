@@ -217,12 +217,18 @@ static void load_layer(ld *l, int i) {
     }
 }
 
-static int check_shard(const dv4_config *c, const dv4_shard *s, char *err, size_t errlen) {
+static int check_shard(const dv4_config *c, const dv4_shard *s, const be *b, char *err,
+                       size_t errlen) {
     if (s->world < 1 || s->rank < 0 || s->rank >= s->world)
         return duet_err(err, errlen, DUET_EINVAL, "rank %d is outside world size %d", s->rank,
                         s->world);
     if (s->world > 1 && !s->comm)
         return duet_err(err, errlen, DUET_EINVAL, "world size %d needs a data plane", s->world);
+    if (s->world > 1 && strcmp(b->ops->name, "cpu") != 0)
+        return duet_err(err, errlen, DUET_EINVAL,
+                        "world size %d on the %s backend needs a device data plane (NCCL), which "
+                        "is not built yet; the TCP data plane moves host memory only",
+                        s->world, b->ops->name);
     if (c->o_groups % s->world && s->world % c->o_groups)
         return duet_err(err, errlen, DUET_EINVAL,
                         "o_groups = %d and world size %d: one must divide the other", c->o_groups,
@@ -253,7 +259,7 @@ int dv4_load_ex(const char *dir, be *b, const dv4_shard *shard, dv4_progress_fn 
     int rc = cfg_load(dir, &m->cfg, err, errlen);
     if (!rc) rc = st_open(dir, &m->st, err, errlen);
     if (!rc) rc = ck_validate(&m->cfg, m->st, err, errlen);
-    if (!rc) rc = check_shard(&m->cfg, &m->shard, err, errlen);
+    if (!rc) rc = check_shard(&m->cfg, &m->shard, b, err, errlen);
     if (rc) {
         dv4_free(m);
         return rc;
