@@ -32,6 +32,7 @@
 #include <event2/event.h>
 #include <jansson.h>
 
+#include "coordinator/clog.h"
 #include "common/err.h"
 #include "common/rpc.h"
 #include "coordinator/admin.h"
@@ -91,27 +92,6 @@ typedef struct {
     struct event *tick, *sig_term, *sig_int, *sig_hup;
 } coord;
 
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
-static void clog_(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static void clog_(const char *fmt, ...) {
-    char line[1024];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(line, sizeof line, fmt, ap);
-    va_end(ap);
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    struct tm tm;
-    gmtime_r(&ts.tv_sec, &tm);
-    fprintf(stderr, "%02d:%02d:%02d.%03ld duet-coordinator: %s\n", tm.tm_hour, tm.tm_min,
-            tm.tm_sec, ts.tv_nsec / 1000000, line);
-    fflush(stderr);
-}
 
 static int in_flight(const coord *c) { return c->n_running + c->n_waiting; }
 
@@ -181,7 +161,7 @@ static void schedule(coord *c);
 
 static void step_done(void *arg, int ok, const Duet__StepResult *res, const char *msg) {
     coord *c = arg;
-    double t = now_s();
+    double t = coord_now_s();
     if (!ok) {
         char m[700];
         snprintf(m, sizeof m, "the step failed: %s", msg);
@@ -304,7 +284,7 @@ static void schedule(coord *c) {
     plan.n_chunks = (size_t)n;
     plan.chunks = cp;
     char err[300];
-    c->step_started = now_s();
+    c->step_started = coord_now_s();
     int rc = pool_step(c->pool, &plan, step_done, c, err, sizeof err);
     free(chunks);
     free(cp);
@@ -329,7 +309,7 @@ static void check_drained(coord *c) {
     }
     if (c->exit_when_drained) {
         c->exit_when_drained = 0; /* once */
-        clog_("drained; exiting");
+        coord_log("drained; exiting");
         event_base_loopbreak(c->base);
     }
 }
@@ -352,7 +332,7 @@ static void abort_all(coord *c) {
 /* ---- admin commands ------------------------------------------------------------------- */
 
 static json_t *status_json(coord *c, int verbose) {
-    double t = now_s();
+    double t = coord_now_s();
     char fp[32];
     snprintf(fp, sizeof fp, "%016llx", (unsigned long long)pool_fingerprint(c->pool));
     uint64_t done, total;
@@ -474,7 +454,7 @@ static void cmd_generate(coord *c, admin_req *r, json_t *req) {
     g->temperature = temp ? (float)json_number_value(temp) : 0.0f;
     g->top_p = 1.0f;
     g->seed = seed ? (uint64_t)json_integer_value(seed) : g->seq_id;
-    g->deadline = now_s() + c->recover_timeout_s;
+    g->deadline = coord_now_s() + c->recover_timeout_s;
     gen **pp = &c->waiting;
     while (*pp) pp = &(*pp)->next;
     *pp = g;
@@ -483,9 +463,9 @@ static void cmd_generate(coord *c, admin_req *r, json_t *req) {
 }
 
 static void start_drain(coord *c, double timeout_s) {
-    if (!c->draining) clog_("draining: %d requests in flight", in_flight(c));
+    if (!c->draining) coord_log("draining: %d requests in flight", in_flight(c));
     c->draining = 1;
-    c->drain_deadline = timeout_s > 0 ? now_s() + timeout_s : 0;
+    c->drain_deadline = timeout_s > 0 ? coord_now_s() + timeout_s : 0;
 }
 
 static void admin_cb(void *ctx, admin_req *r, const char *cmd, json_t *req) {
@@ -514,7 +494,7 @@ static void admin_cb(void *ctx, admin_req *r, const char *cmd, json_t *req) {
         }
         check_drained(c);
     } else if (!strcmp(cmd, "resume")) {
-        if (c->draining) clog_("resuming admission");
+        if (c->draining) coord_log("resuming admission");
         c->draining = 0;
         c->drain_deadline = 0;
         c->exit_when_drained = 0;
@@ -527,7 +507,7 @@ static void admin_cb(void *ctx, admin_req *r, const char *cmd, json_t *req) {
         }
         admin_reply_ok(r, json_pack("{s:s}", "state", state_name(c)));
     } else if (!strcmp(cmd, "reload")) {
-        clog_("reload: reconnecting workers that are down");
+        coord_log("reload: reconnecting workers that are down");
         pool_kick(c->pool);
         admin_reply_ok(r, json_pack("{s:[], s:[], s:o}", "applied", "restart_required",
                                     "workers", pool_workers_json(c->pool)));
@@ -576,15 +556,15 @@ static void pool_cb(void *arg, pool_event ev, const char *msg) {
     coord *c = arg;
     switch (ev) {
     case POOL_EV_READY:
-        clog_("serving");
+        coord_log("serving");
         schedule(c);
         break;
     case POOL_EV_DOWN: /* the pool logged msg */
-        clog_("not ready: re-forming the worker group (requests wait up to %.0f s)",
+        coord_log("not ready: re-forming the worker group (requests wait up to %.0f s)",
               c->recover_timeout_s);
         break;
     case POOL_EV_FATAL:
-        clog_("cannot start: %s", msg);
+        coord_log("cannot start: %s", msg);
         c->exit_code = 1;
         event_base_loopbreak(c->base);
         break;
@@ -594,16 +574,16 @@ static void pool_cb(void *arg, pool_event ev, const char *msg) {
 static void signal_cb(evutil_socket_t sig, short what, void *arg) {
     coord *c = arg;
     if (sig == SIGHUP) {
-        clog_("SIGHUP: reload");
+        coord_log("SIGHUP: reload");
         pool_kick(c->pool);
         return;
     }
     if (c->signals++ > 0) {
-        clog_("second signal: exiting now");
+        coord_log("second signal: exiting now");
         event_base_loopbreak(c->base);
         return;
     }
-    clog_("%s: draining (grace %.0f s), then exiting", sig == SIGTERM ? "SIGTERM" : "SIGINT",
+    coord_log("%s: draining (grace %.0f s), then exiting", sig == SIGTERM ? "SIGTERM" : "SIGINT",
           c->drain_grace_s);
     c->exit_when_drained = 1;
     start_drain(c, c->drain_grace_s);
@@ -612,9 +592,9 @@ static void signal_cb(evutil_socket_t sig, short what, void *arg) {
 
 static void tick_cb(evutil_socket_t fd, short what, void *arg) {
     coord *c = arg;
-    double t = now_s();
+    double t = coord_now_s();
     if (c->draining && c->drain_deadline > 0 && t > c->drain_deadline) {
-        clog_("drain timeout: aborting %d requests", in_flight(c));
+        coord_log("drain timeout: aborting %d requests", in_flight(c));
         c->drain_deadline = 0;
         abort_all(c);
     }
@@ -744,14 +724,14 @@ int main(int argc, char **argv) {
     c.max_waiting = 256;
     c.recover_timeout_s = recover;
     c.drain_grace_s = drain_grace;
-    c.start_time = now_s();
+    c.start_time = coord_now_s();
     int rc = 0;
     if (admin_open(c.base, sock, admin_cb, &c, &c.adm, err, sizeof err)) {
         fprintf(stderr, "duet-coordinator: %s\n", err);
         rc = 2;
         goto out;
     }
-    clog_("admin socket %s", sock);
+    coord_log("admin socket %s", sock);
     pool_cfg pc = {.addrs = (const char *const *)addrs,
                    .n_workers = n_addrs,
                    .token = token,
@@ -768,7 +748,7 @@ int main(int argc, char **argv) {
         rc = 2;
         goto out;
     }
-    clog_("connecting to %d workers: %s", n_addrs, workers);
+    coord_log("connecting to %d workers: %s", n_addrs, workers);
     c.sig_term = evsignal_new(c.base, SIGTERM, signal_cb, &c);
     c.sig_int = evsignal_new(c.base, SIGINT, signal_cb, &c);
     c.sig_hup = evsignal_new(c.base, SIGHUP, signal_cb, &c);

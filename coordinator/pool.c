@@ -15,6 +15,7 @@
  * length-checked by the rpc decoder and unpacked by protobuf-c, every field range-checked), call
  * a step callback twice, or exit the process.
  */
+#include "coordinator/clog.h"
 #include "coordinator/pool.h"
 
 #include <errno.h>
@@ -98,27 +99,6 @@ struct pool {
 
 /* ---- small helpers -------------------------------------------------------------------- */
 
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
-static void plog(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static void plog(const char *fmt, ...) {
-    char line[1024];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(line, sizeof line, fmt, ap);
-    va_end(ap);
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    struct tm tm;
-    gmtime_r(&ts.tv_sec, &tm);
-    fprintf(stderr, "%02d:%02d:%02d.%03ld duet-coordinator: %s\n", tm.tm_hour, tm.tm_min,
-            tm.tm_sec, ts.tv_nsec / 1000000, line);
-    fflush(stderr);
-}
 
 /* Splits "host:port" / "[v6]:port". */
 static int split_addr(const char *a, char **host, int *port, char *err, size_t errlen) {
@@ -175,7 +155,7 @@ static void close_conn(worker *w) {
 static void set_down(worker *w, double delay) {
     close_conn(w);
     w->st = W_DOWN;
-    w->retry_at = now_s() + delay;
+    w->retry_at = coord_now_s() + delay;
 }
 
 static void start_connect(worker *w) {
@@ -183,7 +163,7 @@ static void start_connect(worker *w) {
     w->bev = bufferevent_socket_new(p->base, -1, BEV_OPT_CLOSE_ON_FREE);
     w->dec = rpc_decoder_new(PREAUTH_MAX_FRAME);
     w->st = W_CONNECTING;
-    w->attempt_start = now_s();
+    w->attempt_start = coord_now_s();
     w->last_rx = 0;
     bufferevent_setcb(w->bev, read_cb, NULL, event_cb, w);
     bufferevent_enable(w->bev, EV_READ | EV_WRITE);
@@ -229,7 +209,7 @@ static void fatal(pool *p, const char *msg) {
 /* The group is broken: close every connection, fail the step, re-form when all are back.
  * w (may be NULL) is the worker to blame; it retries with backoff, the others at once. */
 static void group_fail(pool *p, worker *w, const char *msg) {
-    plog("%s", msg);
+    coord_log("%s", msg);
     if (w) snprintf(w->error, sizeof w->error, "%s", msg);
     for (int i = 0; i < p->n; i++) {
         worker *x = &p->w[i];
@@ -261,7 +241,7 @@ static void worker_fail(worker *w, const char *fmt, ...) {
     }
     /* Not yet part of a formed group: only this worker retries. Log only when the reason
      * changes, so a worker that is simply not up yet does not flood the log. */
-    if (strcmp(w->error, msg) != 0) plog("%s (retrying)", msg);
+    if (strcmp(w->error, msg) != 0) coord_log("%s (retrying)", msg);
     snprintf(w->error, sizeof w->error, "%s", msg);
     w->backoff_s = w->backoff_s <= 0 ? BACKOFF_MIN_S : fmin(w->backoff_s * 2, BACKOFF_MAX_S);
     set_down(w, w->backoff_s);
@@ -285,13 +265,13 @@ static int send_msg(worker *w, int type, const ProtobufCMessage *m) {
 static void maybe_load(pool *p) {
     for (int i = 0; i < p->n; i++)
         if (p->w[i].st != W_CONNECTED) return;
-    plog("all %d workers handshaken (model fingerprint %016llx); sending LoadModel", p->n,
+    coord_log("all %d workers handshaken (model fingerprint %016llx); sending LoadModel", p->n,
          (unsigned long long)p->fingerprint);
     Duet__LoadModel lm = DUET__LOAD_MODEL__INIT;
     lm.max_seqs = p->cfg.max_seqs;
     lm.max_seq_len = p->cfg.max_seq_len;
     p->pct_logged = -1;
-    double t = now_s();
+    double t = coord_now_s();
     for (int i = 0; i < p->n; i++) {
         worker *w = &p->w[i];
         w->st = W_LOADING;
@@ -316,7 +296,7 @@ static void log_progress(pool *p, int final) {
     int dec = pct / 10;
     if (dec <= p->pct_logged && (!final || dec == 10)) return;
     p->pct_logged = dec;
-    plog("loading: %d%% (%.1f of %.1f MiB over %d workers)", pct, (double)done / 1048576.0,
+    coord_log("loading: %d%% (%.1f of %.1f MiB over %d workers)", pct, (double)done / 1048576.0,
          (double)total / 1048576.0, p->n);
 }
 
@@ -335,7 +315,7 @@ static void maybe_ready(pool *p) {
     char msg[256];
     snprintf(msg, sizeof msg, "group ready: %d workers, %.1f MiB of weights", p->n,
              (double)bytes / 1048576.0);
-    plog("%s", msg);
+    coord_log("%s", msg);
     emit(p, POOL_EV_READY, msg);
 }
 
@@ -411,7 +391,7 @@ static void on_hello_reply(worker *w, const uint8_t *buf, size_t len) {
     if (!p->fingerprint) p->fingerprint = r->model_fingerprint;
     w->fingerprint = r->model_fingerprint;
     snprintf(w->backend, sizeof w->backend, "%s", r->backend ? r->backend : "");
-    plog("worker w%d (%s) handshaken: backend %s, model %s", w->rank, w->addr, w->backend,
+    coord_log("worker w%d (%s) handshaken: backend %s, model %s", w->rank, w->addr, w->backend,
          r->model_path ? r->model_path : "?");
     duet__hello_reply__free_unpacked(r, NULL);
     w->st = W_CONNECTED;
@@ -473,7 +453,7 @@ static void on_step_result(worker *w, const uint8_t *buf, size_t len) {
         return;
     }
     w->owes_step = 0;
-    w->step_ms[w->steps_done % 64] = (now_s() - p->step_start) * 1000.0;
+    w->step_ms[w->steps_done % 64] = (coord_now_s() - p->step_start) * 1000.0;
     if (w->n_step_ms < 64) w->n_step_ms++;
     w->steps_done++;
     w->step_res = r;
@@ -508,7 +488,7 @@ static void on_stats(worker *w, const uint8_t *buf, size_t len) {
 /* Returns 0 to go on reading, -1 when the connection was closed. */
 static int on_frame(worker *w, int type, const uint8_t *buf, size_t len) {
     struct bufferevent *bev = w->bev;
-    w->last_rx = now_s();
+    w->last_rx = coord_now_s();
     int expected;
     switch (w->st) {
     case W_HANDSHAKE: expected = w->hello_sent ? RPC_HELLO_REPLY : RPC_CHALLENGE; break;
@@ -590,7 +570,7 @@ static void event_cb(struct bufferevent *bev, short what, void *arg) {
 
 static void tick_cb(evutil_socket_t fd, short what, void *arg) {
     pool *p = arg;
-    double t = now_s();
+    double t = coord_now_s();
     if (p->state == POOL_FAILED) return;
     /* start-up deadline: every worker must have answered the handshake */
     if (!p->ever_ready && p->cfg.connect_timeout_s > 0 &&
@@ -723,7 +703,7 @@ int pool_new(struct event_base *base, const pool_cfg *cfg, pool_event_cb cb, voi
             }
     }
     p->state = POOL_STARTING;
-    p->start_time = now_s();
+    p->start_time = coord_now_s();
     p->tick = event_new(base, -1, EV_PERSIST, tick_cb, p);
     struct timeval tv = {0, TICK_MS * 1000};
     event_add(p->tick, &tv);
@@ -775,7 +755,7 @@ int pool_step(pool *p, Duet__StepPlan *plan, pool_step_cb cb, void *arg, char *e
     if (!buf) return DUET_ENOMEM;
     p->step_id++;
     p->step_active = 1;
-    p->step_start = now_s();
+    p->step_start = coord_now_s();
     p->step_cb = cb;
     p->step_arg = arg;
     for (int i = 0; i < p->n; i++) p->w[i].owes_step = 1;
@@ -796,7 +776,7 @@ void pool_release(pool *p, const uint64_t *seq_ids, size_t n) {
 }
 
 void pool_kick(pool *p) {
-    double t = now_s();
+    double t = coord_now_s();
     for (int i = 0; i < p->n; i++)
         if (p->w[i].st == W_DOWN && p->w[i].retry_at != INFINITY) {
             p->w[i].retry_at = t;
@@ -824,7 +804,7 @@ static int cmp_double(const void *a, const void *b) {
 
 json_t *pool_workers_json(const pool *p) {
     json_t *arr = json_array();
-    double t = now_s();
+    double t = coord_now_s();
     for (int i = 0; i < p->n; i++) {
         const worker *w = &p->w[i];
         char name[16];
