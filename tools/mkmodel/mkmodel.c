@@ -525,13 +525,31 @@ static int write_shards(const job_t *j, plan_t *pl, size_t np, int K, const char
     return rc;
 }
 
+/* mkdir -p: creates missing parents; 0 if the directory exists afterwards. */
+static int mkdir_p(const char *path) {
+    char buf[4096];
+    size_t n = strlen(path);
+    if (n == 0 || n >= sizeof buf) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    memcpy(buf, path, n + 1);
+    for (char *p = buf + 1; *p; p++)
+        if (*p == '/') {
+            *p = 0;
+            if (mkdir(buf, 0777) && errno != EEXIST) return -1;
+            *p = '/';
+        }
+    return mkdir(buf, 0777) && errno != EEXIST ? -1 : 0;
+}
+
 static int run(const args_t *a, char *err, size_t errlen) {
     json_t *o = load_config(a->config, a->layers, err, errlen);
     if (!o) return DUET_EFORMAT;
     dv4_config c;
     int hf = !strcmp(a->names, "hf");
     int rc = parse_json_cfg(o, &c, err, errlen);
-    if (!rc && mkdir(a->out, 0777) && errno != EEXIST)
+    if (!rc && mkdir_p(a->out))
         rc = duet_err(err, errlen, DUET_EIO, "cannot create %s: %s", a->out, strerror(errno));
     if (!rc && hf) { /* as transformers wants it (spec §6); expert_dtype defaults to fp4 here */
         json_object_del(o, "quantization_config");
