@@ -15,7 +15,9 @@
  * Sections: memory and the cap · weights · matmul · norms, RoPE, embed · mHC · attention ·
  * compressor · indexer · MoE · elementwise · the ops table · synthetic weights.
  */
+#include <cublas_v2.h>
 #include <cuda_runtime.h>
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
 #include <math.h>
@@ -60,7 +62,19 @@ typedef struct {
     /* pinned staging ring for per-call host metadata; dev_meta mirrors its offsets */
     unsigned char *pin, *dmeta;
     size_t meta_cap, meta_off;
-    /* scratch for ops that need temporaries (moe, index scores) */
+    /* cuBLAS for matmuls with many rows (bf16 tensor cores): created at the first such call,
+     * its workspace allocated under the cap */
+    cublasHandle_t blas;
+    void *blas_ws;
+    size_t blas_ws_bytes;
+    /* routed experts on the tensor cores: MOE_LANES streams, each with its own cuBLAS handle
+     * and workspace (under the cap), run different experts at once (created at first use) */
+#define MOE_LANES 4
+    int lanes_ready;
+    cudaStream_t lane_s[MOE_LANES];
+    cublasHandle_t lane_blas[MOE_LANES];
+    void *lane_ws[MOE_LANES];
+    cudaEvent_t lane_ev[MOE_LANES], ev_join;
 } be_cuda;
 
 static be_cuda *C(be *b) { return (be_cuda *)b; }
@@ -681,6 +695,216 @@ static int gemv_ok(const dw &w, const float *x, int ldx) {
     return 1;
 }
 
+/* --- many rows (T >= TC_MIN_T): bf16 tensor cores through cuBLAS, fp32-level accuracy -------
+ * Weights decoded to bf16 are exact (e4m3 x 2^k, e2m1 x 2^k and bf16 are bf16 values), so only
+ * the activations need care: x = hi + lo with hi = bf16(x), lo = bf16(x - hi) (|x - hi - lo| <=
+ * 2^-16 |x|), and y = W·hi + W·lo with fp32 accumulation (CUBLAS_COMPUTE_32F: bf16 products,
+ * fp32 sums; no TF32). The bf16 copy of the weight rows is a transient per-call scratch from the
+ * capped allocator (never a permanent expanded copy); BF16 weights are used in place. F32
+ * weights (not exact in bf16) and shapes the 8-wide decode cannot take stay on the SIMT path. */
+enum { TC_MIN_T = 32 };
+/* a routed expert goes to the tensor cores from this many rows: its bf16 decode (~48 MB written
+ * and read back for V4-Flash's 2048 x 4096 FP4 matrices, ~25 us) costs less than the SIMT
+ * tile's fp32 FLOPs from about here on; below it the GEMV chunks read the FP4 bytes directly */
+enum { MOE_TC_MIN = 16 };
+
+#define CKB(x) ck_blas((x), #x, __FILE__, __LINE__)
+static void ck_blas(cublasStatus_t e, const char *what, const char *file, int line) {
+    if (e == CUBLAS_STATUS_SUCCESS) return;
+    fprintf(stderr, "duet cuda: %s failed at %s:%d: %s\n", what, file, line, cublasGetStatusString(e));
+    abort();
+}
+
+/* The backend's cuBLAS handle, on its stream, with a 32 MiB workspace under the cap. */
+static cublasHandle_t blas_handle(be_cuda *c) {
+    if (c->blas) return c->blas;
+    c->blas_ws_bytes = (size_t)32 << 20;
+    c->blas_ws = dmalloc(c, c->blas_ws_bytes);
+    CKB(cublasCreate(&c->blas));
+    CKB(cublasSetStream(c->blas, c->s)); /* resets the workspace: set ours after it */
+    CKB(cublasSetWorkspace(c->blas, c->blas_ws, c->blas_ws_bytes));
+    CKB(cublasSetMathMode(c->blas, CUBLAS_DEFAULT_MATH));
+    return c->blas;
+}
+
+/* C[n, m] (row-major, ld ldc) = beta C + B[n, k] · A[m, k]ᵀ; A, B bf16 row-major (ld lda, ldb) */
+static void gemm_bf16(cublasHandle_t h, int m, int n, int k, const void *A, int lda, const void *Bm,
+                      int ldb, float *Cm, int ldc, float beta) {
+    float alpha = 1.0f;
+    CKB(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, m, n, k, &alpha, A, CUDA_R_16BF, lda,
+                     Bm, CUDA_R_16BF, ldb, &beta, Cm, CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F,
+                     CUBLAS_GEMM_DEFAULT));
+    LAUNCHED();
+}
+
+/* the 8-wide bf16 decode applies: not F32, K % 8 == 0, scale blocks a multiple of 8 wide */
+static int tc_ok(const dw &w) {
+    if (w.kind == WK_F32 || w.cols % 8) return 0;
+    if ((w.kind == WK_FP8 || w.kind == WK_FP4) && w.bk % 8) return 0;
+    return 1;
+}
+
+__device__ __forceinline__ uint32_t bf16x2(float a, float b) {
+    return (uint32_t)fd_f32_to_bf16(a) | ((uint32_t)fd_f32_to_bf16(b) << 16);
+}
+
+/* two bf16 values whose f32 form is exact in bf16: truncation is exact */
+__device__ __forceinline__ uint32_t bf16x2_exact(float a, float b) {
+    return (__float_as_uint(a) >> 16) | (__float_as_uint(b) & 0xFFFF0000u);
+}
+
+/* Up to 3 decode jobs per launch (blockIdx.y): out[q][n, k] = bf16(W_q[row0_q + n, k]), ld K. */
+typedef struct { dw w[3]; int row0[3], N[3]; uint16_t *out[3]; } wdec_jobs;
+
+template <int KIND>
+__global__ void __launch_bounds__(256) k_wdec(wdec_jobs j) {
+    int q = blockIdx.y;
+    dw w = q == 0 ? j.w[0] : q == 1 ? j.w[1] : j.w[2];
+    int row0 = q == 0 ? j.row0[0] : q == 1 ? j.row0[1] : j.row0[2];
+    int N = q == 0 ? j.N[0] : q == 1 ? j.N[1] : j.N[2];
+    uint16_t *out = q == 0 ? j.out[0] : q == 1 ? j.out[1] : j.out[2];
+    int K = w.cols, K8 = K / 8;
+    size_t total = (size_t)N * K8;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
+         i += (size_t)gridDim.x * blockDim.x) {
+        int n = (int)(i / K8), k = (int)(i % K8) * 8, wn = row0 + n;
+        uint4 o;
+        if (KIND == WK_BF16) {
+            o = __ldg((const uint4 *)((const uint16_t *)w.data + (size_t)wn * K + k));
+        } else if (KIND == WK_FP8) {
+            uint2 r = __ldg((const uint2 *)((const uint8_t *)w.data + (size_t)wn * K + k));
+            float sc = fd_e8m0_to_f32(__ldg(w.scale + (size_t)(wn / w.bn) * w.scols + k / w.bk));
+            uint32_t u[2] = {r.x, r.y}, ov[4];
+#pragma unroll
+            for (int b = 0; b < 2; b++) {
+                __half2_raw lo = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(u[b] & 0xFFFF), __NV_E4M3);
+                __half2_raw hi = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(u[b] >> 16), __NV_E4M3);
+                float2 a = __half22float2(__half2(lo)), bb = __half22float2(__half2(hi));
+                ov[2 * b] = bf16x2_exact(a.x * sc, a.y * sc);
+                ov[2 * b + 1] = bf16x2_exact(bb.x * sc, bb.y * sc);
+            }
+            o = make_uint4(ov[0], ov[1], ov[2], ov[3]);
+        } else {
+            uint32_t r = __ldg((const uint32_t *)((const uint8_t *)w.data + (size_t)wn * (K / 2) + k / 2));
+            float sc = fd_e8m0_to_f32(__ldg(w.scale + (size_t)wn * w.scols + k / w.bk));
+            float v[8];
+#pragma unroll
+            for (int b = 0; b < 8; b++) v[b] = fd_e2m1_to_f32((r >> (4 * b)) & 15u) * sc;
+            o = make_uint4(bf16x2_exact(v[0], v[1]), bf16x2_exact(v[2], v[3]), bf16x2_exact(v[4], v[5]),
+                           bf16x2_exact(v[6], v[7]));
+        }
+        *(uint4 *)(out + (size_t)n * K + k) = o;
+    }
+}
+
+static void wdec_launch(be_cuda *c, cudaStream_t st, const wdec_jobs &j, int njobs) {
+    size_t most = 0;
+    for (int q = 0; q < njobs; q++) {
+        size_t t = (size_t)j.N[q] * (j.w[q].cols / 8);
+        if (t > most) most = t;
+    }
+    unsigned gx = (unsigned)((most + 255) / 256);
+    if (gx > 4096) gx = 4096;
+    if (gx == 0) return;
+    dim3 g(gx, njobs);
+    switch (j.w[0].kind) {
+    case WK_FP8: k_wdec<WK_FP8><<<g, 256, 0, st>>>(j); break;
+    case WK_FP4: k_wdec<WK_FP4><<<g, 256, 0, st>>>(j); break;
+    default: k_wdec<WK_BF16><<<g, 256, 0, st>>>(j); break;
+    }
+    (void)c;
+    LAUNCHED();
+}
+
+/* hi[r, k] = bf16(v), lo[r, k] = bf16(v - hi) with v = x[src(r), k], src(r) = rows ? rows[r] : r;
+ * hi and lo are [T, K] (ld K). VEC: 4 elements per thread (K, ldx multiples of 4, x 16-aligned). */
+template <bool VEC>
+__global__ void __launch_bounds__(256) k_split(const float *__restrict__ x, int ldx,
+                                               const int32_t *rows, int T, int K,
+                                               uint16_t *__restrict__ hi, uint16_t *__restrict__ lo) {
+    int W = VEC ? K / 4 : K;
+    size_t total = (size_t)T * W;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
+         i += (size_t)gridDim.x * blockDim.x) {
+        int r = (int)(i / W), k = (int)(i % W) * (VEC ? 4 : 1);
+        const float *xp = x + (size_t)(rows ? rows[r] : r) * ldx + k;
+        size_t o = (size_t)r * K + k;
+        if (VEC) {
+            float4 v = __ldg((const float4 *)xp);
+            uint16_t h0 = fd_f32_to_bf16(v.x), h1 = fd_f32_to_bf16(v.y), h2 = fd_f32_to_bf16(v.z),
+                     h3 = fd_f32_to_bf16(v.w);
+            *(uint2 *)(hi + o) = make_uint2((uint32_t)h0 | ((uint32_t)h1 << 16), (uint32_t)h2 | ((uint32_t)h3 << 16));
+            *(uint2 *)(lo + o) = make_uint2(bf16x2(v.x - fd_bf16_to_f32(h0), v.y - fd_bf16_to_f32(h1)),
+                                            bf16x2(v.z - fd_bf16_to_f32(h2), v.w - fd_bf16_to_f32(h3)));
+        } else {
+            float v = __ldg(xp);
+            uint16_t h = fd_f32_to_bf16(v);
+            hi[o] = h;
+            lo[o] = fd_f32_to_bf16(v - fd_bf16_to_f32(h));
+        }
+    }
+}
+
+static void split_launch(cudaStream_t st, const float *x, int ldx, const int32_t *rows, int T, int K,
+                         uint16_t *hi, uint16_t *lo) {
+    bool vec = K % 4 == 0 && ldx % 4 == 0 && ((uintptr_t)x & 15) == 0;
+    size_t total = (size_t)T * (vec ? K / 4 : K);
+    unsigned g = (unsigned)((total + 255) / 256);
+    if (g > 8192) g = 8192;
+    if (g == 0) return;
+    if (vec) k_split<true><<<g, 256, 0, st>>>(x, ldx, rows, T, K, hi, lo);
+    else k_split<false><<<g, 256, 0, st>>>(x, ldx, rows, T, K, hi, lo);
+    LAUNCHED();
+}
+
+/* rows of a per-call buffer: the next power of two >= n (at most most), so that the caching
+ * allocator sees few distinct sizes and reuses its blocks across calls */
+static int pow2_rows(int n, int most) {
+    int r = 1;
+    while (r < n && r < most) r *= 2;
+    return r < most ? r : most;
+}
+
+/* scratch sizes rounded up to 2 MiB so that the caching allocator reuses blocks across calls */
+static void *tc_scratch(be_cuda *c, size_t bytes) {
+    return scratch(&c->base, round_up(bytes ? bytes : 1, (size_t)2 << 20));
+}
+
+/* y[T, N] = x[T, K] · W[row0 : row0+N]ᵀ on the tensor cores (tc_ok(w), T >= 1) */
+static void mm_tc(be_cuda *c, const dw &w, int row0, int N, const float *x, int ldx, float *y,
+                  int ldy, int T) {
+    int K = w.cols;
+    const uint16_t *wb;
+    void *wbuf = NULL;
+    if (w.kind == WK_BF16) {
+        wb = (const uint16_t *)w.data + (size_t)row0 * K;
+    } else {
+        wbuf = tc_scratch(c, (size_t)N * K * 2);
+        wdec_jobs j;
+        memset(&j, 0, sizeof j);
+        j.w[0] = w;
+        j.row0[0] = row0;
+        j.N[0] = N;
+        j.out[0] = (uint16_t *)wbuf;
+        wdec_launch(c, c->s, j, 1);
+        wb = (const uint16_t *)wbuf;
+    }
+    /* x in row chunks: hi and lo of a chunk take <= 128 MiB */
+    int tc = (int)(((size_t)32 << 20) / (size_t)K);
+    if (tc < TC_MIN_T) tc = TC_MIN_T;
+    tc = pow2_rows(T, tc);
+    uint16_t *xb = (uint16_t *)tc_scratch(c, (size_t)tc * K * 4);
+    for (int t0 = 0; t0 < T; t0 += tc) {
+        int n = T - t0 < tc ? T - t0 : tc;
+        uint16_t *hi = xb, *lo = xb + (size_t)n * K;
+        split_launch(c->s, x + (size_t)t0 * ldx, ldx, NULL, n, K, hi, lo);
+        gemm_bf16(blas_handle(c), N, n, K, wb, K, hi, K, y + (size_t)t0 * ldy, ldy, 0.0f);
+        gemm_bf16(blas_handle(c), N, n, K, wb, K, lo, K, y + (size_t)t0 * ldy, ldy, 1.0f);
+    }
+    cu_free(&c->base, xb);
+    if (wbuf) cu_free(&c->base, wbuf);
+}
+
 static void mm(be_cuda *c, const be_weight *W, int row0, int N, const float *x, int ldx, float *y,
                int ldy, int T) {
     if (T <= 0 || N <= 0) return;
@@ -692,6 +916,10 @@ static void mm(be_cuda *c, const be_weight *W, int row0, int N, const float *x, 
         case WK_BF16: gemv_launch<WK_BF16>(c, w, row0, N, x, ldx, y, ldy, T); break;
         default: gemv_launch<WK_F32>(c, w, row0, N, x, ldx, y, ldy, T); break;
         }
+        return;
+    }
+    if (T >= TC_MIN_T && tc_ok(w)) {
+        mm_tc(c, w, row0, N, x, ldx, y, ldy, T);
         return;
     }
     dim3 g((N + TN - 1) / TN, (T + TM - 1) / TM);
@@ -1527,6 +1755,134 @@ static void moe_grouped_launch(be_cuda *c, const dw *dw1, const dw *dw2, const d
     LAUNCHED();
 }
 
+/* ---- routed experts with many rows on the tensor cores (bf16 hi/lo, as mm_tc) ------------- */
+
+/* u [2n, 2I]: rows < n from x hi, rows >= n from x lo; columns < I: w1, >= I: w3. Writes
+ * h = swiglu(w1·x, w3·x) * wts[r] split into hi (rows < n) and lo (rows >= n) of h2 [2n, I]. */
+__global__ void __launch_bounds__(256) k_swiglu_split(const float *__restrict__ u, int n, int I,
+                                                      float limit, const float *__restrict__ wts,
+                                                      uint16_t *__restrict__ h2) {
+    size_t total = (size_t)n * I;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
+         i += (size_t)gridDim.x * blockDim.x) {
+        int r = (int)(i / I), j = (int)(i % I);
+        const float *a = u + (size_t)r * 2 * I, *b = u + (size_t)(n + r) * 2 * I;
+        float h = swiglu_dev(a[j] + b[j], a[I + j] + b[I + j], limit, wts[r]);
+        uint16_t hh = fd_f32_to_bf16(h);
+        h2[(size_t)r * I + j] = hh;
+        h2[(size_t)(n + r) * I + j] = fd_f32_to_bf16(h - fd_bf16_to_f32(hh));
+    }
+}
+
+/* out[r, d] = y2[r, d] + y2[n + r, d] (the hi and lo halves of one GEMM) */
+__global__ void __launch_bounds__(256) k_add_halves(const float *__restrict__ y2, int n, int D,
+                                                    float *__restrict__ out) {
+    size_t total = (size_t)n * D;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
+         i += (size_t)gridDim.x * blockDim.x)
+        out[i] = y2[i] + y2[total + i];
+}
+
+static unsigned grid_cap(size_t n, unsigned most) {
+    size_t g = (n + 255) / 256;
+    return (unsigned)(g > most ? most : g ? g : 1);
+}
+
+static void lanes_init(be_cuda *c) {
+    if (c->lanes_ready) return;
+    for (int i = 0; i < MOE_LANES; i++) {
+        size_t ws = (size_t)16 << 20;
+        c->lane_ws[i] = dmalloc(c, ws);
+        CK(cudaStreamCreateWithFlags(&c->lane_s[i], cudaStreamNonBlocking));
+        CK(cudaEventCreateWithFlags(&c->lane_ev[i], cudaEventDisableTiming));
+        CKB(cublasCreate(&c->lane_blas[i]));
+        CKB(cublasSetStream(c->lane_blas[i], c->lane_s[i])); /* before the workspace: it resets it */
+        CKB(cublasSetWorkspace(c->lane_blas[i], c->lane_ws[i], ws));
+        CKB(cublasSetMathMode(c->lane_blas[i], CUBLAS_DEFAULT_MATH));
+    }
+    CK(cudaEventCreateWithFlags(&c->ev_join, cudaEventDisableTiming));
+    c->lanes_ready = 1;
+}
+
+/* Routed experts with big[e] (all of one kind with tc_ok), spread over up to MOE_LANES streams
+ * (least rows first) so that several experts' decodes and GEMMs run at once: one expert's
+ * GEMMs have few rows (2 x 24 at a 1K prefill) and would leave most SMs idle. Per expert, on
+ * its lane: its three weights decoded to bf16 in one launch (w1 and w3 stacked as W13 [2I, D],
+ * w2 [D, I]: per lane a per-call scratch of 6·I·D bytes under the cap, reused for the lane's
+ * experts), then per chunk of <= rc pairs: gather and split x (hi rows, then lo rows), one
+ * GEMM for w1 and w3 over hi and lo, SwiGLU + split, one GEMM for w2, and the hi + lo halves
+ * summed into ys[pair] (rows of different experts: no races). */
+static void moe_tc(be_cuda *c, const be_moe_layer *L, const int *cnt, const unsigned char *big,
+                   const float *x, const int32_t *dtok, const float *dpw, float *ys) {
+    int E = L->n_experts, D = L->hidden, I = L->inter, nmax = 0, nb = 0;
+    for (int e = 0; e < E; e++)
+        if (big[e]) {
+            nb++;
+            if (cnt[e + 1] - cnt[e] > nmax) nmax = cnt[e + 1] - cnt[e];
+        }
+    if (!nb) return;
+    lanes_init(c);
+    int nl = nb < MOE_LANES ? nb : MOE_LANES;
+    /* bytes per pair: x hi+lo (bf16), u (2 x 2I f32), h hi+lo (bf16), y hi+lo (f32) */
+    size_t per_pair = (size_t)D * 4 + (size_t)I * 16 + (size_t)I * 4 + (size_t)D * 8;
+    int rc = (int)(((size_t)32 << 20) / per_pair);
+    if (rc < 64) rc = 64;
+    rc = pow2_rows(nmax, rc);
+    size_t wsz = (size_t)3 * I * D;
+    uint16_t *wl[MOE_LANES], *x2[MOE_LANES], *h2[MOE_LANES];
+    float *u[MOE_LANES], *y2[MOE_LANES];
+    long load[MOE_LANES];
+    for (int l = 0; l < nl; l++) {
+        wl[l] = (uint16_t *)tc_scratch(c, wsz * 2);
+        x2[l] = (uint16_t *)tc_scratch(c, (size_t)rc * D * 4);
+        u[l] = (float *)tc_scratch(c, (size_t)rc * I * 16);
+        h2[l] = (uint16_t *)tc_scratch(c, (size_t)rc * I * 4);
+        y2[l] = (float *)tc_scratch(c, (size_t)rc * D * 8);
+        load[l] = 0;
+    }
+    /* the buffers may have been used by earlier work on the main stream */
+    CK(cudaEventRecord(c->ev_join, c->s));
+    for (int l = 0; l < nl; l++) CK(cudaStreamWaitEvent(c->lane_s[l], c->ev_join, 0));
+    for (int e = 0; e < E; e++) {
+        if (!big[e]) continue;
+        int l = 0;
+        for (int q = 1; q < nl; q++)
+            if (load[q] < load[l]) l = q;
+        load[l] += 64 + cnt[e + 1] - cnt[e]; /* a fixed cost per expert (decode) + its rows */
+        cudaStream_t st = c->lane_s[l];
+        cublasHandle_t h = c->lane_blas[l];
+        const uint16_t *w13 = wl[l], *w2 = wl[l] + (size_t)2 * I * D;
+        wdec_jobs j;
+        memset(&j, 0, sizeof j);
+        j.w[0] = L->w1[e]->v; j.N[0] = I; j.out[0] = wl[l];
+        j.w[1] = L->w3[e]->v; j.N[1] = I; j.out[1] = wl[l] + (size_t)I * D;
+        j.w[2] = L->w2[e]->v; j.N[2] = D; j.out[2] = wl[l] + (size_t)2 * I * D;
+        wdec_launch(c, st, j, 3);
+        for (int p0 = cnt[e]; p0 < cnt[e + 1]; p0 += rc) {
+            int n = cnt[e + 1] - p0 < rc ? cnt[e + 1] - p0 : rc;
+            split_launch(st, x, D, dtok + p0, n, D, x2[l], x2[l] + (size_t)n * D);
+            gemm_bf16(h, 2 * I, 2 * n, D, w13, D, x2[l], D, u[l], 2 * I, 0.0f);
+            k_swiglu_split<<<grid_cap((size_t)n * I, 8192), 256, 0, st>>>(u[l], n, I, L->swiglu_limit, dpw + p0, h2[l]);
+            LAUNCHED();
+            gemm_bf16(h, D, 2 * n, I, w2, I, h2[l], I, y2[l], D, 0.0f);
+            k_add_halves<<<grid_cap((size_t)n * D, 8192), 256, 0, st>>>(y2[l], n, D, ys + (size_t)p0 * D);
+            LAUNCHED();
+        }
+    }
+    /* the main stream goes on once every lane is done; the buffers go back to its allocator */
+    for (int l = 0; l < nl; l++) {
+        CK(cudaEventRecord(c->lane_ev[l], c->lane_s[l]));
+        CK(cudaStreamWaitEvent(c->s, c->lane_ev[l], 0));
+    }
+    for (int l = 0; l < nl; l++) {
+        cu_free(&c->base, wl[l]);
+        cu_free(&c->base, x2[l]);
+        cu_free(&c->base, u[l]);
+        cu_free(&c->base, h2[l]);
+        cu_free(&c->base, y2[l]);
+    }
+}
+
 static void cu_moe(be *b, const be_moe_layer *L, const float *x, const int32_t *ids, int T,
                    float *out) {
     if (T <= 0) return;
@@ -1578,10 +1934,15 @@ static void cu_moe(be *b, const be_moe_layer *L, const float *x, const int32_t *
         if (L->w1[e]) nchunks += (cnt[e + 1] - cnt[e] + 7) / 8;
     if (kind >= 0 && nchunks > 0 && nchunks <= 65535) {
         /* grouped: every routed expert in two launches, then one combine */
+        /* experts with >= MOE_TC_MIN rows go to the tensor cores (moe_tc), the rest to the
+         * SIMT grouped GEMV chunks or 64-row tiles */
+        unsigned char *big = (unsigned char *)xcalloc((size_t)E, 1);
+        if (kind != WK_F32)
+            for (int e = 0; e < E; e++) big[e] = L->w1[e] && cnt[e + 1] - cnt[e] >= MOE_TC_MIN;
         mchunk *ch = (mchunk *)xmalloc((size_t)nchunks * sizeof *ch);
         int nc = 0;
         for (int e = 0; e < E; e++)
-            for (int p0 = cnt[e]; L->w1[e] && p0 < cnt[e + 1]; p0 += 8)
+            for (int p0 = cnt[e]; L->w1[e] && !big[e] && p0 < cnt[e + 1]; p0 += 8)
                 ch[nc++] = (mchunk){e, p0, cnt[e + 1] - p0 < 8 ? cnt[e + 1] - p0 : 8};
         int32_t *inv = (int32_t *)xmalloc((size_t)T * K * sizeof *inv);
         for (int i = 0; i < T * K; i++) inv[i] = -1;
@@ -1611,19 +1972,25 @@ static void cu_moe(be *b, const be_moe_layer *L, const float *x, const int32_t *
         int32_t *dtok = (int32_t *)stage(c, rows, (size_t)(np ? np : 1) * sizeof *rows);
         float *dpw = (float *)stage(c, wts, (size_t)(np ? np : 1) * sizeof *wts);
         int32_t *dinv = (int32_t *)stage(c, inv, (size_t)T * K * sizeof *inv);
-        float *hbuf = (float *)scratch(b, (size_t)np * I * sizeof(float));
+        float *hbuf = nc ? (float *)scratch(b, (size_t)np * I * sizeof(float)) : NULL;
         float *ysb = (float *)scratch(b, (size_t)np * D * sizeof(float));
-        int n_active = 0;
-        for (int e = 0; e < E; e++) n_active += L->w1[e] && cnt[e + 1] > cnt[e];
-        if (np >= 16 * (n_active ? n_active : 1)) {
+        int n_active = 0, np_small = 0;
+        for (int e = 0; e < E; e++)
+            if (L->w1[e] && !big[e] && cnt[e + 1] > cnt[e]) {
+                n_active++;
+                np_small += cnt[e + 1] - cnt[e];
+            }
+        if (!nc) {
+            /* every expert with rows is on the tensor cores */
+        } else if (np_small >= 16 * (n_active ? n_active : 1)) {
             /* many rows per expert: 64-row tiles, each expert's weights read once per tile */
             int ntl = 0;
             for (int e = 0; e < E; e++)
-                if (L->w1[e]) ntl += (cnt[e + 1] - cnt[e] + 63) / 64;
+                if (L->w1[e] && !big[e]) ntl += (cnt[e + 1] - cnt[e] + 63) / 64;
             gtile *tl = (gtile *)xmalloc((size_t)(ntl ? ntl : 1) * sizeof *tl);
             int q = 0;
             for (int e = 0; e < E; e++)
-                for (int p0 = cnt[e]; L->w1[e] && p0 < cnt[e + 1]; p0 += 64)
+                for (int p0 = cnt[e]; L->w1[e] && !big[e] && p0 < cnt[e + 1]; p0 += 64)
                     tl[q++] = (gtile){e, p0, cnt[e + 1] - p0 < 64 ? cnt[e + 1] - p0 : 64};
             const gtile *dtl = (const gtile *)stage(c, tl, (size_t)(ntl ? ntl : 1) * sizeof *tl);
             float *pb = (float *)scratch(b, (size_t)np * I * sizeof(float));
@@ -1639,11 +2006,12 @@ static void cu_moe(be *b, const be_moe_layer *L, const float *x, const int32_t *
             cu_free(b, pb);
             free(tl);
         } else switch (kind) {
-        case WK_FP4: moe_grouped_launch<WK_FP4>(c, dtw, dtw + E, dtw + 2 * E, dch, nchunks, dtok, dpw, x, D, I, L->swiglu_limit, hbuf, ysb); break;
-        case WK_FP8: moe_grouped_launch<WK_FP8>(c, dtw, dtw + E, dtw + 2 * E, dch, nchunks, dtok, dpw, x, D, I, L->swiglu_limit, hbuf, ysb); break;
-        case WK_BF16: moe_grouped_launch<WK_BF16>(c, dtw, dtw + E, dtw + 2 * E, dch, nchunks, dtok, dpw, x, D, I, L->swiglu_limit, hbuf, ysb); break;
-        default: moe_grouped_launch<WK_F32>(c, dtw, dtw + E, dtw + 2 * E, dch, nchunks, dtok, dpw, x, D, I, L->swiglu_limit, hbuf, ysb); break;
+        case WK_FP4: moe_grouped_launch<WK_FP4>(c, dtw, dtw + E, dtw + 2 * E, dch, nc, dtok, dpw, x, D, I, L->swiglu_limit, hbuf, ysb); break;
+        case WK_FP8: moe_grouped_launch<WK_FP8>(c, dtw, dtw + E, dtw + 2 * E, dch, nc, dtok, dpw, x, D, I, L->swiglu_limit, hbuf, ysb); break;
+        case WK_BF16: moe_grouped_launch<WK_BF16>(c, dtw, dtw + E, dtw + 2 * E, dch, nc, dtok, dpw, x, D, I, L->swiglu_limit, hbuf, ysb); break;
+        default: moe_grouped_launch<WK_F32>(c, dtw, dtw + E, dtw + 2 * E, dch, nc, dtok, dpw, x, D, I, L->swiglu_limit, hbuf, ysb); break;
         }
+        moe_tc(c, L, cnt, big, x, dtok, dpw, ysb);
         float *shb = NULL;
         if (L->s1) {
             float *g = (float *)scratch(b, (size_t)T * SI * sizeof(float));
@@ -1660,6 +2028,7 @@ static void cu_moe(be *b, const be_moe_layer *L, const float *x, const int32_t *
         cu_free(b, ysb);
         if (shb) cu_free(b, shb);
         free(ch);
+        free(big);
         free(inv);
         free(tw);
     } else {
@@ -1768,6 +2137,17 @@ static void cu_destroy(be *b) {
     for (size_t i = 0; i < c->n_free; i++) cudaFree(c->freel[i].p);
     if (c->pin) cudaFreeHost(c->pin);
     if (c->dmeta) cudaFree(c->dmeta);
+    if (c->blas) cublasDestroy(c->blas);
+    if (c->lanes_ready) {
+        for (int i = 0; i < MOE_LANES; i++) {
+            cublasDestroy(c->lane_blas[i]);
+            cudaStreamDestroy(c->lane_s[i]);
+            cudaEventDestroy(c->lane_ev[i]);
+            cudaFree(c->lane_ws[i]);
+        }
+        cudaEventDestroy(c->ev_join);
+    }
+    if (c->blas_ws) cudaFree(c->blas_ws);
     cudaStreamDestroy(c->s);
     free(c->live);
     free(c->freel);

@@ -387,6 +387,8 @@ static void step(bseq **seqs, const int *len, int n, float *logits_host) {
         OP("mhc", B->ops->mhc_pre(B, s.h, L->hc_ffn_fn, L->hc_ffn_base, L->hc_ffn_scale, T, HC, D,
                                   ITERS, EPS, EPS, s.u, s.post, s.comb));
         OP("norm", B->ops->rmsnorm(B, s.u, L->ffn_norm, s.x, T, D, EPS));
+        /* FLOPs: gate + 6 routed and 1 shared expert (3 matrices of D x I each) per token */
+        cur_flops = bd_on ? 2.0 * T * ((KTOP + 1) * 3.0 * D * I + (double)E * D) : 0;
         OP("moe", B->ops->moe(B, &L->moe, s.x, s.ids, T, s.v));
         OP("mhc", B->ops->mhc_post(B, s.h, s.v, s.post, s.comb, T, HC, D));
     }
