@@ -164,7 +164,7 @@ START_TEST(corpus_exact)
         if (nl < 5 || strcmp(de->d_name + nl - 4, ".txt") != 0)
             continue;
         char p[4096];
-        size_t tlen, ilen;
+        size_t tlen = 0, ilen = 0;
         snprintf(p, sizeof p, "%s/%s", dir, de->d_name);
         char *text = read_file(p, &tlen);
         snprintf(p + strlen(p) - 4, 5, ".ids");
