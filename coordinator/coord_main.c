@@ -62,6 +62,7 @@ typedef struct gen {          /* one generate request: admin `generate` (r) or H
     struct gen *next;
     admin_req *r;              /* NULL for an HTTP request */
     eng_sink sink;             /* HTTP: token / end callbacks (coordinator/http/engine.h) */
+    char *rid;                 /* HTTP: the request id <rid>; admin: NULL (id "gen-<seq>") */
     uint64_t seq_id;
     int32_t *prompt;           /* [n_prompt] */
     int n_prompt;
@@ -108,6 +109,24 @@ typedef struct {
 
 static int in_flight(const coord *c) { return c->n_running + c->n_waiting; }
 
+/* The id duetctl shows and aborts: the HTTP request id, or "gen-<seq>" for admin generate. */
+static const char *gen_rid(const gen *g, char *buf, size_t cap) {
+    if (g->rid) return g->rid;
+    snprintf(buf, cap, "gen-%llu", (unsigned long long)g->seq_id);
+    return buf;
+}
+
+/* abort's request_id matches <rid>, chatcmpl-<rid> or cmpl-<rid>. */
+static int rid_matches(const gen *g, const char *want) {
+    char buf[32];
+    const char *rid = gen_rid(g, buf, sizeof buf);
+    if (!strcmp(rid, want)) return 1;
+    if (!g->rid) return 0;
+    if (!strncmp(want, "chatcmpl-", 9)) return !strcmp(rid, want + 9);
+    if (!strncmp(want, "cmpl-", 5)) return !strcmp(rid, want + 5);
+    return 0;
+}
+
 static const char *state_name(const coord *c) {
     if (c->draining) return in_flight(c) ? "draining" : "drained";
     switch (pool_get_state(c->pool)) {
@@ -120,6 +139,7 @@ static const char *state_name(const coord *c) {
 /* ---- finishing requests ----------------------------------------------------------------- */
 
 static void gen_free(gen *g) {
+    free(g->rid);
     free(g->prompt);
     free(g->out);
     json_decref(g->logits);
@@ -397,10 +417,10 @@ static json_t *status_json(coord *c, int verbose) {
         json_t *reqs = json_array();
         for (int pass = 0; pass < 2; pass++)
             for (gen *g = pass ? c->waiting : c->running; g; g = g->next) {
-                char rid[32];
-                snprintf(rid, sizeof rid, "gen-%llu", (unsigned long long)g->seq_id);
+                char buf[32];
                 json_array_append_new(
-                    reqs, json_pack("{s:s, s:s, s:i, s:i, s:i}", "request_id", rid, "state",
+                    reqs, json_pack("{s:s, s:s, s:i, s:i, s:i}", "request_id",
+                                    gen_rid(g, buf, sizeof buf), "state",
                                     pass ? "waiting" : "running", "prompt_tokens", g->n_prompt,
                                     "generated", g->n_out, "max_tokens", g->max_tokens));
             }
@@ -517,6 +537,7 @@ static int eng_submit(void *ctx, const eng_params *p, const eng_sink *sink, cons
     }
     gen *g = xcalloc(1, sizeof *g);
     g->sink = *sink;
+    g->rid = xstrdup(p->request_id ? p->request_id : "");
     g->seq_id = ++c->next_seq_id;
     g->n_prompt = p->n_prompt;
     g->prompt = xmalloc((size_t)p->n_prompt * sizeof *g->prompt);
@@ -604,9 +625,7 @@ static void admin_cb(void *ctx, admin_req *r, const char *cmd, json_t *req) {
         }
         for (int pass = 0; pass < 2; pass++)
             for (gen *g = pass ? c->waiting : c->running; g; g = g->next) {
-                char rid[32];
-                snprintf(rid, sizeof rid, "gen-%llu", (unsigned long long)g->seq_id);
-                if (strcmp(rid, s)) continue;
+                if (!rid_matches(g, s)) continue;
                 g->abort = 1;
                 if (pass) { /* waiting: ends now */
                     unlink_gen(&c->waiting, g);

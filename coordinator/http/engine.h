@@ -38,6 +38,7 @@ typedef struct {
     float top_p;           /* (0, 1] */
     int top_k;             /* 0 = off */
     uint64_t seed;
+    const char *request_id; /* the HTTP request id (<rid>), for status and abort; copied */
 } eng_params;
 
 typedef struct {

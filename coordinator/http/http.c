@@ -12,8 +12,7 @@
  *
  * Limits of this slice (documented in docs/openapi.yaml): n = 1, no logprobs, no penalties /
  * min_p / logit_bias / min_tokens (non-default values are refused with 400, never silently
- * dropped), tool_choice none/auto only (required/named need the grammar mask), completions
- * without stop strings. A body larger than 4 × max_body_bytes is refused by evhttp itself
+ * dropped), tool_choice none/auto only (required/named need the grammar mask). A body larger than 4 × max_body_bytes is refused by evhttp itself
  * (413 with its own HTML body); between the limit and that, duet answers the JSON 413.
  */
 #include "coordinator/http/http.h"
@@ -40,6 +39,7 @@
 #include "common/err.h"
 #include "coordinator/chat/encoder.h"
 #include "coordinator/chat/outparse.h"
+#include "coordinator/chat/sbuf.h"
 #include "coordinator/clog.h"
 #include "coordinator/tokenizer/tokenizer.h"
 
@@ -265,7 +265,10 @@ typedef struct hreq {
     char **tool_names;
     size_t n_tools;
     struct evbuffer *pending; /* SSE bytes for the next flush */
-    struct evbuffer *text;    /* completions: generated text */
+    chat_sb text;             /* completions: generated text (cut at a matched stop string) */
+    size_t released;          /* completions: bytes of text certain (sent when streaming) */
+    int stop_idx;             /* completions: the matched stop string, or -1 */
+    int include_stop;
 } hreq;
 
 static void hreq_free(hreq *h) {
@@ -275,7 +278,7 @@ static void hreq_free(hreq *h) {
     for (size_t i = 0; i < h->n_tools; i++) free(h->tool_names[i]);
     free(h->tool_names);
     if (h->pending) evbuffer_free(h->pending);
-    if (h->text) evbuffer_free(h->text);
+    chat_sb_free(&h->text);
     free(h->model);
     free(h);
 }
@@ -354,6 +357,54 @@ static int structural(const hreq *h, int32_t id) {
            id == s->dsml;
 }
 
+/* Completions: appends decoded text, looks for a stop string (the earliest match wins; the
+ * text is cut before it, or after it with include_stop_str_in_output), and releases what is
+ * certain — everything but a trailing proper prefix of a stop string, unless at_end. Streams the
+ * released bytes. Returns 1 when a stop string matched (the choice ends). */
+static int cmpl_add(hreq *h, const char *t, size_t n, int at_end) {
+    if (h->stop_idx >= 0) return 1;
+    if (n) chat_sb_put(&h->text, t, n);
+    size_t end = h->text.len;
+    int hit = 0;
+    if (h->n_stop && h->text.len) {
+        size_t best = SIZE_MAX, maxl = 0;
+        for (size_t i = 0; i < h->n_stop; i++) {
+            size_t sl = strlen(h->stop[i]);
+            if (sl > maxl) maxl = sl;
+            const char *m = memmem(h->text.p + h->released, h->text.len - h->released,
+                                   h->stop[i], sl);
+            if (m && (size_t)(m - h->text.p) < best) {
+                best = (size_t)(m - h->text.p);
+                h->stop_idx = (int)i;
+            }
+        }
+        if (h->stop_idx >= 0) {
+            hit = 1;
+            end = best + (h->include_stop ? strlen(h->stop[h->stop_idx]) : 0);
+            h->text.len = end;
+            h->text.p[end] = 0;
+        } else if (!at_end) {
+            size_t k = maxl - 1 < h->text.len - h->released ? maxl - 1 : h->text.len - h->released;
+            for (; k > 0; k--) {
+                const char *tail = h->text.p + h->text.len - k;
+                size_t i;
+                for (i = 0; i < h->n_stop; i++)
+                    if (strlen(h->stop[i]) > k && !memcmp(h->stop[i], tail, k)) break;
+                if (i < h->n_stop) break;
+            }
+            end = h->text.len - k;
+        }
+    }
+    if (end > h->released) {
+        if (h->stream)
+            sse_chunk(h, json_pack("{s:i, s:s%, s:n, s:n}", "index", 0, "text",
+                                   h->text.p + h->released, end - h->released, "logprobs",
+                                   "finish_reason"));
+        h->released = end;
+    }
+    return hit;
+}
+
 static int on_token(void *user, int32_t id) {
     hreq *h = user;
     h->n_out++;
@@ -377,12 +428,7 @@ static int on_token(void *user, int32_t id) {
         } else {
             size_t n;
             const char *t = tok_stream_put(h->ts, id, &n);
-            if (n) {
-                evbuffer_add(h->text, t, n);
-                if (h->stream)
-                    sse_chunk(h, json_pack("{s:i, s:s%, s:n, s:n}", "index", 0, "text", t, n,
-                                           "logprobs", "finish_reason"));
-            }
+            stop = cmpl_add(h, t, n, 0);
         }
     }
     if (h->stream) sse_flush(h);
@@ -435,11 +481,11 @@ static void finish_answer(hreq *h) {
     const char *t = tok_stream_flush(h->ts, &n);
     if (h->chat) {
         if (n) op_feed(h->op, t, n);
-    } else if (n) {
-        evbuffer_add(h->text, t, n);
-        if (h->stream && finish)
-            sse_chunk(h, json_pack("{s:i, s:s%, s:n, s:n}", "index", 0, "text", t, n, "logprobs",
-                                   "finish_reason"));
+    } else {
+        int stream = h->stream;
+        h->stream = stream && finish; /* no text chunk before an error event */
+        cmpl_add(h, t, n, 1);
+        h->stream = stream;
     }
     const op_result *res = h->chat ? op_finish(h->op, end) : NULL;
     if (h->gone || !req) {
@@ -458,7 +504,9 @@ static void finish_answer(hreq *h) {
         } else {
             sse_start(h);
             const char *fr = res ? res->finish_reason : finish;
-            json_t *sr = res && res->stop_reason ? json_string(res->stop_reason) : json_null();
+            const char *srs = res ? res->stop_reason
+                              : h->stop_idx >= 0 ? h->stop[h->stop_idx] : NULL;
+            json_t *sr = srs ? json_string(srs) : json_null();
             if (h->chat)
                 sse_chunk(h, json_pack("{s:i, s:{}, s:n, s:s, s:o}", "index", 0, "delta",
                                        "logprobs", "finish_reason", fr, "stop_reason", sr));
@@ -503,10 +551,10 @@ static void finish_answer(hreq *h) {
                            "finish_reason", res->finish_reason, "stop_reason",
                            res->stop_reason ? json_string(res->stop_reason) : json_null());
     } else {
-        size_t len = evbuffer_get_length(h->text);
-        const char *p = (const char *)evbuffer_pullup(h->text, -1);
-        choice = json_pack("{s:i, s:s%, s:n, s:s, s:n}", "index", 0, "text", p ? p : "", len,
-                           "logprobs", "finish_reason", finish, "stop_reason");
+        choice = json_pack("{s:i, s:s%, s:n, s:s, s:o}", "index", 0, "text",
+                           h->text.p ? h->text.p : "", h->text.len, "logprobs", "finish_reason",
+                           finish, "stop_reason",
+                           h->stop_idx >= 0 ? json_string(h->stop[h->stop_idx]) : json_null());
     }
     json_t *body = json_pack("{s:s, s:s, s:I, s:s, s:s, s:[o], s:o}", "id", h->id, "object",
                              h->chat ? "chat.completion" : "text_completion", "created",
@@ -533,10 +581,10 @@ static void submit(http_server *s, hreq *h, struct evhttp_request *req, const in
     p.prompt = ids;
     p.n_prompt = n_ids;
     p.max_tokens = max_tokens;
+    p.request_id = h->rid;
     h->n_prompt = n_ids;
     h->req = req;
     h->pending = evbuffer_new();
-    h->text = evbuffer_new();
     eng_sink sink = {.on_token = on_token, .on_end = on_end, .connected = on_connected,
                      .user = h};
     const char *code = "internal";
@@ -706,6 +754,33 @@ static int parse_common(http_server *s, apierr *e, json_t *b, hreq *h, eng_param
         }
         h->include_usage = iu;
         h->continuous_usage = cu;
+    }
+    return 0;
+}
+
+/* stop: a string or up to 16 strings of at most 256 bytes; empty ones are skipped. */
+static int parse_stop(apierr *e, json_t *b, hreq *h) {
+    json_t *stop = field(b, "stop");
+    if (!stop) return 0;
+    if (json_is_string(stop)) {
+        if (json_string_length(stop) > 256 || memchr(json_string_value(stop), 0,
+                                                     json_string_length(stop)))
+            return fail(e, 400, "invalid_value", "stop",
+                        "\"stop\" must be at most 256 bytes (and hold no NUL)");
+        if (json_string_length(stop)) h->stop[h->n_stop++] = xstrdup(json_string_value(stop));
+        return 0;
+    }
+    if (!json_is_array(stop) || json_array_size(stop) > MAX_STOP)
+        return fail(e, 400, "invalid_value", "stop",
+                    "\"stop\" must be a string or an array of at most 16 strings");
+    size_t i;
+    json_t *v;
+    json_array_foreach(stop, i, v) {
+        if (!json_is_string(v) || json_string_length(v) > 256 ||
+            memchr(json_string_value(v), 0, json_string_length(v)))
+            return fail(e, 400, "invalid_value", "stop",
+                        "\"stop\" entries must be strings of at most 256 bytes");
+        if (json_string_length(v)) h->stop[h->n_stop++] = xstrdup(json_string_value(v));
     }
     return 0;
 }
@@ -889,6 +964,7 @@ static void handle_chat(hctx *x, json_t *b) {
     hreq *h = xcalloc(1, sizeof *h);
     h->s = s;
     h->chat = 1;
+    h->stop_idx = -1;
     tok_ids_t ids = {0};
     eng_params p = {0};
     long long max_tokens = 0;
@@ -923,27 +999,7 @@ static void handle_chat(hctx *x, json_t *b) {
         get_bool(&e, b, "include_stop_str_in_output", &isso) < 0 ||
         get_bool(&e, b, "include_reasoning", &inc_r) < 0)
         goto bad;
-    json_t *stop = field(b, "stop");
-    if (stop) {
-        if (json_is_string(stop)) {
-            if (json_string_length(stop)) h->stop[h->n_stop++] = xstrdup(json_string_value(stop));
-        } else if (json_is_array(stop) && json_array_size(stop) <= MAX_STOP) {
-            size_t i;
-            json_t *v;
-            json_array_foreach(stop, i, v) {
-                if (!json_is_string(v) || json_string_length(v) > 256) {
-                    fail(&e, 400, "invalid_value", "stop",
-                         "\"stop\" entries must be strings of at most 256 bytes");
-                    goto bad;
-                }
-                if (json_string_length(v)) h->stop[h->n_stop++] = xstrdup(json_string_value(v));
-            }
-        } else {
-            fail(&e, 400, "invalid_value", "stop",
-                 "\"stop\" must be a string or an array of at most 16 strings");
-            goto bad;
-        }
-    }
+    if (parse_stop(&e, b, h)) goto bad;
     if (check_prompt(s, &e, ids.v, ids.n, "messages")) goto bad;
     json_t *tools = field(b, "tools");
     if (n_tools) {
@@ -1028,19 +1084,17 @@ static void handle_completions(hctx *x, json_t *b) {
     const char *model;
     hreq *h = xcalloc(1, sizeof *h);
     h->s = s;
+    h->stop_idx = -1;
     tok_ids_t ids = {0};
     eng_params p = {0};
     long long max_tokens = 0;
     if (check_model(s, &e, b, &model) || refuse_unimplemented(&e, b, 0) ||
         parse_common(s, &e, b, h, &p, &max_tokens) || completion_prompt(s, &e, b, &ids))
         goto bad;
-    json_t *stop = field(b, "stop");
-    if (stop && !(json_is_string(stop) && json_string_length(stop) == 0) &&
-        !(json_is_array(stop) && json_array_size(stop) == 0)) {
-        fail(&e, 400, "unsupported_parameter", "stop",
-             "\"stop\" is not supported by /v1/completions yet (it is by /v1/chat/completions)");
+    bool isso = false;
+    if (parse_stop(&e, b, h) || get_bool(&e, b, "include_stop_str_in_output", &isso) < 0)
         goto bad;
-    }
+    h->include_stop = isso;
     if (check_prompt(s, &e, ids.v, ids.n, "prompt")) goto bad;
     h->model = xstrdup(model);
     memcpy(h->rid, x->rid, sizeof h->rid);

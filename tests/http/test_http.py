@@ -4,7 +4,8 @@
 Why: the HTTP front only proves itself with the real binaries over real sockets: a CPU
 duet-worker on the tiny model, duet-coordinator with --listen 127.0.0.1:0 (the bound port is read
 from its "http listening on" log line), and requests through python's http.client and raw
-sockets. Every wait is on an event (a log line, a pipe, a socket) with a deadline, never a sleep.
+sockets. Every wait is on an event (a log line, a pipe, a socket) with a deadline; the one state
+that has no event (a request is running) is polled through the admin socket, with a deadline.
 
 Cases (argv[1]):
   api    health/ready/models/version, tokenize/detokenize round trip, completions from token ids
@@ -296,6 +297,23 @@ def case_api():
     check(len({e["id"] for e in evs}) == 1 and len({e["created"] for e in evs}) == 1,
           "one id and created across chunks")
 
+    # completions stop strings: cut before (or after) the earliest match, streamed the same
+    stop = want_text[3:6] if len(want_text) >= 6 else want_text[-1:]
+    cut = want_text.find(stop)
+    for inc in (False, True):
+        sb = dict(body, stop=["\u00a7never\u00a7", stop], include_stop_str_in_output=inc)
+        want = want_text[:cut + (len(stop) if inc else 0)]
+        st, j, _, _ = post(port, "/v1/completions", sb)
+        check(st == 200 and j["choices"][0]["text"] == want and
+              j["choices"][0]["finish_reason"] == "stop" and
+              j["choices"][0]["stop_reason"] == stop,
+              "completions stop %r (include %s): %r, want %r" % (stop, inc, j, want))
+        st, _, _, payload = post(port, "/v1/completions", dict(sb, stream=True))
+        evs = sse_events(payload)
+        check("".join(e["choices"][0]["text"] for e in evs) == want and
+              evs[-1]["choices"][0]["finish_reason"] == "stop",
+              "streamed completions stop: %s" % evs)
+
     # chat: non-streamed vs streamed, greedy and seeded; thinking on and off
     for extra in ({"temperature": 0}, {"temperature": 0.9, "seed": 1234, "top_p": 0.9, "top_k": 50},
                   {"temperature": 0, "thinking": {"type": "disabled"}}):
@@ -436,6 +454,80 @@ def case_api():
     after = admin(sock, {"cmd": "status"})["result"]
     check(after["counters"]["aborted"] == before["aborted"] + 1 and
           after["queue"]["running"] == 0, "the disconnected request was aborted: %s" % after)
+
+    # a non-streaming client that disconnects while its request runs: aborted too
+    s = socket.create_connection(("127.0.0.1", port), timeout=60)
+    body = json.dumps({"messages": msgs, "max_tokens": 400, "ignore_eos": True}).encode()
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+              % len(body) + body)
+    end = time.monotonic() + 60
+    while admin(sock, {"cmd": "status"})["result"]["queue"]["running"] == 0:
+        check(time.monotonic() < end, "the non-streaming request started running")
+        if time.monotonic() > end:
+            break
+        time.sleep(0.02)  # polling a state with a deadline, as tests/cluster does
+    s.close()
+    c.wait_line("aborting", timeout=60)
+    st, j, _, _ = post(port, "/v1/completions", {"prompt": ids, "max_tokens": 10,
+                                                 "temperature": 0, "ignore_eos": True,
+                                                 "skip_special_tokens": False})
+    check(st == 200 and j["choices"][0]["text"] == want_text, "a request after the second abort")
+    after2 = admin(sock, {"cmd": "status"})["result"]["counters"]
+    check(after2["aborted"] == after["counters"]["aborted"] + 1,
+          "the non-streaming disconnect was aborted: %s" % after2)
+
+    # duetctl abort by the response id: the stream ends with finish_reason abort and [DONE]
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    conn.request("POST", "/v1/chat/completions", headers={"X-Request-Id": "abort-me"},
+                 body=json.dumps({"messages": msgs, "max_tokens": 400, "stream": True,
+                                  "ignore_eos": True}))
+    r = conn.getresponse()
+    head = b""
+    while head.count(b"data: ") < 2:
+        line = r.readline()
+        if not check(line, "stream lines before the abort"):
+            break
+        head += line
+    running = admin(sock, {"cmd": "status", "verbose": True})["result"]["requests"]
+    check([q["request_id"] for q in running] == ["abort-me"], "status shows the rid: %s" % running)
+    a = admin(sock, {"cmd": "abort", "request_id": "chatcmpl-abort-me"})
+    check(a.get("ok"), "admin abort chatcmpl-<rid>: %s" % a)
+    evs = sse_events(head + r.read())
+    conn.close()
+    check(evs[-1]["choices"][0]["finish_reason"] == "abort" and
+          evs[-1]["choices"][0]["delta"] == {}, "the aborted stream's finish chunk: %s" % evs[-1])
+    a = admin(sock, {"cmd": "abort", "request_id": "abort-me"})
+    check(not a.get("ok") and a["error"]["code"] == "not_found", "abort after the end: not_found")
+
+    # keep-alive: several requests, streamed and not, on one connection
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    for body in ({"prompt": ids, "max_tokens": 3},
+                 {"prompt": ids, "max_tokens": 3, "stream": True},
+                 {"prompt": ids, "max_tokens": 2}):
+        conn.request("POST", "/v1/completions", body=json.dumps(body))
+        r = conn.getresponse()
+        payload = r.read()
+        check(r.status == 200 and payload, "keep-alive request %s" % body)
+        if body.get("stream"):
+            sse_events(payload)
+    conn.request("GET", "/health")
+    r = conn.getresponse()
+    check(r.status == 200 and json.loads(r.read()) == {"status": "ok"}, "keep-alive /health")
+    conn.close()
+
+    # drain: readiness 503 and new requests 503 server_draining, liveness 200; resume
+    check(admin(sock, {"cmd": "drain"})["ok"], "admin drain")
+    st, j, _, _ = req(port, "GET", "/health/ready")
+    check(st == 503 and j["status"] == "not_ready" and j["checks"]["state"] == "drained",
+          "ready 503 while drained: %s %s" % (st, j))
+    st, j, _, _ = req(port, "GET", "/health")
+    check(st == 200, "/health 200 while drained")
+    st, j, r, _ = post(port, "/v1/chat/completions", {"messages": msgs, "max_tokens": 2})
+    check(st == 503 and is_error(j, "server_draining") and r.getheader("Retry-After"),
+          "a request while drained: 503 server_draining: %s %s" % (st, j))
+    check(admin(sock, {"cmd": "resume"})["ok"], "admin resume")
+    st, j, _, _ = req(port, "GET", "/health/ready")
+    check(st == 200, "ready again after resume")
     c.stop_clean()
 
 
