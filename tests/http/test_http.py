@@ -15,6 +15,8 @@ Cases (argv[1]):
          The server runs with --fold-prompt-ids because the tiny model's vocabulary is 1024.
   auth   --api-key-file: 401 without / with a wrong key, 200 with the key, health without;
          without --fold-prompt-ids a prompt id >= the model's vocabulary is a 400 naming it.
+  failure the worker dies mid-stream: an SSE error event and [DONE]; readiness 503; a request
+         with no worker gets 503 no_workers; the worker comes back and requests work again.
   flags  refusals at start: non-loopback --listen without a key, --listen without --tokenizer,
          a missing tokenizer file; a non-loopback address with a key is accepted.
 
@@ -39,6 +41,7 @@ CASE, WORKER, COORD, MODEL = sys.argv[1:5]
 TMP = tempfile.mkdtemp(prefix="duet-http-")
 PROCS = []
 FAILS = []
+W_ADDR = []  # the worker's address, for a restart on the same port
 
 
 def tokenizer_json():
@@ -128,8 +131,8 @@ class Proc:
         self.p.wait()
 
 
-def start_worker(token):
-    w = Proc([WORKER, "--listen", "127.0.0.1:0", "--rank", "0", "--world-size", "1", "--model",
+def start_worker(token, listen="127.0.0.1:0"):
+    w = Proc([WORKER, "--listen", listen, "--rank", "0", "--world-size", "1", "--model",
               MODEL, "--backend", "cpu", "--auth-token-file", token, "--threads", "1"],
              stdout_pipe=True)
     line = w.stdout_line()
@@ -139,6 +142,7 @@ def start_worker(token):
 
 def token_file():
     path = os.path.join(TMP, "token")
+    token_file.path = path
     with open(path, "w") as f:
         f.write("test-token-%08x-0123456789abcdef\n" % os.getpid())
     os.chmod(path, 0o600)
@@ -148,6 +152,7 @@ def token_file():
 def start_cluster(extra):
     token = token_file()
     w, addr = start_worker(token)
+    W_ADDR[:] = [addr]
     sock = os.path.join(TMP, "admin", "admin.sock")
     c = Proc([COORD, "--workers", addr, "--auth-token-file", token, "--admin-socket", sock,
               "--connect-timeout", "30", "--listen", "127.0.0.1:0", "--tokenizer",
@@ -531,6 +536,47 @@ def case_api():
     c.stop_clean()
 
 
+def case_failure():
+    w, c, port, sock = start_cluster(["--worker-recover-timeout", "1"])
+    # the worker dies mid-stream: an SSE error event, then [DONE]
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    conn.request("POST", "/v1/completions",
+                 body=json.dumps({"prompt": [0, 5, 17], "max_tokens": 2000, "stream": True,
+                                  "ignore_eos": True}))
+    r = conn.getresponse()
+    head = b""
+    while head.count(b"data: ") < 2:
+        line = r.readline()
+        if not check(line, "stream lines before the worker dies"):
+            break
+        head += line
+    w.kill()
+    payload = head + r.read()
+    conn.close()
+    text = payload.decode()
+    check(text.endswith("data: [DONE]\n\n"), "the failed stream ends with [DONE]")
+    events = [e[len("data: "):] for e in text.split("\n\n") if e.startswith("data: ")]
+    err = json.loads(events[-2]) if len(events) >= 2 else {}
+    check(is_error(err, "worker_failure") and err["error"]["type"] == "server_error",
+          "the mid-stream failure is an error event: %s" % events[-2:])
+    check(all(json.loads(e)["choices"][0]["finish_reason"] is None for e in events[:-2]),
+          "no finish chunk for the failed choice")
+    st, j, _, _ = req(port, "GET", "/health")
+    check(st == 200, "/health 200 while the worker is down")
+    c.wait_line("re-forming the worker group", timeout=60)
+    st, j, _, _ = req(port, "GET", "/health/ready")
+    check(st == 503 and j["checks"]["workers"] != "ok", "ready 503 while the worker is down: %s" % j)
+    # a request while no worker is there: 503 no_workers after --worker-recover-timeout
+    st, j, r, _ = post(port, "/v1/completions", {"prompt": [0, 5], "max_tokens": 2})
+    check(st == 503 and is_error(j, "no_workers"), "no worker: 503 no_workers: %s %s" % (st, j))
+    # the worker comes back on its address: the group re-forms and requests work again
+    start_worker(token_file.path, W_ADDR[0])
+    c.wait_line("duet-coordinator: serving", timeout=120)
+    st, j, _, _ = post(port, "/v1/completions", {"prompt": [0, 5], "max_tokens": 2})
+    check(st == 200 and j["usage"]["completion_tokens"] == 2, "after recovery: 200 (%s)" % j)
+    c.stop_clean()
+
+
 def case_auth():
     keys = os.path.join(TMP, "keys")
     with open(keys, "w") as f:
@@ -597,7 +643,8 @@ def case_flags():
 
 def main():
     try:
-        {"api": case_api, "auth": case_auth, "flags": case_flags}[CASE]()
+        {"api": case_api, "auth": case_auth, "flags": case_flags,
+         "failure": case_failure}[CASE]()
     finally:
         for p in PROCS:
             p.kill()
