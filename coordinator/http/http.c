@@ -269,6 +269,7 @@ typedef struct hreq {
     size_t released;          /* completions: bytes of text certain (sent when streaming) */
     int stop_idx;             /* completions: the matched stop string, or -1 */
     int include_stop;
+    double t0; /* admission (monotonic s) */
 } hreq;
 
 static void hreq_free(hreq *h) {
@@ -569,6 +570,13 @@ static void on_end(void *user, const char *finish, const char *code, const char 
     h->end_finish = finish;
     snprintf(h->end_code, sizeof h->end_code, "%s", code ? code : "");
     snprintf(h->end_msg, sizeof h->end_msg, "%s", msg ? msg : "");
+    if (finish)
+        coord_log("http %s: %s, %d prompt + %d completion tokens, finish %s%s, %.0f ms", h->rid,
+                  h->chat ? "chat" : "completion", h->n_prompt, h->n_out, finish,
+                  h->gone ? " (client gone)" : "", (coord_now_s() - h->t0) * 1000);
+    else
+        coord_log("http %s: failed after %d completion tokens: %s: %s", h->rid, h->n_out,
+                  h->end_code, h->end_msg);
     if (h->in_submit) return; /* answered by the submitter */
     finish_answer(h);
     hreq_free(h);
@@ -584,6 +592,7 @@ static void submit(http_server *s, hreq *h, struct evhttp_request *req, const in
     p.request_id = h->rid;
     h->n_prompt = n_ids;
     h->req = req;
+    h->t0 = coord_now_s();
     h->pending = evbuffer_new();
     eng_sink sink = {.on_token = on_token, .on_end = on_end, .connected = on_connected,
                      .user = h};

@@ -17,6 +17,8 @@ Cases (argv[1]):
          without --fold-prompt-ids a prompt id >= the model's vocabulary is a 400 naming it.
   failure the worker dies mid-stream: an SSE error event and [DONE]; readiness 503; a request
          with no worker gets 503 no_workers; the worker comes back and requests work again.
+  robust every known field with every JSON type, odd messages, deep nesting, garbage on the
+         socket: never a 5xx, always the error object or a result, and the server keeps serving.
   flags  refusals at start: non-loopback --listen without a key, --listen without --tokenizer,
          a missing tokenizer file; a non-loopback address with a key is accepted.
 
@@ -577,6 +579,68 @@ def case_failure():
     c.stop_clean()
 
 
+def case_robust():
+    """Every known field set to every JSON type: never a 5xx, always the error object or a
+    result; garbage on the socket: the server keeps serving."""
+    _, c, port, sock = start_cluster(["--fold-prompt-ids", "--max-seq-len", "256"])
+    values = [None, True, False, 0, 1, -1, 2.5, 1e300, -1e300, 2 ** 70, "", "x", "none",
+              [], [1], ["a"], [[1, 2]], [None], {}, {"type": "x"}, {"a": [1]}]
+    msgs = [{"role": "user", "content": "hi"}]
+    chat_fields = ["model", "messages", "stream", "stream_options", "max_tokens",
+                   "max_completion_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n",
+                   "best_of", "logprobs", "top_logprobs", "tools", "tool_choice",
+                   "parallel_tool_calls", "response_format", "reasoning_effort", "thinking",
+                   "chat_template_kwargs", "include_reasoning", "ignore_eos", "min_tokens",
+                   "skip_special_tokens", "include_stop_str_in_output", "return_token_ids",
+                   "min_p", "presence_penalty", "logit_bias", "functions", "modalities"]
+    cmpl_fields = ["prompt", "max_tokens", "temperature", "stop", "echo", "suffix", "logprobs",
+                   "stream", "seed", "top_k"]
+    n = 0
+    for path, base, fields in (("/v1/chat/completions", {"messages": msgs}, chat_fields),
+                               ("/v1/completions", {"prompt": [0, 5, 9]}, cmpl_fields)):
+        for f in fields:
+            for v in values:
+                body = dict(base, max_tokens=1)
+                body[f] = v
+                if f == "messages":
+                    body[f] = v if not isinstance(v, list) else [v] + msgs
+                st, j, _, payload = post(port, path, body)
+                n += 1
+                ok = st < 500 and (is_error(j, j["error"]["code"]) if st != 200 and j else
+                                   st == 200 and (j is not None or payload.startswith(b"data: ")))
+                check(ok, "%s %s=%r → %d %s" % (path, f, v, st, payload[:200]))
+    # odd message shapes
+    for m in ([{}], [{"role": "user"}], [{"role": "user", "content": None}],
+              [{"role": "user", "content": [{"type": "text"}]}],
+              [{"role": "tool", "content": "x"}],
+              [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{"}}]},
+               {"role": "user", "content": "x"}],
+              [{"role": "system", "content": {"a": 1}}, {"role": "user", "content": "x"}]):
+        st, j, _, payload = post(port, "/v1/chat/completions", {"messages": m, "max_tokens": 1})
+        check(st < 500 and (st == 200 or is_error(j, j["error"]["code"])),
+              "messages %r → %d %s" % (m, st, payload[:200]))
+    # deep nesting and garbage on the wire
+    st, j, _, _ = req(port, "POST", "/v1/chat/completions", raw=b"[" * 5000 + b"]" * 5000)
+    check(st == 400, "deeply nested JSON → 400 (%d)" % st)
+    for junk in (b"\x00\xff\x01garbage\r\n\r\n", b"GET / HTTP/9.9\r\n\r\n",
+                 b"POST /v1/completions HTTP/1.1\r\nContent-Length: -5\r\n\r\n",
+                 b"POST /v1/completions HTTP/1.1\r\nX: " + b"a" * 70000 + b"\r\n\r\n",
+                 b"POST /v1/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"):
+        s = socket.create_connection(("127.0.0.1", port), timeout=30)
+        try:
+            s.sendall(junk)
+            s.shutdown(socket.SHUT_WR)
+            while s.recv(65536):
+                pass
+        except OSError:
+            pass
+        s.close()
+    st, j, _, _ = post(port, "/v1/completions", {"prompt": [0, 5, 9], "max_tokens": 2})
+    check(st == 200 and j["usage"]["completion_tokens"] == 2,
+          "the server serves after %d odd requests and garbage" % n)
+    c.stop_clean()
+
+
 def case_auth():
     keys = os.path.join(TMP, "keys")
     with open(keys, "w") as f:
@@ -644,7 +708,7 @@ def case_flags():
 def main():
     try:
         {"api": case_api, "auth": case_auth, "flags": case_flags,
-         "failure": case_failure}[CASE]()
+         "failure": case_failure, "robust": case_robust}[CASE]()
     finally:
         for p in PROCS:
             p.kill()
