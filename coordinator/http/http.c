@@ -270,6 +270,7 @@ typedef struct hreq {
     int stop_idx;             /* completions: the matched stop string, or -1 */
     int include_stop;
     double t0; /* admission (monotonic s) */
+    const char *effort; /* chat: the reasoning effort used (X-Duet-Reasoning-Effort) */
 } hreq;
 
 static void hreq_free(hreq *h) {
@@ -557,6 +558,9 @@ static void finish_answer(hreq *h) {
                            finish, "stop_reason",
                            h->stop_idx >= 0 ? json_string(h->stop[h->stop_idx]) : json_null());
     }
+    if (h->effort)
+        evhttp_add_header(evhttp_request_get_output_headers(req), "X-Duet-Reasoning-Effort",
+                          h->effort);
     json_t *body = json_pack("{s:s, s:s, s:I, s:s, s:s, s:[o], s:o}", "id", h->id, "object",
                              h->chat ? "chat.completion" : "text_completion", "created",
                              (json_int_t)h->created, "model", h->model, "system_fingerprint",
@@ -614,6 +618,7 @@ static void submit(http_server *s, hreq *h, struct evhttp_request *req, const in
         evhttp_add_header(hd, "Cache-Control", "no-cache");
         evhttp_add_header(hd, "X-Accel-Buffering", "no");
         evhttp_add_header(hd, "X-Request-Id", h->rid);
+        if (h->effort) evhttp_add_header(hd, "X-Duet-Reasoning-Effort", h->effort);
         evhttp_send_reply_start(req, 200, "OK");
     } else if (h->stream) {
         h->stream = 0; /* failed before any byte: a plain JSON error */
@@ -815,7 +820,7 @@ static int check_prompt(http_server *s, apierr *e, int32_t *ids, size_t n, const
 
 /* Chat messages → prompt ids (shared by chat completions and chat-form tokenize). */
 static int render_chat(http_server *s, apierr *e, json_t *b, tok_ids_t *ids, bool *thinking_out,
-                       int *n_tools_out) {
+                       int *n_tools_out, const char **effort_out) {
     json_t *msgs = json_object_get(b, "messages");
     if (!msgs || json_is_null(msgs))
         return fail(e, 400, "missing_required_parameter", "messages",
@@ -872,6 +877,25 @@ static int render_chat(http_server *s, apierr *e, json_t *b, tok_ids_t *ids, boo
                 return fail(e, 400, "invalid_value", param,
                             "%s must be {\"type\":\"function\",\"function\":{\"name\":...}}",
                             param);
+            /* the name goes inside a DSML attribute: 1-64 of [A-Za-z0-9_.:-], unique */
+            const char *name = json_string_value(json_object_get(fn, "name"));
+            size_t nl = strlen(name);
+            int ok = nl >= 1 && nl <= 64;
+            for (size_t k = 0; ok && k < nl; k++) {
+                char ch = name[k];
+                ok = (ch >= 'A' && ch <= 'Z') || (ch >= 'a' && ch <= 'z') ||
+                     (ch >= '0' && ch <= '9') || ch == '_' || ch == '.' || ch == ':' || ch == '-';
+            }
+            snprintf(param, sizeof param, "tools[%zu].function.name", i);
+            if (!ok)
+                return fail(e, 400, "invalid_value", param,
+                            "a tool name must be 1 to 64 characters from A-Z a-z 0-9 _ . : -");
+            for (size_t k = 0; k < i; k++)
+                if (!strcmp(name, json_string_value(json_object_get(
+                                      json_object_get(json_array_get(tools, k), "function"),
+                                      "name"))))
+                    return fail(e, 400, "invalid_value", param,
+                                "the tool name \"%s\" is declared twice", name);
         }
     }
     json_t *rf = field(b, "response_format");
@@ -954,6 +978,10 @@ static int render_chat(http_server *s, apierr *e, json_t *b, tok_ids_t *ids, boo
         return fail(e, 400, "context_length_exceeded", "messages",
                     "the rendered prompt is too long to tokenize");
     *thinking_out = thinking;
+    *effort_out = !thinking ? "none"
+                  : eff == ENC_EFFORT_MAX ? "max"
+                  : eff == ENC_EFFORT_HIGH ? "high"
+                                           : "low";
     *n_tools_out = tools ? (int)json_array_size(tools) : 0;
     return 0;
 }
@@ -979,9 +1007,10 @@ static void handle_chat(hctx *x, json_t *b) {
     long long max_tokens = 0;
     bool thinking = true;
     int n_tools = 0;
+    const char *effort = "low";
     if (check_model(s, &e, b, &model) || refuse_unimplemented(&e, b, 1) ||
         parse_common(s, &e, b, h, &p, &max_tokens) ||
-        render_chat(s, &e, b, &ids, &thinking, &n_tools))
+        render_chat(s, &e, b, &ids, &thinking, &n_tools, &effort))
         goto bad;
     /* tool_choice: none / auto (required and named need the grammar mask: later) */
     json_t *tc = field(b, "tool_choice");
@@ -1018,6 +1047,7 @@ static void handle_chat(hctx *x, json_t *b) {
                 json_object_get(json_array_get(tools, (size_t)i), "function"), "name")));
     }
     h->thinking = thinking;
+    h->effort = effort;
     h->in_reasoning = thinking;
     h->include_reasoning = inc_r;
     h->model = xstrdup(model);
@@ -1133,7 +1163,8 @@ static void handle_tokenize(hctx *x, json_t *b) {
     if (field(b, "messages")) {
         bool th;
         int nt;
-        if (render_chat(s, &e, b, &ids, &th, &nt)) goto bad;
+        const char *eff;
+        if (render_chat(s, &e, b, &ids, &th, &nt, &eff)) goto bad;
     } else {
         if (get_str(&e, b, "prompt", &prompt) < 0) goto bad;
         if (!prompt) {

@@ -210,6 +210,20 @@ def is_error(j, code, param=None):
     return ok
 
 
+def raw_exchange(port, data, timeout=60):
+    """Sends raw bytes, returns everything the server sends until it closes the connection."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    s.sendall(data)
+    out = b""
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        out += chunk
+    s.close()
+    return out
+
+
 def admin(sock, obj, timeout=120):
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
@@ -364,6 +378,23 @@ def case_api():
         check(all(e["object"] == "chat.completion.chunk" for e in evs), "chunk object")
         for e in chunks:  # no null keys in deltas
             check(all(v is not None for v in e["choices"][0]["delta"].values()), "no null delta")
+    # the effort used is reported (max needs max_model_len >= 393216: downgraded to high here)
+    for extra, want in (({}, "low"), ({"reasoning_effort": "max"}, "high"),
+                        ({"reasoning_effort": "none"}, "none"),
+                        ({"chat_template_kwargs": {"thinking": False}}, "none")):
+        st, j, r, _ = post(port, "/v1/chat/completions",
+                           dict({"messages": msgs, "max_tokens": 1}, **extra))
+        check(st == 200 and r.getheader("X-Duet-Reasoning-Effort") == want and
+              ("reasoning_content" in j["choices"][0]["message"]) == (want != "none"),
+              "X-Duet-Reasoning-Effort %s for %s: %s" % (want, extra,
+                                                         r.getheader("X-Duet-Reasoning-Effort")))
+    # tools are rendered into the prompt (more prompt tokens), tool_choice none accepted
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}]
+    st, j, _, _ = post(port, "/v1/chat/completions", {"messages": msgs, "max_tokens": 1,
+                                                      "tools": tools, "tool_choice": "none"})
+    check(st == 200 and j["usage"]["prompt_tokens"] > chat_prompt_tokens + 20,
+          "tools rendered into the prompt: %s" % (j and j.get("usage")))
     # a stream without include_usage has no usage key and no choices:[] chunk
     st, _, _, payload = post(port, "/v1/chat/completions",
                              {"messages": msgs, "max_tokens": 3, "stream": True, "temperature": 0})
@@ -409,6 +440,15 @@ def case_api():
          400, "unsupported_value", "messages[0].content[0].type"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "word " * 600}]}, 400,
          "context_length_exceeded", "messages"),
+        ("/v1/chat/completions", {"messages": msgs, "tools": [
+            {"type": "function", "function": {"name": "bad name"}}]}, 400, "invalid_value",
+         "tools[0].function.name"),
+        ("/v1/chat/completions", {"messages": msgs, "tools": [
+            {"type": "function", "function": {"name": "f"}},
+            {"type": "function", "function": {"name": "f"}}]}, 400, "invalid_value",
+         "tools[1].function.name"),
+        ("/v1/chat/completions", {"messages": msgs, "reasoning_effort": "huge"}, 400,
+         "invalid_value", "reasoning_effort"),
         ("/v1/completions", {"prompt": list(range(512))}, 400, "context_length_exceeded",
          "prompt"),
         ("/v1/completions", {"prompt": [1, -3]}, 400, "invalid_type", "prompt"),
@@ -638,6 +678,35 @@ def case_robust():
     st, j, _, _ = post(port, "/v1/completions", {"prompt": [0, 5, 9], "max_tokens": 2})
     check(st == 200 and j["usage"]["completion_tokens"] == 2,
           "the server serves after %d odd requests and garbage" % n)
+
+    # §2 wire rules: chunked bodies, Expect: 100-continue, HTTP/1.0, trailing slash + query,
+    # unknown fields ignored, any Content-Type
+    body = json.dumps({"prompt": [0, 5, 9], "max_tokens": 2, "some_unknown_field": {"x": 1}})
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body.encode())
+    out = raw_exchange(port, b"POST /v1/completions/?a=b HTTP/1.1\r\nHost: x\r\n"
+                       b"Content-Type: application/x-www-form-urlencoded\r\n"
+                       b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + chunked)
+    check(out.startswith(b"HTTP/1.1 200") and b'"completion_tokens":2' in out,
+          "chunked body, trailing slash, query string, form content type, unknown field: %r" %
+          out[:300])
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+              b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body))
+    first = s.recv(4096)
+    check(first.startswith(b"HTTP/1.1 100"), "Expect: 100-continue is answered first: %r" % first)
+    s.sendall(body.encode())
+    out = first
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        out += chunk
+    s.close()
+    check(b"HTTP/1.1 200" in out and b'"completion_tokens":2' in out, "the body after 100: %r" %
+          out[-300:])
+    out = raw_exchange(port, b"GET /health HTTP/1.0\r\n\r\n")
+    check(out.startswith(b"HTTP/1.") and b" 200 " in out.split(b"\r\n")[0] and
+          out.endswith(b'{"status":"ok"}'), "HTTP/1.0 answered, then closed: %r" % out)
     c.stop_clean()
 
 
