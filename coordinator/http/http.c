@@ -73,6 +73,32 @@ typedef struct { /* a client error about to be answered */
     char msg[600];
 } apierr;
 
+/* Makes s valid UTF-8 in place: every byte that does not start a complete, well-formed sequence
+ * becomes '?' (messages quote client bytes, e.g. a %FF in a path, and snprintf may cut a
+ * character; jansson refuses invalid UTF-8). */
+static void utf8_clean(char *s) {
+    unsigned char *p = (unsigned char *)s;
+    while (*p) {
+        unsigned c = *p;
+        size_t n = c < 0x80 ? 1 : (c >= 0xC2 && c <= 0xDF) ? 2 : (c >= 0xE0 && c <= 0xEF) ? 3
+                                : (c >= 0xF0 && c <= 0xF4) ? 4 : 0;
+        int ok = n > 0;
+        for (size_t i = 1; ok && i < n; i++) ok = (p[i] & 0xC0) == 0x80;
+        if (ok && n == 3) {
+            unsigned cp = ((c & 0x0Fu) << 12) | ((p[1] & 0x3Fu) << 6);
+            ok = cp >= 0x800 && (cp < 0xD800 || cp > 0xDFFF);
+        } else if (ok && n == 4) {
+            unsigned cp = ((c & 0x07u) << 18) | ((p[1] & 0x3Fu) << 12);
+            ok = cp >= 0x10000 && cp <= 0x10FFFF;
+        }
+        if (!ok) {
+            *p++ = '?';
+            continue;
+        }
+        p += n;
+    }
+}
+
 static int fail(apierr *e, int status, const char *code, const char *param, const char *fmt, ...)
     __attribute__((format(printf, 5, 6)));
 static int fail(apierr *e, int status, const char *code, const char *param, const char *fmt,
@@ -88,6 +114,8 @@ static int fail(apierr *e, int status, const char *code, const char *param, cons
     va_start(ap, fmt);
     vsnprintf(e->msg, sizeof e->msg, fmt, ap);
     va_end(ap);
+    utf8_clean(e->msg);
+    utf8_clean(e->param);
     return -1;
 }
 

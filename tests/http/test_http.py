@@ -470,6 +470,11 @@ def case_api():
           "wrong method 405 with Allow")
     st, j, _, _ = req(port, "GET", "/nope")
     check(st == 404 and is_error(j, "not_found"), "unknown path 404")
+    st, j, _, _ = req(port, "GET", "/%FF%FE/x")
+    check(st == 404 and is_error(j, "not_found"), "a path with invalid UTF-8: 404 JSON: %s" % j)
+    st, j, _, _ = post(port, "/v1/chat/completions", {"messages": msgs, "model": "é" * 400})
+    check(st == 404 and is_error(j, "model_not_found", "model"),
+          "a long non-ASCII model name: 404 JSON (message cut on a character): %s" % st)
     # body over --max-body-bytes → 413 JSON, connection closed
     big = json.dumps({"prompt": "a" * 70000}).encode()
     st, j, r, _ = req(port, "POST", "/v1/completions", raw=big)
