@@ -318,6 +318,16 @@ def case_api():
     check(len({e["id"] for e in evs}) == 1 and len({e["created"] for e in evs}) == 1,
           "one id and created across chunks")
 
+    # sampling parameters reach the worker's sampler: a seed repeats, another seed differs
+    outs = []
+    for seed in (7, 7, 8):
+        st, j, _, _ = post(port, "/v1/completions", dict(body, temperature=1.5, top_p=1.0,
+                                                         seed=seed, max_tokens=16))
+        outs.append(j["choices"][0]["text"] if st == 200 else None)
+    check(outs[0] is not None and outs[0] == outs[1] and outs[2] != outs[0] and
+          not outs[0].startswith(want_text), "seeded sampling: same seed same text, other seed other: %r" %
+          outs)
+
     # completions stop strings: cut before (or after) the earliest match, streamed the same
     stop = want_text[3:6] if len(want_text) >= 6 else want_text[-1:]
     cut = want_text.find(stop)
