@@ -3,9 +3,10 @@
  *
  * Why: this is the head-node process of the worker-first launch. Workers are started first and
  * listen; the coordinator connects to all of them (coordinator/pool.c), loads the model, and
- * serves. Until the HTTP API exists, generation is reachable through the admin socket's
- * `generate` command (a testing/debug command: token ids in, token ids and optionally logits
- * out). Several generate requests may be in flight; they run one engine step at a time, every
+ * serves. Generation is reachable through the HTTP API (--listen, coordinator/http) and the
+ * admin socket's `generate` command (a testing/debug command: token ids in, token ids and
+ * optionally logits out); both go through the same engine (coordinator/http/engine.h). Several
+ * requests may be in flight; they run one engine step at a time, every
  * step batching all running sequences (a prefill chunk for a new one, one decode token for the
  * others). A worker failure fails every request in the failed step with `worker_failure`; the
  * pool re-forms the group by itself and requests queued meanwhile wait for it (up to
