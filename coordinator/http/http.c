@@ -950,7 +950,7 @@ static int render_chat(http_server *s, apierr *e, json_t *b, tok_ids_t *ids, boo
     if (kw && !json_is_object(kw))
         return fail(e, 400, "invalid_type", "chat_template_kwargs",
                     "\"chat_template_kwargs\" must be an object");
-    bool kb;
+    bool kb = false;
     if (!decided && kw) {
         if (get_bool(e, kw, "thinking", &kb) > 0 || get_bool(e, kw, "enable_thinking", &kb) > 0) {
             thinking = kb;
