@@ -82,40 +82,49 @@ static uint64_t slice_bytes(const ck_weight *w, int64_t nr, int64_t nc) {
     }
 }
 
-/* rows [r0, r0+nr) x cols [c0, c0+nc) of a named weight; nr/nc < 0 = all */
-static be_weight *WS(ld *l, int64_t r0, int64_t nr, int64_t c0, int64_t nc, const char *fmt, ...)
-    __attribute__((format(printf, 6, 7)));
-static be_weight *WS(ld *l, int64_t r0, int64_t nr, int64_t c0, int64_t nc, const char *fmt, ...) {
+/* Looks up the weight named by fmt/ap (official name; ck_get also tries transformers names). */
+static int vget(ld *l, ck_weight *w, const char *fmt, va_list ap) {
     char name[200];
-    va_list ap;
-    va_start(ap, fmt);
     vsnprintf(name, sizeof name, fmt, ap);
-    va_end(ap);
+    return get(l, name, w);
+}
+
+/* rows [r0, r0+nr) x cols [c0, c0+nc) of a named weight; nr/nc < 0 = all */
+static be_weight *vws(ld *l, int64_t r0, int64_t nr, int64_t c0, int64_t nc, const char *fmt,
+                      va_list ap) {
     ck_weight w;
-    if (get(l, name, &w)) return NULL;
+    if (vget(l, &w, fmt, ap)) return NULL;
     if (nr < 0) nr = w.rows;
     if (nc < 0) nc = w.cols;
     l->m->rank_bytes += slice_bytes(&w, nr, nc);
     return l->m->b->ops->weight_slice(l->m->b, &w, r0, nr, c0, nc);
 }
 
-static be_weight *W(ld *l, const char *fmt, ...) {
-    char name[200];
+static be_weight *WS(ld *l, int64_t r0, int64_t nr, int64_t c0, int64_t nc, const char *fmt, ...)
+    __attribute__((format(printf, 6, 7)));
+static be_weight *WS(ld *l, int64_t r0, int64_t nr, int64_t c0, int64_t nc, const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(name, sizeof name, fmt, ap);
+    be_weight *w = vws(l, r0, nr, c0, nc, fmt, ap);
     va_end(ap);
-    return WS(l, 0, -1, 0, -1, "%s", name);
+    return w;
+}
+
+static be_weight *W(ld *l, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    be_weight *w = vws(l, 0, -1, 0, -1, fmt, ap);
+    va_end(ap);
+    return w;
 }
 
 static float *V(ld *l, const char *fmt, ...) {
-    char name[200];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(name, sizeof name, fmt, ap);
-    va_end(ap);
     ck_weight w;
-    if (get(l, name, &w)) return NULL;
+    int rc = vget(l, &w, fmt, ap);
+    va_end(ap);
+    if (rc) return NULL;
     l->m->rank_bytes += slice_bytes(&w, w.rows, w.cols);
     return l->m->b->ops->vector(l->m->b, &w);
 }

@@ -633,6 +633,28 @@ END_TEST
 
 static int run_ctl(const char *const *args, char *out, size_t cap);
 
+/* Reads a child's output from fd until EOF (at most cap-1 bytes, NUL-terminated) within
+ * timeout_ms, then reaps it; returns its exit status. */
+static int collect(pid_t pid, int fd, char *out, size_t cap, int timeout_ms, const char *what) {
+    size_t n = 0;
+    double end = now_ms() + timeout_ms;
+    for (;;) {
+        int left = (int)(end - now_ms());
+        ck_assert_msg(left > 0, "%s did not finish within %d ms", what, timeout_ms);
+        struct pollfd q = {fd, POLLIN, 0};
+        if (poll(&q, 1, left) <= 0) continue;
+        ssize_t r = read(fd, out + n, cap - n - 1);
+        if (r <= 0) break;
+        n += (size_t)r;
+        if (n + 1 >= cap) break;
+    }
+    out[n] = 0;
+    close(fd);
+    int st = wait_exit(pid, 30000);
+    ck_assert(st != -1 && WIFEXITED(st));
+    return WEXITSTATUS(st);
+}
+
 /* Runs the deploy script with args; returns its exit status; output into out. */
 static int run_script(const char *env, const char *const *args, char *out, size_t cap) {
     char *argv[16];
@@ -647,23 +669,7 @@ static int run_script(const char *env, const char *const *args, char *out, size_
     snprintf(log, sizeof log, "%s/script.log", g_dir);
     int fd;
     pid_t pid = spawn(argv, &fd, log);
-    size_t n = 0;
-    double end = now_ms() + 120000;
-    for (;;) {
-        int left = (int)(end - now_ms());
-        ck_assert_msg(left > 0, "duet-cluster.sh %s did not finish within 120 s", args[0]);
-        struct pollfd q = {fd, POLLIN, 0};
-        if (poll(&q, 1, left) <= 0) continue;
-        ssize_t r = read(fd, out + n, cap - n - 1);
-        if (r <= 0) break;
-        n += (size_t)r;
-        if (n + 1 >= cap) break;
-    }
-    out[n] = 0;
-    close(fd);
-    int st = wait_exit(pid, 30000);
-    ck_assert(st != -1 && WIFEXITED(st));
-    return WEXITSTATUS(st);
+    return collect(pid, fd, out, cap, 120000, "duet-cluster.sh");
 }
 
 static pid_t read_pid(const char *state, const char *name) {
@@ -1291,23 +1297,7 @@ static int run_ctl(const char *const *args, char *out, size_t cap) {
     snprintf(log, sizeof log, "%s/duetctl.log", g_dir);
     int fd;
     pid_t pid = spawn(argv, &fd, log);
-    size_t n = 0;
-    double end = now_ms() + 30000;
-    for (;;) {
-        int left = (int)(end - now_ms());
-        ck_assert_msg(left > 0, "duetctl did not finish within 30 s");
-        struct pollfd q = {fd, POLLIN, 0};
-        if (poll(&q, 1, left) <= 0) continue;
-        ssize_t r = read(fd, out + n, cap - n - 1);
-        if (r <= 0) break;
-        n += (size_t)r;
-        if (n + 1 >= cap) break;
-    }
-    out[n] = 0;
-    close(fd);
-    int st = wait_exit(pid, 30000);
-    ck_assert(st != -1 && WIFEXITED(st));
-    return WEXITSTATUS(st);
+    return collect(pid, fd, out, cap, 30000, "duetctl");
 }
 
 START_TEST(drain) {
