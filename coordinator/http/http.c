@@ -616,11 +616,13 @@ static void on_end(void *user, const char *finish, const char *code, const char 
 
 /* Validated request → engine. h is consumed (freed here or in on_end). */
 static void submit(http_server *s, hreq *h, struct evhttp_request *req, const int32_t *ids,
-                   int n_ids, int max_tokens, const eng_params *sp) {
+                   int n_ids, long long max_tokens, const eng_params *sp) {
     eng_params p = *sp;
     p.prompt = ids;
     p.n_prompt = n_ids;
-    p.max_tokens = max_tokens;
+    if (max_tokens > s->max_model_len - (long long)n_ids) /* clamp to the context */
+        max_tokens = s->max_model_len - (long long)n_ids;
+    p.max_tokens = (int)max_tokens;
     p.request_id = h->rid;
     h->n_prompt = n_ids;
     h->req = req;
@@ -1096,9 +1098,7 @@ static void handle_chat(hctx *x, json_t *b) {
     }
     h->op = op_new(&oc);
     h->ts = tok_stream_new(s->tok, 0); /* the parser needs structural spellings */
-    if (max_tokens > s->max_model_len - (long long)ids.n)
-        max_tokens = s->max_model_len - (long long)ids.n;
-    submit(s, h, x->req, ids.v, (int)ids.n, (int)max_tokens, &p);
+    submit(s, h, x->req, ids.v, (int)ids.n, max_tokens, &p);
     tok_ids_free(&ids);
     return;
 bad:
@@ -1168,9 +1168,7 @@ static void handle_completions(hctx *x, json_t *b) {
     snprintf(h->id, sizeof h->id, "cmpl-%s", h->rid);
     h->created = (long long)time(NULL);
     h->ts = tok_stream_new(s->tok, h->skip_special);
-    if (max_tokens > s->max_model_len - (long long)ids.n)
-        max_tokens = s->max_model_len - (long long)ids.n;
-    submit(s, h, x->req, ids.v, (int)ids.n, (int)max_tokens, &p);
+    submit(s, h, x->req, ids.v, (int)ids.n, max_tokens, &p);
     tok_ids_free(&ids);
     return;
 bad:

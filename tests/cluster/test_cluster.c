@@ -406,6 +406,15 @@ static void tokens_str(json_t *resp, char *out, size_t cap) {
                                                          i ? " " : "", (long long)json_integer_value(v));
 }
 
+/* r (consumed) is a successful generate answer whose token ids are `want` (tokens_str form). */
+static void expect_tokens(json_t *r, const char *want) {
+    char got[4096];
+    ck_assert(r && json_is_true(json_object_get(r, "ok")));
+    tokens_str(r, got, sizeof got);
+    ck_assert_str_eq(got, want);
+    json_decref(r);
+}
+
 /* The single-process golden path: duet-generate's greedy tokens. */
 static void golden_tokens(const int32_t *ids, int n, int n_new, char *out, size_t cap) {
     char *prompt = xmalloc((size_t)n * 12 + 1);
@@ -887,10 +896,7 @@ START_TEST(recover) {
     json_decref(r);
     aconn_close(&q);
     r = call(gen_req(SHORT_A, 8, N_NEW, 0), 120000);
-    ck_assert(r && json_is_true(json_object_get(r, "ok")));
-    tokens_str(r, after, sizeof after);
-    ck_assert_str_eq(after, before);
-    json_decref(r);
+    expect_tokens(r, before);
     stop_coord(cp);
 }
 END_TEST
@@ -914,7 +920,7 @@ START_TEST(hung) {
     json_decref(wait_state("serving", 60000));
     json_t *r = call(gen_req(SHORT_A, 8, N_NEW, 0), 120000);
     ck_assert(r && json_is_true(json_object_get(r, "ok")));
-    char before[1024], after[1024];
+    char before[1024];
     tokens_str(r, before, sizeof before);
     json_decref(r);
 
@@ -945,10 +951,7 @@ START_TEST(hung) {
     kill(ws[1].pid, SIGCONT);
     json_decref(wait_state("serving", 60000));
     r = call(gen_req(SHORT_A, 8, N_NEW, 0), 120000);
-    ck_assert(r && json_is_true(json_object_get(r, "ok")));
-    tokens_str(r, after, sizeof after);
-    ck_assert_str_eq(after, before);
-    json_decref(r);
+    expect_tokens(r, before);
 
     /* idle: the heartbeat times out */
     kill(ws[1].pid, SIGSTOP);
@@ -961,10 +964,7 @@ START_TEST(hung) {
     kill(ws[1].pid, SIGCONT);
     json_decref(wait_state("serving", 60000));
     r = call(gen_req(SHORT_A, 8, N_NEW, 0), 120000);
-    ck_assert(r && json_is_true(json_object_get(r, "ok")));
-    tokens_str(r, after, sizeof after);
-    ck_assert_str_eq(after, before);
-    json_decref(r);
+    expect_tokens(r, before);
     stop_coord(cp);
 }
 END_TEST
@@ -982,7 +982,7 @@ START_TEST(recover_idle) {
     json_decref(wait_state("serving", 60000));
     json_t *r = call(gen_req(SHORT_A, 8, N_NEW, 0), 120000);
     ck_assert(r && json_is_true(json_object_get(r, "ok")));
-    char before[1024], after[1024];
+    char before[1024];
     tokens_str(r, before, sizeof before);
     json_decref(r);
     int port1 = atoi(strrchr(ws[1].addr, ':') + 1);
@@ -994,10 +994,7 @@ START_TEST(recover_idle) {
     start_worker(&ws[1], 1, 2, peers, port1, g_token);
     json_decref(wait_state("serving", 60000));
     r = call(gen_req(SHORT_A, 8, N_NEW, 0), 120000);
-    ck_assert(r && json_is_true(json_object_get(r, "ok")));
-    tokens_str(r, after, sizeof after);
-    ck_assert_str_eq(after, before);
-    json_decref(r);
+    expect_tokens(r, before);
     stop_coord(cp);
 }
 END_TEST
