@@ -664,21 +664,29 @@ static int collect(pid_t pid, int fd, char *out, size_t cap, int timeout_ms, con
     return WEXITSTATUS(st);
 }
 
-/* Runs the deploy script with args; returns its exit status; output into out. */
-static int run_script(const char *env, const char *const *args, char *out, size_t cap) {
-    char *argv[16];
+/* Runs prefix + args (NULL-terminated lists) with output into out and stderr into
+ * g_dir/logname; returns its exit status. */
+static int run_cmd(const char *const *prefix, const char *const *args, const char *what,
+                   const char *logname, int timeout_ms, char *out, size_t cap) {
+    char *argv[24];
     int a = 0;
-    argv[a++] = "/bin/bash";
-    argv[a++] = (char *)g_script;
-    argv[a++] = "--env";
-    argv[a++] = (char *)env;
-    for (int i = 0; args[i]; i++) argv[a++] = (char *)args[i];
+    for (int i = 0; prefix[i]; i++) argv[a++] = (char *)prefix[i];
+    for (int i = 0; args[i]; i++) {
+        ck_assert_int_lt(a, 23);
+        argv[a++] = (char *)args[i];
+    }
     argv[a] = NULL;
     char log[300];
-    snprintf(log, sizeof log, "%s/script.log", g_dir);
+    snprintf(log, sizeof log, "%s/%s", g_dir, logname);
     int fd;
     pid_t pid = spawn(argv, &fd, log);
-    return collect(pid, fd, out, cap, 120000, "duet-cluster.sh");
+    return collect(pid, fd, out, cap, timeout_ms, what);
+}
+
+/* Runs the deploy script with args; returns its exit status; output into out. */
+static int run_script(const char *env, const char *const *args, char *out, size_t cap) {
+    const char *prefix[] = {"/bin/bash", g_script, "--env", env, NULL};
+    return run_cmd(prefix, args, "duet-cluster.sh", "script.log", 120000, out, cap);
 }
 
 static pid_t read_pid(const char *state, const char *name) {
@@ -1285,16 +1293,8 @@ END_TEST
 /* ---- drain / resume ----------------------------------------------------------------------- */
 
 static int run_ctl(const char *const *args, char *out, size_t cap) {
-    char *argv[16];
-    int a = 0;
-    argv[a++] = (char *)g_ctl;
-    for (int i = 0; args[i]; i++) argv[a++] = (char *)args[i];
-    argv[a] = NULL;
-    char log[300];
-    snprintf(log, sizeof log, "%s/duetctl.log", g_dir);
-    int fd;
-    pid_t pid = spawn(argv, &fd, log);
-    return collect(pid, fd, out, cap, 30000, "duetctl");
+    const char *prefix[] = {g_ctl, NULL};
+    return run_cmd(prefix, args, "duetctl", "duetctl.log", 30000, out, cap);
 }
 
 START_TEST(drain) {
