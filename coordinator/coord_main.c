@@ -251,7 +251,8 @@ static void step_done(void *arg, int ok, const Duet__StepResult *res, const char
             continue;
         }
         g->out[g->n_out++] = sr->token_id;
-        int stop = !g->r && g->sink.on_token(g->sink.user, sr->token_id);
+        eng_token et = {.id = sr->token_id, .logprob = sr->logprob};
+        int stop = !g->r && g->sink.on_token(g->sink.user, &et);
         if (g->return_logits) {
             size_t vocab = sr->n_logits / (size_t)chunk_len;
             const float *row = sr->logits + (size_t)(chunk_len - 1) * vocab;

@@ -435,8 +435,9 @@ static int cmpl_add(hreq *h, const char *t, size_t n, int at_end) {
     return hit;
 }
 
-static int on_token(void *user, int32_t id) {
+static int on_token(void *user, const eng_token *tk) {
     hreq *h = user;
+    int32_t id = tk->id;
     h->n_out++;
     if (h->gone) return 0; /* the engine aborts it at the step boundary */
     if (h->stream) sse_start(h);
@@ -1033,7 +1034,8 @@ static void handle_chat(hctx *x, json_t *b) {
     h->chat = 1;
     h->stop_idx = -1;
     tok_ids_t ids = {0};
-    eng_params p = {0};
+    eng_params p;
+    eng_params_init(&p);
     long long max_tokens = 0;
     bool thinking = true;
     int n_tools = 0;
@@ -1153,7 +1155,8 @@ static void handle_completions(hctx *x, json_t *b) {
     h->s = s;
     h->stop_idx = -1;
     tok_ids_t ids = {0};
-    eng_params p = {0};
+    eng_params p;
+    eng_params_init(&p);
     long long max_tokens = 0;
     if (check_model(s, &e, b, &model) || refuse_unimplemented(&e, b, 0) ||
         parse_common(s, &e, b, h, &p, &max_tokens) || completion_prompt(s, &e, b, &ids))
