@@ -7,9 +7,9 @@
  * as JSON or SSE. It runs on the coordinator's event loop and must never crash, block, or answer
  * a client mistake with a 5xx.
  *
- * Endpoints of this slice: GET /health, GET /health/ready, GET /version, GET /v1/models[/{id}],
- * POST /tokenize, /detokenize (and /v1/...), POST /v1/chat/completions (JSON and SSE),
- * POST /v1/completions (JSON and SSE). docs/openapi.yaml describes them.
+ * Endpoints: GET /health, /health/ready, /health/generate, /metrics, /version,
+ * /v1/models[/{id}]; POST /tokenize, /detokenize (and /v1/...), /v1/chat/completions and
+ * /v1/completions (JSON and SSE). docs/openapi.yaml describes them.
  */
 #ifndef DUET_HTTP_H
 #define DUET_HTTP_H
@@ -19,6 +19,7 @@
 #include <event2/event.h>
 
 #include "coordinator/http/engine.h"
+#include "coordinator/metrics.h"
 
 typedef struct http_server http_server;
 
@@ -33,6 +34,14 @@ typedef struct {
                                    become id % vocab_size instead of a 400 */
     const char *model_id;       /* the served model id */
     const char *version, *commit;
+    /* optional (zero = default) */
+    metrics *metrics;           /* the coordinator's registry (borrowed); NULL: http keeps its own
+                                   (then /metrics shows only what http records + the gauges it
+                                   reads from eng_api.health) */
+    int metrics_vllm_names;     /* own registry only: also "vllm:" names */
+    int metrics_require_auth;   /* GET /metrics behind the API key */
+    double stall_timeout_s;     /* readiness "progress" check; 0 = 30 */
+    double health_generate_timeout_s; /* GET /health/generate; 0 = 20 */
 } http_cfg;
 
 /* Loads the tokenizer and the API keys, binds and listens. Refuses a non-loopback address
