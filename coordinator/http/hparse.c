@@ -697,7 +697,11 @@ int parse_generation(http_server *s, apierr *e, json_t *b, int chat, greq *g) {
     json_t *th = field(b, "thinking");
     if (!hb && th && json_is_object(th)) {
         hb = get_int(e, th, "budget_tokens", 0, INT32_MAX, &budget);
-        if (hb < 0) return fail(e, 400, e->code, "thinking.budget_tokens", "%s", e->msg);
+        if (hb < 0) {
+            char m[sizeof e->msg];
+            snprintf(m, sizeof m, "\"thinking.%s", e->msg + 1);
+            return fail(e, 400, e->code, "thinking.budget_tokens", "%s", m);
+        }
     }
     g->budget = hb ? budget : -1;
     g->prompts = xcalloc(1, sizeof *g->prompts);
