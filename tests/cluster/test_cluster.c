@@ -389,6 +389,19 @@ static json_t *wait_state(const char *want, int timeout_ms) {
     }
 }
 
+/* Polls status until the canary after the last (re)connect completed ("warm"). */
+static void wait_warm(int timeout_ms) {
+    double end = now_ms() + timeout_ms;
+    for (;;) {
+        json_t *s = status();
+        int warm = s && json_is_true(json_object_get(json_object_get(s, "result"), "warm"));
+        json_decref(s);
+        if (warm) return;
+        ck_assert_msg(now_ms() < end, "the canary did not complete within %d ms", timeout_ms);
+        pause_ms(20);
+    }
+}
+
 static json_t *gen_req(const int32_t *ids, int n, int max_tokens, int logits) {
     json_t *a = json_array();
     for (int i = 0; i < n; i++) json_array_append_new(a, json_integer(ids[i]));
@@ -834,6 +847,7 @@ START_TEST(recover) {
     const char *extra[] = {"--step-timeout", "20", NULL};
     pid_t cp = start_coord(ws, 2, extra);
     json_decref(wait_state("serving", 60000));
+    wait_warm(60000); /* the canary's step comes first: steps_done counts it */
     json_t *r = call(gen_req(SHORT_A, 8, N_NEW, 0), 120000);
     ck_assert(r && json_is_true(json_object_get(r, "ok")));
     char before[1024], after[1024];
@@ -844,7 +858,7 @@ START_TEST(recover) {
         json_t *wj = json_array_get(json_object_get(json_object_get(s0, "result"), "workers"), i);
         ck_assert_msg(json_number_value(json_object_get(wj, "step_ms_p50")) > 0,
                       "worker %zu has no step_ms_p50 after a generation", i);
-        ck_assert_int_eq(json_integer_value(json_object_get(wj, "steps_done")), N_NEW);
+        ck_assert_int_eq(json_integer_value(json_object_get(wj, "steps_done")), N_NEW + 1);
     }
     json_decref(s0);
 
@@ -1134,11 +1148,29 @@ static Duet__StepPlan *fake_plan(int fd, rpc_decoder *dec, int *n_hb) {
     uint8_t *p;
     size_t l;
     int t = fake_recv(fd, dec, &p, &l, 1, n_hb);
+    while (t == RPC_RELEASE) { /* finished sequences are released between steps */
+        free(p);
+        t = fake_recv(fd, dec, &p, &l, 1, n_hb);
+    }
     ck_assert_msg(t == RPC_STEP_PLAN, "expected a StepPlan, got %s", rpc_type_name(t));
     Duet__StepPlan *plan = duet__step_plan__unpack(NULL, l, p);
     free(p);
     ck_assert_ptr_nonnull(plan);
     return plan;
+}
+
+/* A successful one-sequence StepResult: token for seq. */
+static void fake_answer(int fd, uint64_t step_id, uint64_t seq, int32_t token) {
+    Duet__SeqResult sr = DUET__SEQ_RESULT__INIT;
+    sr.seq_id = seq;
+    sr.token_id = token;
+    Duet__SeqResult *srp = &sr;
+    Duet__StepResult res = DUET__STEP_RESULT__INIT;
+    res.step_id = step_id;
+    res.ok = 1;
+    res.n_results = 1;
+    res.results = &srp;
+    fake_send(fd, RPC_STEP_RESULT, &res.base);
 }
 
 START_TEST(protocol) {
@@ -1207,13 +1239,33 @@ START_TEST(protocol) {
                      1234);
     json_decref(s);
 
+    /* the canary: a 1-token greedy generation right after the group became ready; the fake
+     * worker reports no KV budget, so the plan carries no cache fields */
+    int n_hb = 0;
+    Duet__StepPlan *plan = fake_plan(c, dec, &n_hb);
+    ck_assert_uint_eq(plan->n_chunks, 1);
+    ck_assert(plan->chunks[0]->sample);
+    ck_assert_uint_eq(plan->chunks[0]->n_restore_blocks, 0);
+    ck_assert_uint_eq(plan->chunks[0]->n_save_blocks, 0);
+    ck_assert_float_eq(plan->chunks[0]->sampling->temperature, 0);
+    fake_answer(c, plan->step_id, plan->chunks[0]->seq_id, 1);
+    duet__step_plan__free_unpacked(plan, NULL);
+    end = now_ms() + 10000;
+    for (;;) { /* warm once the canary's token came back */
+        s = status();
+        int warm = json_is_true(json_object_get(json_object_get(s, "result"), "warm"));
+        json_decref(s);
+        if (warm) break;
+        ck_assert_msg(now_ms() < end, "status never showed warm after the canary");
+        pause_ms(20);
+    }
+
     /* a generate becomes StepPlans: prefill, then one decode token */
     aconn a;
     ck_assert_int_eq(aconn_open(&a, g_sock), 0);
     const int32_t prompt[] = {3, 4, 5};
     aconn_send(&a, gen_req(prompt, 3, 4, 0));
-    int n_hb = 0;
-    Duet__StepPlan *plan = fake_plan(c, dec, &n_hb);
+    plan = fake_plan(c, dec, &n_hb);
     ck_assert_uint_eq(plan->n_chunks, 1);
     Duet__SeqChunk *ch = plan->chunks[0];
     ck_assert_uint_eq(ch->start_pos, 0);
