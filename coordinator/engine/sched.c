@@ -497,9 +497,11 @@ static int admit_one(sched *s, int *budget) {
     }
     if (!hit) free(ids);
     q->cached_tokens = q->admitted_once ? q->cached_tokens : (int)(hit * B);
-    kvm_note_query(s->kv, (uint64_t)q->n_toks, (uint64_t)hit * B);
-    minc(s, "prefix_cache_queries_total", q->n_toks);
-    minc(s, "prefix_cache_hits_total", (double)hit * B);
+    if (!q->canary) { /* the canary's prompt would only blur the hit rate */
+        kvm_note_query(s->kv, (uint64_t)q->n_toks, (uint64_t)hit * B);
+        minc(s, "prefix_cache_queries_total", q->n_toks);
+        minc(s, "prefix_cache_hits_total", (double)hit * B);
+    }
     double t = coord_now_s();
     q->t_admitted = t;
     if (!q->admitted_once) {
