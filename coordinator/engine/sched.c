@@ -955,12 +955,23 @@ static int cmp_double(const void *a, const void *b) {
     return (x > y) - (x < y);
 }
 
-/* The coordinator's own time per step over the recent decode-only steps with the same batch
- * as the last step (the overhead benchmark reads it). */
+/* The coordinator's own time per step over the recent steps of the most frequent kind (batch
+ * size, decode-only or not) in the ring: the steady state the overhead benchmark reads. */
 static json_t *overhead_json(const sched *s) {
     size_t n = s->n_ovh < OVH_RING ? (size_t)s->n_ovh : OVH_RING;
     if (!n) return json_null();
-    const ovh *last = &s->ring[(s->n_ovh - 1) % OVH_RING];
+    const ovh *last = NULL;
+    int best = 0;
+    for (size_t i = 0; i < n; i++) {
+        int cnt = 0;
+        for (size_t j = 0; j < n; j++)
+            cnt += s->ring[j].n_seqs == s->ring[i].n_seqs &&
+                   s->ring[j].decode_only == s->ring[i].decode_only;
+        if (cnt > best) {
+            best = cnt;
+            last = &s->ring[i];
+        }
+    }
     double c[OVH_RING], w[OVH_RING], d[OVH_RING], sum = 0;
     size_t m = 0;
     for (size_t i = 0; i < n; i++) {
