@@ -67,6 +67,8 @@ typedef struct worker {
     uint64_t fingerprint;
     char backend[32];
     uint64_t load_done, load_total, weight_bytes, steps_done;
+    uint32_t kv_blocks_total, snap_cost, kv_blocks_used;  /* LoadProgress / Stats */
+    uint64_t kv_block_bytes;
     int owes_step;            /* a StepResult for the current step is outstanding */
     Duet__StepResult *step_res;
     char error[512];          /* last problem, for status; "" when none */
@@ -124,6 +126,13 @@ static int split_addr(const char *a, char **host, int *port, char *err, size_t e
     return 0;
 }
 
+static void set_up_metric(pool *p, int rank, int up) {
+    if (!p->cfg.metrics) return;
+    char l[32];
+    snprintf(l, sizeof l, "worker=\"w%d\"", rank);
+    metrics_set(p->cfg.metrics, "worker_up", l, up);
+}
+
 static void emit(pool *p, pool_event ev, const char *msg) {
     if (p->cb) p->cb(p->cb_arg, ev, msg);
 }
@@ -134,6 +143,7 @@ static void read_cb(struct bufferevent *bev, void *arg);
 static void event_cb(struct bufferevent *bev, short what, void *arg);
 
 static void close_conn(worker *w) {
+    if (w->st == W_UP) set_up_metric(w->p, w->rank, 0);
     if (w->bev) {
         bufferevent_free(w->bev);
         w->bev = NULL;
@@ -270,6 +280,7 @@ static void maybe_load(pool *p) {
     Duet__LoadModel lm = DUET__LOAD_MODEL__INIT;
     lm.max_seqs = p->cfg.max_seqs;
     lm.max_seq_len = p->cfg.max_seq_len;
+    lm.block_size = p->cfg.block_size;
     p->pct_logged = -1;
     double t = coord_now_s();
     for (int i = 0; i < p->n; i++) {
@@ -420,8 +431,13 @@ static void on_progress(worker *w, const uint8_t *buf, size_t len) {
             return;
         }
         w->weight_bytes = m->rank_weight_bytes;
+        w->kv_blocks_total = m->kv_blocks_total;
+        w->snap_cost = m->snapshot_block_cost;
+        w->kv_block_bytes = m->kv_block_bytes;
+        w->kv_blocks_used = 0;
         w->load_done = w->load_total;
         w->st = W_UP;
+        set_up_metric(p, w->rank, 1);
         duet__load_progress__free_unpacked(m, NULL);
         maybe_ready(p);
         return;
@@ -454,6 +470,12 @@ static void on_step_result(worker *w, const uint8_t *buf, size_t len) {
     }
     w->owes_step = 0;
     w->step_ms[w->steps_done % 64] = (coord_now_s() - p->step_start) * 1000.0;
+    if (p->cfg.metrics) {
+        char l[32];
+        snprintf(l, sizeof l, "worker=\"w%d\"", w->rank);
+        metrics_observe(p->cfg.metrics, "worker_step_seconds", l,
+                        w->step_ms[w->steps_done % 64] / 1000.0);
+    }
     if (w->n_step_ms < 64) w->n_step_ms++;
     w->steps_done++;
     w->step_res = r;
@@ -482,6 +504,7 @@ static void on_stats(worker *w, const uint8_t *buf, size_t len) {
         return;
     }
     if (s->rank_weight_bytes) w->weight_bytes = s->rank_weight_bytes;
+    w->kv_blocks_used = s->kv_blocks_used;
     duet__stats__free_unpacked(s, NULL);
 }
 
@@ -709,6 +732,7 @@ int pool_new(struct event_base *base, const pool_cfg *cfg, pool_event_cb cb, voi
     event_add(p->tick, &tv);
     p->cb = cb;
     p->cb_arg = cb_arg;
+    for (int i = 0; i < p->n; i++) set_up_metric(p, i, 0);
     for (int i = 0; i < p->n; i++) start_connect(&p->w[i]);
     *out = p;
     return 0;
@@ -775,6 +799,30 @@ void pool_release(pool *p, const uint64_t *seq_ids, size_t n) {
     }
 }
 
+void pool_release_blocks(pool *p, const uint64_t *block_ids, size_t n) {
+    if (!n) return;
+    Duet__Release r = DUET__RELEASE__INIT;
+    r.n_block_ids = n;
+    r.block_ids = (uint64_t *)block_ids;
+    for (int i = 0; i < p->n; i++) {
+        worker *w = &p->w[i];
+        if (w->st == W_UP && send_msg(w, RPC_RELEASE, &r.base)) return;
+    }
+}
+
+void pool_kv_budget(const pool *p, uint32_t *blocks, uint32_t *snap_cost, uint64_t *block_bytes) {
+    *blocks = UINT32_MAX;
+    *snap_cost = 1;
+    *block_bytes = 0;
+    for (int i = 0; i < p->n; i++) {
+        const worker *w = &p->w[i];
+        if (w->kv_blocks_total < *blocks) *blocks = w->kv_blocks_total;
+        if (w->snap_cost > *snap_cost) *snap_cost = w->snap_cost;
+        if (w->kv_block_bytes > *block_bytes) *block_bytes = w->kv_block_bytes;
+    }
+    if (*blocks == UINT32_MAX) *blocks = 0;
+}
+
 void pool_kick(pool *p) {
     double t = coord_now_s();
     for (int i = 0; i < p->n; i++)
@@ -829,6 +877,8 @@ json_t *pool_workers_json(const pool *p) {
             json_object_set_new(o, "step_ms_p50", json_null());
         }
         json_object_set_new(o, "backend", json_string(w->backend));
+        json_object_set_new(o, "kv_blocks_used", json_integer((json_int_t)w->kv_blocks_used));
+        json_object_set_new(o, "kv_blocks_total", json_integer((json_int_t)w->kv_blocks_total));
         if (w->st == W_LOADING && w->load_total)
             json_object_set_new(o, "load_percent",
                                 json_real(100.0 * (double)w->load_done / (double)w->load_total));

@@ -24,6 +24,7 @@
 #include <event2/event.h>
 #include <jansson.h>
 
+#include "coordinator/metrics.h"
 #include "proto/duet.pb-c.h"
 
 typedef struct pool pool;
@@ -40,6 +41,8 @@ typedef struct {
     double load_timeout_s;     /* LoadModel not done in this time fails the worker (600) */
     uint32_t max_seqs;         /* LoadModel.max_seqs */
     uint32_t max_seq_len;      /* LoadModel.max_seq_len */
+    uint32_t block_size;       /* LoadModel.block_size (tokens per KV block; 0 = 256) */
+    metrics *metrics;          /* NULL = none; the pool records worker_up, worker_step_seconds */
 } pool_cfg;
 
 /* Group state. */
@@ -80,6 +83,13 @@ int pool_step(pool *p, Duet__StepPlan *plan, pool_step_cb cb, void *arg, char *e
 /* Frees sequence state on every connected, loaded worker (best effort, no reply). */
 void pool_release(pool *p, const uint64_t *seq_ids, size_t n);
 
+/* Frees cached prefix blocks on every connected, loaded worker (admin flush-prefix-cache). */
+void pool_release_blocks(pool *p, const uint64_t *block_ids, size_t n);
+/* The group's KV budget from the last LoadModel (valid while READY): blocks = the minimum
+ * kv_blocks_total over ranks, snap_cost = the maximum snapshot_block_cost, block_bytes = the
+ * maximum kv_block_bytes. 0 blocks = a worker reported none (no accounting, no prefix cache). */
+void pool_kv_budget(const pool *p, uint32_t *blocks, uint32_t *snap_cost, uint64_t *block_bytes);
+
 /* Retries every down worker now instead of waiting for its backoff (admin `reload`). */
 void pool_kick(pool *p);
 
@@ -91,7 +101,8 @@ uint64_t pool_fingerprint(const pool *p);
 /* JSON array of per-worker objects for `status`:
  * {"name","addr","rank","state","last_heartbeat_ms","rank_weight_bytes","steps_done",
  *  "step_ms_p50" (over the last 64 steps; null before the first), "backend","load_percent"
- *  (while loading), "error"}. The caller owns the reference. */
+ *  (while loading), "kv_blocks_used" (last heartbeat), "kv_blocks_total" (LoadProgress),
+ *  "error"}. The caller owns the reference. */
 json_t *pool_workers_json(const pool *p);
 
 #endif

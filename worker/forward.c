@@ -52,28 +52,40 @@ typedef struct {
 
 static void *balloc(step *st, size_t bytes) { return st->b->ops->alloc(st->b, bytes); }
 
-static void scratch_alloc(step *st) {
-    const dv4_config *c = st->c;
-    size_t T = (size_t)st->T, D = c->hidden_size, hc = c->hc_mult, H = c->num_attention_heads;
+/* Bytes of each scratch buffer for T rows, in the order of the scratch struct's fields. */
+enum { N_SCRATCH = 16 };
+static void scratch_sizes(const dv4_config *c, size_t T, size_t *z) {
+    size_t D = c->hidden_size, hc = c->hc_mult, H = c->num_attention_heads;
     size_t dh = c->head_dim, f = sizeof(float);
-    scratch *s = &st->s;
-    s->h = balloc(st, T * hc * D * f);
-    s->u = balloc(st, T * D * f);
-    s->x = balloc(st, T * D * f);
-    s->post = balloc(st, T * hc * f);
-    s->comb = balloc(st, T * hc * hc * f);
-    s->cq = balloc(st, T * c->q_lora_rank * f);
-    s->q = balloc(st, T * H * dh * f);
-    s->kv = balloc(st, T * dh * f);
-    s->o = balloc(st, T * H * dh * f);
-    s->y = balloc(st, T * c->o_groups * c->o_lora_rank * f);
-    s->v = balloc(st, T * D * f);
     size_t cw = 2 * (dh > (size_t)c->index_head_dim ? dh : (size_t)c->index_head_dim);
-    s->ca = balloc(st, T * cw * f);
-    s->cg = balloc(st, T * cw * f);
-    s->iq = balloc(st, T * c->index_n_heads * c->index_head_dim * f);
-    s->iw = balloc(st, T * c->index_n_heads * f);
-    s->idx = balloc(st, T * (c->index_topk > 0 ? c->index_topk : 1) * sizeof(int32_t));
+    size_t sz[N_SCRATCH] = {
+        T * hc * D * f, T * D * f, T * D * f, T * hc * f, T * hc * hc * f,   /* h u x post comb */
+        T * c->q_lora_rank * f, T * H * dh * f, T * dh * f, T * H * dh * f, /* cq q kv o */
+        T * c->o_groups * c->o_lora_rank * f, T * D * f,                    /* y v */
+        T * cw * f, T * cw * f,                                             /* ca cg */
+        T * c->index_n_heads * c->index_head_dim * f, T * c->index_n_heads * f, /* iq iw */
+        T * (c->index_topk > 0 ? c->index_topk : 1) * sizeof(int32_t)};    /* idx */
+    memcpy(z, sz, sizeof sz);
+}
+
+uint64_t dv4_step_scratch_bytes(const dv4_config *c, int T) {
+    size_t z[N_SCRATCH];
+    scratch_sizes(c, (size_t)T, z);
+    uint64_t sum = 0;
+    for (int i = 0; i < N_SCRATCH; i++) sum += z[i];
+    return sum;
+}
+
+static void scratch_alloc(step *st) {
+    size_t z[N_SCRATCH];
+    scratch_sizes(st->c, (size_t)st->T, z);
+    scratch *s = &st->s;
+    s->h = balloc(st, z[0]), s->u = balloc(st, z[1]), s->x = balloc(st, z[2]);
+    s->post = balloc(st, z[3]), s->comb = balloc(st, z[4]), s->cq = balloc(st, z[5]);
+    s->q = balloc(st, z[6]), s->kv = balloc(st, z[7]), s->o = balloc(st, z[8]);
+    s->y = balloc(st, z[9]), s->v = balloc(st, z[10]), s->ca = balloc(st, z[11]);
+    s->cg = balloc(st, z[12]), s->iq = balloc(st, z[13]), s->iw = balloc(st, z[14]);
+    s->idx = balloc(st, z[15]);
 }
 
 static void scratch_free(step *st) {
@@ -276,6 +288,8 @@ static int check_chunks(const dv4_model *m, const dv4_chunk *chunks, int n_chunk
 int dv4_forward(dv4_model *m, const dv4_chunk *chunks, int n_chunks, float *logits, char *err,
                 size_t errlen) {
     int rc = check_chunks(m, chunks, n_chunks, err, errlen);
+    for (int k = 0; k < n_chunks && !rc; k++) /* state grows by whole blocks, before any math */
+        rc = dv4_seq_reserve(m, chunks[k].seq, chunks[k].seq->pos + chunks[k].n, err, errlen);
     if (rc) return rc;
     const dv4_config *c = &m->cfg;
     be *b = m->b;

@@ -264,6 +264,7 @@ int dv4_load_ex(const char *dir, be *b, const dv4_shard *shard, dv4_progress_fn 
     *out = NULL;
     dv4_model *m = xcalloc(1, sizeof *m);
     m->b = b;
+    m->block = 256;
     m->shard = shard ? *shard : (dv4_shard){0, 1, NULL};
     int rc = cfg_load(dir, &m->cfg, err, errlen);
     if (!rc) rc = st_open(dir, &m->st, err, errlen);
@@ -342,8 +343,61 @@ const dv4_config *dv4_cfg(const dv4_model *m) { return &m->cfg; }
 uint64_t dv4_fingerprint(const dv4_model *m) { return m->fingerprint; }
 
 /* ======================================================================================== */
-/* per-sequence state (spec §3.1)                                                            */
+/* per-sequence state (spec §3.1), growing block by block                                    */
 /* ======================================================================================== */
+
+/* Floats of one layer's state pieces. cc = 2 for the overlapping (m = 4) compressors. */
+typedef struct {
+    size_t ring, cur, prev, icur, iprev; /* fixed: ring, current window (a+g), previous (a+g) */
+    size_t ent_per_block, ikey_per_block; /* growing, per block of B tokens */
+} layer_floats;
+
+static layer_floats floats_of(const dv4_config *c, int ratio, int block) {
+    layer_floats f = {0};
+    size_t dh = (size_t)c->head_dim, ihd = (size_t)c->index_head_dim;
+    f.ring = (size_t)c->sliding_window * dh;
+    if (!ratio) return f;
+    size_t cc = ratio == 4 ? 2 : 1;
+    f.cur = 2 * (size_t)ratio * cc * dh;
+    f.prev = cc == 2 ? 2 * (size_t)ratio * dh : 0;
+    f.ent_per_block = (size_t)(block / ratio) * dh;
+    if (ratio == 4) {
+        f.icur = 2 * (size_t)4 * 2 * ihd;
+        f.iprev = 2 * (size_t)4 * ihd;
+        f.ikey_per_block = (size_t)(block / 4) * ihd;
+    }
+    return f;
+}
+
+static int check_block(int block, char *err, size_t errlen) {
+    if (block <= 0 || block % 128)
+        return duet_err(err, errlen, DUET_EINVAL,
+                        "block size %d is not a positive multiple of 128 (every CSA and HCA "
+                        "window must close on a block boundary)", block);
+    return 0;
+}
+
+int dv4_kv_sizes_of(const dv4_config *c, int block, dv4_kv_sizes *out, char *err,
+                    size_t errlen) {
+    int rc = check_block(block, err, errlen);
+    if (rc) return rc;
+    *out = (dv4_kv_sizes){0};
+    for (int i = 0; i < c->num_hidden_layers; i++) {
+        layer_floats f = floats_of(c, cfg_ratio(c, i), block);
+        out->block_bytes += (f.ent_per_block + f.ikey_per_block) * sizeof(float);
+        out->resume_bytes += (f.ring + f.prev + f.iprev) * sizeof(float);
+        out->fixed_bytes += (f.ring + f.cur + f.prev + f.icur + f.iprev) * sizeof(float);
+    }
+    return 0;
+}
+
+int dv4_set_block_size(dv4_model *m, int block, char *err, size_t errlen) {
+    int rc = check_block(block, err, errlen);
+    if (!rc) m->block = block;
+    return rc;
+}
+
+int dv4_block_size(const dv4_model *m) { return m->block; }
 
 int dv4_seq_new(dv4_model *m, int max_tokens, dv4_seq **out, char *err, size_t errlen) {
     const dv4_config *c = &m->cfg;
@@ -355,6 +409,7 @@ int dv4_seq_new(dv4_model *m, int max_tokens, dv4_seq **out, char *err, size_t e
     be *b = m->b;
     dv4_seq *s = xcalloc(1, sizeof *s);
     s->cap = max_tokens;
+    s->block = m->block;
     s->n_layers = m->n_layers;
     s->L = xcalloc((size_t)m->n_layers, sizeof *s->L);
     int dh = c->head_dim, ihd = c->index_head_dim;
@@ -364,7 +419,6 @@ int dv4_seq_new(dv4_model *m, int max_tokens, dv4_seq **out, char *err, size_t e
         S->ring = b->ops->alloc(b, (size_t)c->sliding_window * dh * sizeof(float));
         if (!r) continue;
         int cc = r == 4 ? 2 : 1;
-        S->cmp = b->ops->alloc(b, (size_t)(max_tokens / r + 1) * dh * sizeof(float));
         S->cur_a = b->ops->alloc(b, (size_t)r * cc * dh * sizeof(float));
         S->cur_g = b->ops->alloc(b, (size_t)r * cc * dh * sizeof(float));
         if (cc == 2) {
@@ -373,7 +427,6 @@ int dv4_seq_new(dv4_model *m, int max_tokens, dv4_seq **out, char *err, size_t e
             b->ops->fill(b, S->prev_g, -INFINITY, (size_t)r * dh);
         }
         if (r == 4) {
-            S->ikeys = b->ops->alloc(b, (size_t)(max_tokens / 4 + 1) * ihd * sizeof(float));
             S->icur_a = b->ops->alloc(b, (size_t)4 * 2 * ihd * sizeof(float));
             S->icur_g = b->ops->alloc(b, (size_t)4 * 2 * ihd * sizeof(float));
             S->iprev_a = b->ops->alloc(b, (size_t)4 * ihd * sizeof(float));
@@ -396,6 +449,153 @@ void dv4_seq_free(dv4_model *m, dv4_seq *s) {
     free(s->L);
     free(s);
 }
+
+/* *p grows from `old` to `now` floats: backend alloc + copy + free (works on device memory). */
+static void grow(be *b, float **p, size_t old, size_t now) {
+    float *n = b->ops->alloc(b, now * sizeof(float));
+    if (old) b->ops->copy(b, n, *p, old);
+    if (*p) b->ops->free(b, *p);
+    *p = n;
+}
+
+int dv4_seq_reserve(dv4_model *m, dv4_seq *s, int tokens, char *err, size_t errlen) {
+    if (tokens <= s->grown) return 0;
+    if (tokens > s->cap)
+        return duet_err(err, errlen, DUET_EINVAL,
+                        "positions up to %d exceed the sequence capacity %d", tokens, s->cap);
+    int B = s->block, now = (tokens + B - 1) / B * B;
+    for (int i = 0; i < s->n_layers; i++) {
+        int r = m->layers[i].ratio;
+        if (!r) continue;
+        layer_floats f = floats_of(&m->cfg, r, B);
+        size_t ob = (size_t)(s->grown / B), nb = (size_t)(now / B);
+        grow(m->b, &s->L[i].cmp, ob * f.ent_per_block, nb * f.ent_per_block);
+        if (r == 4) grow(m->b, &s->L[i].ikeys, ob * f.ikey_per_block, nb * f.ikey_per_block);
+    }
+    s->grown = now;
+    return 0;
+}
+
+uint64_t dv4_seq_grown_bytes(const dv4_model *m, const dv4_seq *s) {
+    dv4_kv_sizes z;
+    if (dv4_kv_sizes_of(&m->cfg, s->block, &z, NULL, 0)) return 0;
+    return (uint64_t)(s->grown / s->block) * z.block_bytes;
+}
+
+/* ---- prefix snapshots -------------------------------------------------------------------- */
+
+typedef struct {
+    float *cmp, *ikeys;               /* this block's entries [B/m, dh], keys [B/4, ihd] */
+    float *ring, *prev_a, *prev_g, *iprev_a, *iprev_g; /* resume state at the block's end */
+} snap_layer;
+
+struct dv4_snap {
+    int end, block, n_layers;
+    uint64_t bytes;
+    snap_layer *L;
+};
+
+/* A copy of n floats of backend memory (NULL when n == 0). */
+static float *dup_floats(be *b, const float *src, size_t n, uint64_t *bytes) {
+    if (!n || !src) return NULL;
+    float *d = b->ops->alloc(b, n * sizeof(float));
+    b->ops->copy(b, d, src, n);
+    *bytes += n * sizeof(float);
+    return d;
+}
+
+int dv4_snap_save(dv4_model *m, const dv4_seq *s, dv4_snap **out, char *err, size_t errlen) {
+    *out = NULL;
+    int B = s->block;
+    if (s->pos < B || s->pos % B)
+        return duet_err(err, errlen, DUET_EINVAL,
+                        "a prefix block can only be saved at a positive multiple of the block "
+                        "size %d; the sequence is at position %d", B, s->pos);
+    be *b = m->b;
+    dv4_snap *p = xcalloc(1, sizeof *p);
+    p->end = s->pos;
+    p->block = B;
+    p->n_layers = s->n_layers;
+    p->L = xcalloc((size_t)s->n_layers, sizeof *p->L);
+    for (int i = 0; i < s->n_layers; i++) {
+        const dv4_seq_layer *S = &s->L[i];
+        snap_layer *P = &p->L[i];
+        int r = m->layers[i].ratio;
+        layer_floats f = floats_of(&m->cfg, r, B);
+        size_t blk = (size_t)(s->pos / B - 1);
+        P->ring = dup_floats(b, S->ring, f.ring, &p->bytes);
+        if (!r) continue;
+        P->cmp = dup_floats(b, S->cmp + blk * f.ent_per_block, f.ent_per_block, &p->bytes);
+        P->prev_a = dup_floats(b, S->prev_a, f.prev / 2, &p->bytes);
+        P->prev_g = dup_floats(b, S->prev_g, f.prev / 2, &p->bytes);
+        if (r != 4) continue;
+        P->ikeys = dup_floats(b, S->ikeys + blk * f.ikey_per_block, f.ikey_per_block, &p->bytes);
+        P->iprev_a = dup_floats(b, S->iprev_a, f.iprev / 2, &p->bytes);
+        P->iprev_g = dup_floats(b, S->iprev_g, f.iprev / 2, &p->bytes);
+    }
+    *out = p;
+    return 0;
+}
+
+int dv4_seq_restore(dv4_model *m, int max_tokens, dv4_snap *const *chain, int n, dv4_seq **out,
+                    char *err, size_t errlen) {
+    *out = NULL;
+    int B = m->block;
+    if (n <= 0) return duet_err(err, errlen, DUET_EINVAL, "restoring needs at least one block");
+    for (int i = 0; i < n; i++)
+        if (chain[i]->block != B || chain[i]->end != (i + 1) * B)
+            return duet_err(err, errlen, DUET_EINVAL,
+                            "prefix block %d of the chain ends at position %d (block size %d), "
+                            "not at %d", i, chain[i]->end, chain[i]->block, (i + 1) * B);
+    dv4_seq *s;
+    int rc = dv4_seq_new(m, max_tokens, &s, err, errlen);
+    if (!rc) rc = dv4_seq_reserve(m, s, n * B, err, errlen);
+    if (rc) {
+        dv4_seq_free(m, s);
+        return rc;
+    }
+    be *b = m->b;
+    const dv4_snap *last = chain[n - 1];
+    for (int i = 0; i < s->n_layers; i++) {
+        dv4_seq_layer *S = &s->L[i];
+        const snap_layer *P = &last->L[i];
+        int r = m->layers[i].ratio;
+        layer_floats f = floats_of(&m->cfg, r, B);
+        b->ops->copy(b, S->ring, P->ring, f.ring);
+        if (!r) continue;
+        for (int k = 0; k < n; k++)
+            b->ops->copy(b, S->cmp + (size_t)k * f.ent_per_block, chain[k]->L[i].cmp,
+                         f.ent_per_block);
+        if (P->prev_a) {
+            b->ops->copy(b, S->prev_a, P->prev_a, f.prev / 2);
+            b->ops->copy(b, S->prev_g, P->prev_g, f.prev / 2);
+        }
+        if (r != 4) continue;
+        for (int k = 0; k < n; k++)
+            b->ops->copy(b, S->ikeys + (size_t)k * f.ikey_per_block, chain[k]->L[i].ikeys,
+                         f.ikey_per_block);
+        b->ops->copy(b, S->iprev_a, P->iprev_a, f.iprev / 2);
+        b->ops->copy(b, S->iprev_g, P->iprev_g, f.iprev / 2);
+    }
+    s->pos = n * B;
+    *out = s;
+    return 0;
+}
+
+void dv4_snap_free(dv4_model *m, dv4_snap *p) {
+    if (!p) return;
+    for (int i = 0; i < p->n_layers; i++) {
+        snap_layer *P = &p->L[i];
+        float *bufs[] = {P->cmp, P->ikeys, P->ring, P->prev_a, P->prev_g, P->iprev_a,
+                         P->iprev_g};
+        for (size_t j = 0; j < sizeof bufs / sizeof *bufs; j++) vfree(m, bufs[j]);
+    }
+    free(p->L);
+    free(p);
+}
+
+int dv4_snap_end(const dv4_snap *p) { return p->end; }
+uint64_t dv4_snap_bytes(const dv4_snap *p) { return p->bytes; }
 
 int dv4_seq_pos(const dv4_seq *s) { return s->pos; }
 

@@ -51,11 +51,54 @@ uint64_t dv4_fingerprint(const dv4_model *m);
  * compress [rope_dims/2] (m > 0 layers, their compressed entries and indexer; YaRN). */
 void dv4_rope_tables(const dv4_config *c, float *omega_main, float *omega_cmp);
 
-/* Per-sequence state (spec §3.1): raw-KV rings, compressed entries, indexer keys, compressor
- * carry; sized for up to max_tokens positions. */
+/* ---- KV state in blocks (docs/design/kv-and-scheduling.md "Units", "Worker memory") -------
+ * State is accounted in blocks of B tokens (B a multiple of 128, so every CSA and HCA window
+ * closes on a block boundary). Sizes in bytes, fp32, this rank (the single KV head is
+ * replicated, so every rank holds the same state). */
+typedef struct {
+    uint64_t block_bytes;  /* growing state of B tokens: compressed entries of every CSA/HCA
+                              layer + indexer keys */
+    uint64_t resume_bytes; /* what a sequence needs to resume at a block boundary: raw-KV rings
+                              + the previous-window carries (CSA main and indexer); the current
+                              window of every compressor is dead there (rewritten before read) */
+    uint64_t fixed_bytes;  /* per live sequence whatever its length: rings + every carry */
+} dv4_kv_sizes;
+/* Sizes for a config at block size B. Returns DUET_EINVAL with a sentence unless B is a
+ * positive multiple of 128. */
+int dv4_kv_sizes_of(const dv4_config *c, int block, dv4_kv_sizes *out, char *err, size_t errlen);
+/* The block size of a loaded model's sequences and snapshots (default 256). Set it only while
+ * no sequence or snapshot exists. Same errors as dv4_kv_sizes_of. */
+int dv4_set_block_size(dv4_model *m, int block, char *err, size_t errlen);
+int dv4_block_size(const dv4_model *m);
+
+/* Per-sequence state (spec §3.1): raw-KV rings and compressor carries (allocated here), and
+ * compressed entries + indexer keys, which grow block by block as positions are reserved
+ * (dv4_seq_reserve; dv4_forward reserves what a chunk needs). max_tokens caps the positions. */
 int dv4_seq_new(dv4_model *m, int max_tokens, dv4_seq **out, char *err, size_t errlen);
 void dv4_seq_free(dv4_model *m, dv4_seq *s);
 int dv4_seq_pos(const dv4_seq *s); /* tokens processed so far = next position */
+/* Grows the growing state to hold positions [0, tokens) rounded up to whole blocks (backend
+ * alloc + copy + free, so it works on device memory). Never shrinks. DUET_EINVAL with a
+ * sentence if tokens exceeds the sequence's max_tokens. */
+int dv4_seq_reserve(dv4_model *m, dv4_seq *s, int tokens, char *err, size_t errlen);
+/* Bytes of growing state allocated (= blocks reserved × block_bytes). */
+uint64_t dv4_seq_grown_bytes(const dv4_model *m, const dv4_seq *s);
+
+/* ---- prefix snapshots ---------------------------------------------------------------------
+ * A snapshot is one cached prefix block: the compressed entries + indexer keys of block
+ * [end - B, end) and the resume state at end (rings + previous-window carries). A chain of n
+ * snapshots whose ends are B, 2B, ..., nB restores a sequence at position nB whose next
+ * logits are bitwise those of a cold prefill (CPU backend). */
+typedef struct dv4_snap dv4_snap;
+/* Saves s at its current position, which must be a positive multiple of B. */
+int dv4_snap_save(dv4_model *m, const dv4_seq *s, dv4_snap **out, char *err, size_t errlen);
+/* A fresh sequence (capped at max_tokens) at position n·B from chain[0..n): entries of every
+ * block, resume state of the last. chain[i] must end at (i+1)·B. Snapshots are not consumed. */
+int dv4_seq_restore(dv4_model *m, int max_tokens, dv4_snap *const *chain, int n, dv4_seq **out,
+                    char *err, size_t errlen);
+void dv4_snap_free(dv4_model *m, dv4_snap *p);
+int dv4_snap_end(const dv4_snap *p);
+uint64_t dv4_snap_bytes(const dv4_snap *p); /* = block_bytes + resume_bytes */
 
 /* One chunk of new tokens for one sequence in a step. */
 typedef enum { DV4_LOGITS_NONE, DV4_LOGITS_LAST, DV4_LOGITS_ALL } dv4_logits_mode;
@@ -73,5 +116,8 @@ int dv4_forward(dv4_model *m, const dv4_chunk *chunks, int n_chunks, float *logi
                 size_t errlen);
 /* Rows of logits that dv4_forward will write for these chunks. */
 int dv4_logit_rows(const dv4_chunk *chunks, int n_chunks);
+/* Bytes of activations (backend memory) one dv4_forward over T tokens allocates, logits
+ * excluded; device backends use it as their margin when sizing the KV budget. */
+uint64_t dv4_step_scratch_bytes(const dv4_config *c, int T);
 
 #endif

@@ -54,20 +54,23 @@ struct dv4_model {
     float *omega_main, *omega_cmp;
     int n_layers;
     dv4_layer *layers;
+    int block;                 /* B: KV block size in tokens (dv4_set_block_size) */
 };
 
 typedef struct {
     float *ring;               /* [window, dh] raw kv, slot = pos mod window */
-    float *cmp;                /* [cap/m + 1, dh] compressed entries */
+    float *cmp;                /* [grown/m, dh] compressed entries (NULL while grown = 0) */
     float *cur_a, *cur_g;      /* [m, c*dh] current window */
     float *prev_a, *prev_g;    /* [m, dh] previous window A-halves (CSA) */
-    float *ikeys;              /* [cap/4 + 1, ihd] indexer keys (CSA) */
+    float *ikeys;              /* [grown/4, ihd] indexer keys (CSA) */
     float *icur_a, *icur_g, *iprev_a, *iprev_g; /* indexer compressor state */
 } dv4_seq_layer;
 
 struct dv4_seq {
     int pos;                   /* tokens processed */
     int cap;                   /* max tokens */
+    int grown;                 /* positions the growing state holds: a multiple of block */
+    int block;                 /* B the sequence grows by */
     int n_layers;
     dv4_seq_layer *L;
 };

@@ -38,11 +38,10 @@
 #include "proto/duet.pb-c.h"
 #include "worker/comm.h"
 #include "worker/model.h"
-#include "worker/worker_sample.h"
+#include "worker/stepexec.h"
 
 #define MAX_CONNS 8          /* open connections (the coordinator + handshakes in progress) */
 #define CLOSE_GRACE_MS 2000  /* how long a closing connection may take to flush its last reply */
-#define MAX_TOP_LOGPROBS 20
 /* Frames before authentication are small (a Hello is ~60 bytes): an unauthenticated peer can
  * make the worker buffer at most this much. The full RPC_MAX_FRAME applies after Hello, to
  * frames whose header arrives after the HelloReply was earned. */
@@ -101,19 +100,9 @@ typedef struct job {
     int rc;
     char err[512];
     Duet__StepResult res;
-    Duet__SeqResult *seqres;         /* [n_chunks] */
-    Duet__SeqResult **seqres_ptrs;
-    float *logits;                   /* backing store of the SeqResult.logits fields */
-    int32_t *top_ids;
-    float *top_lps;
+    sx_result out;                   /* what res.results point into */
     struct job *next;
 } job;
-
-typedef struct {
-    int used;
-    uint64_t id;
-    dv4_seq *s;
-} slot;
 
 struct wk {
     const rpcsrv_config *cfg;
@@ -134,10 +123,10 @@ struct wk {
     atomic_int comm_stale;      /* set when the coordinator left: peers may have died and
                                    restarted, so the next LoadModel re-forms the data plane */
     dv4_model *model;
-    slot *slots;
-    int n_slots, max_seq_len;
+    sx sx;                      /* sequences, cached prefix blocks, the KV budget */
+    int max_seqs, max_seq_len;  /* of the last successful LoadModel */
+    uint64_t kv_budget;         /* bytes of KV state (sx), from --kv-memory-mb and the device */
     _Atomic uint64_t steps_done;
-    _Atomic uint32_t live_seqs;
     _Atomic uint64_t rank_weight_bytes;
     /* job queue */
     job *q_head, *q_tail;
@@ -281,11 +270,7 @@ static void job_free(job *j) {
     if (j->load) duet__load_model__free_unpacked(j->load, NULL);
     if (j->plan) duet__step_plan__free_unpacked(j->plan, NULL);
     if (j->release) duet__release__free_unpacked(j->release, NULL);
-    free(j->seqres);
-    free(j->seqres_ptrs);
-    free(j->logits);
-    free(j->top_ids);
-    free(j->top_lps);
+    sx_result_free(&j->out);
     free(j);
 }
 
@@ -314,24 +299,6 @@ static void drop_coordinator_state(wk *w) {
     job *d = xcalloc(1, sizeof *d);
     d->kind = J_DROP;
     enqueue(w, d);
-}
-
-static slot *find_slot(wk *w, uint64_t id) {
-    for (int i = 0; i < w->n_slots; i++)
-        if (w->slots[i].used && w->slots[i].id == id) return &w->slots[i];
-    return NULL;
-}
-
-static void free_slot(wk *w, slot *s) {
-    dv4_seq_free(w->model, s->s);
-    s->s = NULL;
-    s->used = 0;
-    atomic_fetch_sub(&w->live_seqs, 1);
-}
-
-static void free_all_seqs(wk *w) {
-    for (int i = 0; i < w->n_slots; i++)
-        if (w->slots[i].used) free_slot(w, &w->slots[i]);
 }
 
 /* Work thread: LoadModel. Keeps an already loaded model (same files, same fingerprint). */
@@ -367,6 +334,36 @@ static int make_backend(wk *w, char *err, size_t errlen) {
     return 0;
 }
 
+/* Tokens per step the activation margin is sized for (the coordinator's default
+ * max-num-batched-tokens is 2048), and the device memory kept for backend workspaces. */
+#define ACT_MARGIN_TOKENS 4096
+#define WORKSPACE_MARGIN (512ull << 20)
+
+/* Bytes of KV state this rank may hold: --kv-memory-mb; on CUDA at most what is left under the
+ * device cap after the weights, minus activations of an ACT_MARGIN_TOKENS-token step and
+ * WORKSPACE_MARGIN. A note on a clamp goes to the log. */
+static uint64_t kv_budget(wk *w, char *err, size_t errlen) {
+    uint64_t budget = (uint64_t)w->cfg->kv_memory_mb << 20;
+    (void)err;
+    (void)errlen;
+#ifdef DUET_HAVE_CUDA
+    if (!strcmp(w->cfg->backend, "cuda")) {
+        uint64_t cap = be_cuda_mem_cap(w->b), used = be_cuda_mem_used(w->b);
+        uint64_t margin = dv4_step_scratch_bytes(dv4_cfg(w->model), ACT_MARGIN_TOKENS) +
+                          WORKSPACE_MARGIN;
+        uint64_t left = cap > used + margin ? cap - used - margin : 0;
+        if (left < budget) {
+            LOG(w, "KV budget clamped from --kv-memory-mb %d to %.1f MiB: device cap %.1f MiB, "
+                "%.1f MiB in use after the weights, %.1f MiB kept for activations and "
+                "workspaces", w->cfg->kv_memory_mb, left / 1048576.0, cap / 1048576.0,
+                used / 1048576.0, margin / 1048576.0);
+            budget = left;
+        }
+    }
+#endif
+    return budget;
+}
+
 static int run_load(wk *w, job *j) {
     const rpcsrv_config *cfg = w->cfg;
     int max_seqs = j->load->max_seqs ? (int)j->load->max_seqs : cfg->max_seqs;
@@ -377,6 +374,12 @@ static int run_load(wk *w, job *j) {
     if (max_len <= 0 || max_len > (1 << 24))
         return duet_err(j->err, sizeof j->err, DUET_EINVAL,
                         "max_seq_len %d is outside [1, 16777216]", max_len);
+    int block = j->load->block_size ? (int)j->load->block_size : 256;
+    if (j->load->block_size > (1u << 20) || block % 128)
+        return duet_err(j->err, sizeof j->err, DUET_EINVAL,
+                        "block_size %u is not a multiple of 128 (every CSA and HCA window must "
+                        "close on a block boundary); use 128, 256, 512, ...",
+                        j->load->block_size);
     /* The data plane is formed anew for every coordinator: a peer may have died and come back
      * since (its old sockets are dead even if this rank never noticed). Loaded weights stay. */
     if (cfg->world > 1 && (!w->cm || atomic_exchange(&w->comm_stale, 0))) {
@@ -407,183 +410,43 @@ static int run_load(wk *w, job *j) {
         }
         atomic_store(&w->rank_weight_bytes, dv4_rank_weight_bytes(w->model));
     }
-    /* a LoadModel starts from empty sequence state */
-    free_all_seqs(w);
-    if (max_seqs != w->n_slots) {
-        free(w->slots);
-        w->slots = xcalloc((size_t)max_seqs, sizeof *w->slots);
-        w->n_slots = max_seqs;
-    }
+    /* a LoadModel starts from empty sequence and prefix-block state */
+    sx_clear(&w->sx);
+    uint64_t budget = kv_budget(w, j->err, sizeof j->err);
+    int rc = sx_configure(&w->sx, w->model, cfg->rank, block, max_seqs, max_len, budget, j->err,
+                          sizeof j->err);
+    if (rc) return rc;
+    w->max_seqs = max_seqs;
     w->max_seq_len = max_len;
+    w->kv_budget = budget;
     return 0;
 }
 
-static int step_fail(job *j, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static int step_fail(job *j, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(j->err, sizeof j->err, fmt, ap);
-    va_end(ap);
-    return DUET_EINVAL;
-}
-
-/* Work thread: StepPlan. Validates every chunk before any compute; a failed step leaves the
- * sequences as they were (sequences created by it are freed again). */
+/* Work thread: StepPlan (stepexec.c). A forward pass that fails after the checks is a failed
+ * collective, and a comm is unusable after an error (comm.h): drop every sequence and cached
+ * block and the data plane (weights stay loaded); the next LoadModel forms it again. */
 static int run_step(wk *w, job *j) {
-    const Duet__StepPlan *p = j->plan;
-    if (!w->model) return step_fail(j, "no model is loaded; send LoadModel first");
-    int n = (int)p->n_chunks;
-    if (n == 0) return 0;
-    if (p->n_chunks > (size_t)w->n_slots)
-        return step_fail(j, "the plan has %zu chunks but this worker has %d sequence slots",
-                         p->n_chunks, w->n_slots);
-    const int vocab = dv4_cfg(w->model)->vocab_size;
-    dv4_chunk *ch = xcalloc((size_t)n, sizeof *ch);
-    slot **sl = xcalloc((size_t)n, sizeof *sl);
-    char *created = xcalloc((size_t)n, 1);
-    int rc = 0, i;
-    for (i = 0; i < n && !rc; i++) {
-        const Duet__SeqChunk *k = p->chunks[i];
-        unsigned long long id = (unsigned long long)k->seq_id;
-        if (k->n_token_ids == 0) {
-            rc = step_fail(j, "seq %llu: the chunk has no token ids", id);
-            break;
-        }
-        for (size_t t = 0; t < k->n_token_ids; t++)
-            if (k->token_ids[t] < 0 || k->token_ids[t] >= vocab) {
-                rc = step_fail(j, "seq %llu: token id %d at index %zu is outside the vocabulary "
-                               "[0, %d)", id, k->token_ids[t], t, vocab);
-                break;
-            }
-        if (rc) break;
-        for (int q = 0; q < i; q++)
-            if (p->chunks[q]->seq_id == k->seq_id) {
-                rc = step_fail(j, "seq %llu appears twice in one step", id);
-                break;
-            }
-        if (rc) break;
-        if ((uint64_t)k->start_pos + k->n_token_ids > (uint64_t)w->max_seq_len) {
-            rc = step_fail(j, "seq %llu: positions up to %llu exceed max_seq_len %d", id,
-                           (unsigned long long)k->start_pos + k->n_token_ids, w->max_seq_len);
-            break;
-        }
-        slot *s = find_slot(w, k->seq_id);
-        if (!s) {
-            if (k->start_pos != 0) {
-                rc = step_fail(j, "seq %llu is not known to this worker (never started, released, "
-                               "or the worker lost its state); start it at position 0, not %u",
-                               id, k->start_pos);
-                break;
-            }
-            for (int q = 0; q < w->n_slots && !s; q++)
-                if (!w->slots[q].used) s = &w->slots[q];
-            if (!s) {
-                rc = step_fail(j, "seq %llu: no free sequence slot (all %d are in use); release "
-                               "finished sequences", id, w->n_slots);
-                break;
-            }
-            rc = dv4_seq_new(w->model, w->max_seq_len, &s->s, j->err, sizeof j->err);
-            if (rc) break;
-            s->used = 1;
-            s->id = k->seq_id;
-            atomic_fetch_add(&w->live_seqs, 1);
-            created[i] = 1;
-        } else if ((int64_t)k->start_pos != dv4_seq_pos(s->s)) {
-            rc = step_fail(j, "seq %llu: start_pos %u does not match the sequence's position %d",
-                           id, k->start_pos, dv4_seq_pos(s->s));
-            break;
-        }
-        sl[i] = s;
-        ch[i].seq = s->s;
-        ch[i].ids = k->token_ids;
-        ch[i].n = (int)k->n_token_ids;
-        ch[i].logits = k->return_logits ? DV4_LOGITS_ALL
-                       : k->sample      ? DV4_LOGITS_LAST
-                                        : DV4_LOGITS_NONE;
-    }
-    float *logits = NULL;
-    if (!rc) {
-        int rows = dv4_logit_rows(ch, n);
-        if ((uint64_t)rows * (uint64_t)vocab * sizeof(float) > RPC_MAX_FRAME / 2)
-            rc = step_fail(j, "the plan asks for %d rows of logits (%d floats each), more than "
-                           "one reply frame can carry", rows, vocab);
-        else
-            logits = xmalloc(((size_t)rows ? (size_t)rows : 1) * (size_t)vocab * sizeof *logits);
-    }
     struct timespec t0, t1;
     clock_gettime(CLOCK_MONOTONIC, &t0);
-    if (!rc) rc = dv4_forward(w->model, ch, n, logits, j->err, sizeof j->err);
+    int rc = sx_step(&w->sx, j->plan, &j->out, j->err, sizeof j->err);
     clock_gettime(CLOCK_MONOTONIC, &t1);
-    if (rc) {
-        for (int q = 0; q < n; q++)
-            if (created[q]) free_slot(w, sl[q]);
-        if (w->cfg->world > 1 && logits) {
-            /* the forward pass failed with valid input: a collective failed, and a comm is
-             * unusable after an error (comm.h). Drop sequences and the data plane (weights
-             * stay loaded); the next LoadModel forms the data plane again. */
+    if (rc == DUET_EIO) {
+        sx_clear(&w->sx);
+        if (w->cfg->world > 1) {
             size_t l = strlen(j->err);
             snprintf(j->err + l, sizeof j->err - l,
                      " (the data plane is down; send LoadModel to re-form it)");
-            free_all_seqs(w);
             comm_destroy(w->cm);
             w->cm = NULL;
         }
-        goto out;
     }
+    if (rc) return rc;
     j->res.compute_us = (uint64_t)((t1.tv_sec - t0.tv_sec) * 1000000LL +
                                    (t1.tv_nsec - t0.tv_nsec) / 1000);
     atomic_fetch_add(&w->steps_done, 1);
-    if (w->cfg->rank != 0) goto out; /* rank 0 alone samples and returns results */
-    j->seqres = xcalloc((size_t)n, sizeof *j->seqres);
-    j->seqres_ptrs = xcalloc((size_t)n, sizeof *j->seqres_ptrs);
-    j->top_ids = xcalloc((size_t)n * MAX_TOP_LOGPROBS, sizeof *j->top_ids);
-    j->top_lps = xcalloc((size_t)n * MAX_TOP_LOGPROBS, sizeof *j->top_lps);
-    const float *row = logits;
-    for (int q = 0; q < n; q++) {
-        const Duet__SeqChunk *k = p->chunks[q];
-        Duet__SeqResult *r = &j->seqres[q];
-        duet__seq_result__init(r);
-        j->seqres_ptrs[q] = r;
-        r->seq_id = k->seq_id;
-        r->token_id = -1;
-        int nrows = ch[q].logits == DV4_LOGITS_ALL ? ch[q].n : ch[q].logits == DV4_LOGITS_LAST;
-        if (k->sample) {
-            const float *last = row + (size_t)(nrows - 1) * vocab;
-            worker_sample_params sp = {0};
-            if (k->sampling) {
-                sp.temperature = k->sampling->temperature;
-                sp.top_p = k->sampling->top_p;
-                sp.top_k = k->sampling->top_k;
-                sp.min_p = k->sampling->min_p;
-                sp.seed = k->sampling->seed;
-            }
-            int ntop = k->sampling ? (int)k->sampling->n_logprobs : 0;
-            if (ntop > MAX_TOP_LOGPROBS) ntop = MAX_TOP_LOGPROBS;
-            if (ntop > vocab) ntop = vocab;
-            int32_t *ti = j->top_ids + (size_t)q * MAX_TOP_LOGPROBS;
-            float *tl = j->top_lps + (size_t)q * MAX_TOP_LOGPROBS;
-            r->token_id = worker_sample(last, vocab, &sp, (uint64_t)k->start_pos + (uint64_t)ch[q].n,
-                                        &r->logprob, ntop, ti, tl);
-            r->n_top_ids = r->n_top_logprobs = (size_t)ntop;
-            r->top_ids = ti;
-            r->top_logprobs = tl;
-        }
-        if (k->return_logits) {
-            r->n_logits = (size_t)nrows * (size_t)vocab;
-            r->logits = (float *)row;
-        }
-        row += (size_t)nrows * vocab;
-    }
-    j->res.n_results = (size_t)n;
-    j->res.results = j->seqres_ptrs;
-    j->logits = logits; /* owned by the job until the reply was packed */
-    logits = NULL;
-out:
-    free(logits);
-    free(ch);
-    free(sl);
-    free(created);
-    return rc;
+    j->res.n_results = j->out.n;
+    j->res.results = j->out.ptrs;
+    return 0;
 }
 
 static void job_work(uv_work_t *req) {
@@ -592,16 +455,8 @@ static void job_work(uv_work_t *req) {
     switch (j->kind) {
     case J_LOAD: j->rc = run_load(w, j); break;
     case J_STEP: j->rc = run_step(w, j); break;
-    case J_RELEASE:
-        if (w->model)
-            for (size_t i = 0; i < j->release->n_seq_ids; i++) {
-                slot *s = find_slot(w, j->release->seq_ids[i]);
-                if (s) free_slot(w, s);
-            }
-        break;
-    case J_DROP:
-        if (w->model) free_all_seqs(w);
-        break;
+    case J_RELEASE: sx_release(&w->sx, j->release); break;
+    case J_DROP: sx_clear(&w->sx); break; /* every sequence and cached block */
     }
 }
 
@@ -638,7 +493,11 @@ static void job_done(uv_work_t *req, int status) {
             LOG(w, "LoadModel failed: %s", j->err);
         else
             LOG(w, "model loaded: %" PRIu64 " bytes of weights on this rank, %d sequence slots "
-                "of %d tokens", atomic_load(&w->rank_weight_bytes), w->n_slots, w->max_seq_len);
+                "of %d tokens; KV budget %.1f MiB = %u blocks of %d tokens (%" PRIu64 " bytes "
+                "each) after the sequences' fixed state; a cached prefix block costs %u blocks",
+                atomic_load(&w->rank_weight_bytes), w->max_seqs, w->max_seq_len,
+                w->kv_budget / 1048576.0, w->sx.blocks_total, w->sx.block,
+                w->sx.block_bytes, w->sx.snap_cost);
         if (c) {
             Duet__LoadProgress m = DUET__LOAD_PROGRESS__INIT;
             m.done = 1;
@@ -647,6 +506,11 @@ static void job_done(uv_work_t *req, int status) {
             m.bytes_total = w->cfg->ckpt_bytes;
             m.bytes_done = j->rc ? 0 : w->cfg->ckpt_bytes;
             m.rank_weight_bytes = atomic_load(&w->rank_weight_bytes);
+            if (!j->rc) {
+                m.kv_blocks_total = w->sx.blocks_total;
+                m.snapshot_block_cost = w->sx.snap_cost;
+                m.kv_block_bytes = w->sx.block_bytes;
+            }
             conn_send(c, RPC_LOAD_PROGRESS, &m.base, err, sizeof err);
         }
     } else if (j->kind == J_STEP && c) {
@@ -797,7 +661,9 @@ static void dispatch(conn *c, int type, const uint8_t *p, size_t len) {
         Duet__Stats s = DUET__STATS__INIT;
         s.seq = m->seq;
         s.steps_done = atomic_load(&w->steps_done);
-        s.live_seqs = atomic_load(&w->live_seqs);
+        s.live_seqs = atomic_load(&w->sx.live_seqs);
+        s.kv_blocks_used = atomic_load(&w->sx.kv_blocks_used);
+        s.cached_blocks = atomic_load(&w->sx.cached_blocks);
         s.rank_weight_bytes = atomic_load(&w->rank_weight_bytes);
         duet__heartbeat__free_unpacked(m, NULL);
         conn_send(c, RPC_STATS, &s.base, err, sizeof err);
@@ -1049,11 +915,8 @@ int rpcsrv_run(const rpcsrv_config *cfg, char *err, size_t errlen) {
     uv_walk(&w->loop, on_walk_close, NULL);
     uv_run(&w->loop, UV_RUN_DEFAULT);
     uv_loop_close(&w->loop);
-    if (w->model) {
-        free_all_seqs(w);
-        dv4_free(w->model);
-    }
-    free(w->slots);
+    sx_destroy(&w->sx);
+    if (w->model) dv4_free(w->model);
     comm_destroy(w->cm);
     if (w->b) w->b->ops->destroy(w->b);
     LOG(w, "stopped");

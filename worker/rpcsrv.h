@@ -24,6 +24,8 @@ typedef struct {
     int threads;             /* compute threads of the cpu backend; <= 0: all cores */
     int max_seqs;            /* default sequence slots (LoadModel may override) */
     int max_seq_len;         /* default tokens per sequence (LoadModel may override) */
+    int kv_memory_mb;        /* KV state budget (sequences + cached prefix blocks), MiB; on
+                                cuda also clamped to what the device has left after weights */
     int hello_timeout_ms;    /* a connection must send Hello within this time */
     int comm_timeout_ms;     /* data-plane formation timeout */
     uint64_t fingerprint;    /* ck_fingerprint of the checkpoint, computed at start-up */

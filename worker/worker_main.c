@@ -3,7 +3,7 @@
  *   duet-worker --rank R --world-size N --model DIR --auth-token-file F
  *               [--listen 127.0.0.1:7100] [--backend cpu] [--peers H:P,H:P,...]
  *               [--threads T] [--max-seqs S] [--max-seq-len L] [--hello-timeout-ms MS]
- *               [--comm-timeout-ms MS]
+ *               [--comm-timeout-ms MS] [--kv-memory-mb N]
  *
  * Why: worker-first launch — workers start, validate their checkpoint, listen and wait; the
  * coordinator connects to each later. Before listening the worker reads the checkpoint's headers
@@ -33,6 +33,7 @@ static void usage(FILE *f) {
             "                   [--device N] [--gpu-memory-utilization F (0.9)]\n"
             "                   [--threads T] [--max-seqs S] [--max-seq-len L]\n"
             "                   [--hello-timeout-ms MS] [--comm-timeout-ms MS]\n"
+            "                   [--kv-memory-mb N (1024; cuda: also what the device has left)]\n"
             "Listens (default 127.0.0.1:7100; port 0 picks a free port) and waits for one\n"
             "authenticated coordinator. --peers lists the data-plane address of every rank\n"
             "(required when N > 1). The token file must be mode 0600 and hold >= 16 bytes.\n");
@@ -104,9 +105,10 @@ int main(int argc, char **argv) {
     cfg.max_seq_len = 4096;
     cfg.hello_timeout_ms = 10000;
     cfg.comm_timeout_ms = 120000;
+    cfg.kv_memory_mb = 1024;
     const char *token_file = NULL, *peers = NULL;
     enum { O_RANK = 256, O_WORLD, O_MODEL, O_TOKEN, O_LISTEN, O_BACKEND, O_DEVICE, O_GPU_MEM, O_PEERS, O_THREADS,
-           O_SEQS, O_LEN, O_HELLO_TO, O_COMM_TO };
+           O_SEQS, O_LEN, O_HELLO_TO, O_COMM_TO, O_KV_MB };
     static const struct option opts[] = {
         {"rank", required_argument, 0, O_RANK},
         {"world-size", required_argument, 0, O_WORLD},
@@ -122,6 +124,7 @@ int main(int argc, char **argv) {
         {"max-seq-len", required_argument, 0, O_LEN},
         {"hello-timeout-ms", required_argument, 0, O_HELLO_TO},
         {"comm-timeout-ms", required_argument, 0, O_COMM_TO},
+        {"kv-memory-mb", required_argument, 0, O_KV_MB},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0}};
     int o, bad = 0;
@@ -145,6 +148,7 @@ int main(int argc, char **argv) {
         case O_COMM_TO:
             bad |= int_flag("comm-timeout-ms", optarg, 1, 86400000, &cfg.comm_timeout_ms);
             break;
+        case O_KV_MB: bad |= int_flag("kv-memory-mb", optarg, 1, 1 << 24, &cfg.kv_memory_mb); break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;
         }

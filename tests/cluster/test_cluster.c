@@ -17,7 +17,13 @@
  *   admin        socket permissions, stale socket, bad lines, limits, duetctl exit codes
  *   deploy       deploy/duet-cluster.sh: start-cluster (2 workers), generate, status, stop
  *   protocol     a scripted fake worker in this process: garbage frames, the handshake bytes,
- *                LoadModel and progress, heartbeats, StepPlans, a wrong step id, a wrong rank
+ *                LoadModel and progress, the canary, heartbeats, StepPlans, a wrong step id,
+ *                a wrong rank
+ *   prefix       prefix-cache hits give logits identical to cold prefills (same prompt, agent-
+ *                style resend with a changed tail), hit counters, flush-prefix-cache frees units
+ *   preempt      a KV budget too small for all sequences: preemption, outputs as if alone
+ *   chunking     --max-num-batched-tokens 64: chunked prefill gives duet-generate's tokens
+ *   overload     --max-waiting: a full queue refuses with server_overloaded
  * It must never leave a process behind (children die with the test: PR_SET_PDEATHSIG).
  *
  *   test_cluster CASE WORKER COORDINATOR DUETCTL GENERATE MODEL_DIR FIXTURE SCRIPT BUILD_ROOT
@@ -212,9 +218,10 @@ typedef struct {
     int rank;
 } worker_proc;
 
-/* Starts worker `rank` of `world` listening on port (0 = any) and waits for its line. */
-static void start_worker(worker_proc *w, int rank, int world, const char *peers, int port,
-                         const char *token) {
+/* Starts worker `rank` of `world` listening on port (0 = any) with extra arguments (NULL-ended,
+ * may be NULL) and waits for its line. */
+static void start_worker_ex(worker_proc *w, int rank, int world, const char *peers, int port,
+                            const char *token, const char *const *extra) {
     char listen[64], rk[16], ws[16];
     snprintf(listen, sizeof listen, "127.0.0.1:%d", port);
     snprintf(rk, sizeof rk, "%d", rank);
@@ -234,6 +241,7 @@ static void start_worker(worker_proc *w, int rank, int world, const char *peers,
         argv[a++] = "--peers";
         argv[a++] = (char *)peers;
     }
+    for (int i = 0; extra && extra[i] && a < 19; i++) argv[a++] = (char *)extra[i];
     argv[a] = NULL;
     w->rank = rank;
     w->pid = spawn(argv, &w->out, w->log);
@@ -245,6 +253,11 @@ static void start_worker(worker_proc *w, int rank, int world, const char *peers,
     const char *at = strstr(line, "listening on ");
     ck_assert_msg(at != NULL, "worker %d: unexpected first line '%s'", rank, line);
     snprintf(w->addr, sizeof w->addr, "%s", at + strlen("listening on "));
+}
+
+static void start_worker(worker_proc *w, int rank, int world, const char *peers, int port,
+                         const char *token) {
+    start_worker_ex(w, rank, world, peers, port, token, NULL);
 }
 
 static void start_workers(worker_proc *ws, int n, char *peers, size_t cap) {
@@ -386,6 +399,19 @@ static json_t *wait_state(const char *want, int timeout_ms) {
         }
         json_decref(s);
         pause_ms(50);
+    }
+}
+
+/* Polls status until the canary after the last (re)connect completed ("warm"). */
+static void wait_warm(int timeout_ms) {
+    double end = now_ms() + timeout_ms;
+    for (;;) {
+        json_t *s = status();
+        int warm = s && json_is_true(json_object_get(json_object_get(s, "result"), "warm"));
+        json_decref(s);
+        if (warm) return;
+        ck_assert_msg(now_ms() < end, "the canary did not complete within %d ms", timeout_ms);
+        pause_ms(20);
     }
 }
 
@@ -834,6 +860,7 @@ START_TEST(recover) {
     const char *extra[] = {"--step-timeout", "20", NULL};
     pid_t cp = start_coord(ws, 2, extra);
     json_decref(wait_state("serving", 60000));
+    wait_warm(60000); /* the canary's step comes first: steps_done counts it */
     json_t *r = call(gen_req(SHORT_A, 8, N_NEW, 0), 120000);
     ck_assert(r && json_is_true(json_object_get(r, "ok")));
     char before[1024], after[1024];
@@ -844,7 +871,7 @@ START_TEST(recover) {
         json_t *wj = json_array_get(json_object_get(json_object_get(s0, "result"), "workers"), i);
         ck_assert_msg(json_number_value(json_object_get(wj, "step_ms_p50")) > 0,
                       "worker %zu has no step_ms_p50 after a generation", i);
-        ck_assert_int_eq(json_integer_value(json_object_get(wj, "steps_done")), N_NEW);
+        ck_assert_int_eq(json_integer_value(json_object_get(wj, "steps_done")), N_NEW + 1);
     }
     json_decref(s0);
 
@@ -1134,11 +1161,29 @@ static Duet__StepPlan *fake_plan(int fd, rpc_decoder *dec, int *n_hb) {
     uint8_t *p;
     size_t l;
     int t = fake_recv(fd, dec, &p, &l, 1, n_hb);
+    while (t == RPC_RELEASE) { /* finished sequences are released between steps */
+        free(p);
+        t = fake_recv(fd, dec, &p, &l, 1, n_hb);
+    }
     ck_assert_msg(t == RPC_STEP_PLAN, "expected a StepPlan, got %s", rpc_type_name(t));
     Duet__StepPlan *plan = duet__step_plan__unpack(NULL, l, p);
     free(p);
     ck_assert_ptr_nonnull(plan);
     return plan;
+}
+
+/* A successful one-sequence StepResult: token for seq. */
+static void fake_answer(int fd, uint64_t step_id, uint64_t seq, int32_t token) {
+    Duet__SeqResult sr = DUET__SEQ_RESULT__INIT;
+    sr.seq_id = seq;
+    sr.token_id = token;
+    Duet__SeqResult *srp = &sr;
+    Duet__StepResult res = DUET__STEP_RESULT__INIT;
+    res.step_id = step_id;
+    res.ok = 1;
+    res.n_results = 1;
+    res.results = &srp;
+    fake_send(fd, RPC_STEP_RESULT, &res.base);
 }
 
 START_TEST(protocol) {
@@ -1207,13 +1252,33 @@ START_TEST(protocol) {
                      1234);
     json_decref(s);
 
+    /* the canary: a 1-token greedy generation right after the group became ready; the fake
+     * worker reports no KV budget, so the plan carries no cache fields */
+    int n_hb = 0;
+    Duet__StepPlan *plan = fake_plan(c, dec, &n_hb);
+    ck_assert_uint_eq(plan->n_chunks, 1);
+    ck_assert(plan->chunks[0]->sample);
+    ck_assert_uint_eq(plan->chunks[0]->n_restore_blocks, 0);
+    ck_assert_uint_eq(plan->chunks[0]->n_save_blocks, 0);
+    ck_assert_float_eq(plan->chunks[0]->sampling->temperature, 0);
+    fake_answer(c, plan->step_id, plan->chunks[0]->seq_id, 1);
+    duet__step_plan__free_unpacked(plan, NULL);
+    end = now_ms() + 10000;
+    for (;;) { /* warm once the canary's token came back */
+        s = status();
+        int warm = json_is_true(json_object_get(json_object_get(s, "result"), "warm"));
+        json_decref(s);
+        if (warm) break;
+        ck_assert_msg(now_ms() < end, "status never showed warm after the canary");
+        pause_ms(20);
+    }
+
     /* a generate becomes StepPlans: prefill, then one decode token */
     aconn a;
     ck_assert_int_eq(aconn_open(&a, g_sock), 0);
     const int32_t prompt[] = {3, 4, 5};
     aconn_send(&a, gen_req(prompt, 3, 4, 0));
-    int n_hb = 0;
-    Duet__StepPlan *plan = fake_plan(c, dec, &n_hb);
+    plan = fake_plan(c, dec, &n_hb);
     ck_assert_uint_eq(plan->n_chunks, 1);
     Duet__SeqChunk *ch = plan->chunks[0];
     ck_assert_uint_eq(ch->start_pos, 0);
@@ -1418,6 +1483,226 @@ START_TEST(drain) {
 }
 END_TEST
 
+/* ---- the scheduler: prefix cache, preemption, chunking, queue limit ------------------------ */
+
+/* A successful generate's result object (the caller owns the whole response *resp). */
+static json_t *gen_ok(json_t *req, json_t **resp) {
+    json_t *r = call(req, 300000);
+    char *d = r ? json_dumps(r, JSON_COMPACT) : xstrdup("(no answer)");
+    ck_assert_msg(r && json_is_true(json_object_get(r, "ok")), "generate failed: %.600s", d);
+    free(d);
+    *resp = r;
+    return json_object_get(r, "result");
+}
+
+static json_int_t status_int(const char *obj, const char *field) {
+    json_t *s = status();
+    ck_assert_ptr_nonnull(s);
+    json_int_t v = json_integer_value(json_object_get(json_object_get(json_object_get(s, "result"),
+                                                                      obj), field));
+    json_decref(s);
+    return v;
+}
+
+/* The workers must report a KV budget (a worker without block accounting disables the cache:
+ * nothing to test then). */
+static void require_kv_budget(void) {
+    json_int_t cap = status_int("kv", "capacity_tokens");
+    ck_assert_msg(cap > 0, "the worker reports no KV budget (capacity_tokens 0)");
+}
+
+#define PFX_LEN 600 /* 4 full blocks of 128 and a tail */
+
+/* Prefix hits give logits identical to a cold prefill: the same prompt twice, then an agent-
+ * style resend (long shared prefix, changed tail) against its own cold run after a flush. */
+START_TEST(prefix) {
+    worker_proc w;
+    start_worker(&w, 0, 1, NULL, 0, g_token);
+    const char *extra[] = {"--block-size", "128", NULL};
+    pid_t cp = start_coord(&w, 1, extra);
+    json_decref(wait_state("serving", 60000));
+    wait_warm(60000);
+    require_kv_budget();
+    static int32_t p1[PFX_LEN], p2[PFX_LEN];
+    for (int i = 0; i < PFX_LEN; i++) p1[i] = p2[i] = (int32_t)((i * 37 + 11) % 1024);
+    for (int i = 520; i < PFX_LEN; i++) p2[i] = (int32_t)((i * 53 + 7) % 1024); /* new tail */
+
+    json_t *ra, *rb, *rc, *rd;
+    json_t *cold = gen_ok(gen_req(p1, PFX_LEN, 4, 1), &ra);
+    ck_assert_int_eq(json_integer_value(json_object_get(cold, "cached_tokens")), 0);
+    ck_assert_int_eq(status_int("prefix_cache", "hit_tokens"), 0);
+    ck_assert_int_ge(status_int("prefix_cache", "entries"), 4);
+    json_t *warm = gen_ok(gen_req(p1, PFX_LEN, 4, 1), &rb);
+    ck_assert_int_eq(json_integer_value(json_object_get(warm, "cached_tokens")), 512);
+    ck_assert_msg(json_equal(json_object_get(cold, "logits"), json_object_get(warm, "logits")),
+                  "logits after a prefix hit differ from the cold prefill");
+    ck_assert(json_equal(json_object_get(cold, "token_ids"), json_object_get(warm, "token_ids")));
+    ck_assert_int_eq(status_int("prefix_cache", "hit_tokens"), 512);
+
+    /* agent-style resend: the first 520 tokens shared, so 4 blocks (512 tokens) hit */
+    json_t *agent = gen_ok(gen_req(p2, PFX_LEN, 4, 1), &rc);
+    ck_assert_int_eq(json_integer_value(json_object_get(agent, "cached_tokens")), 512);
+    ck_assert_int_eq(status_int("prefix_cache", "hit_tokens"), 1024);
+    ck_assert_int_eq(status_int("prefix_cache", "queried_tokens"), 3 * PFX_LEN);
+    json_t *s = status();
+    double rate = json_number_value(json_object_get(
+        json_object_get(json_object_get(s, "result"), "prefix_cache"), "hit_rate"));
+    printf("prefix: hit rate after cold, same, agent-style: %.3f (1024 of %d tokens)\n", rate,
+           3 * PFX_LEN);
+    ck_assert(fabs(rate - 1024.0 / (3 * PFX_LEN)) < 1e-6);
+    json_decref(s);
+
+    /* flush frees every cached block; the agent prompt run cold matches its cached run */
+    char out[4096];
+    ck_assert_int_eq(status_int("prefix_cache", "entries"), 4);
+    ck_assert_int_gt(status_int("kv", "used_tokens"), 0);
+    const char *flush_args[] = {"-s", g_sock, "--json", "flush-prefix-cache", NULL};
+    ck_assert_int_eq(run_ctl(flush_args, out, sizeof out), 0);
+    json_t *f = json_loads(out, 0, NULL);
+    /* 4 blocks: both prompts share blocks 0-3 and neither fills a fifth */
+    ck_assert_msg(f && json_integer_value(json_object_get(f, "freed_tokens")) == 4 * 128 &&
+                      json_integer_value(json_object_get(f, "freed_bytes")) > 0,
+                  "flush-prefix-cache printed %s", out);
+    json_decref(f);
+    ck_assert_int_eq(status_int("prefix_cache", "entries"), 0);
+    ck_assert_int_eq(status_int("kv", "used_tokens"), 0);
+    json_t *agent_cold = gen_ok(gen_req(p2, PFX_LEN, 4, 1), &rd);
+    ck_assert_int_eq(json_integer_value(json_object_get(agent_cold, "cached_tokens")), 0);
+    ck_assert_msg(json_equal(json_object_get(agent, "logits"), json_object_get(agent_cold, "logits")),
+                  "the agent-style prompt's logits with a prefix hit differ from a cold run");
+    json_decref(ra);
+    json_decref(rb);
+    json_decref(rc);
+    json_decref(rd);
+    stop_coord(cp);
+}
+END_TEST
+
+/* A KV budget too small for every sequence at once: sequences are preempted and recomputed,
+ * and every output equals the request run alone. */
+START_TEST(preempt) {
+    worker_proc w;
+    const char *wextra[] = {"--kv-memory-mb", "2", NULL};
+    start_worker_ex(&w, 0, 1, NULL, 0, g_token, wextra);
+    const char *extra[] = {"--block-size", "128", "--max-num-seqs", "4", NULL};
+    pid_t cp = start_coord(&w, 1, extra);
+    json_decref(wait_state("serving", 60000));
+    wait_warm(60000);
+    require_kv_budget();
+    json_int_t cap = status_int("kv", "capacity_tokens");
+    enum { N = 4, PLEN = 100, GEN = 200 };
+    /* alone, each fits (3 blocks); together (12 blocks) they cannot */
+    ck_assert_msg(cap >= 3 * 128 && cap < N * 3 * 128,
+                  "capacity %lld tokens does not make this test meaningful", (long long)cap);
+    int32_t prompts[N][PLEN];
+    char solo[N][4096], got[4096];
+    for (int i = 0; i < N; i++) {
+        for (int k = 0; k < PLEN; k++) prompts[i][k] = (int32_t)((i * 211 + k * 13) % 1024);
+        json_t *r = call(gen_req(prompts[i], PLEN, GEN, 0), 120000);
+        ck_assert(r && json_is_true(json_object_get(r, "ok")));
+        tokens_str(r, solo[i], sizeof solo[i]);
+        json_decref(r);
+    }
+    const char *flush_args[] = {"-s", g_sock, "flush-prefix-cache", NULL};
+    ck_assert_int_eq(run_ctl(flush_args, got, sizeof got), 0); /* no hits: recompute all */
+    aconn c[N];
+    for (int i = 0; i < N; i++) {
+        ck_assert_int_eq(aconn_open(&c[i], g_sock), 0);
+        aconn_send(&c[i], gen_req(prompts[i], PLEN, GEN, 0));
+    }
+    for (int i = 0; i < N; i++) {
+        json_t *r = aconn_recv(&c[i], 120000);
+        char *d = r ? json_dumps(r, JSON_COMPACT) : xstrdup("(none)");
+        ck_assert_msg(r && json_is_true(json_object_get(r, "ok")), "request %d: %.300s", i, d);
+        free(d);
+        tokens_str(r, got, sizeof got);
+        ck_assert_msg(!strcmp(got, solo[i]), "request %d under preemption gave\n%s\nalone\n%s", i,
+                      got, solo[i]);
+        json_decref(r);
+        aconn_close(&c[i]);
+    }
+    json_int_t pre = status_int("counters", "preempted");
+    printf("preempt: %lld preemptions with capacity %lld tokens\n", (long long)pre,
+           (long long)cap);
+    ck_assert_int_gt(pre, 0);
+    ck_assert_int_eq(status_int("kv", "live_tokens"), 0); /* every sequence's blocks freed */
+    stop_coord(cp);
+}
+END_TEST
+
+/* --max-num-batched-tokens cuts a long prompt into chunks: tokens identical to one prefill
+ * (duet-generate's), and a decode running meanwhile is unaffected. */
+START_TEST(chunking) {
+    worker_proc w;
+    start_worker(&w, 0, 1, NULL, 0, g_token);
+    const char *extra[] = {"--max-num-batched-tokens", "64", "--block-size", "128", NULL};
+    pid_t cp = start_coord(&w, 1, extra);
+    json_decref(wait_state("serving", 60000));
+    static int32_t p[300];
+    for (int i = 0; i < 300; i++) p[i] = (int32_t)((i * 29 + 3) % 1024);
+    char golden[1024], golden_a[1024];
+    golden_tokens(p, 300, N_NEW, golden, sizeof golden);
+    golden_tokens(SHORT_A, 8, 40, golden_a, sizeof golden_a);
+    expect_tokens(call(gen_req(p, 300, N_NEW, 0), 120000), golden);
+    /* a decode in flight while the long prompt is prefilled in 64-token chunks */
+    const char *flush_args[] = {"-s", g_sock, "flush-prefix-cache", NULL};
+    char out[256];
+    ck_assert_int_eq(run_ctl(flush_args, out, sizeof out), 0);
+    aconn a, b;
+    ck_assert_int_eq(aconn_open(&a, g_sock), 0);
+    ck_assert_int_eq(aconn_open(&b, g_sock), 0);
+    aconn_send(&a, gen_req(SHORT_A, 8, 40, 0));
+    aconn_send(&b, gen_req(p, 300, N_NEW, 0));
+    json_t *ra = aconn_recv(&a, 120000), *rb = aconn_recv(&b, 120000);
+    expect_tokens(ra, golden_a);
+    expect_tokens(rb, golden);
+    aconn_close(&a);
+    aconn_close(&b);
+    stop_coord(cp);
+}
+END_TEST
+
+/* --max-waiting: a full waiting queue refuses with server_overloaded at once. */
+START_TEST(overload) {
+    worker_proc w;
+    start_worker(&w, 0, 1, NULL, 0, g_token);
+    const char *extra[] = {"--max-num-seqs", "1", "--max-waiting", "1", NULL};
+    pid_t cp = start_coord(&w, 1, extra);
+    json_decref(wait_state("serving", 60000));
+    wait_warm(60000);
+    aconn a, b;
+    ck_assert_int_eq(aconn_open(&a, g_sock), 0);
+    ck_assert_int_eq(aconn_open(&b, g_sock), 0);
+    aconn_send(&a, gen_req(SHORT_A, 8, 3000, 0)); /* runs */
+    aconn_send(&b, gen_req(SHORT_B, 6, 4, 0));    /* waits (one slot) */
+    double end = now_ms() + 60000;
+    while (status_int("queue", "waiting") < 1 || status_int("queue", "running") < 1) {
+        ck_assert_msg(now_ms() < end, "the queue never held one running and one waiting");
+        pause_ms(10);
+    }
+    json_t *r = call(gen_req(SHORT_B, 6, 4, 0), 10000);
+    ck_assert(r && !json_is_true(json_object_get(r, "ok")));
+    ck_assert_str_eq(jstr(r, "error", "code"), "server_overloaded");
+    ck_assert_msg(strstr(jstr(r, "error", "message"), "--max-waiting 1") != NULL, "%s",
+                  jstr(r, "error", "message"));
+    json_decref(r);
+    ck_assert_int_eq(status_int("counters", "rejected"), 1);
+    /* end the long one: the waiting one runs and completes */
+    json_t *ab = call(json_pack("{s:s, s:s}", "cmd", "abort", "request_id", "gen-1"), 10000);
+    ck_assert(ab && json_is_true(json_object_get(ab, "ok")));
+    json_decref(ab);
+    r = aconn_recv(&a, 30000);
+    ck_assert_str_eq(jstr(json_object_get(r, "result"), "finish_reason", NULL), "abort");
+    json_decref(r);
+    r = aconn_recv(&b, 30000);
+    ck_assert(r && json_is_true(json_object_get(r, "ok")));
+    json_decref(r);
+    aconn_close(&a);
+    aconn_close(&b);
+    stop_coord(cp);
+}
+END_TEST
+
 /* ---- admin socket ------------------------------------------------------------------------ */
 
 START_TEST(admin) {
@@ -1612,6 +1897,10 @@ int main(int argc, char **argv) {
     else if (!strcmp(argv[1], "deploy")) tcase_add_test(tc, deploy);
     else if (!strcmp(argv[1], "drain")) tcase_add_test(tc, drain);
     else if (!strcmp(argv[1], "admin")) tcase_add_test(tc, admin);
+    else if (!strcmp(argv[1], "prefix")) tcase_add_test(tc, prefix);
+    else if (!strcmp(argv[1], "preempt")) tcase_add_test(tc, preempt);
+    else if (!strcmp(argv[1], "chunking")) tcase_add_test(tc, chunking);
+    else if (!strcmp(argv[1], "overload")) tcase_add_test(tc, overload);
     else {
         fprintf(stderr, "test_cluster: unknown case %s\n", argv[1]);
         return 2;

@@ -278,6 +278,286 @@ START_TEST(step_matches_engine) {
 }
 END_TEST
 
+/* ---- (a2) prefix blocks, KV budget and sampling masks through the real worker ----------- */
+
+/* Sends LoadModel and returns the final LoadProgress (caller frees). */
+static Duet__LoadProgress *load_with(rcli *c, uint32_t max_seqs, uint32_t max_len,
+                                     uint32_t block) {
+    Duet__LoadModel lm = DUET__LOAD_MODEL__INIT;
+    lm.max_seqs = max_seqs;
+    lm.max_seq_len = max_len;
+    lm.block_size = block;
+    ck_assert_int_eq(rcli_send(c, RPC_LOAD_MODEL, &lm.base), 0);
+    Duet__LoadProgress *p;
+    while ((p = rcli_expect(c, RPC_LOAD_PROGRESS, T_MS)) && !p->done)
+        duet__load_progress__free_unpacked(p, NULL);
+    ck_assert_ptr_nonnull(p);
+    return p;
+}
+
+/* A chunk of a plan: positions [start, start + n) of tokens. */
+typedef struct {
+    uint64_t seq;
+    uint32_t start, n;
+    int sample, logits;
+    const uint64_t *restore;
+    size_t n_restore;
+    const uint64_t *save_ids;
+    const uint32_t *save_ends;
+    size_t n_save;
+    Duet__SamplingParams *sp;
+} tchunk;
+
+/* Sends one StepPlan of these chunks (ids from tokens[]) and drop_blocks, returns the result.
+ * A restored chunk carries tokens[0, start) as its history. */
+static Duet__StepResult *plan(rcli *c, uint64_t step, const int32_t *tokens, const tchunk *t,
+                              size_t n, const uint64_t *drops, size_t n_drops) {
+    Duet__SeqChunk ch[4], *chs[4];
+    Duet__BlockSave bs[4][4], *bsp[4][4];
+    ck_assert_uint_le(n, 4);
+    for (size_t i = 0; i < n; i++) {
+        duet__seq_chunk__init(&ch[i]);
+        chs[i] = &ch[i];
+        ch[i].seq_id = t[i].seq;
+        ch[i].start_pos = t[i].start;
+        ch[i].token_ids = (int32_t *)tokens + t[i].start;
+        ch[i].n_token_ids = t[i].n;
+        ch[i].sample = t[i].sample;
+        ch[i].return_logits = t[i].logits;
+        ch[i].sampling = t[i].sp;
+        ch[i].restore_blocks = (uint64_t *)t[i].restore;
+        ch[i].n_restore_blocks = t[i].n_restore;
+        if (t[i].n_restore) {
+            ch[i].history = (int32_t *)tokens;
+            ch[i].n_history = t[i].start;
+        }
+        ck_assert_uint_le(t[i].n_save, 4);
+        for (size_t k = 0; k < t[i].n_save; k++) {
+            duet__block_save__init(&bs[i][k]);
+            bs[i][k].block_id = t[i].save_ids[k];
+            bs[i][k].end_pos = t[i].save_ends[k];
+            bsp[i][k] = &bs[i][k];
+        }
+        ch[i].save_blocks = bsp[i];
+        ch[i].n_save_blocks = t[i].n_save;
+    }
+    Duet__StepPlan p = DUET__STEP_PLAN__INIT;
+    p.step_id = step;
+    p.chunks = chs;
+    p.n_chunks = n;
+    p.drop_blocks = (uint64_t *)drops;
+    p.n_drop_blocks = n_drops;
+    ck_assert_int_eq(rcli_send(c, RPC_STEP_PLAN, &p.base), 0);
+    Duet__StepResult *r = rcli_expect(c, RPC_STEP_RESULT, T_MS);
+    ck_assert_ptr_nonnull(r);
+    ck_assert_uint_eq(r->step_id, step);
+    return r;
+}
+
+static void expect_fail(Duet__StepResult *r, const char *needle) {
+    ck_assert(!r->ok);
+    ck_assert_msg(strstr(r->error, needle), "expected '%s' in: %s", needle, r->error);
+    duet__step_result__free_unpacked(r, NULL);
+}
+
+/* kv_blocks_used, cached_blocks and live_seqs from a heartbeat */
+static void expect_stats(rcli *c, uint64_t hb, uint32_t used, uint32_t cached, uint32_t live) {
+    Duet__Stats *st = heartbeat(c, hb);
+    ck_assert_uint_eq(st->kv_blocks_used, used);
+    ck_assert_uint_eq(st->cached_blocks, cached);
+    ck_assert_uint_eq(st->live_seqs, live);
+    duet__stats__free_unpacked(st, NULL);
+}
+
+static void same_logits(const Duet__SeqResult *a, size_t a_row, const Duet__SeqResult *b,
+                        size_t b_row, size_t rows, int vocab, const char *what) {
+    ck_assert_uint_ge(a->n_logits, (a_row + rows) * vocab);
+    ck_assert_uint_ge(b->n_logits, (b_row + rows) * vocab);
+    ck_assert_msg(!memcmp(a->logits + a_row * vocab, b->logits + b_row * vocab,
+                          rows * vocab * sizeof(float)), "%s: logits differ", what);
+}
+
+START_TEST(prefix_blocks_and_budget) {
+    enum { B = 128, L = 300 };
+    wproc w;
+    start(&w, "--kv-memory-mb", "4");
+    rcli c;
+    connect_ok(&c, &w);
+    /* refusals: a block size that is not a multiple of 128; a budget too small for max_seqs */
+    Duet__LoadProgress *lp = load_with(&c, 4, 4096, 100);
+    ck_assert(!lp->ok);
+    ck_assert_ptr_nonnull(strstr(lp->error, "multiple of 128"));
+    duet__load_progress__free_unpacked(lp, NULL);
+    lp = load_with(&c, 11, 4096, B);
+    ck_assert(!lp->ok);
+    ck_assert_ptr_nonnull(strstr(lp->error, "--kv-memory-mb"));
+    duet__load_progress__free_unpacked(lp, NULL);
+    lp = load_with(&c, 6, 4096, B);
+    ck_assert_msg(lp->ok, "%s", lp->error);
+    /* the budget: (4 MiB - 6 × fixed state) / block bytes */
+    char err[512];
+    be *b = be_cpu_create(1);
+    dv4_model *m;
+    ck_assert_int_eq(dv4_load(model_dir, b, NULL, &m, err, sizeof err), 0);
+    const int vocab = dv4_cfg(m)->vocab_size;
+    dv4_kv_sizes z;
+    ck_assert_int_eq(dv4_kv_sizes_of(dv4_cfg(m), B, &z, err, sizeof err), 0);
+    dv4_free(m);
+    b->ops->destroy(b);
+    const uint32_t total = (uint32_t)(((4u << 20) - 6 * z.fixed_bytes) / z.block_bytes);
+    const uint32_t cost = (uint32_t)((z.block_bytes + z.resume_bytes + z.block_bytes - 1) /
+                                     z.block_bytes);
+    ck_assert_uint_eq(lp->kv_blocks_total, total);
+    ck_assert_uint_eq(lp->snapshot_block_cost, cost);
+    ck_assert_uint_eq(lp->kv_block_bytes, z.block_bytes);
+    duet__load_progress__free_unpacked(lp, NULL);
+    ck_assert(wproc_wait_log(&w, "KV budget 4.0 MiB", T_MS));
+
+    int32_t tok[2048];
+    for (int i = 0; i < 2048; i++) tok[i] = (int32_t)((i * 7919 + 13) % vocab);
+
+    /* seq 1 saves blocks 1001 (end 128) and 1002 (end 256), both inside long chunks; seq 11,
+     * a short prompt, shares the first step (one pass for it, two for seq 1) */
+    const uint64_t s1[1] = {1001}, s2[1] = {1002};
+    const uint32_t e1[1] = {128}, e2[1] = {256};
+    tchunk a[2] = {{.seq = 1, .start = 0, .n = 200, .logits = 1, .save_ids = s1,
+                    .save_ends = e1, .n_save = 1},
+                   {.seq = 11, .start = 0, .n = 50, .sample = 1, .logits = 1}};
+    Duet__StepResult *r1 = plan(&c, 1, tok, a, 2, NULL, 0);
+    ck_assert_msg(r1->ok, "%s", r1->error);
+    ck_assert_int_ge(r1->results[1]->token_id, 0);
+    tchunk a2 = {.seq = 1, .start = 200, .n = L - 200, .logits = 1, .save_ids = s2,
+                 .save_ends = e2, .n_save = 1};
+    Duet__StepResult *r2 = plan(&c, 2, tok, &a2, 1, NULL, 0);
+    ck_assert_msg(r2->ok, "%s", r2->error);
+    /* 3 (seq 1) + 1 (seq 11) live blocks, 2 cached */
+    expect_stats(&c, 1, 3 + 1 + 2 * cost, 2, 2);
+
+    /* the cold reference: seq 2, the same 300 tokens in one chunk without saves; seq 12: the
+     * short prompt alone */
+    tchunk cold[2] = {{.seq = 2, .start = 0, .n = L, .logits = 1},
+                      {.seq = 12, .start = 0, .n = 50, .sample = 1, .logits = 1}};
+    Duet__StepResult *rc = plan(&c, 3, tok, cold, 1, NULL, 0);
+    ck_assert_msg(rc->ok, "%s", rc->error);
+    same_logits(r1->results[0], 0, rc->results[0], 0, 200, vocab, "interior save, piece 1+2");
+    same_logits(r2->results[0], 0, rc->results[0], 200, L - 200, vocab, "second chunk");
+    Duet__StepResult *r12 = plan(&c, 4, tok, &cold[1], 1, NULL, 0);
+    ck_assert_msg(r12->ok, "%s", r12->error);
+    same_logits(r1->results[1], 0, r12->results[0], 0, 50, vocab, "batched beside a 2-pass seq");
+    ck_assert_int_eq(r1->results[1]->token_id, r12->results[0]->token_id);
+    duet__step_result__free_unpacked(r12, NULL);
+    Duet__Release rel = DUET__RELEASE__INIT;
+    uint64_t r_ids[1] = {12};
+    rel.seq_ids = r_ids;
+    rel.n_seq_ids = 1;
+    ck_assert_int_eq(rcli_send(&c, RPC_RELEASE, &rel.base), 0); /* frees a slot */
+    /* restore 2 blocks then the tail; restore 1 block then the tail: identical to cold */
+    const uint64_t chain[2] = {1001, 1002};
+    tchunk rs[2] = {{.seq = 5, .start = 256, .n = L - 256, .logits = 1, .restore = chain,
+                     .n_restore = 2},
+                    {.seq = 6, .start = 128, .n = L - 128, .logits = 1, .restore = chain,
+                     .n_restore = 1}};
+    Duet__StepResult *rr = plan(&c, 5, tok, rs, 2, NULL, 0);
+    ck_assert_msg(rr->ok, "%s", rr->error);
+    same_logits(rr->results[0], 0, rc->results[0], 256, L - 256, vocab, "restored 2 blocks");
+    same_logits(rr->results[1], 0, rc->results[0], 128, L - 128, vocab, "restored 1 block");
+    duet__step_result__free_unpacked(rr, NULL);
+    duet__step_result__free_unpacked(r1, NULL);
+    duet__step_result__free_unpacked(r2, NULL);
+    duet__step_result__free_unpacked(rc, NULL);
+    uint32_t used = 3 + 1 + 3 + 3 + 3 + 2 * cost; /* seqs 1, 11, 2, 5, 6 */
+    expect_stats(&c, 2, used, 2, 5);
+    Duet__StepResult *e;
+
+    /* refused steps change nothing: unknown restore id, saving an existing id, a restore with
+     * a wrong start, too many KV blocks, masks that leave nothing */
+    const uint64_t unknown[1] = {9999};
+    tchunk bad = {.seq = 7, .start = 128, .n = 10, .restore = unknown, .n_restore = 1};
+    expect_fail(plan(&c, 7, tok, &bad, 1, NULL, 0), "restore block 9999");
+    bad = (tchunk){.seq = 7, .start = 100, .n = 10, .restore = chain, .n_restore = 1};
+    expect_fail(plan(&c, 8, tok, &bad, 1, NULL, 0), "start_pos 100");
+    bad = (tchunk){.seq = 7, .start = 0, .n = 200, .save_ids = s1, .save_ends = e1, .n_save = 1};
+    expect_fail(plan(&c, 9, tok, &bad, 1, NULL, 0), "already cached");
+    bad = (tchunk){.seq = 7, .start = 0, .n = 200, .save_ids = unknown, .save_ends = e2,
+                   .n_save = 1};
+    expect_fail(plan(&c, 10, tok, &bad, 1, NULL, 0), "ends at 256");
+    uint32_t room = total - used; /* a new sequence one block larger than what is left */
+    bad = (tchunk){.seq = 7, .start = 0, .n = (room + 1) * B};
+    ck_assert_uint_le(bad.n, 2048);
+    char want[64];
+    snprintf(want, sizeof want, "kv_blocks_total = %u", total);
+    expect_fail(plan(&c, 11, tok, &bad, 1, NULL, 0), want);
+    int32_t banned[2] = {3, 4}, allowed[2] = {4, 3};
+    Duet__SamplingParams sp = DUET__SAMPLING_PARAMS__INIT;
+    sp.banned_ids = banned;
+    sp.n_banned_ids = 2;
+    sp.allowed_ids = allowed;
+    sp.n_allowed_ids = 2;
+    bad = (tchunk){.seq = 7, .start = 0, .n = 5, .sample = 1, .sp = &sp};
+    expect_fail(plan(&c, 12, tok, &bad, 1, NULL, 0), "no token");
+    expect_stats(&c, 3, used, 2, 5);
+    /* the worker keeps serving: the largest sequence that fits does */
+    tchunk fits = {.seq = 7, .start = 0, .n = room * B};
+    Duet__StepResult *ok = plan(&c, 13, tok, &fits, 1, NULL, 0);
+    ck_assert_msg(ok->ok, "%s", ok->error);
+    duet__step_result__free_unpacked(ok, NULL);
+    expect_stats(&c, 4, total, 2, 6);
+    /* sampling params reach the sampler: banning the greedy token changes the choice */
+    tchunk g = {.seq = 5, .start = L, .n = 1, .sample = 1};
+    Duet__StepResult *gr = plan(&c, 14, tok, &g, 1, NULL, 0);
+    ck_assert_msg(gr->ok, "%s", gr->error);
+    int32_t greedy = gr->results[0]->token_id;
+    duet__step_result__free_unpacked(gr, NULL);
+    Duet__SamplingParams ban = DUET__SAMPLING_PARAMS__INIT;
+    ban.banned_ids = &greedy;
+    ban.n_banned_ids = 1;
+    g = (tchunk){.seq = 6, .start = L, .n = 1, .sample = 1, .sp = &ban};
+    gr = plan(&c, 15, tok, &g, 1, NULL, 0);
+    ck_assert_msg(gr->ok, "%s", gr->error);
+    ck_assert_int_ne(gr->results[0]->token_id, greedy);
+    ck_assert_int_ge(gr->results[0]->token_id, 0);
+    duet__step_result__free_unpacked(gr, NULL);
+
+    /* drop_blocks and Release.block_ids free their units; a dropped block cannot be restored */
+    rel = (Duet__Release)DUET__RELEASE__INIT;
+    uint64_t rs_ids[2] = {7, 6};
+    rel.seq_ids = rs_ids;
+    rel.n_seq_ids = 2;
+    ck_assert_int_eq(rcli_send(&c, RPC_RELEASE, &rel.base), 0);
+    const uint64_t drop[2] = {1002, 4242 /* unknown: ignored */};
+    e = plan(&c, 16, tok, NULL, 0, drop, 2);
+    ck_assert(e->ok);
+    duet__step_result__free_unpacked(e, NULL);
+    expect_stats(&c, 5, 3 + 1 + 3 + 3 + cost, 1, 4); /* seqs 1, 11, 2, 5 (at 301) */
+    bad = (tchunk){.seq = 8, .start = 256, .n = 1, .restore = chain, .n_restore = 2};
+    expect_fail(plan(&c, 17, tok, &bad, 1, NULL, 0), "restore block 1002");
+    rel = (Duet__Release)DUET__RELEASE__INIT;
+    rel.block_ids = (uint64_t *)chain;
+    rel.n_block_ids = 1;
+    ck_assert_int_eq(rcli_send(&c, RPC_RELEASE, &rel.base), 0);
+    e = plan(&c, 18, tok, NULL, 0, NULL, 0);
+    ck_assert(e->ok);
+    duet__step_result__free_unpacked(e, NULL);
+    expect_stats(&c, 6, 3 + 1 + 3 + 3, 0, 4);
+
+    /* a new coordinator: every sequence and cached block is gone */
+    tchunk again = {.seq = 20, .start = 0, .n = B, .save_ids = s1, .save_ends = e1, .n_save = 1};
+    e = plan(&c, 19, tok, &again, 1, NULL, 0);
+    ck_assert_msg(e->ok, "%s", e->error);
+    duet__step_result__free_unpacked(e, NULL);
+    expect_stats(&c, 7, 3 + 1 + 3 + 3 + 1 + cost, 1, 5);
+    rcli_close(&c);
+    ck_assert(wproc_wait_log(&w, "the coordinator disconnected", T_MS));
+    connect_ok(&c, &w);
+    e = plan(&c, 20, tok, NULL, 0, NULL, 0); /* runs after the dropping job */
+    ck_assert(e->ok);
+    duet__step_result__free_unpacked(e, NULL);
+    expect_stats(&c, 8, 0, 0, 0);
+    rcli_close(&c);
+    stop_ok(&w);
+}
+END_TEST
+
 /* ---- (b) a wrong token is refused; the worker then accepts the right one ----------------- */
 
 START_TEST(wrong_token_then_correct) {
@@ -674,6 +954,7 @@ int main(int argc, char **argv) {
     TCase *t = tcase_create("worker");
     tcase_set_timeout(t, 240);
     tcase_add_test(t, step_matches_engine);
+    tcase_add_test(t, prefix_blocks_and_budget);
     tcase_add_test(t, wrong_token_then_correct);
     tcase_add_test(t, mismatches_rejected);
     tcase_add_test(t, garbage_closes_only_that_connection);

@@ -158,12 +158,27 @@ static void print_status(json_t *r) {
            (long long)json_integer_value(json_object_get(q, "waiting")),
            (long long)json_integer_value(json_object_get(q, "max_running")),
            (long long)json_integer_value(json_object_get(q, "max_waiting")));
+    json_t *kv = json_object_get(r, "kv"), *pc = json_object_get(r, "prefix_cache");
+    if (json_integer_value(json_object_get(kv, "capacity_tokens")) > 0)
+        printf("kv: %.1f%% used (%lld of %lld tokens, blocks of %lld)\n",
+               100.0 * json_number_value(json_object_get(kv, "usage_perc")),
+               (long long)json_integer_value(json_object_get(kv, "used_tokens")),
+               (long long)json_integer_value(json_object_get(kv, "capacity_tokens")),
+               (long long)json_integer_value(json_object_get(kv, "block_size")));
+    else if (kv)
+        printf("kv: the workers report no KV budget (prefix cache off)\n");
+    if (pc)
+        printf("prefix cache: hit rate %.1f%%, %lld entries, %lld tokens cached\n",
+               100.0 * json_number_value(json_object_get(pc, "hit_rate")),
+               (long long)json_integer_value(json_object_get(pc, "entries")),
+               (long long)json_integer_value(json_object_get(pc, "cached_tokens")));
     json_t *c = json_object_get(r, "counters");
-    printf("requests: %lld completed, %lld failed, %lld aborted, %lld rejected\n",
+    printf("requests: %lld completed, %lld failed, %lld aborted, %lld rejected, %lld preempted\n",
            (long long)json_integer_value(json_object_get(c, "completed")),
            (long long)json_integer_value(json_object_get(c, "failed")),
            (long long)json_integer_value(json_object_get(c, "aborted")),
-           (long long)json_integer_value(json_object_get(c, "rejected")));
+           (long long)json_integer_value(json_object_get(c, "rejected")),
+           (long long)json_integer_value(json_object_get(c, "preempted")));
     json_t *reqs = json_object_get(r, "requests");
     if (json_is_array(reqs)) {
         printf("in flight:\n");
