@@ -78,6 +78,7 @@ def start_cluster2(extra):
     line = c.wait_line("http listening on ")
     port = int(line.split("http listening on ")[1].split()[0].rsplit(":", 1)[1])
     c.wait_line("duet-coordinator: serving")
+    T.wait_ready(port)
     return c, port, sock
 
 
@@ -527,7 +528,10 @@ def case_prefix():
     _, _, _, vals = metrics(port)
     q = metric(vals, "duet:prefix_cache_queries_total")
     h = metric(vals, "duet:prefix_cache_hits_total")
-    print("prefix cache: %d of %d prompt tokens hit (%.0f%%)" % (h, q, 100 * h / q if q else 0))
+    print("prefix cache: cached_tokens same prompt %d/%d, changed tail %d/%d, next turn %d/%d; "
+          "/metrics %d of %d prompt tokens hit" %
+          (cached(j2), j2["usage"]["prompt_tokens"], cached(j3), j3["usage"]["prompt_tokens"],
+           cached(j4), j4["usage"]["prompt_tokens"], h, q))
     c.stop_clean()
 
 

@@ -162,7 +162,19 @@ def start_cluster(extra):
     line = c.wait_line("http listening on ")
     port = int(line.split("http listening on ")[1].split()[0].rsplit(":", 1)[1])
     c.wait_line("duet-coordinator: serving")
+    wait_ready(port)
     return w, c, port, sock
+
+
+def wait_ready(port, timeout=60):
+    """Readiness includes the canary generation after start: poll it, with a deadline."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        st, _, _, _ = req(port, "GET", "/health/ready")
+        if st == 200:
+            return
+        time.sleep(0.05)
+    check(False, "/health/ready did not become 200 within %d s" % timeout)
 
 
 # ---- HTTP helpers ----------------------------------------------------------------------------
