@@ -35,7 +35,8 @@ def main():
     rc = 1
     try:
         _, c, port, _ = T.start_cluster(["--fold-prompt-ids", "--max-seq-len", "128"])
-        cmd = [sys.executable, "-m", "schemathesis.cli", "run", SPEC, "--url", "http://127.0.0.1:%d" % port,
+        cmd = [sys.executable, "-m", "schemathesis.cli", "--config-file",
+               os.path.join(HERE, "schemathesis.toml"), "run", SPEC, "--url", "http://127.0.0.1:%d" % port,
                "--checks", "not_a_server_error,status_code_conformance,"
                "content_type_conformance,response_schema_conformance,"
                "response_headers_conformance",
@@ -45,7 +46,7 @@ def main():
                "--suppress-health-check", "all", "--no-color",
                "--report", "junit", "--report-dir", T.TMP]
         print(" ".join(cmd), flush=True)
-        r = subprocess.run(cmd, cwd=HERE, timeout=int(BUDGET) + 120)
+        r = subprocess.run(cmd, cwd=T.TMP, timeout=int(BUDGET) + 120)
         rc = r.returncode
         st_code, j, _, _ = T.req(port, "GET", "/health")
         T.check(st_code == 200, "the server still answers after the fuzz run")
