@@ -7,8 +7,10 @@
  * (up to MAX_CONNS); each gets a fresh nonce (Challenge) and must send a valid Hello within
  * hello_timeout_ms; only one authenticated coordinator at a time — a second one that
  * authenticates is told "another coordinator is connected" and closed. When the coordinator
- * goes away its sequences are freed but the loaded model is kept, so a reconnecting
- * coordinator with the same fingerprint can skip the reload (LoadModel answers at once).
+ * goes away its sequences and cached prefix blocks are freed but the loaded model is kept, so
+ * a reconnecting coordinator with the same fingerprint can skip the reload (LoadModel answers
+ * at once). What a step does to sequence state (checks, KV accounting, prefix blocks,
+ * sampling) lives in stepexec.c; this file sizes the KV budget at LoadModel.
  *
  * What it must never do: trust a byte from the network (every frame goes through the rpc
  * decoder and protobuf-c's unpacker; every id, position and size is checked before use), let a
@@ -342,10 +344,8 @@ static int make_backend(wk *w, char *err, size_t errlen) {
 /* Bytes of KV state this rank may hold: --kv-memory-mb; on CUDA at most what is left under the
  * device cap after the weights, minus activations of an ACT_MARGIN_TOKENS-token step and
  * WORKSPACE_MARGIN. A note on a clamp goes to the log. */
-static uint64_t kv_budget(wk *w, char *err, size_t errlen) {
+static uint64_t kv_budget(wk *w) {
     uint64_t budget = (uint64_t)w->cfg->kv_memory_mb << 20;
-    (void)err;
-    (void)errlen;
 #ifdef DUET_HAVE_CUDA
     if (!strcmp(w->cfg->backend, "cuda")) {
         uint64_t cap = be_cuda_mem_cap(w->b), used = be_cuda_mem_used(w->b);
@@ -412,7 +412,7 @@ static int run_load(wk *w, job *j) {
     }
     /* a LoadModel starts from empty sequence and prefix-block state */
     sx_clear(&w->sx);
-    uint64_t budget = kv_budget(w, j->err, sizeof j->err);
+    uint64_t budget = kv_budget(w);
     int rc = sx_configure(&w->sx, w->model, cfg->rank, block, max_seqs, max_len, budget, j->err,
                           sizeof j->err);
     if (rc) return rc;
