@@ -18,7 +18,8 @@
  *                    [--max-num-seqs N (alias --max-seqs)] [--max-num-batched-tokens N]
  *                    [--max-waiting N] [--block-size B] [--step-timeout S]
  *                    [--heartbeat-timeout S] [--drain-grace S] [--worker-recover-timeout S]
- *                    [--load-timeout S] [--metrics-vllm-names]
+ *                    [--load-timeout S] [--metrics-vllm-names] [--metrics-require-auth]
+ *                    [--stall-timeout S] [--health-generate-timeout S]
  *                    [--listen HOST:PORT --tokenizer tokenizer.json [--api-key-file F]
  *                     [--max-body-bytes N] [--vocab-size N] [--served-model-name NAME]
  *                     [--fold-prompt-ids]]
@@ -437,7 +438,8 @@ static void usage(FILE *f) {
             "         [--max-seq-len L] [--max-num-seqs N] [--max-num-batched-tokens N]\n"
             "         [--max-waiting N] [--block-size B] [--step-timeout S]\n"
             "         [--heartbeat-timeout S] [--drain-grace S] [--worker-recover-timeout S]\n"
-            "         [--load-timeout S] [--metrics-vllm-names]\n"
+            "         [--load-timeout S] [--metrics-vllm-names] [--metrics-require-auth]\n"
+            "         [--stall-timeout S] [--health-generate-timeout S]\n"
             "         [--listen HOST:PORT --tokenizer PATH [--api-key-file F]\n"
             "          [--max-body-bytes N] [--vocab-size N] [--served-model-name NAME]\n"
             "          [--fold-prompt-ids]]\n"
@@ -466,7 +468,8 @@ int main(int argc, char **argv) {
     double connect_timeout = 60, max_seq_len = 4096, max_seqs = 8, step_timeout = 120;
     double hb_timeout = 5, drain_grace = 30, recover = 30, load_timeout = 600;
     double max_waiting = 256, max_batched = 2048, block_size = 256;
-    int vllm_names = 0;
+    int vllm_names = 0, metrics_auth = 0;
+    double stall_timeout = 30, hg_timeout = 20;
     static const struct option opts[] = {
         {"workers", required_argument, 0, 'w'},
         {"auth-token-file", required_argument, 0, 'a'},
@@ -480,6 +483,9 @@ int main(int argc, char **argv) {
         {"max-waiting", required_argument, 0, 'W'},
         {"block-size", required_argument, 0, 'S'},
         {"metrics-vllm-names", no_argument, 0, 'v'},
+        {"metrics-require-auth", no_argument, 0, 'm'},
+        {"stall-timeout", required_argument, 0, 'z'},
+        {"health-generate-timeout", required_argument, 0, 'G'},
         {"step-timeout", required_argument, 0, 'T'},
         {"heartbeat-timeout", required_argument, 0, 'H'},
         {"drain-grace", required_argument, 0, 'g'},
@@ -519,6 +525,9 @@ int main(int argc, char **argv) {
             }
             break;
         case 'v': vllm_names = 1; break;
+        case 'm': metrics_auth = 1; break;
+        case 'z': bad = parse_num("--stall-timeout", optarg, 0.1, 1e7, &stall_timeout); break;
+        case 'G': bad = parse_num("--health-generate-timeout", optarg, 0.1, 1e7, &hg_timeout); break;
         case 'T': bad = parse_num("--step-timeout", optarg, 0, 1e7, &step_timeout); break;
         case 'H': bad = parse_num("--heartbeat-timeout", optarg, 0.1, 1e7, &hb_timeout); break;
         case 'g': bad = parse_num("--drain-grace", optarg, 0, 1e7, &drain_grace); break;
@@ -625,7 +634,7 @@ int main(int argc, char **argv) {
                     .block_size = (uint32_t)block_size,
                     .max_seq_len = (int)max_seq_len,
                     .recover_timeout_s = recover,
-                    .stall_timeout_s = 30,
+                    .stall_timeout_s = stall_timeout,
                     .drained = on_drained,
                     .drained_arg = &c};
     c.eng = sched_new(c.pool, c.metrics, &sc);
@@ -640,8 +649,11 @@ int main(int argc, char **argv) {
                        .fold_prompt_ids = fold_ids,
                        .model_id = model_name,
                        .version = DUET_VERSION,
-                       .commit = DUET_COMMIT};
-        /* TODO(http merge): hc.metrics = c.metrics; once http_cfg has its `metrics` field. */
+                       .commit = DUET_COMMIT,
+                       .metrics = c.metrics,
+                       .metrics_require_auth = metrics_auth,
+                       .stall_timeout_s = stall_timeout,
+                       .health_generate_timeout_s = hg_timeout};
         if (http_open(c.base, &hc, &api, &c.http, err, sizeof err)) {
             fprintf(stderr, "duet-coordinator: %s\n", err);
             rc = 2;
