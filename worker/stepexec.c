@@ -120,6 +120,7 @@ static void seq_free(sx *x, sx_seq *q) {
 }
 
 static void seq_append(sx_seq *q, const int32_t *ids, size_t n) {
+    if (!n) return;
     if (q->n_ids + n > q->cap_ids) {
         q->cap_ids = 2 * (q->n_ids + n) + 64;
         q->ids = xrealloc(q->ids, q->cap_ids * sizeof *q->ids);
@@ -323,7 +324,7 @@ static int check_chunk(sx *x, const Duet__StepPlan *p, int i, chunk *c, char *er
     /* block saves: sorted by end, each at a block boundary inside the chunk */
     size_t ns = k->n_save_blocks;
     Duet__BlockSave **sv = xmalloc((ns ? ns : 1) * sizeof *sv);
-    memcpy(sv, k->save_blocks, ns * sizeof *sv);
+    if (ns) memcpy(sv, k->save_blocks, ns * sizeof *sv);
     qsort(sv, ns, sizeof *sv, cmp_save);
     int rc = 0, end = c->start + c->n;
     c->ends = xmalloc((ns + 1) * sizeof *c->ends);
