@@ -20,8 +20,7 @@ Cases (argv[1]):
   prefix  the same long prompt twice → cached_tokens > 0 the second time; an agent-style resend
           with a changed tail hits; a multi-turn chat hits on the previous turn.
 Checks that need the engine's constraint or prefix-cache support (coordinator/http/engine.h
-constrain, cached_tokens) are reported as SKIP with the reason when the engine in this build
-does not honour them (the simple engine before the scheduler lands), never silently passed.
+constrain, cached_tokens) fail with the reason when the engine does not honour them.
 
   test_gen.py CASE WORKER COORDINATOR MODEL_DIR
 """
@@ -41,13 +40,12 @@ import test_http as T  # noqa: E402  (reads CASE WORKER COORD MODEL from argv)
 
 check, post, req, sse_events, is_error, admin = (T.check, T.post, T.req, T.sse_events,
                                                   T.is_error, T.admin)
-SKIPS = []
 MSGS = [{"role": "user", "content": "Hi"}]
 
 
-def skip(what):
-    SKIPS.append(what)
-    print("SKIP:", what, flush=True)
+def need_feature(what):
+    """A missing engine feature is a failure, never a skip."""
+    check(False, what)
 
 
 def free_port():
@@ -137,7 +135,7 @@ def case_gen():
     r0 = j["choices"][0]["message"].get("reasoning_content")
     r1 = j["choices"][1]["message"].get("reasoning_content")
     if r0 == r1:
-        skip("n=2 choices are identical: the engine ignores eng_params.choice in its RNG")
+        need_feature("n=2 choices are identical: the engine ignores eng_params.choice in its RNG")
     st, _, _, payload = chat(port, {"n": 2, "max_tokens": 5, "ignore_eos": True,
                                     "temperature": 1, "seed": 3, "stream": True,
                                     "stream_options": {"include_usage": True}})
@@ -175,7 +173,7 @@ def case_gen():
             check(all(a["logprob"] <= 0 and isinstance(a["bytes"], list)
                       for e in lp for a in e["top_logprobs"]), "alternatives' shape")
         else:
-            skip("the engine returns no top-logprob alternatives (eng_token.n_top = 0)")
+            need_feature("the engine returns no top-logprob alternatives (eng_token.n_top = 0)")
     st, _, _, payload = chat(port, {"logprobs": True, "top_logprobs": 2, "max_tokens": 8,
                                     "ignore_eos": True, "thinking": {"type": "disabled"},
                                     "temperature": 0, "stream": True})
@@ -322,7 +320,7 @@ def case_gen():
               j["choices"][0]["message"]["reasoning_content"] == "",
               "budget 0 forces </think> first: %s" % j)
     else:
-        skip("the engine ignores eng_sink.constrain: forced tool calls, thinking budget and "
+        need_feature("the engine ignores eng_sink.constrain: forced tool calls, thinking budget and "
              "min_tokens masks are not checked (merge wip-sched)")
 
     # /version, /metrics, readiness, /health/generate
@@ -504,7 +502,7 @@ def case_prefix():
     st2, j2, _, _ = post(port, "/v1/chat/completions", body)
     check(st == st2 == 200, "long prompt twice: 200")
     if st != 200 or cached(j2) == 0:
-        skip("no prefix-cache hit (cached_tokens 0): the engine in this build has no prefix "
+        need_feature("no prefix-cache hit (cached_tokens 0): the engine in this build has no prefix "
              "cache (merge wip-sched)")
         c.stop_clean()
         return
@@ -548,7 +546,7 @@ def main():
     if T.FAILS:
         print("%d checks failed" % len(T.FAILS))
         sys.exit(1)
-    print("ok" + (" (%d skipped: %s)" % (len(SKIPS), "; ".join(SKIPS)) if SKIPS else ""))
+    print("ok")
 
 
 if __name__ == "__main__":
