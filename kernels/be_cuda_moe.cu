@@ -133,14 +133,15 @@ __device__ __forceinline__ float swiglu_dev(float gv, float pv, float limit, flo
     return gv / (1.0f + expf(-gv)) * pv * wgt;
 }
 
-/* hbuf[pair, n] = swiglu(w1[e][n] · x[tok], w3[e][n] · x[tok]) * weight; grid (I/8, chunks) */
+/* hbuf[pair, n] = swiglu(w1[e][n] · x[tok], w3[e][n] · x[tok]) * weight; grid (I/8, chunks);
+ * nch (device, may be NULL): chunks actually present, blocks past it return (device grouping) */
 template <int KIND>
 __global__ void __launch_bounds__(256) k_moe_up(const dw *w1s, const dw *w3s, const mchunk *chunks,
-                                                const int32_t *pair_tok, const float *pair_w,
-                                                const float *x, int ldx, int I, float limit,
-                                                float *hbuf) {
+                                                const int *nch, const int32_t *pair_tok,
+                                                const float *pair_w, const float *x, int ldx,
+                                                int I, float limit, float *hbuf) {
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, n = blockIdx.x * 8 + warp;
-    if (n >= I) return;
+    if (n >= I || (nch && (int)blockIdx.y >= *nch)) return;
     mchunk ck = chunks[blockIdx.y];
     const float *xr[8];
 #pragma unroll
@@ -154,12 +155,12 @@ __global__ void __launch_bounds__(256) k_moe_up(const dw *w1s, const dw *w3s, co
             if (t < ck.n) hbuf[(size_t)(ck.p0 + t) * I + n] = swiglu_dev(g[t], p[t], limit, pair_w[ck.p0 + t]);
 }
 
-/* ys[pair, n] = w2[e][n] · hbuf[pair]; grid (D/8, chunks) */
+/* ys[pair, n] = w2[e][n] · hbuf[pair]; grid (D/8, chunks); nch as k_moe_up */
 template <int KIND>
-__global__ void __launch_bounds__(256) k_moe_down(const dw *w2s, const mchunk *chunks, const float *hbuf,
-                                                  int I, int D, float *ys) {
+__global__ void __launch_bounds__(256) k_moe_down(const dw *w2s, const mchunk *chunks, const int *nch,
+                                                  const float *hbuf, int I, int D, float *ys) {
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, n = blockIdx.x * 8 + warp;
-    if (n >= D) return;
+    if (n >= D || (nch && (int)blockIdx.y >= *nch)) return;
     mchunk ck = chunks[blockIdx.y];
     const float *xr[8];
 #pragma unroll
@@ -204,14 +205,110 @@ static int experts_kind(const be_moe_layer *L) {
     return kind;
 }
 
+/* nch chunks (host count), or at most nch of them with the count in dnch (device count) */
 template <int KIND>
 static void moe_grouped_launch(be_cuda *c, const dw *dw1, const dw *dw2, const dw *dw3,
-                               const mchunk *dch, int nch, const int32_t *ptok, const float *pw,
-                               const float *x, int D, int I, float limit, float *hbuf, float *ys) {
-    k_moe_up<KIND><<<dim3((I + 7) / 8, nch), 256, 0, c->s>>>(dw1, dw3, dch, ptok, pw, x, D, I, limit, hbuf);
+                               const mchunk *dch, int nch, const int *dnch, const int32_t *ptok,
+                               const float *pw, const float *x, int D, int I, float limit,
+                               float *hbuf, float *ys) {
+    k_moe_up<KIND><<<dim3((I + 7) / 8, nch), 256, 0, c->s>>>(dw1, dw3, dch, dnch, ptok, pw, x, D, I, limit, hbuf);
     LAUNCHED();
-    k_moe_down<KIND><<<dim3((D + 7) / 8, nch), 256, 0, c->s>>>(dw2, dch, hbuf, I, D, ys);
+    k_moe_down<KIND><<<dim3((D + 7) / 8, nch), 256, 0, c->s>>>(dw2, dch, dnch, hbuf, I, D, ys);
     LAUNCHED();
+}
+
+static void moe_grouped(be_cuda *c, int kind, const dw *dtw, int E, const mchunk *dch, int nch,
+                        const int *dnch, const int32_t *ptok, const float *pw, const float *x,
+                        int D, int I, float limit, float *hbuf, float *ys) {
+    switch (kind) {
+    case WK_FP4: moe_grouped_launch<WK_FP4>(c, dtw, dtw + E, dtw + 2 * E, dch, nch, dnch, ptok, pw, x, D, I, limit, hbuf, ys); break;
+    case WK_FP8: moe_grouped_launch<WK_FP8>(c, dtw, dtw + E, dtw + 2 * E, dch, nch, dnch, ptok, pw, x, D, I, limit, hbuf, ys); break;
+    case WK_BF16: moe_grouped_launch<WK_BF16>(c, dtw, dtw + E, dtw + 2 * E, dch, nch, dnch, ptok, pw, x, D, I, limit, hbuf, ys); break;
+    default: moe_grouped_launch<WK_F32>(c, dtw, dtw + E, dtw + 2 * E, dch, nch, dnch, ptok, pw, x, D, I, limit, hbuf, ys); break;
+    }
+}
+
+/* ---- grouping on the device: no host sync (decode) ---------------------------------------
+ * Pairs i = t·K + k with sel[i] = e are grouped by present expert (dws[e].data != NULL), in
+ * token order within an expert, as the host grouping does; pairs of absent experts (another
+ * rank's) get no row. Only the positions differ from the host grouping (absent experts take
+ * no rows here), and every row's result is computed alone, so the output is the same bits. */
+
+/* one block of 1024: off[e] = first row of expert e (off[E] = rows), coff[e] = its first chunk
+ * of 8, *nch = chunks; inv[i] = -1 for every pair (k_moe_fill sets the routed ones). E <= 1024 */
+__global__ void __launch_bounds__(1024) k_moe_count(const int32_t *sel, int TK, const dw *dws, int E,
+                                                    int *off, int *coff, int *nch, int32_t *inv) {
+    __shared__ int cnt[1024];
+    for (int e = threadIdx.x; e < E; e += blockDim.x) cnt[e] = 0;
+    __syncthreads();
+    for (int i = threadIdx.x; i < TK; i += blockDim.x) {
+        int e = sel[i];
+        inv[i] = -1;
+        if (e >= 0 && e < E && dws[e].data) atomicAdd(&cnt[e], 1);
+    }
+    __syncthreads();
+    if (threadIdx.x < 32) { /* warp 0: lane l scans experts [l·per, (l+1)·per), then a shuffle scan */
+        int lane = threadIdx.x, per = (E + 31) / 32, e0 = lane * per, e1 = e0 + per < E ? e0 + per : E;
+        int so = 0, sq = 0;
+        for (int e = e0; e < e1; e++) {
+            so += cnt[e];
+            sq += (cnt[e] + 7) / 8;
+        }
+        int io = so, iq = sq;
+        for (int d = 1; d < 32; d <<= 1) {
+            int a = __shfl_up_sync(0xffffffffu, io, d), b = __shfl_up_sync(0xffffffffu, iq, d);
+            if (lane >= d) {
+                io += a;
+                iq += b;
+            }
+        }
+        int o = io - so, q = iq - sq;
+        for (int e = e0; e < e1; e++) {
+            off[e] = o;
+            coff[e] = q;
+            o += cnt[e];
+            q += (cnt[e] + 7) / 8;
+        }
+        if (lane == 31) {
+            off[E] = io;
+            *nch = iq;
+        }
+    }
+}
+
+/* block e (256 threads): the rows of expert e in pair order (a block-wide ballot scan per 256
+ * pairs), ptok[row] = token, pw[row] = routing weight, inv[pair] = row; then its chunks of 8 */
+__global__ void __launch_bounds__(256) k_moe_fill(const int32_t *sel, const float *wsel, int TK, int K,
+                                                  const dw *dws, const int *off, const int *coff,
+                                                  int32_t *ptok, float *pw, int32_t *inv,
+                                                  mchunk *chunks) {
+    __shared__ int wc[8];
+    int e = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (!dws[e].data) return;
+    int base = off[e];
+    for (int i0 = 0; i0 < TK; i0 += 256) {
+        int i = i0 + threadIdx.x;
+        bool m = i < TK && sel[i] == e;
+        unsigned bal = __ballot_sync(0xffffffffu, m);
+        if (lane == 0) wc[warp] = __popc(bal);
+        __syncthreads();
+        int before = 0, total = 0;
+        for (int w = 0; w < 8; w++) {
+            before += w < warp ? wc[w] : 0;
+            total += wc[w];
+        }
+        if (m) {
+            int r = base + before + __popc(bal & ((1u << lane) - 1u));
+            ptok[r] = i / K;
+            pw[r] = wsel[i];
+            inv[i] = r;
+        }
+        base += total;
+        __syncthreads();
+    }
+    int n = off[e + 1] - off[e];
+    for (int j = threadIdx.x; 8 * j < n; j += 256)
+        chunks[coff[e] + j] = (mchunk){e, off[e] + 8 * j, n - 8 * j < 8 ? n - 8 * j : 8};
 }
 
 /* ---- routed experts with many rows on the tensor cores (bf16 hi/lo, as mm_tc) ------------- */
@@ -342,15 +439,81 @@ static void moe_tc(be_cuda *c, const be_moe_layer *L, const int *cnt, const unsi
     }
 }
 
+/* The routed experts' device views, staged: [w1 of E | w2 of E | w3 of E]; an expert absent on
+ * this rank (another rank's) is all zero (data NULL). */
+static const dw *moe_table(be_cuda *c, const be_moe_layer *L) {
+    int E = L->n_experts;
+    dw *tw = (dw *)xcalloc((size_t)3 * E, sizeof *tw);
+    for (int e = 0; e < E; e++)
+        if (L->w1[e]) {
+            tw[e] = L->w1[e]->v;
+            tw[E + e] = L->w2[e]->v;
+            tw[2 * E + e] = L->w3[e]->v;
+        }
+    const dw *d = (const dw *)stage(c, tw, (size_t)3 * E * sizeof *tw);
+    free(tw);
+    return d;
+}
+
+/* out[T, D] = shared expert(x) + sum_k ys[inv[t, k]] (ys, inv on the device) */
+static void moe_finish(be_cuda *c, const be_moe_layer *L, const float *x, int T, const float *ysb,
+                       const int32_t *dinv, float *out) {
+    be *b = &c->base;
+    int K = L->top_k, D = L->hidden, SI = L->shared_inter ? L->shared_inter : L->inter;
+    float *shb = NULL;
+    if (L->s1) {
+        float *g = (float *)scratch(b, (size_t)T * SI * sizeof(float));
+        float *p = (float *)scratch(b, (size_t)T * SI * sizeof(float));
+        shb = (float *)scratch(b, (size_t)T * D * sizeof(float));
+        expert_ffn(c, L->s1, L->s2, L->s3, x, T, D, SI, NULL, L->swiglu_limit, g, p, shb);
+        cu_free(b, g);
+        cu_free(b, p);
+    }
+    size_t nD = (size_t)T * D;
+    k_moe_combine<<<(unsigned)((nD + 255) / 256), 256, 0, c->s>>>(out, ysb, dinv, T, K, D, shb);
+    LAUNCHED();
+    if (shb) cu_free(b, shb);
+}
+
+/* T < MOE_TC_MIN, experts of one GEMV kind: grouping, experts and combine all on the device,
+ * without a host sync. No expert can have MOE_TC_MIN rows nor the tile path's 16 rows on
+ * average, so the host grouping takes the GEMV chunks too: same kernels, same bits. The chunk
+ * grid is sized for T·K chunks (at least one pair each); blocks past the count return. */
+static void moe_device(be_cuda *c, const be_moe_layer *L, int kind, const float *x, int T,
+                       const int32_t *sel, const float *wsel, float *out) {
+    be *b = &c->base;
+    int E = L->n_experts, K = L->top_k, D = L->hidden, I = L->inter, TK = T * K;
+    stage_reserve(c, (size_t)3 * E * sizeof(dw) + 256);
+    const dw *dtw = moe_table(c, L);
+    /* int32: off [E + 1], coff [E], nch [1], ptok [TK], inv [TK]; f32 pw [TK]; mchunk [TK] */
+    size_t n32 = (size_t)2 * E + 2 + (size_t)3 * TK;
+    int32_t *g = (int32_t *)scratch(b, n32 * 4 + (size_t)TK * sizeof(mchunk));
+    int32_t *off = g, *coff = off + E + 1, *nch = coff + E, *ptok = nch + 1, *inv = ptok + TK;
+    float *pw = (float *)(inv + TK);
+    mchunk *ch = (mchunk *)(pw + TK);
+    float *hbuf = (float *)scratch(b, (size_t)TK * I * sizeof(float));
+    float *ysb = (float *)scratch(b, (size_t)TK * D * sizeof(float));
+    k_moe_count<<<1, 1024, 0, c->s>>>(sel, TK, dtw, E, off, coff, nch, inv);
+    LAUNCHED();
+    k_moe_fill<<<E, 256, 0, c->s>>>(sel, wsel, TK, K, dtw, off, coff, ptok, pw, inv, ch);
+    LAUNCHED();
+    moe_grouped(c, kind, dtw, E, ch, TK, nch, ptok, pw, x, D, I, L->swiglu_limit, hbuf, ysb);
+    moe_finish(c, L, x, T, ysb, inv, out);
+    cu_free(b, g);
+    cu_free(b, hbuf);
+    cu_free(b, ysb);
+}
+
 void cu_moe(be *b, const be_moe_layer *L, const float *x, const int32_t *ids, int T,
                    float *out) {
     if (T <= 0) return;
     be_cuda *c = C(b);
     int E = L->n_experts, K = L->top_k, D = L->hidden, I = L->inter;
     int SI = L->shared_inter ? L->shared_inter : I, IM = SI > I ? SI : I;
-    float *logits = (float *)cu_alloc(b, (size_t)T * E * sizeof(float));
+    /* every element of both is written before it is read: not zeroed */
+    float *logits = (float *)scratch(b, (size_t)T * E * sizeof(float));
     /* sel [T, K] int32 then wsel [T, K] f32 in one buffer: one download */
-    int32_t *sel = (int32_t *)cu_alloc(b, (size_t)T * K * 8);
+    int32_t *sel = (int32_t *)scratch(b, (size_t)T * K * 8);
     float *wsel = (float *)(sel + (size_t)T * K);
     mm(c, L->gate, 0, E, x, D, logits, E, T);
     const int32_t *hsel = NULL;
@@ -367,7 +530,17 @@ void cu_moe(be *b, const be_moe_layer *L, const float *x, const int32_t *ids, in
     }
     k_route<<<T, 256, 0, c->s>>>(logits, E, K, L->bias, hsel, L->norm_topk, L->route_scale, sel, wsel);
     LAUNCHED();
-    /* group rows by expert on the host (one sync per layer) */
+    int kind = experts_kind(L);
+    /* DUET_CUDA_MOE_HOST=1: the host grouping below for every T (to compare the two) */
+    const char *mh = getenv("DUET_CUDA_MOE_HOST");
+    if (T < MOE_TC_MIN && kind >= 0 && !(mh && atoi(mh))) {
+        moe_device(c, L, kind, x, T, sel, wsel, out);
+        cu_free(b, logits);
+        cu_free(b, sel);
+        return;
+    }
+    /* group rows by expert on the host (one sync per layer): the row counts choose each
+     * expert's path (tensor cores, tiles or GEMV chunks) and size the cuBLAS calls */
     int32_t *hs = (int32_t *)xmalloc((size_t)T * K * 8);
     float *hw = (float *)(hs + (size_t)T * K);
     cu_download(b, hs, sel, (size_t)T * K * 8);
@@ -386,7 +559,6 @@ void cu_moe(be *b, const be_moe_layer *L, const float *x, const int32_t *ids, in
             rows[fillp[e]] = t;
             wts[fillp[e]++] = hw[(size_t)t * K + k];
         }
-    int kind = experts_kind(L);
     int np = cnt[E];
     int nchunks = 0;
     for (int e = 0; e < E; e++)
@@ -419,14 +591,7 @@ void cu_moe(be *b, const be_moe_layer *L, const float *x, const int32_t *ids, in
         stage_reserve(c, (size_t)3 * E * sizeof(dw) + (size_t)nchunks * sizeof(mchunk) +
                              (size_t)(np + 1) * 8 + (size_t)T * K * 4 +
                              (size_t)(np / 64 + E + 1) * sizeof(int) * 3 + 8 * 256);
-        dw *tw = (dw *)xcalloc((size_t)3 * E, sizeof *tw);
-        for (int e = 0; e < E; e++)
-            if (L->w1[e]) {
-                tw[e] = L->w1[e]->v;
-                tw[E + e] = L->w2[e]->v;
-                tw[2 * E + e] = L->w3[e]->v;
-            }
-        const dw *dtw = (const dw *)stage(c, tw, (size_t)3 * E * sizeof *tw);
+        const dw *dtw = moe_table(c, L);
         const mchunk *dch = (const mchunk *)stage(c, ch, (size_t)nchunks * sizeof *ch);
         int32_t *dtok = (int32_t *)stage(c, rows, (size_t)(np ? np : 1) * sizeof *rows);
         float *dpw = (float *)stage(c, wts, (size_t)(np ? np : 1) * sizeof *wts);
@@ -464,32 +629,16 @@ void cu_moe(be *b, const be_moe_layer *L, const float *x, const int32_t *ids, in
             LAUNCHED();
             cu_free(b, pb);
             free(tl);
-        } else switch (kind) {
-        case WK_FP4: moe_grouped_launch<WK_FP4>(c, dtw, dtw + E, dtw + 2 * E, dch, nc, dtok, dpw, x, D, I, L->swiglu_limit, hbuf, ysb); break;
-        case WK_FP8: moe_grouped_launch<WK_FP8>(c, dtw, dtw + E, dtw + 2 * E, dch, nc, dtok, dpw, x, D, I, L->swiglu_limit, hbuf, ysb); break;
-        case WK_BF16: moe_grouped_launch<WK_BF16>(c, dtw, dtw + E, dtw + 2 * E, dch, nc, dtok, dpw, x, D, I, L->swiglu_limit, hbuf, ysb); break;
-        default: moe_grouped_launch<WK_F32>(c, dtw, dtw + E, dtw + 2 * E, dch, nc, dtok, dpw, x, D, I, L->swiglu_limit, hbuf, ysb); break;
+        } else {
+            moe_grouped(c, kind, dtw, E, dch, nc, NULL, dtok, dpw, x, D, I, L->swiglu_limit, hbuf, ysb);
         }
         moe_tc(c, L, cnt, big, x, dtok, dpw, ysb);
-        float *shb = NULL;
-        if (L->s1) {
-            float *g = (float *)scratch(b, (size_t)T * SI * sizeof(float));
-            float *p = (float *)scratch(b, (size_t)T * SI * sizeof(float));
-            shb = (float *)scratch(b, (size_t)T * D * sizeof(float));
-            expert_ffn(c, L->s1, L->s2, L->s3, x, T, D, SI, NULL, L->swiglu_limit, g, p, shb);
-            cu_free(b, g);
-            cu_free(b, p);
-        }
-        size_t nD = (size_t)T * D;
-        k_moe_combine<<<(unsigned)((nD + 255) / 256), 256, 0, c->s>>>(out, ysb, dinv, T, K, D, shb);
-        LAUNCHED();
+        moe_finish(c, L, x, T, ysb, dinv, out);
         cu_free(b, hbuf);
         cu_free(b, ysb);
-        if (shb) cu_free(b, shb);
         free(ch);
         free(big);
         free(inv);
-        free(tw);
     } else {
     /* fallback: one expert at a time */
     stage_reserve(c, (size_t)T * K * 8 + 2 * 256);
