@@ -85,13 +85,10 @@ static inline int grid_for(size_t n, int threads) {
     size_t g = (n + threads - 1) / threads;
     return (int)(g > 65535 * 8 ? 65535 * 8 : (g ? g : 1));
 }
-int fits(be_cuda *c, size_t bytes, char *err, size_t errlen);
 void *dmalloc(be_cuda *c, size_t bytes);          /* cudaMalloc under the cap, or abort */
-void dfree(be_cuda *c, void *p, size_t bytes);
 void *cu_alloc(be *b, size_t bytes);              /* zeroed, from the caching allocator */
 void *scratch(be *b, size_t bytes);               /* not zeroed: every element written first */
 void cu_free(be *b, void *p);
-void h2d(be_cuda *c, void *dst, const void *src, size_t n); /* synchronous */
 void stage_reserve(be_cuda *c, size_t bytes);
 void *stage(be_cuda *c, const void *src, size_t bytes);      /* host metadata -> device, async */
 
@@ -114,9 +111,6 @@ struct be_weight {
     void *data;
     uint8_t *scale;
 };
-
-be_weight *wnew(be_cuda *c, int kind, int64_t rows, int64_t cols, size_t data_bytes,
-                size_t scale_bytes);
 
 __device__ __forceinline__ float wget(const dw &w, int64_t n, int64_t k) {
     switch (w.kind) {

@@ -22,7 +22,7 @@ static size_t host_mem_available(void) {
     return kb == (size_t)-1 ? kb : kb * 1024;
 }
 
-int fits(be_cuda *c, size_t bytes, char *err, size_t errlen) {
+static int fits(be_cuda *c, size_t bytes, char *err, size_t errlen) {
     if (c->used - c->free_bytes + bytes > c->cap)
         return duet_err(err, errlen, DUET_ENOMEM,
                         "device memory cap reached: %.1f MiB in use + %.1f MiB asked > cap %.1f "
@@ -79,7 +79,7 @@ void *dmalloc(be_cuda *c, size_t bytes) {
     c->used += bytes;
     return p;
 }
-void dfree(be_cuda *c, void *p, size_t bytes) {
+static void dfree(be_cuda *c, void *p, size_t bytes) {
     if (!p) return;
     CK(cudaFree(p));
     c->used -= bytes;
@@ -196,7 +196,7 @@ void cu_copy(be *b, float *dst, const float *src, size_t n) {
 
 extern "C" size_t be_cuda_weight_bytes(const be_weight *w) { return w ? w->bytes : 0; }
 
-be_weight *wnew(be_cuda *c, int kind, int64_t rows, int64_t cols, size_t data_bytes,
+static be_weight *wnew(be_cuda *c, int kind, int64_t rows, int64_t cols, size_t data_bytes,
                        size_t scale_bytes) {
     be_weight *w = (be_weight *)xcalloc(1, sizeof *w);
     w->v.kind = kind;
@@ -212,7 +212,7 @@ be_weight *wnew(be_cuda *c, int kind, int64_t rows, int64_t cols, size_t data_by
     return w;
 }
 
-void h2d(be_cuda *c, void *dst, const void *src, size_t n) {
+static void h2d(be_cuda *c, void *dst, const void *src, size_t n) {
     CK(cudaMemcpyAsync(dst, src, n, cudaMemcpyHostToDevice, c->s));
     CK(cudaStreamSynchronize(c->s));
 }
