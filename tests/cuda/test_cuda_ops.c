@@ -11,7 +11,8 @@
  * order (matmul, norms, mHC, attention, MoE), 1e-6 for element-wise ops that should be exact
  * up to libm ulps, and for QAT ops (compressor, fp8_qat, hadamard_fp4) a bound that allows
  * a rare one-step flip of a quantised value at a rounding boundary; index_topk compares the
- * selected sets exactly. Plain C without Check: the GPU machine has no libcheck. Exit 0 when
+ * selected sets exactly; MoE with T < 16 (grouped on the device) is also compared bit for bit
+ * with the host grouping (DUET_CUDA_MOE_HOST=1). Plain C without Check: the GPU machine has no libcheck. Exit 0 when
  * every case passes. Must never be registered outside the 'cuda' meson suite (needs a GPU).
  *
  * usage: test_cuda_ops [SEED]
@@ -522,6 +523,23 @@ static void t_moe(int T, int E, int K, int D, int I, int hash, int ep_half) {
     snprintf(cas, sizeof cas, "T%d E%d k%d D%d I%d %s%s", T, E, K, D, I, hash ? "hash" : "score",
              ep_half ? " half-experts" : "");
     report("moe", cas, cmp_dev(dout, out, (size_t)T * D), 1e-5);
+    if (T < 16) {
+        /* T < 16 groups the experts on the device (no host sync); the host grouping
+         * (DUET_CUDA_MOE_HOST=1) runs the same kernels on the same rows: the same bits */
+        char prev[16] = "";
+        const char *pv = getenv("DUET_CUDA_MOE_HOST");
+        if (pv) snprintf(prev, sizeof prev, "%s", pv);
+        float *dout2 = dev_nan((size_t)T * D);
+        setenv("DUET_CUDA_MOE_HOST", "1", 1);
+        G->ops->moe(G, &Lg, dx, ids, T, dout2);
+        if (pv) setenv("DUET_CUDA_MOE_HOST", prev, 1);
+        else unsetenv("DUET_CUDA_MOE_HOST");
+        float *hd = host_of(dout, (size_t)T * D), *hh = host_of(dout2, (size_t)T * D);
+        report("moe dev=host", cas, memcmp(hd, hh, (size_t)T * D * sizeof *hd) ? 1.0 : 0.0, 0);
+        free(hd);
+        free(hh);
+        G->ops->free(G, dout2);
+    }
     for (int e = 0; e < E; e++) {
         CPU->ops->weight_free(CPU, (be_weight *)w1c[e]); CPU->ops->weight_free(CPU, (be_weight *)w2c[e]);
         CPU->ops->weight_free(CPU, (be_weight *)w3c[e]); G->ops->weight_free(G, (be_weight *)w1g[e]);
@@ -654,6 +672,8 @@ int main(int argc, char **argv) {
     t_moe(200, 8, 2, 256, 128, 0, 0);
     t_moe(33, 16, 6, 256, 128, 0, 1);
     t_moe(9, 16, 6, 256, 128, 1, 1);
+    t_moe(15, 16, 6, 256, 128, 0, 0);
+    t_moe(1, 16, 6, 256, 128, 0, 1);
     t_elementwise();
     t_vector_and_cap();
     if (be_cuda_sync(G, err, sizeof err)) {

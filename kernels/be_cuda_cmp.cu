@@ -1,0 +1,287 @@
+/* be_cuda_cmp.cu — the KV compressor (spec §2.4.3: windows, gates, carried window state, QAT)
+ * and the indexer (spec §2.4.4: scores and exact top-k).
+ *
+ * Why apart: both work on compressed entries and carry state across calls; they are checked
+ * together by the compressor/indexer cases of tests/cuda/test_cuda_ops.c.
+ */
+#include "kernels/be_cuda_internal.cuh"
+
+/* ======================================================================================== */
+/* compressor (spec §2.4.3)                                                                  */
+/* ======================================================================================== */
+
+/* Value of the A (gate: G) input of window row r, half `off` (0 or d), channel ch, for a row at
+ * absolute position p: from this call's inputs if p >= pos0, else from the state at call start
+ * (cur_*: rows of the current window; prev_*: the last closed window's A-halves). */
+typedef struct {
+    int T, m, c, d, rope_dims, pos0;
+    const float *a, *g, *ape, *norm;
+    float eps;
+    const float *omega;
+    float *cur_a, *cur_g, *prev_a, *prev_g, *entries;
+    int fp8_nope_qat, hadamard_fp4_qat;
+} cmp_dev;
+
+/* candidate i of window w, channel ch: c == 1: row i of the window; c == 2: even i = row i/2's
+ * B-half of window w, odd i = row i/2's A-half of window w-1 (the CPU's order) */
+__device__ __forceinline__ void cmp_cand(const cmp_dev &a, int w, int i, int ch, float *av, float *gv) {
+    int m = a.m, d = a.d, cd = a.c * d;
+    int r = a.c == 2 ? i / 2 : i;
+    if (a.c == 1 || (i & 1) == 0) {
+        int off = a.c == 2 ? d : 0, p = w * m + r;
+        if (p >= a.pos0) {
+            int t = p - a.pos0;
+            *av = a.a[(size_t)t * cd + off + ch];
+            *gv = a.g[(size_t)t * cd + off + ch] + a.ape[(size_t)r * cd + off + ch];
+        } else {
+            *av = a.cur_a[(size_t)r * cd + off + ch];
+            *gv = a.cur_g[(size_t)r * cd + off + ch];
+        }
+        return;
+    }
+    int pp = (w - 1) * m + r;
+    if (pp >= a.pos0) {
+        int t = pp - a.pos0;
+        *av = a.a[(size_t)t * cd + ch];
+        *gv = a.g[(size_t)t * cd + ch] + a.ape[(size_t)r * cd + ch];
+    } else if (w * m - 1 >= a.pos0) { /* window w-1 closes in this call: rows from cur at start */
+        *av = a.cur_a[(size_t)r * cd + ch];
+        *gv = a.cur_g[(size_t)r * cd + ch];
+    } else {
+        *av = a.prev_a[(size_t)r * d + ch];
+        *gv = a.prev_g[(size_t)r * d + ch];
+    }
+}
+
+/* block per closing window; shared z[d] */
+__global__ void __launch_bounds__(256) k_cmp_windows(cmp_dev a, int w_first) {
+    extern __shared__ float z[];
+    __shared__ float sh[32];
+    int w = w_first + blockIdx.x, m = a.m, d = a.d;
+    for (int ch = threadIdx.x; ch < d; ch += blockDim.x) {
+        int nc = m * a.c;
+        float mx = -INFINITY, av, gv;
+        for (int i = 0; i < nc; i++) {
+            cmp_cand(a, w, i, ch, &av, &gv);
+            mx = gv > mx ? gv : mx;
+        }
+        double den = 0, num = 0;
+        for (int i = 0; i < nc; i++) {
+            cmp_cand(a, w, i, ch, &av, &gv);
+            double e = exp((double)gv - mx);
+            den += e;
+            num += e * av;
+        }
+        z[ch] = (float)(num / den);
+    }
+    __syncthreads();
+    float ss = 0;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) ss += z[i] * z[i];
+    ss = block_sum(ss, sh);
+    float r = inv_rms_dev(ss, d, a.eps);
+    __syncthreads();
+    for (int i = threadIdx.x; i < d; i += blockDim.x) z[i] = a.norm[i] * (z[i] * r);
+    __syncthreads();
+    float *rp = z + d - a.rope_dims;
+    for (int i = threadIdx.x; i < a.rope_dims / 2; i += blockDim.x) rope_pair(rp, i, w * m, a.omega, 0);
+    __syncthreads();
+    if (a.fp8_nope_qat) {
+        int nope = d - a.rope_dims;
+        for (int i = threadIdx.x * 64; i + 64 <= nope; i += blockDim.x * 64) fd_act_quant_fp8(z + i, 64);
+        __syncthreads();
+    }
+    if (a.hadamard_fp4_qat) {
+        fd_hadamard_block(z, d);
+        for (int i = threadIdx.x * 32; i < d; i += blockDim.x * 32)
+            fd_fp4_roundtrip(z + i, d - i < 32 ? d - i : 32);
+        __syncthreads();
+    }
+    for (int i = threadIdx.x; i < d; i += blockDim.x) a.entries[(size_t)w * d + i] = z[i];
+}
+
+/* prev <- A-halves of window wl (closed in this call), from inputs or the state at call start */
+__global__ void k_cmp_prev(cmp_dev a, int wl) {
+    int m = a.m, d = a.d, cd = a.c * d;
+    for (int idx = blockIdx.x * blockDim.x + threadIdx.x; idx < m * d; idx += gridDim.x * blockDim.x) {
+        int r = idx / d, ch = idx % d, p = wl * m + r;
+        float av, gv;
+        if (p >= a.pos0) {
+            int t = p - a.pos0;
+            av = a.a[(size_t)t * cd + ch];
+            gv = a.g[(size_t)t * cd + ch] + a.ape[(size_t)r * cd + ch];
+        } else {
+            av = a.cur_a[(size_t)r * cd + ch];
+            gv = a.cur_g[(size_t)r * cd + ch];
+        }
+        a.prev_a[(size_t)r * d + ch] = av;
+        a.prev_g[(size_t)r * d + ch] = gv;
+    }
+}
+
+/* cur rows <- the last token of this call at each window row */
+__global__ void k_cmp_cur(cmp_dev a) {
+    int m = a.m, cd = a.c * a.d;
+    for (int idx = blockIdx.x * blockDim.x + threadIdx.x; idx < m * cd; idx += gridDim.x * blockDim.x) {
+        int j = idx / cd, i = idx % cd;
+        int t = ((j - a.pos0 % m) % m + m) % m; /* first token at row j */
+        if (t >= a.T) continue;
+        t += (a.T - 1 - t) / m * m;             /* last one */
+        a.cur_a[(size_t)j * cd + i] = a.a[(size_t)t * cd + i];
+        a.cur_g[(size_t)j * cd + i] = a.g[(size_t)t * cd + i] + a.ape[(size_t)j * cd + i];
+    }
+}
+
+void cu_compress(be *b, const be_compress_args *a) {
+    if (a->T <= 0) return;
+    be_cuda *c = C(b);
+    int m = a->m, pos0 = a->pos[0], T = a->T;
+    for (int t = 1; t < T; t++)
+        if (a->pos[t] != pos0 + t) {
+            fprintf(stderr, "duet cuda: compress needs consecutive positions\n");
+            abort();
+        }
+    if (m > 128 || (a->c == 2 && m > 128) || a->d > 4096) {
+        fprintf(stderr, "duet cuda: compress ratio %d or width %d unsupported\n", m, a->d);
+        abort();
+    }
+    cmp_dev d = {T, m, a->c, a->d, a->rope_dims, pos0, a->a, a->g, a->ape, a->norm, a->eps,
+                 (const float *)stage(c, a->omega, (size_t)(a->rope_dims / 2) * sizeof(float)),
+                 a->cur_a, a->cur_g, a->prev_a, a->prev_g, a->entries, a->fp8_nope_qat,
+                 a->hadamard_fp4_qat};
+    /* windows closing at tokens of this call: positions w*m + m-1 in [pos0, pos0+T) */
+    int w_first = pos0 / m;                    /* smallest w with w*m + m - 1 >= pos0 */
+    int w_end = (pos0 + T) / m;                /* windows w < w_end close by pos0 + T - 1 */
+    int nw = w_end - w_first;
+    if (nw > 0) {
+        k_cmp_windows<<<nw, 256, (size_t)a->d * sizeof(float), c->s>>>(d, w_first);
+        LAUNCHED();
+        if (a->c == 2) {
+            k_cmp_prev<<<grid_for((size_t)m * a->d, 256), 256, 0, c->s>>>(d, w_end - 1);
+            LAUNCHED();
+        }
+    }
+    k_cmp_cur<<<grid_for((size_t)m * a->c * a->d, 256), 256, 0, c->s>>>(d);
+    LAUNCHED();
+}
+
+/* ======================================================================================== */
+/* indexer scores and top-k (spec §2.4.4)                                                    */
+/* ======================================================================================== */
+
+/* grid (ceil(nv_max/8), T); q row staged in shared memory; warp per entry */
+__global__ void __launch_bounds__(256) k_index_scores(be_index_args a, const int *nvis,
+                                                      float *scores, int ld) {
+    extern __shared__ float qs[];
+    int t = blockIdx.y, nv = nvis[t], hd = a.head_dim, H = a.n_heads;
+    const float *q = a.q + (size_t)t * H * hd;
+    for (int i = threadIdx.x; i < H * hd; i += blockDim.x) qs[i] = q[i];
+    __syncthreads();
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int e = blockIdx.x * 8 + warp;
+    if (e >= nv) return;
+    const float *key = a.keys + (size_t)e * hd;
+    const float *w = a.w + (size_t)t * H;
+    float kv[16];
+    int nk = (hd + 31) / 32;
+    for (int j = 0; j < 16; j++) kv[j] = (j < nk && lane + 32 * j < hd) ? key[lane + 32 * j] : 0.f;
+    float score = 0;
+    for (int g = 0; g < H; g++) {
+        float dot = 0;
+        for (int j = 0; j < 16; j++)
+            if (j < nk && lane + 32 * j < hd) dot += qs[g * hd + lane + 32 * j] * kv[j];
+        dot = warp_sum(dot);
+        score += w[g] * (dot > 0 ? dot : 0);
+    }
+    if (lane == 0) scores[(size_t)t * ld + e] = score;
+}
+
+__device__ __forceinline__ uint32_t ord_key(float f) {
+    uint32_t u = __float_as_uint(f);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+/* block per row: radix-select the k-th largest key, then write all larger entries and the
+ * lowest-indexed equal ones (the set the CPU heap keeps, up to ties) */
+__global__ void __launch_bounds__(256) k_topk(const float *scores, int ld, const int *nvis, int topk,
+                                              int32_t *idx) {
+    __shared__ unsigned hist[256];
+    __shared__ uint32_t s_prefix;
+    __shared__ int s_need, s_cnt;
+    int t = blockIdx.x, nv = nvis[t];
+    int k = topk < nv ? topk : nv;
+    const float *sc = scores + (size_t)t * ld;
+    int32_t *out = idx + (size_t)t * topk;
+    if (k <= 0) return;
+    if (k == nv) {
+        for (int i = threadIdx.x; i < nv; i += blockDim.x) out[i] = i;
+        return;
+    }
+    if (threadIdx.x == 0) { s_prefix = 0; s_need = k; }
+    __syncthreads();
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
+        __syncthreads();
+        uint32_t pre = s_prefix, mask = shift == 24 ? 0u : (0xFFFFFFFFu << (shift + 8));
+        for (int i = threadIdx.x; i < nv; i += blockDim.x) {
+            uint32_t key = ord_key(sc[i]);
+            if ((key & mask) == (pre & mask)) atomicAdd(&hist[(key >> shift) & 255], 1u);
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            int need = s_need;
+            for (int dgt = 255; dgt >= 0; dgt--) {
+                if ((int)hist[dgt] >= need) {
+                    s_prefix = pre | ((uint32_t)dgt << shift);
+                    break;
+                }
+                need -= (int)hist[dgt];
+            }
+            s_need = need; /* how many entries equal to the final key to take */
+        }
+        __syncthreads();
+    }
+    uint32_t thr = s_prefix;
+    if (threadIdx.x == 0) s_cnt = 0;
+    __syncthreads();
+    for (int i = threadIdx.x; i < nv; i += blockDim.x)
+        if (ord_key(sc[i]) > thr) out[atomicAdd(&s_cnt, 1)] = i;
+    __syncthreads();
+    int n_eq = 0;
+    for (int i = threadIdx.x; i < nv; i += blockDim.x) n_eq += ord_key(sc[i]) == thr;
+    n_eq = __syncthreads_count(n_eq > 0) ? (int)block_sum((float)n_eq, (float *)hist) : 0;
+    int base = s_cnt;
+    __syncthreads(); /* everyone has read s_cnt before it moves again */
+    if (n_eq <= k - base) { /* every equal entry is taken: order does not matter */
+        for (int i = threadIdx.x; i < nv; i += blockDim.x)
+            if (ord_key(sc[i]) == thr) out[atomicAdd(&s_cnt, 1)] = i;
+        return;
+    }
+    if (threadIdx.x == 0) { /* ties beyond k: the lowest indices, in order */
+        int n = s_cnt;
+        for (int i = 0; i < nv && n < k; i++)
+            if (ord_key(sc[i]) == thr) out[n++] = i;
+    }
+}
+
+void cu_index_topk(be *b, const be_index_args *a) {
+    if (a->T <= 0) return;
+    be_cuda *c = C(b);
+    int nvmax = 0;
+    for (int t = 0; t < a->T; t++) nvmax = a->n_visible[t] > nvmax ? a->n_visible[t] : nvmax;
+    if (nvmax == 0) return;
+    if (a->head_dim > 512 || (size_t)a->n_heads * a->head_dim * 4 > 200 * 1024) {
+        fprintf(stderr, "duet cuda: indexer shape %d x %d unsupported\n", a->n_heads, a->head_dim);
+        abort();
+    }
+    const int *dn = (const int *)stage(c, a->n_visible, (size_t)a->T * sizeof(int));
+    float *scores = (float *)cu_alloc(b, (size_t)a->T * nvmax * sizeof(float));
+    size_t smem = (size_t)a->n_heads * a->head_dim * sizeof(float);
+    if (smem > 48 * 1024)
+        CK(cudaFuncSetAttribute(k_index_scores, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    dim3 g((nvmax + 7) / 8, a->T);
+    k_index_scores<<<g, 256, smem, c->s>>>(*a, dn, scores, nvmax);
+    LAUNCHED();
+    k_topk<<<a->T, 256, 0, c->s>>>(scores, nvmax, dn, a->topk, a->idx);
+    LAUNCHED();
+    cu_free(b, scores);
+}

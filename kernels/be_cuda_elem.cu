@@ -1,0 +1,281 @@
+/* be_cuda_elem.cu — row-wise and elementwise ops: embedding, RMSNorm, RoPE, the mHC mixes
+ * (spec §2.3, §2.6), scale, add, FP8 QAT and the Hadamard + FP4 round trip.
+ *
+ * Why apart: one block per row or one thread per element, bandwidth-bound and short; they share
+ * block_sum and nothing else with the rest of the backend.
+ */
+#include "kernels/be_cuda_internal.cuh"
+
+/* ======================================================================================== */
+/* embedding, norms, RoPE                                                                   */
+/* ======================================================================================== */
+
+__global__ void k_embed(dw w, const int32_t *ids, int n_hc, float *h) {
+    int t = blockIdx.x, D = w.cols;
+    int id = ids[t];
+    for (int i = threadIdx.x; i < D; i += blockDim.x) {
+        float v = wget(w, id, i);
+        for (int j = 0; j < n_hc; j++) h[((size_t)t * n_hc + j) * D + i] = v;
+    }
+}
+
+void cu_embed(be *b, const be_weight *table, const int32_t *ids, int T, int n_hc, float *h) {
+    if (T <= 0) return;
+    const int32_t *d = (const int32_t *)stage(C(b), ids, (size_t)T * sizeof *ids);
+    k_embed<<<T, 256, 0, C(b)->s>>>(table->v, d, n_hc, h);
+    LAUNCHED();
+}
+
+/* one block per row; w may be NULL (head_rms); y may equal x */
+__global__ void k_rmsnorm(const float *x, const float *w, float *y, int n, float eps) {
+    __shared__ float sh[32];
+    const float *xr = x + (size_t)blockIdx.x * n;
+    float *yr = y + (size_t)blockIdx.x * n;
+    float ss = 0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) ss += xr[i] * xr[i];
+    ss = block_sum(ss, sh);
+    float r = inv_rms_dev(ss, n, eps);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) yr[i] = w ? w[i] * (xr[i] * r) : xr[i] * r;
+}
+
+void cu_rmsnorm(be *b, const float *x, const float *w, float *y, int T, int n, float eps) {
+    if (T <= 0) return;
+    k_rmsnorm<<<T, 256, 0, C(b)->s>>>(x, w, y, n, eps);
+    LAUNCHED();
+}
+void cu_head_rms(be *b, float *x, int rows, int dim, float eps) {
+    if (rows <= 0) return;
+    k_rmsnorm<<<rows, dim >= 256 ? 256 : 128, 0, C(b)->s>>>(x, NULL, x, dim, eps);
+    LAUNCHED();
+}
+
+/* grid (T*n_heads), threads over pairs */
+__global__ void k_rope(float *x, int n_heads, int head_dim, int rope_dims, const int32_t *pos,
+                       const float *omega, int inverse) {
+    int row = blockIdx.x, t = row / n_heads;
+    float *r = x + (size_t)row * head_dim + head_dim - rope_dims;
+    for (int i = threadIdx.x; i < rope_dims / 2; i += blockDim.x) rope_pair(r, i, pos[t], omega, inverse);
+}
+
+void cu_rope(be *b, float *x, int T, int n_heads, int head_dim, int rope_dims,
+                    const int32_t *pos, const float *omega, int inverse) {
+    if (T <= 0 || n_heads <= 0) return;
+    be_cuda *c = C(b);
+    stage_reserve(c, (size_t)T * sizeof *pos + (size_t)rope_dims * sizeof *omega + 512);
+    const int32_t *dp = (const int32_t *)stage(c, pos, (size_t)T * sizeof *pos);
+    const float *dom = (const float *)stage(c, omega, (size_t)(rope_dims / 2) * sizeof *omega);
+    k_rope<<<T * n_heads, 32, 0, c->s>>>(x, n_heads, head_dim, rope_dims, dp, dom, inverse);
+    LAUNCHED();
+}
+
+/* ======================================================================================== */
+/* mHC (spec §2.3, §2.6)                                                                     */
+/* ======================================================================================== */
+
+__device__ __forceinline__ float sigmoid_dev(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+__device__ void sinkhorn_dev(float *Cm, int n, int iters, float eps) {
+    for (int j = 0; j < n; j++) {
+        float *row = Cm + j * n, mx = row[0], s = 0;
+        for (int k = 1; k < n; k++) mx = row[k] > mx ? row[k] : mx;
+        for (int k = 0; k < n; k++) s += (row[k] = expf(row[k] - mx));
+        for (int k = 0; k < n; k++) row[k] = row[k] / s + eps;
+    }
+    for (int it = 0; it < iters; it++) {
+        if (it > 0)
+            for (int j = 0; j < n; j++) {
+                float s = 0;
+                for (int k = 0; k < n; k++) s += Cm[j * n + k];
+                for (int k = 0; k < n; k++) Cm[j * n + k] /= s + eps;
+            }
+        for (int k = 0; k < n; k++) {
+            float s = 0;
+            for (int j = 0; j < n; j++) s += Cm[j * n + k];
+            for (int j = 0; j < n; j++) Cm[j * n + k] /= s + eps;
+        }
+    }
+}
+
+/* Stage 1 of mHC pre / HC head: grid (n_mix, T, S): block (k, t, s) writes the partial dot of
+ * fn[k] with token t's streams over width slice s, and (k == 0) the partial sum of squares.
+ * Splitting the width over S blocks keeps a decode step (T = 1) from running on one SM. */
+__global__ void __launch_bounds__(256) k_mhc_mix(const float *h, const float *fn, int n_mix, int width,
+                                                 int slice, float *part, float *sspart) {
+    __shared__ float sh[32];
+    int k = blockIdx.x, t = blockIdx.y, sidx = blockIdx.z, S = gridDim.z;
+    const float *X = h + (size_t)t * width, *f = fn + (size_t)k * width;
+    int i0 = sidx * slice, i1 = i0 + slice < width ? i0 + slice : width;
+    float d = 0, ss = 0;
+    for (int i = i0 + threadIdx.x * 4; i < i1; i += blockDim.x * 4) {
+        float4 xv = *(const float4 *)(X + i), fv = *(const float4 *)(f + i);
+        d += fv.x * xv.x + fv.y * xv.y + fv.z * xv.z + fv.w * xv.w;
+        if (k == 0) ss += xv.x * xv.x + xv.y * xv.y + xv.z * xv.z + xv.w * xv.w;
+    }
+    d = block_sum(d, sh);
+    if (k == 0) ss = block_sum(ss, sh);
+    if (threadIdx.x == 0) {
+        part[((size_t)t * n_mix + k) * S + sidx] = d;
+        if (k == 0) sspart[(size_t)t * S + sidx] = ss;
+    }
+}
+
+/* Stage 2: block per token; mode 0: mhc_pre (writes u, post, comb), 1: hc_head (u only) */
+__global__ void __launch_bounds__(256) k_mhc_fin(const float *h, const float *part, const float *sspart,
+                                                 int S, const float *base, const float *scale, int n,
+                                                 int D, int iters, float hc_eps, float norm_eps,
+                                                 float *u, float *post, float *comb, int head_mode) {
+    __shared__ float mu[16 * 16];
+    __shared__ float pre[16];
+    __shared__ float Cm[16 * 16];
+    int t = blockIdx.x;
+    int n_mix = head_mode ? n : (2 + n) * n;
+    const float *X = h + (size_t)t * n * D;
+    __shared__ float rr;
+    if (threadIdx.x == blockDim.x - 1) {
+        double ss = 0;
+        for (int s2 = 0; s2 < S; s2++) ss += sspart[(size_t)t * S + s2];
+        rr = inv_rms_dev(ss, n * D, norm_eps);
+    }
+    for (int k = threadIdx.x; k < n_mix; k += blockDim.x) { /* partial sums in a fixed order */
+        float d = 0;
+        for (int s2 = 0; s2 < S; s2++) d += part[((size_t)t * n_mix + k) * S + s2];
+        mu[k] = d;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int k = 0; k < n_mix; k++) mu[k] *= rr;
+        for (int j = 0; j < n; j++) pre[j] = sigmoid_dev(mu[j] * scale[0] + base[j]) + hc_eps;
+        if (!head_mode) {
+            for (int j = 0; j < n; j++)
+                post[t * n + j] = 2.0f * sigmoid_dev(mu[n + j] * scale[1] + base[n + j]);
+            for (int j = 0; j < n * n; j++) Cm[j] = mu[2 * n + j] * scale[2] + base[2 * n + j];
+            sinkhorn_dev(Cm, n, iters, hc_eps);
+            for (int j = 0; j < n * n; j++) comb[(size_t)t * n * n + j] = Cm[j];
+        }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < D; i += blockDim.x) {
+        float s = 0;
+        for (int j = 0; j < n; j++) s += pre[j] * X[(size_t)j * D + i];
+        u[(size_t)t * D + i] = s;
+    }
+}
+
+static void mhc_run(be *b, const float *h, const float *fn, const float *base, const float *scale,
+                    int T, int n, int D, int iters, float hc_eps, float norm_eps, float *u,
+                    float *post, float *comb, int head_mode) {
+    be_cuda *c = C(b);
+    int n_mix = head_mode ? n : (2 + n) * n, width = n * D;
+    if (n > 8 || width % 4) {
+        fprintf(stderr, "duet cuda: mHC with n_hc %d and width %d unsupported\n", n, width);
+        abort();
+    }
+    int S = (int)(528 / ((long)T * n_mix));
+    S = S < 1 ? 1 : S > 32 ? 32 : S;
+    int slice = (width + S - 1) / S;
+    slice = (slice + 3) / 4 * 4;
+    S = (width + slice - 1) / slice;
+    float *part = (float *)scratch(b, (size_t)T * n_mix * S * sizeof(float));
+    float *sspart = (float *)scratch(b, (size_t)T * S * sizeof(float));
+    k_mhc_mix<<<dim3(n_mix, T, S), 256, 0, c->s>>>(h, fn, n_mix, width, slice, part, sspart);
+    LAUNCHED();
+    k_mhc_fin<<<T, 256, 0, c->s>>>(h, part, sspart, S, base, scale, n, D, iters, hc_eps, norm_eps, u,
+                                   post, comb, head_mode);
+    LAUNCHED();
+    cu_free(b, part);
+    cu_free(b, sspart);
+}
+
+void cu_mhc_pre(be *b, const float *h, const float *fn, const float *base,
+                       const float *scale, int T, int n_hc, int D, int iters, float hc_eps,
+                       float norm_eps, float *u, float *post, float *comb) {
+    if (T <= 0) return;
+    mhc_run(b, h, fn, base, scale, T, n_hc, D, iters, hc_eps, norm_eps, u, post, comb, 0);
+}
+
+void cu_hc_head(be *b, const float *h, const float *fn, const float *base,
+                       const float *scale, int T, int n_hc, int D, float hc_eps, float norm_eps,
+                       float *y) {
+    if (T <= 0) return;
+    mhc_run(b, h, fn, base, scale, T, n_hc, D, 0, hc_eps, norm_eps, y, NULL, NULL, 1);
+}
+
+/* thread per (t, i): X[k][i] = post[k] v[i] + sum_j C[j][k] X[j][i] */
+__global__ void k_mhc_post(float *h, const float *v, const float *post, const float *comb, int T,
+                           int n, int D) {
+    size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (idx >= (size_t)T * D) return;
+    int t = (int)(idx / D), i = (int)(idx % D);
+    float *X = h + (size_t)t * n * D;
+    const float *Cm = comb + (size_t)t * n * n;
+    float xs[16];
+    for (int j = 0; j < n; j++) xs[j] = X[(size_t)j * D + i];
+    float vt = v[(size_t)t * D + i];
+    for (int k = 0; k < n; k++) {
+        float s = post[t * n + k] * vt;
+        for (int j = 0; j < n; j++) s += Cm[j * n + k] * xs[j];
+        X[(size_t)k * D + i] = s;
+    }
+}
+
+void cu_mhc_post(be *b, float *h, const float *v, const float *post, const float *comb,
+                        int T, int n_hc, int D) {
+    if (T <= 0) return;
+    size_t n = (size_t)T * D;
+    k_mhc_post<<<(unsigned)((n + 255) / 256), 256, 0, C(b)->s>>>(h, v, post, comb, T, n_hc, D);
+    LAUNCHED();
+}
+
+/* ======================================================================================== */
+/* elementwise                                                                              */
+/* ======================================================================================== */
+
+__global__ void k_scale(float *x, size_t n, float s) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        x[i] *= s;
+}
+__global__ void k_add(float *y, const float *x, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        y[i] += x[i];
+}
+/* thread per (row, block) */
+__global__ void k_fp8_qat(float *x, int T, int dim, int nope, int block) {
+    int nb = nope / block;
+    int idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= T * nb) return;
+    int t = idx / nb, j = idx % nb;
+    fd_act_quant_fp8(x + (size_t)t * dim + (size_t)j * block, block);
+}
+/* block per row: WHT in shared memory, then FP4 round trip per 32 */
+__global__ void k_hadamard_fp4(float *x, int dim) {
+    extern __shared__ float z[];
+    float *xr = x + (size_t)blockIdx.x * dim;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) z[i] = xr[i];
+    fd_hadamard_block(z, dim);
+    for (int i = threadIdx.x * 32; i < dim; i += blockDim.x * 32) fd_fp4_roundtrip(z + i, dim - i < 32 ? dim - i : 32);
+    __syncthreads();
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) xr[i] = z[i];
+}
+
+void cu_scale_rows(be *b, float *x, int T, int n, float s) {
+    size_t N = (size_t)T * n;
+    if (!N) return;
+    k_scale<<<grid_for(N, 256), 256, 0, C(b)->s>>>(x, N, s);
+    LAUNCHED();
+}
+void cu_add(be *b, float *y, const float *x, size_t n) {
+    if (!n) return;
+    k_add<<<grid_for(n, 256), 256, 0, C(b)->s>>>(y, x, n);
+    LAUNCHED();
+}
+void cu_fp8_qat(be *b, float *x, int T, int dim, int nope, int block) {
+    int n = T * (nope / block);
+    if (n <= 0) return;
+    k_fp8_qat<<<(n + 127) / 128, 128, 0, C(b)->s>>>(x, T, dim, nope, block);
+    LAUNCHED();
+}
+void cu_hadamard_fp4(be *b, float *x, int rows, int dim) {
+    if (rows <= 0) return;
+    k_hadamard_fp4<<<rows, 128, (size_t)dim * sizeof(float), C(b)->s>>>(x, dim);
+    LAUNCHED();
+}

@@ -1,0 +1,420 @@
+/* be_cuda_internal.cuh — what the be_cuda*.cu files share: the backend object, the device
+ * weight view, the allocator and staging calls, the matmul entry points, and the small device
+ * helpers used by kernels in more than one file.
+ *
+ * Why: the CUDA backend is split by subject (be_cuda.cu: object and ops table; be_cuda_mem.cu:
+ * memory, weights; be_cuda_gemm.cu: matmul and cuBLAS; be_cuda_elem.cu: embed, norms, RoPE, mHC,
+ * elementwise; be_cuda_attn.cu; be_cuda_cmp.cu: compressor, indexer; be_cuda_moe.cu) so that
+ * each can be read and rebuilt alone. The files are compiled without relocatable device code,
+ * so device helpers shared between them live here as inline functions; kernels are launched
+ * only from the file that defines them. C++ only (never included by C callers: be_cuda.h is
+ * their header).
+ */
+#ifndef DUET_BE_CUDA_INTERNAL_CUH
+#define DUET_BE_CUDA_INTERNAL_CUH
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+extern "C" {
+#include "common/ckpt.h"
+#include "common/err.h"
+#include "common/formats.h"
+#include "worker/backend.h"
+}
+#include "kernels/be_cuda.h"
+#include "kernels/fmt_dev.cuh"
+
+/* ---- errors: every CUDA / cuBLAS call is checked; a failure aborts naming file and line --- */
+#define CK(x) ck_cuda((x), #x, __FILE__, __LINE__)
+void ck_cuda(cudaError_t e, const char *what, const char *file, int line);
+#define CKB(x) ck_blas((x), #x, __FILE__, __LINE__)
+void ck_blas(cublasStatus_t e, const char *what, const char *file, int line);
+/* after every launch: the launch error, and a sync when DUET_CUDA_SYNC=1 */
+#define LAUNCHED() launched(__FILE__, __LINE__)
+void launched(const char *file, int line);
+
+/* ---- the backend object (be_cuda.cu creates it) ------------------------------------------- */
+typedef struct { void *p; size_t n; } blk;
+
+/* routed experts on the tensor cores run on this many extra streams (be_cuda_moe.cu) */
+#define MOE_LANES 4
+
+typedef struct {
+    be base;
+    int dev, integrated, sync_each;
+    cudaStream_t s;
+    char name[256];
+    int ccmaj, ccmin;
+    size_t cap, used;          /* bytes: cap = fraction x total; used = live + cached blocks */
+    size_t free_bytes;         /* of used: cached free blocks, given back when the cap is hit */
+    /* caching allocator for alloc/free (scratch and state): live map + free list */
+    blk *live; size_t n_live, cap_live;
+    blk *freel; size_t n_free, cap_free;
+    /* pinned staging ring for per-call host metadata; dev_meta mirrors its offsets */
+    unsigned char *pin, *dmeta;
+    size_t meta_cap, meta_off;
+    /* cuBLAS for matmuls with many rows (bf16 tensor cores): created at the first such call,
+     * its workspace allocated under the cap */
+    cublasHandle_t blas;
+    void *blas_ws;
+    size_t blas_ws_bytes;
+    /* routed experts on the tensor cores: MOE_LANES streams, each with its own cuBLAS handle
+     * and workspace (under the cap), run different experts at once (created at first use) */
+    int lanes_ready;
+    cudaStream_t lane_s[MOE_LANES];
+    cublasHandle_t lane_blas[MOE_LANES];
+    void *lane_ws[MOE_LANES];
+    cudaEvent_t lane_ev[MOE_LANES], ev_join;
+} be_cuda;
+
+static inline be_cuda *C(be *b) { return (be_cuda *)b; }
+extern be_cuda *g_launch_be; /* for LAUNCHED's optional sync; set per create (one per process ok) */
+
+/* ---- memory under the cap, staging (be_cuda_mem.cu) --------------------------------------- */
+static inline size_t round_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
+/* grid for a grid-stride loop over n elements, at most 65535 x 8 blocks */
+static inline int grid_for(size_t n, int threads) {
+    size_t g = (n + threads - 1) / threads;
+    return (int)(g > 65535 * 8 ? 65535 * 8 : (g ? g : 1));
+}
+void *dmalloc(be_cuda *c, size_t bytes);          /* cudaMalloc under the cap, or abort */
+void *cu_alloc(be *b, size_t bytes);              /* zeroed, from the caching allocator */
+void *scratch(be *b, size_t bytes);               /* not zeroed: every element written first */
+void cu_free(be *b, void *p);
+void stage_reserve(be_cuda *c, size_t bytes);
+void *stage(be_cuda *c, const void *src, size_t bytes);      /* host metadata -> device, async */
+
+/* ---- weights ------------------------------------------------------------------------------ */
+enum { WK_F32, WK_BF16, WK_FP8, WK_FP4 };
+
+/* Device view of a weight, passed by value to kernels. */
+typedef struct {
+    int kind;
+    int rows, cols;            /* logical [N, K] */
+    const void *data;          /* F32/BF16/FP8: [N, K]; FP4: [N, K/2] bytes */
+    const uint8_t *scale;      /* FP8: [ceil(N/bn), scols]; FP4: [N, scols] */
+    int scols, bn, bk;
+} dw;
+
+struct be_weight {
+    dw v;
+    size_t bytes;              /* device bytes of data + scale */
+    size_t dbytes, sbytes;
+    void *data;
+    uint8_t *scale;
+};
+
+__device__ __forceinline__ float wget(const dw &w, int64_t n, int64_t k) {
+    switch (w.kind) {
+    case WK_F32: return ((const float *)w.data)[n * w.cols + k];
+    case WK_BF16: return fd_bf16_to_f32(((const uint16_t *)w.data)[n * w.cols + k]);
+    case WK_FP8:
+        return fd_e4m3_to_f32(((const uint8_t *)w.data)[n * w.cols + k]) *
+               fd_e8m0_to_f32(w.scale[(n / w.bn) * w.scols + k / w.bk]);
+    default: {
+        uint8_t byte = ((const uint8_t *)w.data)[n * (w.cols / 2) + k / 2];
+        uint32_t nib = (k & 1) ? (byte >> 4) : (byte & 15);
+        return fd_e2m1_to_f32(nib) * fd_e8m0_to_f32(w.scale[n * w.scols + k / w.bk]);
+    }
+    }
+}
+
+/* elements k..k+3 of row n (k % 4 == 0, K % 4 == 0, scale blocks a multiple of 4 wide) */
+__device__ __forceinline__ void wget4(const dw &w, int64_t n, int64_t k, float *o) {
+    switch (w.kind) {
+    case WK_F32: {
+        float4 v = *(const float4 *)((const float *)w.data + n * w.cols + k);
+        o[0] = v.x; o[1] = v.y; o[2] = v.z; o[3] = v.w;
+        return;
+    }
+    case WK_BF16: {
+        uint2 v = *(const uint2 *)((const uint16_t *)w.data + n * w.cols + k);
+        o[0] = __uint_as_float(v.x << 16); o[1] = __uint_as_float(v.x & 0xFFFF0000u);
+        o[2] = __uint_as_float(v.y << 16); o[3] = __uint_as_float(v.y & 0xFFFF0000u);
+        return;
+    }
+    case WK_FP8: {
+        uint32_t v = *(const uint32_t *)((const uint8_t *)w.data + n * w.cols + k);
+        float sc = fd_e8m0_to_f32(w.scale[(n / w.bn) * w.scols + k / w.bk]);
+#pragma unroll
+        for (int i = 0; i < 4; i++) o[i] = fd_e4m3_to_f32((uint8_t)(v >> (8 * i))) * sc;
+        return;
+    }
+    default: {
+        uint32_t v = *(const uint16_t *)((const uint8_t *)w.data + n * (w.cols / 2) + k / 2);
+        float sc = fd_e8m0_to_f32(w.scale[n * w.scols + k / w.bk]);
+#pragma unroll
+        for (int i = 0; i < 4; i++) o[i] = fd_e2m1_to_f32((v >> (4 * i)) & 15u) * sc;
+        return;
+    }
+    }
+}
+
+/* ---- reductions ---------------------------------------------------------------------------- */
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+/* block-wide sum (all threads get the result); blockDim.x a multiple of 32, <= 1024 */
+__device__ inline float block_sum(float v, float *sh) {
+    v = warp_sum(v);
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+    __syncthreads();
+    if (lane == 0) sh[warp] = v;
+    __syncthreads();
+    float s = 0;
+    for (int i = 0; i < nw; i++) s += sh[i];
+    return s;
+}
+
+/* ---- norms and RoPE (be_cuda_elem.cu's ops, be_cuda_cmp.cu's compressor) ------------------ */
+__device__ __forceinline__ float inv_rms_dev(double ss, int n, float eps) {
+    return (float)(1.0 / sqrt(ss / n + eps));
+}
+
+__device__ __forceinline__ void rope_pair(float *r, int i, int pos, const float *omega, int inverse) {
+    float ang = (float)pos * omega[i];
+    float cs = cosf(ang), sn = sinf(ang);
+    if (inverse) sn = -sn;
+    float a = r[2 * i], bb = r[2 * i + 1];
+    r[2 * i] = a * cs - bb * sn;
+    r[2 * i + 1] = a * sn + bb * cs;
+}
+
+/* ---- GEMV building blocks (be_cuda_gemm.cu's k_gemv, be_cuda_moe.cu's grouped experts) ----- */
+
+/* Weight rows are read in 16-byte chunks: raw() loads chunk `ch` of row n, dec() expands it
+ * into EPC floats (without scale), scale() is the chunk's e8m0 scale (1 for BF16/F32). */
+template <int KIND> struct wchunk;
+template <> struct wchunk<WK_FP8> {
+    enum { EPC = 16 };
+    static __device__ __forceinline__ uint4 raw(const dw &w, int n, int ch) {
+        return __ldg((const uint4 *)((const uint8_t *)w.data + (size_t)n * w.cols) + ch);
+    }
+    static __device__ __forceinline__ float scale(const dw &w, int n, int ch) {
+        return fd_e8m0_to_f32(__ldg(w.scale + (n / w.bn) * w.scols + (ch * 16) / w.bk));
+    }
+    static __device__ __forceinline__ void dec(uint4 v, float *o) {
+        uint32_t u[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            __half2_raw lo = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(u[i] & 0xFFFF), __NV_E4M3);
+            __half2_raw hi = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(u[i] >> 16), __NV_E4M3);
+            float2 a = __half22float2(__half2(lo)), bb = __half22float2(__half2(hi));
+            o[4 * i] = a.x; o[4 * i + 1] = a.y; o[4 * i + 2] = bb.x; o[4 * i + 3] = bb.y;
+        }
+    }
+};
+template <> struct wchunk<WK_FP4> {
+    enum { EPC = 32 };
+    static __device__ __forceinline__ uint4 raw(const dw &w, int n, int ch) {
+        return __ldg((const uint4 *)((const uint8_t *)w.data + (size_t)n * (w.cols / 2)) + ch);
+    }
+    static __device__ __forceinline__ float scale(const dw &w, int n, int ch) {
+        return fd_e8m0_to_f32(__ldg(w.scale + (size_t)n * w.scols + (ch * 32) / w.bk));
+    }
+    static __device__ __forceinline__ void dec(uint4 v, float *o) {
+        uint32_t u[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+#pragma unroll
+            for (int j = 0; j < 8; j++) o[8 * i + j] = fd_e2m1_to_f32((u[i] >> (4 * j)) & 15u);
+    }
+};
+template <> struct wchunk<WK_BF16> {
+    enum { EPC = 8 };
+    static __device__ __forceinline__ uint4 raw(const dw &w, int n, int ch) {
+        return __ldg((const uint4 *)((const uint16_t *)w.data + (size_t)n * w.cols) + ch);
+    }
+    static __device__ __forceinline__ float scale(const dw &, int, int) { return 1.0f; }
+    static __device__ __forceinline__ void dec(uint4 v, float *o) {
+        uint32_t u[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            o[2 * i] = __uint_as_float(u[i] << 16);
+            o[2 * i + 1] = __uint_as_float(u[i] & 0xFFFF0000u);
+        }
+    }
+};
+template <> struct wchunk<WK_F32> {
+    enum { EPC = 4 };
+    static __device__ __forceinline__ uint4 raw(const dw &w, int n, int ch) {
+        return __ldg((const uint4 *)((const float *)w.data + (size_t)n * w.cols) + ch);
+    }
+    static __device__ __forceinline__ float scale(const dw &, int, int) { return 1.0f; }
+    static __device__ __forceinline__ void dec(uint4 v, float *o) {
+        o[0] = __uint_as_float(v.x); o[1] = __uint_as_float(v.y);
+        o[2] = __uint_as_float(v.z); o[3] = __uint_as_float(v.w);
+    }
+};
+
+/* acc[t] += (one chunk of row wn) · x[t] for t < T */
+template <int KIND, int TT>
+__device__ __forceinline__ void gemv_chunk(uint4 rv, float s, int ch, const float *const *xr, int T,
+                                           float *acc) {
+    typedef wchunk<KIND> WC;
+    float wv[WC::EPC];
+    WC::dec(rv, wv);
+#pragma unroll
+    for (int t = 0; t < TT; t++) {
+        if (t < T) {
+            const float4 *xp = (const float4 *)(xr[t] + ch * WC::EPC);
+            float part = 0.f;
+#pragma unroll
+            for (int i = 0; i < WC::EPC / 4; i++) {
+                float4 xv = __ldg(xp + i);
+                part += wv[4 * i] * xv.x + wv[4 * i + 1] * xv.y + wv[4 * i + 2] * xv.z +
+                        wv[4 * i + 3] * xv.w;
+            }
+            acc[t] += part * s;
+        }
+    }
+}
+
+/* One warp: the dot products of weight row wn with up to TT input rows xr[t]; the lane sums
+ * are reduced over the warp (every lane gets them). Four chunks are loaded before use so that
+ * 2 KB per warp are in flight. */
+template <int KIND, int TT>
+__device__ __forceinline__ void gemv_row(const dw &w, int wn, const float *const *xr, int T, int lane,
+                                         float *acc) {
+    typedef wchunk<KIND> WC;
+    int nch = w.cols / WC::EPC, ch = lane;
+#pragma unroll
+    for (int t = 0; t < TT; t++) acc[t] = 0.f;
+    for (; ch + 96 < nch; ch += 128) {
+        uint4 r0 = WC::raw(w, wn, ch), r1 = WC::raw(w, wn, ch + 32), r2 = WC::raw(w, wn, ch + 64),
+              r3 = WC::raw(w, wn, ch + 96);
+        float s0 = WC::scale(w, wn, ch), s1 = WC::scale(w, wn, ch + 32),
+              s2 = WC::scale(w, wn, ch + 64), s3 = WC::scale(w, wn, ch + 96);
+        gemv_chunk<KIND, TT>(r0, s0, ch, xr, T, acc);
+        gemv_chunk<KIND, TT>(r1, s1, ch + 32, xr, T, acc);
+        gemv_chunk<KIND, TT>(r2, s2, ch + 64, xr, T, acc);
+        gemv_chunk<KIND, TT>(r3, s3, ch + 96, xr, T, acc);
+    }
+    for (; ch < nch; ch += 32) gemv_chunk<KIND, TT>(WC::raw(w, wn, ch), WC::scale(w, wn, ch), ch, xr, T, acc);
+#pragma unroll
+    for (int t = 0; t < TT; t++) acc[t] = warp_sum(acc[t]);
+}
+
+/* ---- 64x64 SIMT tiles (be_cuda_gemm.cu's k_gemm, be_cuda_moe.cu's grouped experts) ------- */
+enum { TM = 64, TN = 64, TK = 16 };
+
+/* One 64x64 output tile at (t0, n0): rows t of x are x + (xrows ? xrows[t] : t) * ldx. */
+__device__ __forceinline__ void gemm_tile(const dw &w, int row0, int N, const float *__restrict__ x,
+                                          int ldx, const int32_t *xrows, float *__restrict__ y,
+                                          int ldy, int T, int t0, int n0) {
+    __shared__ float xs[TK][TM + 4];
+    __shared__ float ws[TK][TN + 4];
+    int tx = threadIdx.x % 16, ty = threadIdx.x / 16, K = w.cols;
+    /* 4 consecutive k per thread when rows are 4-aligned: one 4/8/16-byte load each */
+    bool vec = K % 4 == 0 && ldx % 4 == 0 && ((uintptr_t)x & 15) == 0 &&
+               ((w.kind != WK_FP8 && w.kind != WK_FP4) || w.bk % 4 == 0);
+    float acc[4][4] = {};
+    for (int k0 = 0; k0 < K; k0 += TK) {
+        if (vec) {
+            int r = threadIdx.x / 4, kq = (threadIdx.x % 4) * 4, k = k0 + kq;
+            int t = t0 + r, n = n0 + r;
+            float4 xv = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (t < T && k < K) xv = *(const float4 *)(x + (size_t)(xrows ? xrows[t] : t) * ldx + k);
+            xs[kq][r] = xv.x; xs[kq + 1][r] = xv.y; xs[kq + 2][r] = xv.z; xs[kq + 3][r] = xv.w;
+            float wv[4] = {0.f, 0.f, 0.f, 0.f};
+            if (n < N && k < K) wget4(w, row0 + n, k, wv);
+            ws[kq][r] = wv[0]; ws[kq + 1][r] = wv[1]; ws[kq + 2][r] = wv[2]; ws[kq + 3][r] = wv[3];
+        } else {
+            for (int i = threadIdx.x; i < TM * TK; i += 256) {
+                int r = i / TK, kk = i % TK;
+                int t = t0 + r, k = k0 + kk;
+                xs[kk][r] = (t < T && k < K) ? x[(size_t)(xrows ? xrows[t] : t) * ldx + k] : 0.f;
+                int n = n0 + r;
+                ws[kk][r] = (n < N && k < K) ? wget(w, row0 + n, k) : 0.f;
+            }
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < TK; kk++) {
+            float a[4], bb[4];
+#pragma unroll
+            for (int i = 0; i < 4; i++) { a[i] = xs[kk][ty * 4 + i]; bb[i] = ws[kk][tx * 4 + i]; }
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+#pragma unroll
+                for (int j = 0; j < 4; j++) acc[i][j] += a[i] * bb[j];
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            int t = t0 + ty * 4 + i, n = n0 + tx * 4 + j;
+            if (t < T && n < N) y[(size_t)t * ldy + n] = acc[i][j];
+        }
+}
+
+/* ---- matmul (be_cuda_gemm.cu) -------------------------------------------------------------- */
+
+/* y[T, N] = x[T, K] · W[row0 : row0+N]ᵀ: GEMV (T <= 16), tensor cores (T >= TC_MIN_T), tiles */
+void mm(be_cuda *c, const be_weight *W, int row0, int N, const float *x, int ldx, float *y,
+        int ldy, int T);
+enum { TC_MIN_T = 32 };
+/* a routed expert goes to the tensor cores from this many rows: its bf16 decode (~48 MB written
+ * and read back for V4-Flash's 2048 x 4096 FP4 matrices, ~25 us) costs less than the SIMT
+ * tile's fp32 FLOPs from about here on; below it the GEMV chunks read the FP4 bytes directly */
+enum { MOE_TC_MIN = 16 };
+/* C[n, m] (row-major, ld ldc) = beta C + B[n, k] · A[m, k]ᵀ; A, B bf16 row-major (ld lda, ldb) */
+void gemm_bf16(cublasHandle_t h, int m, int n, int k, const void *A, int lda, const void *Bm,
+               int ldb, float *Cm, int ldc, float beta);
+/* Up to 3 decode jobs per launch (blockIdx.y): out[q][n, k] = bf16(W_q[row0_q + n, k]), ld K. */
+typedef struct { dw w[3]; int row0[3], N[3]; uint16_t *out[3]; } wdec_jobs;
+void wdec_launch(be_cuda *c, cudaStream_t st, const wdec_jobs &j, int njobs);
+/* hi[r] = bf16(x[rows ? rows[r] : r]), lo[r] = bf16(x - hi); hi, lo [T, K] */
+void split_launch(cudaStream_t st, const float *x, int ldx, const int32_t *rows, int T, int K,
+                  uint16_t *hi, uint16_t *lo);
+int pow2_rows(int n, int most);
+void *tc_scratch(be_cuda *c, size_t bytes);
+
+/* ---- the ops of worker/backend.h, one file each subject ---------------------------------- */
+void cu_upload(be *b, void *dst, const void *src, size_t bytes);
+void cu_download(be *b, void *dst, const void *src, size_t bytes);
+void cu_fill(be *b, float *x, float v, size_t n);
+void cu_copy(be *b, float *dst, const float *src, size_t n);
+be_weight *cu_weight(be *b, const ck_weight *w);
+be_weight *cu_weight_slice(be *b, const ck_weight *w, int64_t r0, int64_t nr, int64_t c0,
+                           int64_t nc);
+void cu_weight_free(be *b, be_weight *w);
+float *cu_vector(be *b, const ck_weight *w);
+void cu_matmul(be *b, const be_weight *W, int row0, int N, const float *x, int ldx, float *y,
+               int ldy, int T);
+void cu_embed(be *b, const be_weight *table, const int32_t *ids, int T, int n_hc, float *h);
+void cu_rmsnorm(be *b, const float *x, const float *w, float *y, int T, int n, float eps);
+void cu_head_rms(be *b, float *x, int rows, int dim, float eps);
+void cu_rope(be *b, float *x, int T, int n_heads, int head_dim, int rope_dims,
+             const int32_t *pos, const float *omega, int inverse);
+void cu_mhc_pre(be *b, const float *h, const float *fn, const float *base, const float *scale,
+                int T, int n, int D, int iters, float eps, float hc_eps, float *x_out,
+                float *post, float *comb);
+void cu_mhc_post(be *b, float *h, const float *v, const float *post, const float *comb, int T,
+                 int n, int D);
+void cu_hc_head(be *b, const float *h, const float *fn, const float *base, const float *scale,
+                int T, int n, int D, float eps, float hc_eps, float *y);
+void cu_attention(be *b, const be_attn_args *a);
+void cu_ring_write(be *b, float *ring, int ring_size, int dim, const float *kv,
+                   const int32_t *pos, int T);
+void cu_compress(be *b, const be_compress_args *a);
+void cu_index_topk(be *b, const be_index_args *a);
+void cu_moe(be *b, const be_moe_layer *L, const float *x, const int32_t *ids, int T, float *out);
+void cu_scale_rows(be *b, float *x, int T, int n, float s);
+void cu_add(be *b, float *y, const float *x, size_t n);
+void cu_fp8_qat(be *b, float *x, int T, int dim, int nope, int block);
+void cu_hadamard_fp4(be *b, float *x, int rows, int dim);
+
+#endif

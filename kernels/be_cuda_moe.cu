@@ -1,0 +1,681 @@
+/* be_cuda_moe.cu — the MoE layer (spec §2.5): gate, routing (score or hash), the routed experts
+ * grouped by expert (GEMV chunks, 64-row tiles or bf16 tensor cores on several streams), the
+ * shared expert and the weighted combine.
+ *
+ * Why apart: the routed experts are most of V4-Flash's weights and have their own grouping,
+ * streams and scratch; the dense matmul helpers come from be_cuda_gemm.cu.
+ */
+#include "kernels/be_cuda_internal.cuh"
+
+/* ======================================================================================== */
+/* MoE (spec §2.5)                                                                          */
+/* ======================================================================================== */
+
+/* grouped over experts: tile blockIdx.y = {expert e, first pair p0, pairs n <= 64};
+ * y[p0 + r] = W_e · x[xrows ? xrows[p0 + r] : p0 + r] */
+typedef struct { int e, p0, n; } gtile;
+__global__ void __launch_bounds__(256) k_gemm_grouped(const dw *ws, const gtile *tiles, int N,
+                                                      const float *__restrict__ x, int ldx,
+                                                      const int32_t *xrows, float *__restrict__ y,
+                                                      int ldy) {
+    gtile tl = tiles[blockIdx.y];
+    gemm_tile(ws[tl.e], 0, N, xrows ? x : x + (size_t)tl.p0 * ldx, ldx, xrows ? xrows + tl.p0 : NULL,
+              y + (size_t)tl.p0 * ldy, ldy, tl.n, 0, blockIdx.x * TN);
+}
+
+__device__ __forceinline__ float softplus_dev(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
+
+/* block per token (256 threads): scores sqrt(softplus(logit)), selection (bias top-K, ties to
+ * the lowest expert id like the CPU, or hash ids), weights. E <= 1024, K <= 16. */
+__global__ void __launch_bounds__(256) k_route(const float *logits, int E, int K, const float *bias,
+                                               const int32_t *hash_sel, int norm_topk,
+                                               float route_scale, int32_t *sel, float *wsel) {
+    __shared__ float sc[1024];
+    __shared__ int st[16];
+    __shared__ float wv[32];
+    __shared__ int we[32];
+    int t = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    const float *lt = logits + (size_t)t * E;
+    for (int e = threadIdx.x; e < E; e += blockDim.x) sc[e] = sqrtf(softplus_dev(lt[e]));
+    __syncthreads();
+    if (hash_sel) {
+        if (threadIdx.x < K) st[threadIdx.x] = hash_sel[(size_t)t * K + threadIdx.x];
+    } else {
+        for (int k = 0; k < K; k++) {
+            float bv = -INFINITY;
+            int be = -1;
+            for (int e = threadIdx.x; e < E; e += blockDim.x) {
+                int used = 0;
+                for (int q = 0; q < k; q++) used |= st[q] == e;
+                float v = sc[e] + (bias ? bias[e] : 0.0f);
+                if (!used && (be < 0 || v > bv)) { bv = v; be = e; }
+            }
+            for (int o = 16; o > 0; o >>= 1) {
+                float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+                int oe = __shfl_xor_sync(0xffffffffu, be, o);
+                if (oe >= 0 && (be < 0 || ov > bv || (ov == bv && oe < be))) { bv = ov; be = oe; }
+            }
+            if (lane == 0) { wv[warp] = bv; we[warp] = be; }
+            __syncthreads();
+            if (threadIdx.x == 0) {
+                float b2 = -INFINITY;
+                int e2 = -1;
+                for (int w = 0; w < nw; w++)
+                    if (we[w] >= 0 && (e2 < 0 || wv[w] > b2 || (wv[w] == b2 && we[w] < e2))) {
+                        b2 = wv[w];
+                        e2 = we[w];
+                    }
+                st[k] = e2;
+            }
+            __syncthreads();
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float sum = 0;
+        for (int k = 0; k < K; k++) sum += sc[st[k]];
+        for (int k = 0; k < K; k++) {
+            sel[(size_t)t * K + k] = st[k];
+            wsel[(size_t)t * K + k] = (norm_topk ? sc[st[k]] / (sum + 1e-20f) : sc[st[k]]) * route_scale;
+        }
+    }
+}
+
+__global__ void k_gather(const float *x, const int32_t *rows, int n, int D, float *xs) {
+    size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (idx >= (size_t)n * D) return;
+    int r = (int)(idx / D), i = (int)(idx % D);
+    xs[idx] = x[(size_t)rows[r] * D + i];
+}
+
+__global__ void k_swiglu(float *g, const float *p, int n, int I, float limit, const float *wts) {
+    size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (idx >= (size_t)n * I) return;
+    int r = (int)(idx / I);
+    float gv = g[idx], pv = p[idx];
+    if (limit > 0) {
+        if (gv > limit) gv = limit;
+        if (pv > limit) pv = limit;
+        if (pv < -limit) pv = -limit;
+    }
+    g[idx] = gv / (1.0f + expf(-gv)) * pv * (wts ? wts[r] : 1.0f);
+}
+
+/* out[rows[r]] += ys[r], rows of one expert are distinct tokens, so no races */
+__global__ void k_scatter_add(float *out, const float *ys, const int32_t *rows, int n, int D) {
+    size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (idx >= (size_t)n * D) return;
+    int r = (int)(idx / D), i = (int)(idx % D);
+    int t = rows ? rows[r] : r;
+    atomicAdd(&out[(size_t)t * D + i], ys[idx]);
+}
+
+static void expert_ffn(be_cuda *c, const be_weight *w1, const be_weight *w2, const be_weight *w3,
+                       const float *xs, int n, int D, int I, const float *wts, float limit,
+                       float *g, float *p, float *ys) {
+    mm(c, w1, 0, I, xs, D, g, I, n);
+    mm(c, w3, 0, I, xs, D, p, I, n);
+    size_t nI = (size_t)n * I;
+    k_swiglu<<<(unsigned)((nI + 255) / 256), 256, 0, c->s>>>(g, p, n, I, limit, wts);
+    LAUNCHED();
+    mm(c, w2, 0, D, g, I, ys, D, n);
+}
+
+/* ---- grouped routed experts: pairs (token, expert) sorted by expert, in chunks of <= 8 ------ */
+typedef struct { int e, p0, n; } mchunk;   /* expert, first sorted pair, pairs (<= 8) */
+
+__device__ __forceinline__ float swiglu_dev(float gv, float pv, float limit, float wgt) {
+    if (limit > 0) {
+        if (gv > limit) gv = limit;
+        if (pv > limit) pv = limit;
+        if (pv < -limit) pv = -limit;
+    }
+    return gv / (1.0f + expf(-gv)) * pv * wgt;
+}
+
+/* hbuf[pair, n] = swiglu(w1[e][n] · x[tok], w3[e][n] · x[tok]) * weight; grid (I/8, chunks);
+ * nch (device, may be NULL): chunks actually present, blocks past it return (device grouping) */
+template <int KIND>
+__global__ void __launch_bounds__(256) k_moe_up(const dw *w1s, const dw *w3s, const mchunk *chunks,
+                                                const int *nch, const int32_t *pair_tok,
+                                                const float *pair_w, const float *x, int ldx,
+                                                int I, float limit, float *hbuf) {
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, n = blockIdx.x * 8 + warp;
+    if (n >= I || (nch && (int)blockIdx.y >= *nch)) return;
+    mchunk ck = chunks[blockIdx.y];
+    const float *xr[8];
+#pragma unroll
+    for (int t = 0; t < 8; t++) xr[t] = x + (size_t)pair_tok[ck.p0 + (t < ck.n ? t : 0)] * ldx;
+    float g[8], p[8];
+    gemv_row<KIND, 8>(w1s[ck.e], n, xr, ck.n, lane, g);
+    gemv_row<KIND, 8>(w3s[ck.e], n, xr, ck.n, lane, p);
+    if (lane == 0)
+#pragma unroll
+        for (int t = 0; t < 8; t++)
+            if (t < ck.n) hbuf[(size_t)(ck.p0 + t) * I + n] = swiglu_dev(g[t], p[t], limit, pair_w[ck.p0 + t]);
+}
+
+/* ys[pair, n] = w2[e][n] · hbuf[pair]; grid (D/8, chunks); nch as k_moe_up */
+template <int KIND>
+__global__ void __launch_bounds__(256) k_moe_down(const dw *w2s, const mchunk *chunks, const int *nch,
+                                                  const float *hbuf, int I, int D, float *ys) {
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, n = blockIdx.x * 8 + warp;
+    if (n >= D || (nch && (int)blockIdx.y >= *nch)) return;
+    mchunk ck = chunks[blockIdx.y];
+    const float *xr[8];
+#pragma unroll
+    for (int t = 0; t < 8; t++) xr[t] = hbuf + (size_t)(ck.p0 + (t < ck.n ? t : 0)) * I;
+    float acc[8];
+    gemv_row<KIND, 8>(w2s[ck.e], n, xr, ck.n, lane, acc);
+    if (lane == 0)
+#pragma unroll
+        for (int t = 0; t < 8; t++)
+            if (t < ck.n) ys[(size_t)(ck.p0 + t) * D + n] = acc[t];
+}
+
+/* out[t] = shared[t] + sum_k ys[inv[t, k]] (inv -1: the pair's expert is another rank's) */
+__global__ void k_moe_combine(float *out, const float *ys, const int32_t *inv, int T, int K, int D,
+                              const float *shared) {
+    size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (idx >= (size_t)T * D) return;
+    int t = (int)(idx / D), i = (int)(idx % D);
+    float s = 0;
+    for (int k = 0; k < K; k++) {
+        int p = inv[(size_t)t * K + k];
+        if (p >= 0) s += ys[(size_t)p * D + i];
+    }
+    out[idx] = shared ? s + shared[idx] : s;
+}
+
+/* The kind shared by every present routed expert and usable by the chunked GEMV, or -1. */
+static int experts_kind(const be_moe_layer *L) {
+    int kind = -1;
+    for (int e = 0; e < L->n_experts; e++) {
+        if (!L->w1[e]) continue;
+        const be_weight *ws[3] = {L->w1[e], L->w2[e], L->w3[e]};
+        for (int j = 0; j < 3; j++) {
+            const dw &w = ws[j]->v;
+            if (kind < 0) kind = w.kind;
+            int epc = w.kind == WK_FP8 ? 16 : w.kind == WK_FP4 ? 32 : w.kind == WK_BF16 ? 8 : 4;
+            if (w.kind != kind || w.cols % epc || (w.kind == WK_FP8 && w.bk % 16) ||
+                (w.kind == WK_FP4 && w.bk % 32))
+                return -1;
+        }
+    }
+    return kind;
+}
+
+/* nch chunks (host count), or at most nch of them with the count in dnch (device count) */
+template <int KIND>
+static void moe_grouped_launch(be_cuda *c, const dw *dw1, const dw *dw2, const dw *dw3,
+                               const mchunk *dch, int nch, const int *dnch, const int32_t *ptok,
+                               const float *pw, const float *x, int D, int I, float limit,
+                               float *hbuf, float *ys) {
+    k_moe_up<KIND><<<dim3((I + 7) / 8, nch), 256, 0, c->s>>>(dw1, dw3, dch, dnch, ptok, pw, x, D, I, limit, hbuf);
+    LAUNCHED();
+    k_moe_down<KIND><<<dim3((D + 7) / 8, nch), 256, 0, c->s>>>(dw2, dch, dnch, hbuf, I, D, ys);
+    LAUNCHED();
+}
+
+static void moe_grouped(be_cuda *c, int kind, const dw *dtw, int E, const mchunk *dch, int nch,
+                        const int *dnch, const int32_t *ptok, const float *pw, const float *x,
+                        int D, int I, float limit, float *hbuf, float *ys) {
+    switch (kind) {
+    case WK_FP4: moe_grouped_launch<WK_FP4>(c, dtw, dtw + E, dtw + 2 * E, dch, nch, dnch, ptok, pw, x, D, I, limit, hbuf, ys); break;
+    case WK_FP8: moe_grouped_launch<WK_FP8>(c, dtw, dtw + E, dtw + 2 * E, dch, nch, dnch, ptok, pw, x, D, I, limit, hbuf, ys); break;
+    case WK_BF16: moe_grouped_launch<WK_BF16>(c, dtw, dtw + E, dtw + 2 * E, dch, nch, dnch, ptok, pw, x, D, I, limit, hbuf, ys); break;
+    default: moe_grouped_launch<WK_F32>(c, dtw, dtw + E, dtw + 2 * E, dch, nch, dnch, ptok, pw, x, D, I, limit, hbuf, ys); break;
+    }
+}
+
+/* ---- grouping on the device: no host sync (decode) ---------------------------------------
+ * Pairs i = t·K + k with sel[i] = e are grouped by present expert (dws[e].data != NULL), in
+ * token order within an expert, as the host grouping does; pairs of absent experts (another
+ * rank's) get no row. Only the positions differ from the host grouping (absent experts take
+ * no rows here), and every row's result is computed alone, so the output is the same bits. */
+
+/* one block of 1024: off[e] = first row of expert e (off[E] = rows), coff[e] = its first chunk
+ * of 8, *nch = chunks; inv[i] = -1 for every pair (k_moe_fill sets the routed ones). E <= 1024 */
+__global__ void __launch_bounds__(1024) k_moe_count(const int32_t *sel, int TK, const dw *dws, int E,
+                                                    int *off, int *coff, int *nch, int32_t *inv) {
+    __shared__ int cnt[1024];
+    for (int e = threadIdx.x; e < E; e += blockDim.x) cnt[e] = 0;
+    __syncthreads();
+    for (int i = threadIdx.x; i < TK; i += blockDim.x) {
+        int e = sel[i];
+        inv[i] = -1;
+        if (e >= 0 && e < E && dws[e].data) atomicAdd(&cnt[e], 1);
+    }
+    __syncthreads();
+    if (threadIdx.x < 32) { /* warp 0: lane l scans experts [l·per, (l+1)·per), then a shuffle scan */
+        int lane = threadIdx.x, per = (E + 31) / 32, e0 = lane * per, e1 = e0 + per < E ? e0 + per : E;
+        int so = 0, sq = 0;
+        for (int e = e0; e < e1; e++) {
+            so += cnt[e];
+            sq += (cnt[e] + 7) / 8;
+        }
+        int io = so, iq = sq;
+        for (int d = 1; d < 32; d <<= 1) {
+            int a = __shfl_up_sync(0xffffffffu, io, d), b = __shfl_up_sync(0xffffffffu, iq, d);
+            if (lane >= d) {
+                io += a;
+                iq += b;
+            }
+        }
+        int o = io - so, q = iq - sq;
+        for (int e = e0; e < e1; e++) {
+            off[e] = o;
+            coff[e] = q;
+            o += cnt[e];
+            q += (cnt[e] + 7) / 8;
+        }
+        if (lane == 31) {
+            off[E] = io;
+            *nch = iq;
+        }
+    }
+}
+
+/* block e (256 threads): the rows of expert e in pair order (a block-wide ballot scan per 256
+ * pairs), ptok[row] = token, pw[row] = routing weight, inv[pair] = row; then its chunks of 8 */
+__global__ void __launch_bounds__(256) k_moe_fill(const int32_t *sel, const float *wsel, int TK, int K,
+                                                  const dw *dws, const int *off, const int *coff,
+                                                  int32_t *ptok, float *pw, int32_t *inv,
+                                                  mchunk *chunks) {
+    __shared__ int wc[8];
+    int e = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (!dws[e].data) return;
+    int base = off[e];
+    for (int i0 = 0; i0 < TK; i0 += 256) {
+        int i = i0 + threadIdx.x;
+        bool m = i < TK && sel[i] == e;
+        unsigned bal = __ballot_sync(0xffffffffu, m);
+        if (lane == 0) wc[warp] = __popc(bal);
+        __syncthreads();
+        int before = 0, total = 0;
+        for (int w = 0; w < 8; w++) {
+            before += w < warp ? wc[w] : 0;
+            total += wc[w];
+        }
+        if (m) {
+            int r = base + before + __popc(bal & ((1u << lane) - 1u));
+            ptok[r] = i / K;
+            pw[r] = wsel[i];
+            inv[i] = r;
+        }
+        base += total;
+        __syncthreads();
+    }
+    int n = off[e + 1] - off[e];
+    for (int j = threadIdx.x; 8 * j < n; j += 256)
+        chunks[coff[e] + j] = (mchunk){e, off[e] + 8 * j, n - 8 * j < 8 ? n - 8 * j : 8};
+}
+
+/* ---- routed experts with many rows on the tensor cores (bf16 hi/lo, as mm_tc) ------------- */
+
+/* u [2n, 2I]: rows < n from x hi, rows >= n from x lo; columns < I: w1, >= I: w3. Writes
+ * h = swiglu(w1·x, w3·x) * wts[r] split into hi (rows < n) and lo (rows >= n) of h2 [2n, I]. */
+__global__ void __launch_bounds__(256) k_swiglu_split(const float *__restrict__ u, int n, int I,
+                                                      float limit, const float *__restrict__ wts,
+                                                      uint16_t *__restrict__ h2) {
+    size_t total = (size_t)n * I;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
+         i += (size_t)gridDim.x * blockDim.x) {
+        int r = (int)(i / I), j = (int)(i % I);
+        const float *a = u + (size_t)r * 2 * I, *b = u + (size_t)(n + r) * 2 * I;
+        float h = swiglu_dev(a[j] + b[j], a[I + j] + b[I + j], limit, wts[r]);
+        uint16_t hh = fd_f32_to_bf16(h);
+        h2[(size_t)r * I + j] = hh;
+        h2[(size_t)(n + r) * I + j] = fd_f32_to_bf16(h - fd_bf16_to_f32(hh));
+    }
+}
+
+/* out[r, d] = y2[r, d] + y2[n + r, d] (the hi and lo halves of one GEMM) */
+__global__ void __launch_bounds__(256) k_add_halves(const float *__restrict__ y2, int n, int D,
+                                                    float *__restrict__ out) {
+    size_t total = (size_t)n * D;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
+         i += (size_t)gridDim.x * blockDim.x)
+        out[i] = y2[i] + y2[total + i];
+}
+
+static unsigned grid_cap(size_t n, unsigned most) {
+    size_t g = (n + 255) / 256;
+    return (unsigned)(g > most ? most : g ? g : 1);
+}
+
+static void lanes_init(be_cuda *c) {
+    if (c->lanes_ready) return;
+    for (int i = 0; i < MOE_LANES; i++) {
+        size_t ws = (size_t)16 << 20;
+        c->lane_ws[i] = dmalloc(c, ws);
+        CK(cudaStreamCreateWithFlags(&c->lane_s[i], cudaStreamNonBlocking));
+        CK(cudaEventCreateWithFlags(&c->lane_ev[i], cudaEventDisableTiming));
+        CKB(cublasCreate(&c->lane_blas[i]));
+        CKB(cublasSetStream(c->lane_blas[i], c->lane_s[i])); /* before the workspace: it resets it */
+        CKB(cublasSetWorkspace(c->lane_blas[i], c->lane_ws[i], ws));
+        CKB(cublasSetMathMode(c->lane_blas[i], CUBLAS_DEFAULT_MATH));
+    }
+    CK(cudaEventCreateWithFlags(&c->ev_join, cudaEventDisableTiming));
+    c->lanes_ready = 1;
+}
+
+/* Routed experts with big[e] (all of one kind with tc_ok), spread over up to MOE_LANES streams
+ * (least rows first) so that several experts' decodes and GEMMs run at once: one expert's
+ * GEMMs have few rows (2 x 24 at a 1K prefill) and would leave most SMs idle. Per expert, on
+ * its lane: its three weights decoded to bf16 in one launch (w1 and w3 stacked as W13 [2I, D],
+ * w2 [D, I]: per lane a per-call scratch of 6·I·D bytes under the cap, reused for the lane's
+ * experts), then per chunk of <= rc pairs: gather and split x (hi rows, then lo rows), one
+ * GEMM for w1 and w3 over hi and lo, SwiGLU + split, one GEMM for w2, and the hi + lo halves
+ * summed into ys[pair] (rows of different experts: no races). */
+static void moe_tc(be_cuda *c, const be_moe_layer *L, const int *cnt, const unsigned char *big,
+                   const float *x, const int32_t *dtok, const float *dpw, float *ys) {
+    int E = L->n_experts, D = L->hidden, I = L->inter, nmax = 0, nb = 0;
+    for (int e = 0; e < E; e++)
+        if (big[e]) {
+            nb++;
+            if (cnt[e + 1] - cnt[e] > nmax) nmax = cnt[e + 1] - cnt[e];
+        }
+    if (!nb) return;
+    lanes_init(c);
+    int nl = nb < MOE_LANES ? nb : MOE_LANES;
+    /* bytes per pair: x hi+lo (bf16), u (2 x 2I f32), h hi+lo (bf16), y hi+lo (f32) */
+    size_t per_pair = (size_t)D * 4 + (size_t)I * 16 + (size_t)I * 4 + (size_t)D * 8;
+    int rc = (int)(((size_t)32 << 20) / per_pair);
+    if (rc < 64) rc = 64;
+    rc = pow2_rows(nmax, rc);
+    size_t wsz = (size_t)3 * I * D;
+    uint16_t *wl[MOE_LANES], *x2[MOE_LANES], *h2[MOE_LANES];
+    float *u[MOE_LANES], *y2[MOE_LANES];
+    long load[MOE_LANES];
+    for (int l = 0; l < nl; l++) {
+        wl[l] = (uint16_t *)tc_scratch(c, wsz * 2);
+        x2[l] = (uint16_t *)tc_scratch(c, (size_t)rc * D * 4);
+        u[l] = (float *)tc_scratch(c, (size_t)rc * I * 16);
+        h2[l] = (uint16_t *)tc_scratch(c, (size_t)rc * I * 4);
+        y2[l] = (float *)tc_scratch(c, (size_t)rc * D * 8);
+        load[l] = 0;
+    }
+    /* the buffers may have been used by earlier work on the main stream */
+    CK(cudaEventRecord(c->ev_join, c->s));
+    for (int l = 0; l < nl; l++) CK(cudaStreamWaitEvent(c->lane_s[l], c->ev_join, 0));
+    for (int e = 0; e < E; e++) {
+        if (!big[e]) continue;
+        int l = 0;
+        for (int q = 1; q < nl; q++)
+            if (load[q] < load[l]) l = q;
+        load[l] += 64 + cnt[e + 1] - cnt[e]; /* a fixed cost per expert (decode) + its rows */
+        cudaStream_t st = c->lane_s[l];
+        cublasHandle_t h = c->lane_blas[l];
+        const uint16_t *w13 = wl[l], *w2 = wl[l] + (size_t)2 * I * D;
+        wdec_jobs j;
+        memset(&j, 0, sizeof j);
+        j.w[0] = L->w1[e]->v; j.N[0] = I; j.out[0] = wl[l];
+        j.w[1] = L->w3[e]->v; j.N[1] = I; j.out[1] = wl[l] + (size_t)I * D;
+        j.w[2] = L->w2[e]->v; j.N[2] = D; j.out[2] = wl[l] + (size_t)2 * I * D;
+        wdec_launch(c, st, j, 3);
+        for (int p0 = cnt[e]; p0 < cnt[e + 1]; p0 += rc) {
+            int n = cnt[e + 1] - p0 < rc ? cnt[e + 1] - p0 : rc;
+            split_launch(st, x, D, dtok + p0, n, D, x2[l], x2[l] + (size_t)n * D);
+            gemm_bf16(h, 2 * I, 2 * n, D, w13, D, x2[l], D, u[l], 2 * I, 0.0f);
+            k_swiglu_split<<<grid_cap((size_t)n * I, 8192), 256, 0, st>>>(u[l], n, I, L->swiglu_limit, dpw + p0, h2[l]);
+            LAUNCHED();
+            gemm_bf16(h, D, 2 * n, I, w2, I, h2[l], I, y2[l], D, 0.0f);
+            k_add_halves<<<grid_cap((size_t)n * D, 8192), 256, 0, st>>>(y2[l], n, D, ys + (size_t)p0 * D);
+            LAUNCHED();
+        }
+    }
+    /* the main stream goes on once every lane is done; the buffers go back to its allocator */
+    for (int l = 0; l < nl; l++) {
+        CK(cudaEventRecord(c->lane_ev[l], c->lane_s[l]));
+        CK(cudaStreamWaitEvent(c->s, c->lane_ev[l], 0));
+    }
+    for (int l = 0; l < nl; l++) {
+        cu_free(&c->base, wl[l]);
+        cu_free(&c->base, x2[l]);
+        cu_free(&c->base, u[l]);
+        cu_free(&c->base, h2[l]);
+        cu_free(&c->base, y2[l]);
+    }
+}
+
+/* The routed experts' device views, staged: [w1 of E | w2 of E | w3 of E]; an expert absent on
+ * this rank (another rank's) is all zero (data NULL). */
+static const dw *moe_table(be_cuda *c, const be_moe_layer *L) {
+    int E = L->n_experts;
+    dw *tw = (dw *)xcalloc((size_t)3 * E, sizeof *tw);
+    for (int e = 0; e < E; e++)
+        if (L->w1[e]) {
+            tw[e] = L->w1[e]->v;
+            tw[E + e] = L->w2[e]->v;
+            tw[2 * E + e] = L->w3[e]->v;
+        }
+    const dw *d = (const dw *)stage(c, tw, (size_t)3 * E * sizeof *tw);
+    free(tw);
+    return d;
+}
+
+/* out[T, D] = shared expert(x) + sum_k ys[inv[t, k]] (ys, inv on the device) */
+static void moe_finish(be_cuda *c, const be_moe_layer *L, const float *x, int T, const float *ysb,
+                       const int32_t *dinv, float *out) {
+    be *b = &c->base;
+    int K = L->top_k, D = L->hidden, SI = L->shared_inter ? L->shared_inter : L->inter;
+    float *shb = NULL;
+    if (L->s1) {
+        float *g = (float *)scratch(b, (size_t)T * SI * sizeof(float));
+        float *p = (float *)scratch(b, (size_t)T * SI * sizeof(float));
+        shb = (float *)scratch(b, (size_t)T * D * sizeof(float));
+        expert_ffn(c, L->s1, L->s2, L->s3, x, T, D, SI, NULL, L->swiglu_limit, g, p, shb);
+        cu_free(b, g);
+        cu_free(b, p);
+    }
+    size_t nD = (size_t)T * D;
+    k_moe_combine<<<(unsigned)((nD + 255) / 256), 256, 0, c->s>>>(out, ysb, dinv, T, K, D, shb);
+    LAUNCHED();
+    if (shb) cu_free(b, shb);
+}
+
+/* T < MOE_TC_MIN, experts of one GEMV kind: grouping, experts and combine all on the device,
+ * without a host sync. No expert can have MOE_TC_MIN rows nor the tile path's 16 rows on
+ * average, so the host grouping takes the GEMV chunks too: same kernels, same bits. The chunk
+ * grid is sized for T·K chunks (at least one pair each); blocks past the count return. */
+static void moe_device(be_cuda *c, const be_moe_layer *L, int kind, const float *x, int T,
+                       const int32_t *sel, const float *wsel, float *out) {
+    be *b = &c->base;
+    int E = L->n_experts, K = L->top_k, D = L->hidden, I = L->inter, TK = T * K;
+    stage_reserve(c, (size_t)3 * E * sizeof(dw) + 256);
+    const dw *dtw = moe_table(c, L);
+    /* int32: off [E + 1], coff [E], nch [1], ptok [TK], inv [TK]; f32 pw [TK]; mchunk [TK] */
+    size_t n32 = (size_t)2 * E + 2 + (size_t)3 * TK;
+    int32_t *g = (int32_t *)scratch(b, n32 * 4 + (size_t)TK * sizeof(mchunk));
+    int32_t *off = g, *coff = off + E + 1, *nch = coff + E, *ptok = nch + 1, *inv = ptok + TK;
+    float *pw = (float *)(inv + TK);
+    mchunk *ch = (mchunk *)(pw + TK);
+    float *hbuf = (float *)scratch(b, (size_t)TK * I * sizeof(float));
+    float *ysb = (float *)scratch(b, (size_t)TK * D * sizeof(float));
+    k_moe_count<<<1, 1024, 0, c->s>>>(sel, TK, dtw, E, off, coff, nch, inv);
+    LAUNCHED();
+    k_moe_fill<<<E, 256, 0, c->s>>>(sel, wsel, TK, K, dtw, off, coff, ptok, pw, inv, ch);
+    LAUNCHED();
+    moe_grouped(c, kind, dtw, E, ch, TK, nch, ptok, pw, x, D, I, L->swiglu_limit, hbuf, ysb);
+    moe_finish(c, L, x, T, ysb, inv, out);
+    cu_free(b, g);
+    cu_free(b, hbuf);
+    cu_free(b, ysb);
+}
+
+void cu_moe(be *b, const be_moe_layer *L, const float *x, const int32_t *ids, int T,
+                   float *out) {
+    if (T <= 0) return;
+    be_cuda *c = C(b);
+    int E = L->n_experts, K = L->top_k, D = L->hidden, I = L->inter;
+    int SI = L->shared_inter ? L->shared_inter : I, IM = SI > I ? SI : I;
+    /* every element of both is written before it is read: not zeroed */
+    float *logits = (float *)scratch(b, (size_t)T * E * sizeof(float));
+    /* sel [T, K] int32 then wsel [T, K] f32 in one buffer: one download */
+    int32_t *sel = (int32_t *)scratch(b, (size_t)T * K * 8);
+    float *wsel = (float *)(sel + (size_t)T * K);
+    mm(c, L->gate, 0, E, x, D, logits, E, T);
+    const int32_t *hsel = NULL;
+    if (L->tid2eid) {
+        int32_t *h = (int32_t *)xmalloc((size_t)T * K * sizeof *h);
+        for (int t = 0; t < T; t++)
+            for (int k = 0; k < K; k++) h[(size_t)t * K + k] = (int32_t)L->tid2eid[(size_t)ids[t] * K + k];
+        hsel = (const int32_t *)stage(c, h, (size_t)T * K * sizeof *h);
+        free(h);
+    }
+    if (E > 1024 || K > 16) {
+        fprintf(stderr, "duet cuda: MoE with %d experts, top-%d unsupported (max 1024, 16)\n", E, K);
+        abort();
+    }
+    k_route<<<T, 256, 0, c->s>>>(logits, E, K, L->bias, hsel, L->norm_topk, L->route_scale, sel, wsel);
+    LAUNCHED();
+    int kind = experts_kind(L);
+    /* DUET_CUDA_MOE_HOST=1: the host grouping below for every T (to compare the two) */
+    const char *mh = getenv("DUET_CUDA_MOE_HOST");
+    if (T < MOE_TC_MIN && kind >= 0 && !(mh && atoi(mh))) {
+        moe_device(c, L, kind, x, T, sel, wsel, out);
+        cu_free(b, logits);
+        cu_free(b, sel);
+        return;
+    }
+    /* group rows by expert on the host (one sync per layer): the row counts choose each
+     * expert's path (tensor cores, tiles or GEMV chunks) and size the cuBLAS calls */
+    int32_t *hs = (int32_t *)xmalloc((size_t)T * K * 8);
+    float *hw = (float *)(hs + (size_t)T * K);
+    cu_download(b, hs, sel, (size_t)T * K * 8);
+    int *cnt = (int *)xcalloc((size_t)E + 1, sizeof *cnt);
+    for (int i = 0; i < T * K; i++)
+        if (hs[i] >= 0 && hs[i] < E) cnt[hs[i] + 1]++;
+    for (int e = 0; e < E; e++) cnt[e + 1] += cnt[e];
+    int32_t *rows = (int32_t *)xmalloc((size_t)T * K * sizeof *rows);
+    float *wts = (float *)xmalloc((size_t)T * K * sizeof *wts);
+    int *fillp = (int *)xmalloc((size_t)E * sizeof *fillp);
+    memcpy(fillp, cnt, (size_t)E * sizeof *fillp);
+    for (int t = 0; t < T; t++)
+        for (int k = 0; k < K; k++) {
+            int e = hs[(size_t)t * K + k];
+            if (e < 0 || e >= E) continue;
+            rows[fillp[e]] = t;
+            wts[fillp[e]++] = hw[(size_t)t * K + k];
+        }
+    int np = cnt[E];
+    int nchunks = 0;
+    for (int e = 0; e < E; e++)
+        if (L->w1[e]) nchunks += (cnt[e + 1] - cnt[e] + 7) / 8;
+    if (kind >= 0 && nchunks > 0 && nchunks <= 65535) {
+        /* grouped: every routed expert in two launches, then one combine */
+        /* experts with >= MOE_TC_MIN rows go to the tensor cores (moe_tc), the rest to the
+         * SIMT grouped GEMV chunks or 64-row tiles */
+        unsigned char *big = (unsigned char *)xcalloc((size_t)E, 1);
+        if (kind != WK_F32)
+            for (int e = 0; e < E; e++) big[e] = L->w1[e] && cnt[e + 1] - cnt[e] >= MOE_TC_MIN;
+        mchunk *ch = (mchunk *)xmalloc((size_t)nchunks * sizeof *ch);
+        int nc = 0;
+        for (int e = 0; e < E; e++)
+            for (int p0 = cnt[e]; L->w1[e] && !big[e] && p0 < cnt[e + 1]; p0 += 8)
+                ch[nc++] = (mchunk){e, p0, cnt[e + 1] - p0 < 8 ? cnt[e + 1] - p0 : 8};
+        int32_t *inv = (int32_t *)xmalloc((size_t)T * K * sizeof *inv);
+        for (int i = 0; i < T * K; i++) inv[i] = -1;
+        {
+            int *fp = (int *)xmalloc((size_t)E * sizeof *fp);
+            memcpy(fp, cnt, (size_t)E * sizeof *fp);
+            for (int t = 0; t < T; t++)
+                for (int k = 0; k < K; k++) {
+                    int e = hs[(size_t)t * K + k];
+                    if (e >= 0 && e < E && L->w1[e]) inv[(size_t)t * K + k] = fp[e]++;
+                    else if (e >= 0 && e < E) fp[e]++;
+                }
+            free(fp);
+        }
+        stage_reserve(c, (size_t)3 * E * sizeof(dw) + (size_t)nchunks * sizeof(mchunk) +
+                             (size_t)(np + 1) * 8 + (size_t)T * K * 4 +
+                             (size_t)(np / 64 + E + 1) * sizeof(int) * 3 + 8 * 256);
+        const dw *dtw = moe_table(c, L);
+        const mchunk *dch = (const mchunk *)stage(c, ch, (size_t)nchunks * sizeof *ch);
+        int32_t *dtok = (int32_t *)stage(c, rows, (size_t)(np ? np : 1) * sizeof *rows);
+        float *dpw = (float *)stage(c, wts, (size_t)(np ? np : 1) * sizeof *wts);
+        int32_t *dinv = (int32_t *)stage(c, inv, (size_t)T * K * sizeof *inv);
+        float *hbuf = nc ? (float *)scratch(b, (size_t)np * I * sizeof(float)) : NULL;
+        float *ysb = (float *)scratch(b, (size_t)np * D * sizeof(float));
+        int n_active = 0, np_small = 0;
+        for (int e = 0; e < E; e++)
+            if (L->w1[e] && !big[e] && cnt[e + 1] > cnt[e]) {
+                n_active++;
+                np_small += cnt[e + 1] - cnt[e];
+            }
+        if (!nc) {
+            /* every expert with rows is on the tensor cores */
+        } else if (np_small >= 16 * (n_active ? n_active : 1)) {
+            /* many rows per expert: 64-row tiles, each expert's weights read once per tile */
+            int ntl = 0;
+            for (int e = 0; e < E; e++)
+                if (L->w1[e] && !big[e]) ntl += (cnt[e + 1] - cnt[e] + 63) / 64;
+            gtile *tl = (gtile *)xmalloc((size_t)(ntl ? ntl : 1) * sizeof *tl);
+            int q = 0;
+            for (int e = 0; e < E; e++)
+                for (int p0 = cnt[e]; L->w1[e] && !big[e] && p0 < cnt[e + 1]; p0 += 64)
+                    tl[q++] = (gtile){e, p0, cnt[e + 1] - p0 < 64 ? cnt[e + 1] - p0 : 64};
+            const gtile *dtl = (const gtile *)stage(c, tl, (size_t)(ntl ? ntl : 1) * sizeof *tl);
+            float *pb = (float *)scratch(b, (size_t)np * I * sizeof(float));
+            k_gemm_grouped<<<dim3((I + TN - 1) / TN, ntl), 256, 0, c->s>>>(dtw, dtl, I, x, D, dtok, hbuf, I);
+            LAUNCHED();
+            k_gemm_grouped<<<dim3((I + TN - 1) / TN, ntl), 256, 0, c->s>>>(dtw + 2 * E, dtl, I, x, D, dtok, pb, I);
+            LAUNCHED();
+            size_t nI = (size_t)np * I;
+            k_swiglu<<<(unsigned)((nI + 255) / 256), 256, 0, c->s>>>(hbuf, pb, np, I, L->swiglu_limit, dpw);
+            LAUNCHED();
+            k_gemm_grouped<<<dim3((D + TN - 1) / TN, ntl), 256, 0, c->s>>>(dtw + E, dtl, D, hbuf, I, NULL, ysb, D);
+            LAUNCHED();
+            cu_free(b, pb);
+            free(tl);
+        } else {
+            moe_grouped(c, kind, dtw, E, dch, nc, NULL, dtok, dpw, x, D, I, L->swiglu_limit, hbuf, ysb);
+        }
+        moe_tc(c, L, cnt, big, x, dtok, dpw, ysb);
+        moe_finish(c, L, x, T, ysb, dinv, out);
+        cu_free(b, hbuf);
+        cu_free(b, ysb);
+        free(ch);
+        free(big);
+        free(inv);
+    } else {
+    /* fallback: one expert at a time */
+    stage_reserve(c, (size_t)T * K * 8 + 2 * 256);
+    int32_t *drows = (int32_t *)stage(c, rows, (size_t)T * K * sizeof *rows);
+    float *dwts = (float *)stage(c, wts, (size_t)T * K * sizeof *wts);
+    float *xs = (float *)cu_alloc(b, (size_t)T * D * sizeof(float));
+    float *ys = (float *)cu_alloc(b, (size_t)T * D * sizeof(float));
+    float *g = (float *)cu_alloc(b, (size_t)T * IM * sizeof(float));
+    float *p = (float *)cu_alloc(b, (size_t)T * IM * sizeof(float));
+    CK(cudaMemsetAsync(out, 0, (size_t)T * D * sizeof(float), c->s));
+    for (int e = 0; e < E; e++) {
+        int n = cnt[e + 1] - cnt[e];
+        if (!n || !L->w1[e]) continue;
+        size_t nD = (size_t)n * D;
+        k_gather<<<(unsigned)((nD + 255) / 256), 256, 0, c->s>>>(x, drows + cnt[e], n, D, xs);
+        LAUNCHED();
+        expert_ffn(c, L->w1[e], L->w2[e], L->w3[e], xs, n, D, I, dwts + cnt[e], L->swiglu_limit,
+                   g, p, ys);
+        k_scatter_add<<<(unsigned)((nD + 255) / 256), 256, 0, c->s>>>(out, ys, drows + cnt[e], n, D);
+        LAUNCHED();
+    }
+    if (L->s1) {
+        expert_ffn(c, L->s1, L->s2, L->s3, x, T, D, SI, NULL, L->swiglu_limit, g, p, ys);
+        size_t nD = (size_t)T * D;
+        k_scatter_add<<<(unsigned)((nD + 255) / 256), 256, 0, c->s>>>(out, ys, NULL, T, D);
+        LAUNCHED();
+    }
+    cu_free(b, xs);
+    cu_free(b, ys);
+    cu_free(b, g);
+    cu_free(b, p);
+    }
+    cu_free(b, logits);
+    cu_free(b, sel);
+    free(hs);
+    free(cnt);
+    free(rows);
+    free(wts);
+    free(fillp);
+}
