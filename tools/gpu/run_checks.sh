@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# On the GPU machine, one device-tool call: the CUDA op test, the golden test (device-side and
+# host-side MoE grouping), the CUDA worker behind the coordinator vs a CPU worker, and
+# optionally duet-bench. Binaries come from a release build with -Dcuda=enabled made on the dev
+# machine and carried in an ignored folder D (default .dev/g):
+#   D/bin/{duet-worker,duet-generate,duet-coordinator,duetctl,test_cuda_ops,test_cuda_golden,
+#          duet-bench}, D/lib/ (libjansson, libuv, libprotobuf-c, libevent: the GPU machine lacks
+#   some), D/tiny/ (mkmodel --seed 1).
+# Output under $OUT: ops.txt, golden.txt, golden-host.txt, worker.txt, bench-*.txt/csv.
+#   tools/gpu/run_checks.sh [D] [--bench "duet-bench args"] [--no-checks]
+set -u
+cd "$(dirname "$0")/../.."
+D=.dev/g; [ $# -gt 0 ] && [ "${1#--}" = "$1" ] && { D=$1; shift; }
+BENCH=""; CHECKS=1
+while [ $# -gt 0 ]; do case $1 in
+  --bench) BENCH=$2; shift 2;; --no-checks) CHECKS=0; shift;; *) echo "unknown $1"; exit 2;; esac; done
+export LD_LIBRARY_PATH=$PWD/$D/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+O=${OUT:-/tmp/out}; mkdir -p "$O"; B=$D/bin
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $O/device.txt
+if [ $CHECKS = 1 ]; then
+  date +%T; timeout 200 $B/test_cuda_ops > $O/ops.txt 2>&1; echo "ops rc=$?"; tail -2 $O/ops.txt
+  grep -c "moe dev=host" $O/ops.txt | sed 's/^/moe dev=host rows: /'; grep -i "FAIL" $O/ops.txt | head
+  for m in dev host; do
+    f=$O/golden.txt; [ $m = host ] && f=$O/golden-host.txt
+    date +%T
+    DUET_CUDA_MOE_HOST=$([ $m = host ] && echo 1 || echo 0) \
+      timeout 150 $B/test_cuda_golden $D/tiny tests/golden/fixtures > $f 2>&1; echo "golden ($m MoE) rc=$?"
+    tail -13 $f
+  done
+  # the worker on each backend behind the coordinator: same greedy tokens
+  R=$(mktemp -d); chmod 700 $R; head -c 32 /dev/urandom | base64 > $R/token; chmod 600 $R/token
+  P="0 128 256 384 512 640 768 896 5 9 77 300 301 302 303 304 305 306 307 308 309"
+  {
+  for be in cpu cuda; do
+    port=$([ $be = cpu ] && echo 27100 || echo 27200)
+    $B/duet-worker --rank 0 --world-size 1 --model $D/tiny --auth-token-file $R/token \
+       --listen 127.0.0.1:$port --backend $be > $R/w-$be.out 2> $R/w-$be.log & WP=$!
+    for i in $(seq 1 300); do grep -q "listening on" $R/w-$be.out 2>/dev/null && break; sleep 0.1; done
+    $B/duet-coordinator --workers 127.0.0.1:$port --auth-token-file $R/token --block-size 128 \
+       --admin-socket $R/adm-$be/admin.sock > $R/c-$be.out 2> $R/c-$be.log & CP=$!
+    for i in $(seq 1 300); do
+      $B/duetctl -s $R/adm-$be/admin.sock --json status 2>/dev/null | grep -q '"warm": *true' && break
+      sleep 0.1; done
+    echo "== $be: 32 greedy tokens, twice (the second through the prefix cache)"
+    for k in 1 2; do
+      $B/duetctl -s $R/adm-$be/admin.sock --json generate --max-tokens 32 "$P $P $P $P $P $P $P" \
+        | python3 -c 'import json,sys; r=json.load(sys.stdin); print(r.get("cached_tokens"), r["token_ids"])'
+    done
+    kill $CP; wait $CP 2>/dev/null; kill $WP; wait $WP 2>/dev/null
+    echo "-- worker log ($be)"; tail -4 $R/w-$be.log
+  done
+  } > $O/worker.txt 2>&1
+  cat $O/worker.txt | grep -v "^--\|^\[" | head -12
+fi
+if [ -n "$BENCH" ]; then
+  for m in dev host; do
+    date +%T
+    DUET_CUDA_MOE_HOST=$([ $m = host ] && echo 1 || echo 0) timeout 280 $B/duet-bench $BENCH \
+      --csv $O/bench-$m.csv --breakdown $O/bench-$m-breakdown.csv > $O/bench-$m.txt 2>&1
+    echo "bench ($m MoE) rc=$?"; grep -v "^    " $O/bench-$m.txt | tail -25
+  done
+fi
+date +%T
