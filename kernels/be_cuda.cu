@@ -138,3 +138,5 @@ extern "C" const char *be_cuda_device_name(const be *b, int *cc_major, int *cc_m
     if (cc_minor) *cc_minor = c->ccmin;
     return c->name;
 }
+
+extern "C" void *be_cuda_stream(const be *b) { return (void *)((const be_cuda *)b)->s; }

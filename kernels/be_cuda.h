@@ -42,6 +42,10 @@ int be_cuda_sync(be *b, char *err, size_t errlen);
 /* Name of the device ("NVIDIA H100 80GB HBM3") and its compute capability. */
 const char *be_cuda_device_name(const be *b, int *cc_major, int *cc_minor);
 
+/* The backend's CUDA stream (a cudaStream_t), on which every op is queued: for benchmarks
+ * that time ops between CUDA events. */
+void *be_cuda_stream(const be *b);
+
 /* ---- synthetic weights for benchmarks (tools/bench) -------------------------------------- */
 /* A weight of kind CK_FP8_WEIGHT (block_n x block_k e8m0 scales), CK_FP4_WEIGHT (1 x 32) or
  * CK_PLAIN bf16 (dtype ST_BF16) with the given logical shape, filled on the GPU with random

@@ -12,22 +12,53 @@
 /* matmul: y[T, N] = x[T, K] · W[row0 : row0+N]ᵀ                                             */
 /* ======================================================================================== */
 
-/* --- small T: one warp per weight row, 16-byte weight loads, TT tokens at once ----------- */
-
+/* --- small T: R weight rows per warp, 16-byte weight loads, TT tokens at once -------------
+ * A block of 8 warps holds 8/KS row groups of R rows; the KS warps of a group take interleaved
+ * slices of K (so that a few hundred rows still fill the GPU) and are summed in shared memory
+ * in slice order. Each lane's partial sums are reduced over the warp by shuffles. */
 template <int KIND, int TT>
 __global__ void __launch_bounds__(256) k_gemv(dw w, int row0, int N, const float *__restrict__ x,
-                                              int ldx, float *__restrict__ y, int ldy, int T) {
+                                              int ldx, float *__restrict__ y, int ldy, int T,
+                                              int KS, int sh) {
+    enum { R = gemv_r<TT>::R };
+    __shared__ float red[8][R * TT];
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    int n = blockIdx.x * 8 + warp;
-    if (n >= N) return;
+    int g = warp / KS, ks = warp % KS;
+    int n0 = (blockIdx.x * (8 / KS) + g) * R;
+    int wn[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) wn[r] = row0 + (n0 + r < N ? n0 + r : N - 1);
     const float *xr[TT];
 #pragma unroll
     for (int t = 0; t < TT; t++) xr[t] = x + (size_t)(t < T ? t : 0) * ldx;
-    float acc[TT];
-    gemv_row<KIND, TT>(w, row0 + n, xr, T, lane, acc);
+    float acc[R][TT];
+    gemv_rows<KIND, TT, R>(w, wn, xr, T, lane + 32 * ks, 32 * KS, sh, acc);
 #pragma unroll
-    for (int t = 0; t < TT; t++)
-        if (t < T && lane == 0) y[(size_t)t * ldy + n] = acc[t];
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int t = 0; t < TT; t++) acc[r][t] = warp_sum(acc[r][t]);
+    if (KS > 1) {
+        if (lane == 0)
+#pragma unroll
+            for (int r = 0; r < R; r++)
+#pragma unroll
+                for (int t = 0; t < TT; t++) red[warp][r * TT + t] = acc[r][t];
+        __syncthreads();
+        if (ks) return;
+#pragma unroll
+        for (int r = 0; r < R; r++)
+#pragma unroll
+            for (int t = 0; t < TT; t++) {
+                float v = red[warp][r * TT + t];
+                for (int k = 1; k < KS; k++) v += red[warp + k][r * TT + t];
+                acc[r][t] = v;
+            }
+    }
+#pragma unroll
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int t = 0; t < TT; t++)
+            if (lane == (r * TT + t) % 32 && t < T && n0 + r < N) y[(size_t)t * ldy + n0 + r] = acc[r][t];
 }
 
 /* --- any T: 64x64 tiles, weights decoded into shared memory, 4x4 outputs per thread ------ */
@@ -36,28 +67,38 @@ __global__ void __launch_bounds__(256) k_gemm(dw w, int row0, int N, const float
     gemm_tile(w, row0, N, x, ldx, NULL, y, ldy, T, blockIdx.y * TM, blockIdx.x * TN);
 }
 
+/* warps wanted in flight for a GEMV launch: 132 SMs x 32 on an H100 */
+enum { GEMV_WARPS = 4096 };
+
+template <int KIND, int TT>
+static void gemv_launch1(be_cuda *c, const dw &w, int row0, int N, const float *x, int ldx,
+                         float *y, int ldy, int T, int sh) {
+    enum { R = gemv_r<TT>::R };
+    int groups = (N + R - 1) / R, nch = w.cols / wk_epc(w.kind), KS = 1;
+    while (KS < 8 && groups * KS < GEMV_WARPS && 64 * KS <= nch) KS *= 2;
+    int per = 8 / KS;
+    k_gemv<KIND, TT><<<(groups + per - 1) / per, 256, 0, c->s>>>(w, row0, N, x, ldx, y, ldy, T, KS, sh);
+    LAUNCHED();
+}
+
 template <int KIND>
 static void gemv_launch(be_cuda *c, const dw &w, int row0, int N, const float *x, int ldx,
-                        float *y, int ldy, int T) {
-    dim3 g((N + 7) / 8);
+                        float *y, int ldy, int T, int sh) {
     for (int t = 0; t < T; t += 8) {
         int tt = T - t < 8 ? T - t : 8;
         const float *xt = x + (size_t)t * ldx;
         float *yt = y + (size_t)t * ldy;
-        if (tt == 1) k_gemv<KIND, 1><<<g, 256, 0, c->s>>>(w, row0, N, xt, ldx, yt, ldy, tt);
-        else if (tt <= 2) k_gemv<KIND, 2><<<g, 256, 0, c->s>>>(w, row0, N, xt, ldx, yt, ldy, tt);
-        else if (tt <= 4) k_gemv<KIND, 4><<<g, 256, 0, c->s>>>(w, row0, N, xt, ldx, yt, ldy, tt);
-        else k_gemv<KIND, 8><<<g, 256, 0, c->s>>>(w, row0, N, xt, ldx, yt, ldy, tt);
-        LAUNCHED();
+        if (tt == 1) gemv_launch1<KIND, 1>(c, w, row0, N, xt, ldx, yt, ldy, tt, sh);
+        else if (tt <= 2) gemv_launch1<KIND, 2>(c, w, row0, N, xt, ldx, yt, ldy, tt, sh);
+        else if (tt <= 4) gemv_launch1<KIND, 4>(c, w, row0, N, xt, ldx, yt, ldy, tt, sh);
+        else gemv_launch1<KIND, 8>(c, w, row0, N, xt, ldx, yt, ldy, tt, sh);
     }
 }
 
+/* gemv_shift(w), or -1 when the GEMV cannot take this call (x not 16-byte rows) */
 static int gemv_ok(const dw &w, const float *x, int ldx) {
-    int epc = w.kind == WK_FP8 ? 16 : w.kind == WK_FP4 ? 32 : w.kind == WK_BF16 ? 8 : 4;
-    if (w.cols % epc || ((uintptr_t)x & 15) || ldx % 4) return 0;
-    if (w.kind == WK_FP8 && w.bk % 16) return 0;
-    if (w.kind == WK_FP4 && w.bk % 32) return 0;
-    return 1;
+    if (((uintptr_t)x & 15) || ldx % 4) return -1;
+    return gemv_shift(w);
 }
 
 /* --- many rows (T >= TC_MIN_T): bf16 tensor cores through cuBLAS, fp32-level accuracy -------
@@ -265,12 +306,13 @@ void mm(be_cuda *c, const be_weight *W, int row0, int N, const float *x, int ldx
                int ldy, int T) {
     if (T <= 0 || N <= 0) return;
     const dw &w = W->v;
-    if (T <= 16 && gemv_ok(w, x, ldx)) {
+    int sh = T <= 16 ? gemv_ok(w, x, ldx) : -1;
+    if (sh >= 0) {
         switch (w.kind) {
-        case WK_FP8: gemv_launch<WK_FP8>(c, w, row0, N, x, ldx, y, ldy, T); break;
-        case WK_FP4: gemv_launch<WK_FP4>(c, w, row0, N, x, ldx, y, ldy, T); break;
-        case WK_BF16: gemv_launch<WK_BF16>(c, w, row0, N, x, ldx, y, ldy, T); break;
-        default: gemv_launch<WK_F32>(c, w, row0, N, x, ldx, y, ldy, T); break;
+        case WK_FP8: gemv_launch<WK_FP8>(c, w, row0, N, x, ldx, y, ldy, T, sh); break;
+        case WK_FP4: gemv_launch<WK_FP4>(c, w, row0, N, x, ldx, y, ldy, T, sh); break;
+        case WK_BF16: gemv_launch<WK_BF16>(c, w, row0, N, x, ldx, y, ldy, T, sh); break;
+        default: gemv_launch<WK_F32>(c, w, row0, N, x, ldx, y, ldy, T, sh); break;
         }
         return;
     }

@@ -192,118 +192,180 @@ __device__ __forceinline__ void rope_pair(float *r, int i, int pos, const float 
 
 /* ---- GEMV building blocks (be_cuda_gemm.cu's k_gemv, be_cuda_moe.cu's grouped experts) ----- */
 
-/* Weight rows are read in 16-byte chunks: raw() loads chunk `ch` of row n, dec() expands it
- * into EPC floats (without scale), scale() is the chunk's e8m0 scale (1 for BF16/F32). */
+/* 16 bytes of weights that are read once: no L1 allocation, so x (re-read by every row) stays */
+__device__ __forceinline__ uint4 ld_stream16(const void *p) {
+    uint4 v;
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+
+/* Weight rows are read in 16-byte chunks of EPC elements, each 32-bit word of a chunk holds EPW
+ * elements: dec() expands word u into EPW floats (times POST⁻¹: FP4 is expanded through f16,
+ * 2^-14 of its value, so that the f16 -> f32 conversion does the work); the chunk's partial dot
+ * is multiplied by POST and by the chunk's e8m0 scale (1 for BF16/F32). All scale factors are
+ * powers of two, so the result is the same function as decoding to f32 first. */
 template <int KIND> struct wchunk;
 template <> struct wchunk<WK_FP8> {
-    enum { EPC = 16 };
-    static __device__ __forceinline__ uint4 raw(const dw &w, int n, int ch) {
-        return __ldg((const uint4 *)((const uint8_t *)w.data + (size_t)n * w.cols) + ch);
-    }
-    static __device__ __forceinline__ float scale(const dw &w, int n, int ch) {
-        return fd_e8m0_to_f32(__ldg(w.scale + (n / w.bn) * w.scols + (ch * 16) / w.bk));
-    }
-    static __device__ __forceinline__ void dec(uint4 v, float *o) {
-        uint32_t u[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            __half2_raw lo = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(u[i] & 0xFFFF), __NV_E4M3);
-            __half2_raw hi = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(u[i] >> 16), __NV_E4M3);
-            float2 a = __half22float2(__half2(lo)), bb = __half22float2(__half2(hi));
-            o[4 * i] = a.x; o[4 * i + 1] = a.y; o[4 * i + 2] = bb.x; o[4 * i + 3] = bb.y;
-        }
+    enum { EPC = 16, EPW = 4, SCALED = 1 };
+    static __device__ __forceinline__ float post() { return 1.0f; }
+    static __device__ __forceinline__ void dec(uint32_t u, float *o) {
+        __half2_raw lo = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(u & 0xFFFF), __NV_E4M3);
+        __half2_raw hi = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(u >> 16), __NV_E4M3);
+        float2 a = __half22float2(__half2(lo)), bb = __half22float2(__half2(hi));
+        o[0] = a.x; o[1] = a.y; o[2] = bb.x; o[3] = bb.y;
     }
 };
 template <> struct wchunk<WK_FP4> {
-    enum { EPC = 32 };
-    static __device__ __forceinline__ uint4 raw(const dw &w, int n, int ch) {
-        return __ldg((const uint4 *)((const uint8_t *)w.data + (size_t)n * (w.cols / 2)) + ch);
-    }
-    static __device__ __forceinline__ float scale(const dw &w, int n, int ch) {
-        return fd_e8m0_to_f32(__ldg(w.scale + (size_t)n * w.scols + (ch * 32) / w.bk));
-    }
-    static __device__ __forceinline__ void dec(uint4 v, float *o) {
-        uint32_t u[4] = {v.x, v.y, v.z, v.w};
+    enum { EPC = 32, EPW = 8, SCALED = 1 };
+    static __device__ __forceinline__ float post() { return 16384.0f; }
+    /* nibble j (s e1 e0 m) -> f16 bits s00 0e1e0 m000000000: 2^-14 of the e2m1 value (e = 0:
+     * f16 subnormal m·2^-15); nibbles j and j + 4 share one f16x2 word */
+    static __device__ __forceinline__ void dec(uint32_t u, float *o) {
+        const uint32_t M = 0x0E000E00u, S = 0x80008000u;
+        uint32_t h[4] = {((u << 9) & M) | ((u << 12) & S), ((u << 5) & M) | ((u << 8) & S),
+                         ((u << 1) & M) | ((u << 4) & S), ((u >> 3) & M) | (u & S)};
 #pragma unroll
-        for (int i = 0; i < 4; i++)
-#pragma unroll
-            for (int j = 0; j < 8; j++) o[8 * i + j] = fd_e2m1_to_f32((u[i] >> (4 * j)) & 15u);
+        for (int j = 0; j < 4; j++) {
+            __half2_raw r;
+            r.x = (unsigned short)(h[j] & 0xFFFF);
+            r.y = (unsigned short)(h[j] >> 16);
+            float2 f = __half22float2(__half2(r));
+            o[j] = f.x;
+            o[j + 4] = f.y;
+        }
     }
 };
 template <> struct wchunk<WK_BF16> {
-    enum { EPC = 8 };
-    static __device__ __forceinline__ uint4 raw(const dw &w, int n, int ch) {
-        return __ldg((const uint4 *)((const uint16_t *)w.data + (size_t)n * w.cols) + ch);
-    }
-    static __device__ __forceinline__ float scale(const dw &, int, int) { return 1.0f; }
-    static __device__ __forceinline__ void dec(uint4 v, float *o) {
-        uint32_t u[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            o[2 * i] = __uint_as_float(u[i] << 16);
-            o[2 * i + 1] = __uint_as_float(u[i] & 0xFFFF0000u);
-        }
+    enum { EPC = 8, EPW = 2, SCALED = 0 };
+    static __device__ __forceinline__ float post() { return 1.0f; }
+    static __device__ __forceinline__ void dec(uint32_t u, float *o) {
+        o[0] = __uint_as_float(u << 16);
+        o[1] = __uint_as_float(u & 0xFFFF0000u);
     }
 };
 template <> struct wchunk<WK_F32> {
-    enum { EPC = 4 };
-    static __device__ __forceinline__ uint4 raw(const dw &w, int n, int ch) {
-        return __ldg((const uint4 *)((const float *)w.data + (size_t)n * w.cols) + ch);
-    }
-    static __device__ __forceinline__ float scale(const dw &, int, int) { return 1.0f; }
-    static __device__ __forceinline__ void dec(uint4 v, float *o) {
-        o[0] = __uint_as_float(v.x); o[1] = __uint_as_float(v.y);
-        o[2] = __uint_as_float(v.z); o[3] = __uint_as_float(v.w);
-    }
+    enum { EPC = 4, EPW = 1, SCALED = 0 };
+    static __device__ __forceinline__ float post() { return 1.0f; }
+    static __device__ __forceinline__ void dec(uint32_t u, float *o) { o[0] = __uint_as_float(u); }
 };
 
-/* acc[t] += (one chunk of row wn) · x[t] for t < T */
-template <int KIND, int TT>
-__device__ __forceinline__ void gemv_chunk(uint4 rv, float s, int ch, const float *const *xr, int T,
-                                           float *acc) {
-    typedef wchunk<KIND> WC;
-    float wv[WC::EPC];
-    WC::dec(rv, wv);
+/* elements per 16-byte chunk of a weight kind (host and device) */
+__host__ __device__ static inline int wk_epc(int kind) {
+    return kind == WK_FP8 ? 16 : kind == WK_FP4 ? 32 : kind == WK_BF16 ? 8 : 4;
+}
+/* log2 of the chunks per scale block along K, or -1 when the GEMV cannot take the weight (K not
+ * whole chunks, scale blocks not a power-of-two number of chunks) */
+static inline int gemv_shift(const dw &w) {
+    int epc = wk_epc(w.kind);
+    if (w.cols % epc) return -1;
+    if (w.kind != WK_FP8 && w.kind != WK_FP4) return 0;
+    if (w.bk <= 0 || w.bk % epc) return -1;
+    int q = w.bk / epc, sh = 0;
+    while ((1 << sh) < q) sh++;
+    return (1 << sh) == q ? sh : -1;
+}
+
+template <int N> __device__ __forceinline__ void ldx(const float *p, float *o) {
+    if (N >= 4) {
 #pragma unroll
-    for (int t = 0; t < TT; t++) {
-        if (t < T) {
-            const float4 *xp = (const float4 *)(xr[t] + ch * WC::EPC);
-            float part = 0.f;
-#pragma unroll
-            for (int i = 0; i < WC::EPC / 4; i++) {
-                float4 xv = __ldg(xp + i);
-                part += wv[4 * i] * xv.x + wv[4 * i + 1] * xv.y + wv[4 * i + 2] * xv.z +
-                        wv[4 * i + 3] * xv.w;
-            }
-            acc[t] += part * s;
+        for (int i = 0; i < N / 4; i++) {
+            float4 v = __ldg((const float4 *)p + i);
+            o[4 * i] = v.x; o[4 * i + 1] = v.y; o[4 * i + 2] = v.z; o[4 * i + 3] = v.w;
         }
+    } else if (N == 2) {
+        float2 v = __ldg((const float2 *)p);
+        o[0] = v.x; o[1] = v.y;
+    } else {
+        o[0] = __ldg(p);
     }
 }
 
-/* One warp: the dot products of weight row wn with up to TT input rows xr[t]; the lane sums
- * are reduced over the warp (every lane gets them). Four chunks are loaded before use so that
- * 2 KB per warp are in flight. */
-template <int KIND, int TT>
-__device__ __forceinline__ void gemv_row(const dw &w, int wn, const float *const *xr, int T, int lane,
-                                         float *acc) {
+/* acc[r][t] += (chunk ch of rows r) · x[t] for t < T; rv/s: the R rows' chunks and scales */
+template <int KIND, int TT, int R>
+__device__ __forceinline__ void gemv_chunk(const uint4 *rv, const float *s, int ch,
+                                           const float *const *xr, int T, float (&acc)[R][TT]) {
     typedef wchunk<KIND> WC;
-    int nch = w.cols / WC::EPC, ch = lane;
+    float part[R][TT];
 #pragma unroll
-    for (int t = 0; t < TT; t++) acc[t] = 0.f;
-    for (; ch + 96 < nch; ch += 128) {
-        uint4 r0 = WC::raw(w, wn, ch), r1 = WC::raw(w, wn, ch + 32), r2 = WC::raw(w, wn, ch + 64),
-              r3 = WC::raw(w, wn, ch + 96);
-        float s0 = WC::scale(w, wn, ch), s1 = WC::scale(w, wn, ch + 32),
-              s2 = WC::scale(w, wn, ch + 64), s3 = WC::scale(w, wn, ch + 96);
-        gemv_chunk<KIND, TT>(r0, s0, ch, xr, T, acc);
-        gemv_chunk<KIND, TT>(r1, s1, ch + 32, xr, T, acc);
-        gemv_chunk<KIND, TT>(r2, s2, ch + 64, xr, T, acc);
-        gemv_chunk<KIND, TT>(r3, s3, ch + 96, xr, T, acc);
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int t = 0; t < TT; t++) part[r][t] = 0.f;
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        float wv[R][WC::EPW];
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            uint32_t u = i == 0 ? rv[r].x : i == 1 ? rv[r].y : i == 2 ? rv[r].z : rv[r].w;
+            WC::dec(u, wv[r]);
+        }
+#pragma unroll
+        for (int t = 0; t < TT; t++) {
+            if (t < T) {
+                float xv[WC::EPW];
+                ldx<WC::EPW>(xr[t] + ch * WC::EPC + i * WC::EPW, xv);
+#pragma unroll
+                for (int r = 0; r < R; r++)
+#pragma unroll
+                    for (int e = 0; e < WC::EPW; e++) part[r][t] = fmaf(wv[r][e], xv[e], part[r][t]);
+            }
+        }
     }
-    for (; ch < nch; ch += 32) gemv_chunk<KIND, TT>(WC::raw(w, wn, ch), WC::scale(w, wn, ch), ch, xr, T, acc);
 #pragma unroll
-    for (int t = 0; t < TT; t++) acc[t] = warp_sum(acc[t]);
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int t = 0; t < TT; t++)
+            if (t < T) acc[r][t] += WC::SCALED ? part[r][t] * WC::post() * s[r] : part[r][t];
 }
+
+/* One warp: this lane's share of the dot products of weight rows wn[0..R) with up to TT input
+ * rows xr[t], over the chunks c0, c0 + cs, ... (lane-interleaved: a warp reads 512 contiguous
+ * bytes of a row at a time). sh = gemv_shift(w). Two chunks of each row are loaded before use,
+ * so 2·R 16-byte loads per lane are in flight. Not reduced over the warp. */
+template <int KIND, int TT, int R>
+__device__ __forceinline__ void gemv_rows(const dw &w, const int *wn, const float *const *xr, int T,
+                                          int c0, int cs, int sh, float (&acc)[R][TT]) {
+    typedef wchunk<KIND> WC;
+    int nch = w.cols / WC::EPC;
+    const uint4 *rp[R];
+    const uint8_t *sp[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        rp[r] = (const uint4 *)((const uint8_t *)w.data + (size_t)wn[r] * (nch * 16));
+        sp[r] = WC::SCALED ? w.scale + (size_t)(KIND == WK_FP8 ? wn[r] / w.bn : wn[r]) * w.scols : NULL;
+#pragma unroll
+        for (int t = 0; t < TT; t++) acc[r][t] = 0.f;
+    }
+    int ch = c0;
+    for (; ch + cs < nch; ch += 2 * cs) {
+        uint4 ra[R], rb[R];
+        float sa[R], sb[R];
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            ra[r] = ld_stream16(rp[r] + ch);
+            rb[r] = ld_stream16(rp[r] + ch + cs);
+        }
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            sa[r] = WC::SCALED ? fd_e8m0_to_f32(__ldg(sp[r] + (ch >> sh))) : 1.f;
+            sb[r] = WC::SCALED ? fd_e8m0_to_f32(__ldg(sp[r] + ((ch + cs) >> sh))) : 1.f;
+        }
+        gemv_chunk<KIND, TT, R>(ra, sa, ch, xr, T, acc);
+        gemv_chunk<KIND, TT, R>(rb, sb, ch + cs, xr, T, acc);
+    }
+    if (ch < nch) {
+        uint4 ra[R];
+        float sa[R];
+#pragma unroll
+        for (int r = 0; r < R; r++) ra[r] = ld_stream16(rp[r] + ch);
+#pragma unroll
+        for (int r = 0; r < R; r++) sa[r] = WC::SCALED ? fd_e8m0_to_f32(__ldg(sp[r] + (ch >> sh))) : 1.f;
+        gemv_chunk<KIND, TT, R>(ra, sa, ch, xr, T, acc);
+    }
+}
+
+/* rows per warp of the GEMV for TT input rows: more rows share each x load, fewer registers */
+template <int TT> struct gemv_r { enum { R = TT >= 8 ? 2 : 4 }; };
 
 /* ---- 64x64 SIMT tiles (be_cuda_gemm.cu's k_gemm, be_cuda_moe.cu's grouped experts) ------- */
 enum { TM = 64, TN = 64, TK = 16 };

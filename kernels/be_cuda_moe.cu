@@ -133,44 +133,60 @@ __device__ __forceinline__ float swiglu_dev(float gv, float pv, float limit, flo
     return gv / (1.0f + expf(-gv)) * pv * wgt;
 }
 
-/* hbuf[pair, n] = swiglu(w1[e][n] · x[tok], w3[e][n] · x[tok]) * weight; grid (I/8, chunks);
- * nch (device, may be NULL): chunks actually present, blocks past it return (device grouping) */
-template <int KIND>
+/* hbuf[pair, n] = swiglu(w1[e][n] · x[tok], w3[e][n] · x[tok]) * weight; grid (I/(8R), chunks),
+ * R rows of w1 and of w3 per warp, TT >= the pairs of any chunk; nch (device, may be NULL):
+ * chunks actually present, blocks past it return (device grouping); sh = gemv_shift */
+template <int KIND, int TT>
 __global__ void __launch_bounds__(256) k_moe_up(const dw *w1s, const dw *w3s, const mchunk *chunks,
                                                 const int *nch, const int32_t *pair_tok,
                                                 const float *pair_w, const float *x, int ldx,
-                                                int I, float limit, float *hbuf) {
-    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, n = blockIdx.x * 8 + warp;
-    if (n >= I || (nch && (int)blockIdx.y >= *nch)) return;
+                                                int I, float limit, int sh, float *hbuf) {
+    enum { R = gemv_r<TT>::R };
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, n0 = (blockIdx.x * 8 + warp) * R;
+    if (n0 >= I || (nch && (int)blockIdx.y >= *nch)) return;
     mchunk ck = chunks[blockIdx.y];
-    const float *xr[8];
+    const float *xr[TT];
 #pragma unroll
-    for (int t = 0; t < 8; t++) xr[t] = x + (size_t)pair_tok[ck.p0 + (t < ck.n ? t : 0)] * ldx;
-    float g[8], p[8];
-    gemv_row<KIND, 8>(w1s[ck.e], n, xr, ck.n, lane, g);
-    gemv_row<KIND, 8>(w3s[ck.e], n, xr, ck.n, lane, p);
-    if (lane == 0)
+    for (int t = 0; t < TT; t++) xr[t] = x + (size_t)pair_tok[ck.p0 + (t < ck.n ? t : 0)] * ldx;
+    int wn[R];
 #pragma unroll
-        for (int t = 0; t < 8; t++)
-            if (t < ck.n) hbuf[(size_t)(ck.p0 + t) * I + n] = swiglu_dev(g[t], p[t], limit, pair_w[ck.p0 + t]);
+    for (int r = 0; r < R; r++) wn[r] = n0 + r < I ? n0 + r : I - 1;
+    float g[R][TT], p[R][TT];
+    gemv_rows<KIND, TT, R>(w1s[ck.e], wn, xr, ck.n, lane, 32, sh, g);
+    gemv_rows<KIND, TT, R>(w3s[ck.e], wn, xr, ck.n, lane, 32, sh, p);
+#pragma unroll
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int t = 0; t < TT; t++) {
+            float gv = warp_sum(g[r][t]), pv = warp_sum(p[r][t]);
+            if (lane == (r * TT + t) % 32 && t < ck.n && n0 + r < I)
+                hbuf[(size_t)(ck.p0 + t) * I + n0 + r] = swiglu_dev(gv, pv, limit, pair_w[ck.p0 + t]);
+        }
 }
 
-/* ys[pair, n] = w2[e][n] · hbuf[pair]; grid (D/8, chunks); nch as k_moe_up */
-template <int KIND>
+/* ys[pair, n] = w2[e][n] · hbuf[pair]; grid (D/(8R), chunks); nch, sh as k_moe_up */
+template <int KIND, int TT>
 __global__ void __launch_bounds__(256) k_moe_down(const dw *w2s, const mchunk *chunks, const int *nch,
-                                                  const float *hbuf, int I, int D, float *ys) {
-    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, n = blockIdx.x * 8 + warp;
-    if (n >= D || (nch && (int)blockIdx.y >= *nch)) return;
+                                                  const float *hbuf, int I, int D, int sh, float *ys) {
+    enum { R = gemv_r<TT>::R };
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, n0 = (blockIdx.x * 8 + warp) * R;
+    if (n0 >= D || (nch && (int)blockIdx.y >= *nch)) return;
     mchunk ck = chunks[blockIdx.y];
-    const float *xr[8];
+    const float *xr[TT];
 #pragma unroll
-    for (int t = 0; t < 8; t++) xr[t] = hbuf + (size_t)(ck.p0 + (t < ck.n ? t : 0)) * I;
-    float acc[8];
-    gemv_row<KIND, 8>(w2s[ck.e], n, xr, ck.n, lane, acc);
-    if (lane == 0)
+    for (int t = 0; t < TT; t++) xr[t] = hbuf + (size_t)(ck.p0 + (t < ck.n ? t : 0)) * I;
+    int wn[R];
 #pragma unroll
-        for (int t = 0; t < 8; t++)
-            if (t < ck.n) ys[(size_t)(ck.p0 + t) * D + n] = acc[t];
+    for (int r = 0; r < R; r++) wn[r] = n0 + r < D ? n0 + r : D - 1;
+    float acc[R][TT];
+    gemv_rows<KIND, TT, R>(w2s[ck.e], wn, xr, ck.n, lane, 32, sh, acc);
+#pragma unroll
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int t = 0; t < TT; t++) {
+            float v = warp_sum(acc[r][t]);
+            if (lane == (r * TT + t) % 32 && t < ck.n && n0 + r < D) ys[(size_t)(ck.p0 + t) * D + n0 + r] = v;
+        }
 }
 
 /* out[t] = shared[t] + sum_k ys[inv[t, k]] (inv -1: the pair's expert is another rank's) */
@@ -187,44 +203,60 @@ __global__ void k_moe_combine(float *out, const float *ys, const int32_t *inv, i
     out[idx] = shared ? s + shared[idx] : s;
 }
 
-/* The kind shared by every present routed expert and usable by the chunked GEMV, or -1. */
-static int experts_kind(const be_moe_layer *L) {
+/* The kind shared by every present routed expert and usable by the chunked GEMV, or -1; *sh:
+ * their common gemv_shift. */
+static int experts_kind(const be_moe_layer *L, int *sh) {
     int kind = -1;
+    *sh = -1;
     for (int e = 0; e < L->n_experts; e++) {
         if (!L->w1[e]) continue;
         const be_weight *ws[3] = {L->w1[e], L->w2[e], L->w3[e]};
         for (int j = 0; j < 3; j++) {
             const dw &w = ws[j]->v;
-            if (kind < 0) kind = w.kind;
-            int epc = w.kind == WK_FP8 ? 16 : w.kind == WK_FP4 ? 32 : w.kind == WK_BF16 ? 8 : 4;
-            if (w.kind != kind || w.cols % epc || (w.kind == WK_FP8 && w.bk % 16) ||
-                (w.kind == WK_FP4 && w.bk % 32))
-                return -1;
+            int s = gemv_shift(w);
+            if (kind < 0) {
+                kind = w.kind;
+                *sh = s;
+            }
+            if (w.kind != kind || s < 0 || s != *sh) return -1;
         }
     }
     return kind;
 }
 
-/* nch chunks (host count), or at most nch of them with the count in dnch (device count) */
+/* nch chunks (host count), or at most nch of them with the count in dnch (device count);
+ * maxn: the most pairs of any chunk (<= 8) */
+template <int KIND, int TT>
+static void moe_grouped_tt(be_cuda *c, const dw *dw1, const dw *dw2, const dw *dw3,
+                           const mchunk *dch, int nch, const int *dnch, const int32_t *ptok,
+                           const float *pw, const float *x, int D, int I, float limit, int sh,
+                           float *hbuf, float *ys) {
+    enum { R = gemv_r<TT>::R };
+    k_moe_up<KIND, TT><<<dim3((I + 8 * R - 1) / (8 * R), nch), 256, 0, c->s>>>(dw1, dw3, dch, dnch, ptok, pw, x, D, I, limit, sh, hbuf);
+    LAUNCHED();
+    k_moe_down<KIND, TT><<<dim3((D + 8 * R - 1) / (8 * R), nch), 256, 0, c->s>>>(dw2, dch, dnch, hbuf, I, D, sh, ys);
+    LAUNCHED();
+}
+
 template <int KIND>
 static void moe_grouped_launch(be_cuda *c, const dw *dw1, const dw *dw2, const dw *dw3,
                                const mchunk *dch, int nch, const int *dnch, const int32_t *ptok,
-                               const float *pw, const float *x, int D, int I, float limit,
-                               float *hbuf, float *ys) {
-    k_moe_up<KIND><<<dim3((I + 7) / 8, nch), 256, 0, c->s>>>(dw1, dw3, dch, dnch, ptok, pw, x, D, I, limit, hbuf);
-    LAUNCHED();
-    k_moe_down<KIND><<<dim3((D + 7) / 8, nch), 256, 0, c->s>>>(dw2, dch, dnch, hbuf, I, D, ys);
-    LAUNCHED();
+                               const float *pw, const float *x, int D, int I, float limit, int sh,
+                               int maxn, float *hbuf, float *ys) {
+    if (maxn <= 1) moe_grouped_tt<KIND, 1>(c, dw1, dw2, dw3, dch, nch, dnch, ptok, pw, x, D, I, limit, sh, hbuf, ys);
+    else if (maxn <= 2) moe_grouped_tt<KIND, 2>(c, dw1, dw2, dw3, dch, nch, dnch, ptok, pw, x, D, I, limit, sh, hbuf, ys);
+    else if (maxn <= 4) moe_grouped_tt<KIND, 4>(c, dw1, dw2, dw3, dch, nch, dnch, ptok, pw, x, D, I, limit, sh, hbuf, ys);
+    else moe_grouped_tt<KIND, 8>(c, dw1, dw2, dw3, dch, nch, dnch, ptok, pw, x, D, I, limit, sh, hbuf, ys);
 }
 
 static void moe_grouped(be_cuda *c, int kind, const dw *dtw, int E, const mchunk *dch, int nch,
                         const int *dnch, const int32_t *ptok, const float *pw, const float *x,
-                        int D, int I, float limit, float *hbuf, float *ys) {
+                        int D, int I, float limit, int sh, int maxn, float *hbuf, float *ys) {
     switch (kind) {
-    case WK_FP4: moe_grouped_launch<WK_FP4>(c, dtw, dtw + E, dtw + 2 * E, dch, nch, dnch, ptok, pw, x, D, I, limit, hbuf, ys); break;
-    case WK_FP8: moe_grouped_launch<WK_FP8>(c, dtw, dtw + E, dtw + 2 * E, dch, nch, dnch, ptok, pw, x, D, I, limit, hbuf, ys); break;
-    case WK_BF16: moe_grouped_launch<WK_BF16>(c, dtw, dtw + E, dtw + 2 * E, dch, nch, dnch, ptok, pw, x, D, I, limit, hbuf, ys); break;
-    default: moe_grouped_launch<WK_F32>(c, dtw, dtw + E, dtw + 2 * E, dch, nch, dnch, ptok, pw, x, D, I, limit, hbuf, ys); break;
+    case WK_FP4: moe_grouped_launch<WK_FP4>(c, dtw, dtw + E, dtw + 2 * E, dch, nch, dnch, ptok, pw, x, D, I, limit, sh, maxn, hbuf, ys); break;
+    case WK_FP8: moe_grouped_launch<WK_FP8>(c, dtw, dtw + E, dtw + 2 * E, dch, nch, dnch, ptok, pw, x, D, I, limit, sh, maxn, hbuf, ys); break;
+    case WK_BF16: moe_grouped_launch<WK_BF16>(c, dtw, dtw + E, dtw + 2 * E, dch, nch, dnch, ptok, pw, x, D, I, limit, sh, maxn, hbuf, ys); break;
+    default: moe_grouped_launch<WK_F32>(c, dtw, dtw + E, dtw + 2 * E, dch, nch, dnch, ptok, pw, x, D, I, limit, sh, maxn, hbuf, ys); break;
     }
 }
 
@@ -479,7 +511,7 @@ static void moe_finish(be_cuda *c, const be_moe_layer *L, const float *x, int T,
  * without a host sync. No expert can have MOE_TC_MIN rows nor the tile path's 16 rows on
  * average, so the host grouping takes the GEMV chunks too: same kernels, same bits. The chunk
  * grid is sized for T·K chunks (at least one pair each); blocks past the count return. */
-static void moe_device(be_cuda *c, const be_moe_layer *L, int kind, const float *x, int T,
+static void moe_device(be_cuda *c, const be_moe_layer *L, int kind, int sh, const float *x, int T,
                        const int32_t *sel, const float *wsel, float *out) {
     be *b = &c->base;
     int E = L->n_experts, K = L->top_k, D = L->hidden, I = L->inter, TK = T * K;
@@ -497,7 +529,7 @@ static void moe_device(be_cuda *c, const be_moe_layer *L, int kind, const float 
     LAUNCHED();
     k_moe_fill<<<E, 256, 0, c->s>>>(sel, wsel, TK, K, dtw, off, coff, ptok, pw, inv, ch);
     LAUNCHED();
-    moe_grouped(c, kind, dtw, E, ch, TK, nch, ptok, pw, x, D, I, L->swiglu_limit, hbuf, ysb);
+    moe_grouped(c, kind, dtw, E, ch, TK, nch, ptok, pw, x, D, I, L->swiglu_limit, sh, T < 8 ? T : 8, hbuf, ysb);
     moe_finish(c, L, x, T, ysb, inv, out);
     cu_free(b, g);
     cu_free(b, hbuf);
@@ -530,11 +562,11 @@ void cu_moe(be *b, const be_moe_layer *L, const float *x, const int32_t *ids, in
     }
     k_route<<<T, 256, 0, c->s>>>(logits, E, K, L->bias, hsel, L->norm_topk, L->route_scale, sel, wsel);
     LAUNCHED();
-    int kind = experts_kind(L);
+    int sh, kind = experts_kind(L, &sh);
     /* DUET_CUDA_MOE_HOST=1: the host grouping below for every T (to compare the two) */
     const char *mh = getenv("DUET_CUDA_MOE_HOST");
     if (T < MOE_TC_MIN && kind >= 0 && !(mh && atoi(mh))) {
-        moe_device(c, L, kind, x, T, sel, wsel, out);
+        moe_device(c, L, kind, sh, x, T, sel, wsel, out);
         cu_free(b, logits);
         cu_free(b, sel);
         return;
@@ -630,7 +662,7 @@ void cu_moe(be *b, const be_moe_layer *L, const float *x, const int32_t *ids, in
             cu_free(b, pb);
             free(tl);
         } else {
-            moe_grouped(c, kind, dtw, E, dch, nc, NULL, dtok, dpw, x, D, I, L->swiglu_limit, hbuf, ysb);
+            moe_grouped(c, kind, dtw, E, dch, nc, NULL, dtok, dpw, x, D, I, L->swiglu_limit, sh, T < 8 ? T : 8, hbuf, ysb);
         }
         moe_tc(c, L, cnt, big, x, dtok, dpw, ysb);
         moe_finish(c, L, x, T, ysb, dinv, out);
