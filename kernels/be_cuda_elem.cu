@@ -38,15 +38,59 @@ __global__ void k_rmsnorm(const float *x, const float *w, float *y, int n, float
     for (int i = threadIdx.x; i < n; i += blockDim.x) yr[i] = w ? w[i] * (xr[i] * r) : xr[i] * r;
 }
 
+/* one block per row, n % 4 == 0, 16-byte aligned rows, n <= 16 blockDim.x: every thread loads
+ * its (at most 4) float4 of the row once, keeps them for the second pass: one memory round
+ * trip per row instead of a strided loop per pass */
+__global__ void __launch_bounds__(1024) k_rmsnorm4(const float *x, const float *w, float *y, int n,
+                                                   float eps) {
+    __shared__ float sh[32];
+    int n4 = n / 4;
+    const float4 *xr = (const float4 *)(x + (size_t)blockIdx.x * n);
+    float4 *yr = (float4 *)(y + (size_t)blockIdx.x * n);
+    float4 v[4];
+    float ss = 0;
+#pragma unroll
+    for (int q = 0; q < 4; q++) {
+        int i = threadIdx.x + q * blockDim.x;
+        if (i < n4) {
+            v[q] = xr[i];
+            ss += v[q].x * v[q].x + v[q].y * v[q].y + v[q].z * v[q].z + v[q].w * v[q].w;
+        }
+    }
+    ss = block_sum(ss, sh);
+    float r = inv_rms_dev(ss, n, eps);
+#pragma unroll
+    for (int q = 0; q < 4; q++) {
+        int i = threadIdx.x + q * blockDim.x;
+        if (i < n4) {
+            float4 o = make_float4(v[q].x * r, v[q].y * r, v[q].z * r, v[q].w * r);
+            if (w) {
+                float4 wv = ((const float4 *)w)[i];
+                o = make_float4(wv.x * o.x, wv.y * o.y, wv.z * o.z, wv.w * o.w);
+            }
+            yr[i] = o;
+        }
+    }
+}
+
+static void rmsnorm_launch(be_cuda *c, const float *x, const float *w, float *y, int rows, int n,
+                           float eps) {
+    int nt = (n / 4 + 31) / 32 * 32;
+    nt = nt < 1024 ? nt : 1024;
+    if (n % 4 == 0 && n <= 16 * nt && !(((uintptr_t)x | (uintptr_t)y | (uintptr_t)w) & 15))
+        k_rmsnorm4<<<rows, nt, 0, c->s>>>(x, w, y, n, eps);
+    else
+        k_rmsnorm<<<rows, n >= 256 ? 256 : 128, 0, c->s>>>(x, w, y, n, eps);
+    LAUNCHED();
+}
+
 void cu_rmsnorm(be *b, const float *x, const float *w, float *y, int T, int n, float eps) {
     if (T <= 0) return;
-    k_rmsnorm<<<T, 256, 0, C(b)->s>>>(x, w, y, n, eps);
-    LAUNCHED();
+    rmsnorm_launch(C(b), x, w, y, T, n, eps);
 }
 void cu_head_rms(be *b, float *x, int rows, int dim, float eps) {
     if (rows <= 0) return;
-    k_rmsnorm<<<rows, dim >= 256 ? 256 : 128, 0, C(b)->s>>>(x, NULL, x, dim, eps);
-    LAUNCHED();
+    rmsnorm_launch(C(b), x, NULL, x, rows, dim, eps);
 }
 
 /* grid (T*n_heads), threads over pairs */
@@ -61,9 +105,14 @@ void cu_rope(be *b, float *x, int T, int n_heads, int head_dim, int rope_dims,
                     const int32_t *pos, const float *omega, int inverse) {
     if (T <= 0 || n_heads <= 0) return;
     be_cuda *c = C(b);
-    stage_reserve(c, (size_t)T * sizeof *pos + (size_t)rope_dims * sizeof *omega + 512);
-    const int32_t *dp = (const int32_t *)stage(c, pos, (size_t)T * sizeof *pos);
-    const float *dom = (const float *)stage(c, omega, (size_t)(rope_dims / 2) * sizeof *omega);
+    /* positions and omega in one staged copy */
+    size_t np = round_up((size_t)T, 4), no = (size_t)(rope_dims / 2);
+    int32_t *hb = (int32_t *)xmalloc((np + no) * 4);
+    memcpy(hb, pos, (size_t)T * sizeof *pos);
+    memcpy(hb + np, omega, no * sizeof *omega);
+    const int32_t *dp = (const int32_t *)stage(c, hb, (np + no) * 4);
+    const float *dom = (const float *)(dp + np);
+    free(hb);
     k_rope<<<T * n_heads, 32, 0, c->s>>>(x, n_heads, head_dim, rope_dims, dp, dom, inverse);
     LAUNCHED();
 }
@@ -94,6 +143,32 @@ __device__ void sinkhorn_dev(float *Cm, int n, int iters, float eps) {
             for (int j = 0; j < n; j++) Cm[j * n + k] /= s + eps;
         }
     }
+}
+
+/* Sinkhorn by one warp for n·n <= 32: lane j·n + k holds C[j][k] (c); the same operations in
+ * the same order per element as sinkhorn_dev (row and column sums in index order). Returns
+ * the lane's element. All 32 lanes must call. */
+__device__ float sinkhorn_warp(float c, int n, int iters, float eps) {
+    int l = threadIdx.x & 31, j = l / n, k = l % n;
+    float mx = __shfl_sync(0xffffffffu, c, j * n);
+    for (int q = 1; q < n; q++) {
+        float o = __shfl_sync(0xffffffffu, c, j * n + q);
+        mx = o > mx ? o : mx;
+    }
+    float e = expf(c - mx), s = 0;
+    for (int q = 0; q < n; q++) s += __shfl_sync(0xffffffffu, e, j * n + q);
+    c = e / s + eps;
+    for (int it = 0; it < iters; it++) {
+        if (it > 0) {
+            s = 0;
+            for (int q = 0; q < n; q++) s += __shfl_sync(0xffffffffu, c, j * n + q);
+            c /= s + eps;
+        }
+        s = 0;
+        for (int q = 0; q < n; q++) s += __shfl_sync(0xffffffffu, c, (q * n + k) & 31);
+        c /= s + eps;
+    }
+    return c;
 }
 
 /* Stage 1 of mHC pre / HC head: grid (n_mix, T, S): block (k, t, s) writes the partial dot of
@@ -142,12 +217,19 @@ __global__ void __launch_bounds__(256) k_mhc_fin(const float *h, const float *pa
         mu[k] = d;
     }
     __syncthreads();
-    if (threadIdx.x == 0) {
-        for (int k = 0; k < n_mix; k++) mu[k] *= rr;
-        for (int j = 0; j < n; j++) pre[j] = sigmoid_dev(mu[j] * scale[0] + base[j]) + hc_eps;
-        if (!head_mode) {
-            for (int j = 0; j < n; j++)
-                post[t * n + j] = 2.0f * sigmoid_dev(mu[n + j] * scale[1] + base[n + j]);
+    for (int k = threadIdx.x; k < n_mix; k += blockDim.x) mu[k] *= rr;
+    __syncthreads();
+    int l = threadIdx.x;
+    if (l < n) pre[l] = sigmoid_dev(mu[l] * scale[0] + base[l]) + hc_eps;
+    if (!head_mode) {
+        if (l < n) post[t * n + l] = 2.0f * sigmoid_dev(mu[n + l] * scale[1] + base[n + l]);
+        if (n * n <= 32) {
+            if (l < 32) { /* warp 0 */
+                float cv = l < n * n ? mu[2 * n + l] * scale[2] + base[2 * n + l] : 0.f;
+                cv = sinkhorn_warp(cv, n, iters, hc_eps);
+                if (l < n * n) comb[(size_t)t * n * n + l] = cv;
+            }
+        } else if (l == 0) {
             for (int j = 0; j < n * n; j++) Cm[j] = mu[2 * n + j] * scale[2] + base[2 * n + j];
             sinkhorn_dev(Cm, n, iters, hc_eps);
             for (int j = 0; j < n * n; j++) comb[(size_t)t * n * n + j] = Cm[j];

@@ -16,12 +16,13 @@
  * A block of 8 warps holds 8/KS row groups of R rows; the KS warps of a group take interleaved
  * slices of K (so that a few hundred rows still fill the GPU) and are summed in shared memory
  * in slice order. Each lane's partial sums are reduced over the warp by shuffles. */
-template <int KIND, int TT>
+template <int KIND, int TT, bool XS>
 __global__ void __launch_bounds__(256) k_gemv(dw w, int row0, int N, const float *__restrict__ x,
                                               int ldx, float *__restrict__ y, int ldy, int T,
                                               int KS, int sh) {
     enum { R = gemv_r<TT>::R };
     __shared__ float red[8][R * TT];
+    extern __shared__ float4 xs4[]; /* XS: [TT][K] */
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int g = warp / KS, ks = warp % KS;
     int n0 = (blockIdx.x * (8 / KS) + g) * R;
@@ -31,8 +32,9 @@ __global__ void __launch_bounds__(256) k_gemv(dw w, int row0, int N, const float
     const float *xr[TT];
 #pragma unroll
     for (int t = 0; t < TT; t++) xr[t] = x + (size_t)(t < T ? t : 0) * ldx;
+    if (XS) xs_stage<KIND, TT>((float *)xs4, xr, w.cols);
     float acc[R][TT];
-    gemv_rows<KIND, TT, R>(w, wn, xr, T, lane + 32 * ks, 32 * KS, sh, acc);
+    gemv_rows<KIND, TT, R, XS>(w, wn, xr, (const float *)xs4, T, lane + 32 * ks, 32 * KS, sh, acc);
 #pragma unroll
     for (int r = 0; r < R; r++)
 #pragma unroll
@@ -76,8 +78,11 @@ static void gemv_launch1(be_cuda *c, const dw &w, int row0, int N, const float *
     enum { R = gemv_r<TT>::R };
     int groups = (N + R - 1) / R, nch = w.cols / wk_epc(w.kind), KS = 1;
     while (KS < 8 && groups * KS < GEMV_WARPS && 64 * KS <= nch) KS *= 2;
-    int per = 8 / KS;
-    k_gemv<KIND, TT><<<(groups + per - 1) / per, 256, 0, c->s>>>(w, row0, N, x, ldx, y, ldy, T, KS, sh);
+    int per = 8 / KS, nb = (groups + per - 1) / per;
+    if (gemv_xs(KIND, TT, w.cols))
+        k_gemv<KIND, TT, KIND == WK_FP8 || KIND == WK_FP4><<<nb, 256, (size_t)TT * w.cols * 4, c->s>>>(w, row0, N, x, ldx, y, ldy, T, KS, sh);
+    else
+        k_gemv<KIND, TT, false><<<nb, 256, 0, c->s>>>(w, row0, N, x, ldx, y, ldy, T, KS, sh);
     LAUNCHED();
 }
 

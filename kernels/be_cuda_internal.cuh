@@ -281,10 +281,28 @@ template <int N> __device__ __forceinline__ void ldx(const float *p, float *o) {
     }
 }
 
-/* acc[r][t] += (chunk ch of rows r) · x[t] for t < T; rv/s: the R rows' chunks and scales */
-template <int KIND, int TT, int R>
+/* x staged in shared memory (XS): row t at xs + t·K, in 16-byte units swizzled within each
+ * chunk (unit u at u ^ ((u >> 3) & (UPC - 1)), UPC = units per chunk) so that the 8 lanes of a
+ * quarter-warp, each reading the same unit of its own chunk, hit 8 different bank groups. */
+__device__ __forceinline__ int xs_unit(int u, int upc) { return u ^ ((u >> 3) & (upc - 1)); }
+
+/* block-wide: xs[t] = x rows xr[t] (t < TT; K floats each, K % 4 == 0), then a barrier */
+template <int KIND, int TT>
+__device__ __forceinline__ void xs_stage(float *xs, const float *const *xr, int K) {
+    int upc = wchunk<KIND>::EPC / 4, nu = K / 4;
+#pragma unroll
+    for (int t = 0; t < TT; t++)
+        for (int u = threadIdx.x; u < nu; u += blockDim.x)
+            ((float4 *)(xs + (size_t)t * K))[xs_unit(u, upc)] = __ldg((const float4 *)xr[t] + u);
+    __syncthreads();
+}
+
+/* acc[r][t] += (chunk ch of rows r) · x[t] for t < T; rv/s: the R rows' chunks and scales; x
+ * from global rows xr[t] or (XS) from the staged rows xs + t·K */
+template <int KIND, int TT, int R, bool XS>
 __device__ __forceinline__ void gemv_chunk(const uint4 *rv, const float *s, int ch,
-                                           const float *const *xr, int T, float (&acc)[R][TT]) {
+                                           const float *const *xr, const float *xs, int K, int T,
+                                           float (&acc)[R][TT]) {
     typedef wchunk<KIND> WC;
     float part[R][TT];
 #pragma unroll
@@ -303,7 +321,16 @@ __device__ __forceinline__ void gemv_chunk(const uint4 *rv, const float *s, int 
         for (int t = 0; t < TT; t++) {
             if (t < T) {
                 float xv[WC::EPW];
-                ldx<WC::EPW>(xr[t] + ch * WC::EPC + i * WC::EPW, xv);
+                if (XS) {
+#pragma unroll
+                    for (int q = 0; q < WC::EPW / 4; q++) {
+                        int u = ch * (WC::EPC / 4) + i * (WC::EPW / 4) + q;
+                        float4 v = ((const float4 *)(xs + (size_t)t * K))[xs_unit(u, WC::EPC / 4)];
+                        xv[4 * q] = v.x; xv[4 * q + 1] = v.y; xv[4 * q + 2] = v.z; xv[4 * q + 3] = v.w;
+                    }
+                } else {
+                    ldx<WC::EPW>(xr[t] + ch * WC::EPC + i * WC::EPW, xv);
+                }
 #pragma unroll
                 for (int r = 0; r < R; r++)
 #pragma unroll
@@ -322,9 +349,10 @@ __device__ __forceinline__ void gemv_chunk(const uint4 *rv, const float *s, int 
  * rows xr[t], over the chunks c0, c0 + cs, ... (lane-interleaved: a warp reads 512 contiguous
  * bytes of a row at a time). sh = gemv_shift(w). Two chunks of each row are loaded before use,
  * so 2·R 16-byte loads per lane are in flight. Not reduced over the warp. */
-template <int KIND, int TT, int R>
-__device__ __forceinline__ void gemv_rows(const dw &w, const int *wn, const float *const *xr, int T,
-                                          int c0, int cs, int sh, float (&acc)[R][TT]) {
+template <int KIND, int TT, int R, bool XS>
+__device__ __forceinline__ void gemv_rows(const dw &w, const int *wn, const float *const *xr,
+                                          const float *xs, int T, int c0, int cs, int sh,
+                                          float (&acc)[R][TT]) {
     typedef wchunk<KIND> WC;
     int nch = w.cols / WC::EPC;
     const uint4 *rp[R];
@@ -350,8 +378,8 @@ __device__ __forceinline__ void gemv_rows(const dw &w, const int *wn, const floa
             sa[r] = WC::SCALED ? fd_e8m0_to_f32(__ldg(sp[r] + (ch >> sh))) : 1.f;
             sb[r] = WC::SCALED ? fd_e8m0_to_f32(__ldg(sp[r] + ((ch + cs) >> sh))) : 1.f;
         }
-        gemv_chunk<KIND, TT, R>(ra, sa, ch, xr, T, acc);
-        gemv_chunk<KIND, TT, R>(rb, sb, ch + cs, xr, T, acc);
+        gemv_chunk<KIND, TT, R, XS>(ra, sa, ch, xr, xs, w.cols, T, acc);
+        gemv_chunk<KIND, TT, R, XS>(rb, sb, ch + cs, xr, xs, w.cols, T, acc);
     }
     if (ch < nch) {
         uint4 ra[R];
@@ -360,12 +388,18 @@ __device__ __forceinline__ void gemv_rows(const dw &w, const int *wn, const floa
         for (int r = 0; r < R; r++) ra[r] = ld_stream16(rp[r] + ch);
 #pragma unroll
         for (int r = 0; r < R; r++) sa[r] = WC::SCALED ? fd_e8m0_to_f32(__ldg(sp[r] + (ch >> sh))) : 1.f;
-        gemv_chunk<KIND, TT, R>(ra, sa, ch, xr, T, acc);
+        gemv_chunk<KIND, TT, R, XS>(ra, sa, ch, xr, xs, w.cols, T, acc);
     }
 }
 
 /* rows per warp of the GEMV for TT input rows: more rows share each x load, fewer registers */
 template <int TT> struct gemv_r { enum { R = TT >= 8 ? 2 : 4 }; };
+
+/* x rows staged in shared memory: FP8/FP4 weights (one or more x units per chunk) and TT rows
+ * of K floats within the default 48 KB */
+static inline bool gemv_xs(int kind, int TT, int K) {
+    return (kind == WK_FP8 || kind == WK_FP4) && (size_t)TT * K * 4 <= 48 * 1024;
+}
 
 /* ---- 64x64 SIMT tiles (be_cuda_gemm.cu's k_gemm, be_cuda_moe.cu's grouped experts) ------- */
 enum { TM = 64, TN = 64, TK = 16 };

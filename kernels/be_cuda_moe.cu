@@ -136,24 +136,27 @@ __device__ __forceinline__ float swiglu_dev(float gv, float pv, float limit, flo
 /* hbuf[pair, n] = swiglu(w1[e][n] · x[tok], w3[e][n] · x[tok]) * weight; grid (I/(8R), chunks),
  * R rows of w1 and of w3 per warp, TT >= the pairs of any chunk; nch (device, may be NULL):
  * chunks actually present, blocks past it return (device grouping); sh = gemv_shift */
-template <int KIND, int TT>
+template <int KIND, int TT, bool XS>
 __global__ void __launch_bounds__(256) k_moe_up(const dw *w1s, const dw *w3s, const mchunk *chunks,
                                                 const int *nch, const int32_t *pair_tok,
                                                 const float *pair_w, const float *x, int ldx,
                                                 int I, float limit, int sh, float *hbuf) {
     enum { R = gemv_r<TT>::R };
+    extern __shared__ float4 xs4[]; /* XS: [TT][D] */
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, n0 = (blockIdx.x * 8 + warp) * R;
-    if (n0 >= I || (nch && (int)blockIdx.y >= *nch)) return;
+    if (nch && (int)blockIdx.y >= *nch) return;
     mchunk ck = chunks[blockIdx.y];
     const float *xr[TT];
 #pragma unroll
     for (int t = 0; t < TT; t++) xr[t] = x + (size_t)pair_tok[ck.p0 + (t < ck.n ? t : 0)] * ldx;
+    if (XS) xs_stage<KIND, TT>((float *)xs4, xr, w1s[ck.e].cols);
+    if (n0 >= I) return;
     int wn[R];
 #pragma unroll
     for (int r = 0; r < R; r++) wn[r] = n0 + r < I ? n0 + r : I - 1;
     float g[R][TT], p[R][TT];
-    gemv_rows<KIND, TT, R>(w1s[ck.e], wn, xr, ck.n, lane, 32, sh, g);
-    gemv_rows<KIND, TT, R>(w3s[ck.e], wn, xr, ck.n, lane, 32, sh, p);
+    gemv_rows<KIND, TT, R, XS>(w1s[ck.e], wn, xr, (const float *)xs4, ck.n, lane, 32, sh, g);
+    gemv_rows<KIND, TT, R, XS>(w3s[ck.e], wn, xr, (const float *)xs4, ck.n, lane, 32, sh, p);
 #pragma unroll
     for (int r = 0; r < R; r++)
 #pragma unroll
@@ -165,21 +168,24 @@ __global__ void __launch_bounds__(256) k_moe_up(const dw *w1s, const dw *w3s, co
 }
 
 /* ys[pair, n] = w2[e][n] · hbuf[pair]; grid (D/(8R), chunks); nch, sh as k_moe_up */
-template <int KIND, int TT>
+template <int KIND, int TT, bool XS>
 __global__ void __launch_bounds__(256) k_moe_down(const dw *w2s, const mchunk *chunks, const int *nch,
                                                   const float *hbuf, int I, int D, int sh, float *ys) {
     enum { R = gemv_r<TT>::R };
+    extern __shared__ float4 xs4[]; /* XS: [TT][I] */
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, n0 = (blockIdx.x * 8 + warp) * R;
-    if (n0 >= D || (nch && (int)blockIdx.y >= *nch)) return;
+    if (nch && (int)blockIdx.y >= *nch) return;
     mchunk ck = chunks[blockIdx.y];
     const float *xr[TT];
 #pragma unroll
     for (int t = 0; t < TT; t++) xr[t] = hbuf + (size_t)(ck.p0 + (t < ck.n ? t : 0)) * I;
+    if (XS) xs_stage<KIND, TT>((float *)xs4, xr, I);
+    if (n0 >= D) return;
     int wn[R];
 #pragma unroll
     for (int r = 0; r < R; r++) wn[r] = n0 + r < D ? n0 + r : D - 1;
     float acc[R][TT];
-    gemv_rows<KIND, TT, R>(w2s[ck.e], wn, xr, ck.n, lane, 32, sh, acc);
+    gemv_rows<KIND, TT, R, XS>(w2s[ck.e], wn, xr, (const float *)xs4, ck.n, lane, 32, sh, acc);
 #pragma unroll
     for (int r = 0; r < R; r++)
 #pragma unroll
@@ -232,9 +238,16 @@ static void moe_grouped_tt(be_cuda *c, const dw *dw1, const dw *dw2, const dw *d
                            const float *pw, const float *x, int D, int I, float limit, int sh,
                            float *hbuf, float *ys) {
     enum { R = gemv_r<TT>::R };
-    k_moe_up<KIND, TT><<<dim3((I + 8 * R - 1) / (8 * R), nch), 256, 0, c->s>>>(dw1, dw3, dch, dnch, ptok, pw, x, D, I, limit, sh, hbuf);
+    dim3 gu((I + 8 * R - 1) / (8 * R), nch), gd((D + 8 * R - 1) / (8 * R), nch);
+    if (gemv_xs(KIND, TT, D))
+        k_moe_up<KIND, TT, KIND == WK_FP8 || KIND == WK_FP4><<<gu, 256, (size_t)TT * D * 4, c->s>>>(dw1, dw3, dch, dnch, ptok, pw, x, D, I, limit, sh, hbuf);
+    else
+        k_moe_up<KIND, TT, false><<<gu, 256, 0, c->s>>>(dw1, dw3, dch, dnch, ptok, pw, x, D, I, limit, sh, hbuf);
     LAUNCHED();
-    k_moe_down<KIND, TT><<<dim3((D + 8 * R - 1) / (8 * R), nch), 256, 0, c->s>>>(dw2, dch, dnch, hbuf, I, D, sh, ys);
+    if (gemv_xs(KIND, TT, I))
+        k_moe_down<KIND, TT, KIND == WK_FP8 || KIND == WK_FP4><<<gd, 256, (size_t)TT * I * 4, c->s>>>(dw2, dch, dnch, hbuf, I, D, sh, ys);
+    else
+        k_moe_down<KIND, TT, false><<<gd, 256, 0, c->s>>>(dw2, dch, dnch, hbuf, I, D, sh, ys);
     LAUNCHED();
 }
 
