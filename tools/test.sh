@@ -9,7 +9,7 @@ if [ ! -d "$B" ]; then
   # is then compiled for sm_90a and sm_121a and linked against them (no GPU needed; the 'cuda'
   # suite never runs here). -Dcuda=enabled makes a broken toolkit an error, not a silent skip.
   # Without the wheels the toolkit is used when one is found (meson option cuda=auto).
-  loc=$(python3 -m pip show nvidia-cuda-nvcc 2>/dev/null | sed -n 's/^Location: //p')
+  loc=$( (python3 -m pip show nvidia-cuda-nvcc 2>/dev/null || true) | sed -n "s/^Location: //p")
   if [ -n "$loc" ] && [ -x "$loc/nvidia/cu13/bin/nvcc" ]; then
     cuda=(-Dcuda=enabled "-Dcudahome=$loc/nvidia/cu13")
   fi
