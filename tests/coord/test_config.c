@@ -191,7 +191,20 @@ START_TEST(reload_diff) {
 }
 END_TEST
 
-int main(void) {
+static const char *g_example; /* deploy/duet.json.example (argv[1]) */
+
+START_TEST(shipped_example_parses) {
+    if (!g_example) return;
+    duet_config c;
+    char err[512];
+    ck_assert_msg(ccfg_load(&c, g_example, NULL, err, sizeof err) == 0, "%s", err);
+    ck_assert(c.default_thinking_budget == -1 && c.max_num_seqs == 16);
+    ccfg_free(&c);
+}
+END_TEST
+
+int main(int argc, char **argv) {
+    g_example = argc > 1 ? argv[1] : NULL;
     Suite *s = suite_create("config");
     TCase *tc = tcase_create("config");
     tcase_add_test(tc, defaults_are_the_spec_defaults);
@@ -201,6 +214,7 @@ int main(void) {
     tcase_add_test(tc, ranges);
     tcase_add_test(tc, flags_win_over_the_file);
     tcase_add_test(tc, reload_diff);
+    tcase_add_test(tc, shipped_example_parses);
     suite_add_tcase(s, tc);
     SRunner *r = srunner_create(s);
     srunner_run_all(r, CK_NORMAL);
