@@ -13,19 +13,22 @@
  * problem that cannot fix itself — deadline, auth, fingerprint — ends the process, with the
  * reason), or shut the workers down when it exits (they belong to their own service).
  *
- *   duet-coordinator --workers H:P[,H:P...] --auth-token-file F [--admin-socket PATH]
+ *   duet-coordinator [--config FILE] --workers H:P[,H:P...] --auth-token-file F
+ *                    [--admin-socket PATH]
  *                    [--model-fingerprint HEX] [--connect-timeout S] [--max-seq-len L]
  *                    [--max-num-seqs N (alias --max-seqs)] [--max-num-batched-tokens N]
  *                    [--max-waiting N] [--block-size B] [--step-timeout S]
  *                    [--heartbeat-timeout S] [--drain-grace S] [--worker-recover-timeout S]
  *                    [--load-timeout S] [--metrics-vllm-names] [--metrics-require-auth]
- *                    [--stall-timeout S] [--health-generate-timeout S]
+ *                    [--stall-timeout S] [--health-generate-timeout S] [--sse-keepalive S]
  *                    [--listen HOST:PORT --tokenizer tokenizer.json [--api-key-file F]
  *                     [--max-body-bytes N] [--vocab-size N] [--served-model-name NAME]
  *                     [--fold-prompt-ids]]
  * --vocab-size is the model's vocabulary (prompt ids at or above it are refused with a 400;
  * the real model's is the tokenizer's, 129280). --fold-prompt-ids is for tests on the tiny
  * model (vocabulary 1024): prompt ids at or above --vocab-size become id % vocab-size.
+ * --config FILE: a JSON object of the keys of docs/config.md (coordinator/config.h); every
+ * flag is one of those keys and wins over the file. `reload` (admin) and SIGHUP re-read it.
  */
 #include <getopt.h>
 #include <math.h>
@@ -43,6 +46,7 @@
 #include "common/err.h"
 #include "common/rpc.h"
 #include "coordinator/admin.h"
+#include "coordinator/config.h"
 #include "coordinator/http/engine.h"
 #include "coordinator/http/http.h"
 #include "coordinator/metrics.h"
@@ -78,7 +82,12 @@ typedef struct {
     double start_time;
     double drain_grace_s, recover_timeout_s;
     struct event *tick, *sig_term, *sig_int, *sig_hup;
+    duet_config cfg;           /* what is running (restart-only keys as started) */
+    const char *config_path;   /* --config, or NULL */
+    json_t *flags;             /* the flags as config keys: they win over the file on reload */
 } coord;
+
+static json_t *do_reload(coord *c, char *err, size_t errlen);
 
 /* ---- admin `generate`: an engine sink that answers the admin request -------------------- */
 
@@ -354,10 +363,14 @@ static void admin_cb(void *ctx, admin_req *r, const char *cmd, json_t *req) {
         answer_drain_waits(c);
         admin_reply_ok(r, json_pack("{s:s}", "state", sched_state(c->eng)));
     } else if (!strcmp(cmd, "reload")) {
-        coord_log("reload: reconnecting workers that are down");
-        pool_kick(c->pool);
-        admin_reply_ok(r, json_pack("{s:[], s:[], s:o}", "applied", "restart_required",
-                                    "workers", pool_workers_json(c->pool)));
+        char err[1024];
+        json_t *res = do_reload(c, err, sizeof err);
+        if (!res) {
+            coord_log("reload refused (nothing applied): %s", err);
+            admin_reply_err(r, "bad_request", "reload refused, nothing applied: %s", err);
+            return;
+        }
+        admin_reply_ok(r, res);
     } else if (!strcmp(cmd, "generate")) {
         cmd_generate(c, r, req);
     } else if (!strcmp(cmd, "abort")) {
@@ -408,7 +421,10 @@ static void signal_cb(evutil_socket_t sig, short what, void *arg) {
     (void)what;
     if (sig == SIGHUP) {
         coord_log("SIGHUP: reload");
-        pool_kick(c->pool);
+        char err[1024];
+        json_t *res = do_reload(c, err, sizeof err);
+        if (!res) coord_log("reload refused (nothing applied): %s", err);
+        json_decref(res);
         return;
     }
     if (c->signals++ > 0) {
@@ -433,18 +449,20 @@ static void tick_cb(evutil_socket_t fd, short what, void *arg) {
 
 static void usage(FILE *f) {
     fprintf(f,
-            "usage: duet-coordinator --workers H:P[,H:P...] --auth-token-file F\n"
+            "usage: duet-coordinator [--config FILE] --workers H:P[,H:P...] --auth-token-file F\n"
             "         [--admin-socket PATH] [--model-fingerprint HEX] [--connect-timeout S]\n"
             "         [--max-seq-len L] [--max-num-seqs N] [--max-num-batched-tokens N]\n"
             "         [--max-waiting N] [--block-size B] [--step-timeout S]\n"
             "         [--heartbeat-timeout S] [--drain-grace S] [--worker-recover-timeout S]\n"
             "         [--load-timeout S] [--metrics-vllm-names] [--metrics-require-auth]\n"
-            "         [--stall-timeout S] [--health-generate-timeout S]\n"
+            "         [--stall-timeout S] [--health-generate-timeout S] [--sse-keepalive S]\n"
             "         [--listen HOST:PORT --tokenizer PATH [--api-key-file F]\n"
             "          [--max-body-bytes N] [--vocab-size N] [--served-model-name NAME]\n"
             "          [--fold-prompt-ids]]\n"
             "Connects to the workers (rank order), loads the model and serves the admin socket\n"
-            "(duetctl), and with --listen the OpenAI-compatible HTTP API. SIGTERM drains then exits; a second signal exits now; SIGHUP reloads.\n");
+            "(duetctl), and with --listen the OpenAI-compatible HTTP API. --config FILE is a JSON\n"
+            "object of the keys in docs/config.md (flags win over it). SIGTERM drains then exits;\n"
+            "a second signal exits now; SIGHUP reloads (re-reads FILE and the API key file).\n");
 }
 
 static int parse_num(const char *opt, const char *s, double lo, double hi, double *out) {
@@ -459,18 +477,104 @@ static int parse_num(const char *opt, const char *s, double lo, double hi, doubl
     return 0;
 }
 
+/* The http_cfg of a configuration (strings borrowed from cfg). */
+static void http_cfg_of(const duet_config *cfg, http_cfg *hc) {
+    http_cfg_init(hc);
+    hc->listen = cfg->listen;
+    hc->tokenizer_path = cfg->tokenizer;
+    hc->api_key_file = cfg->api_key_file;
+    hc->api_keys = (const char *const *)cfg->api_keys.v;
+    hc->n_api_keys = cfg->api_keys.n;
+    hc->max_body_bytes = (size_t)cfg->max_body_bytes;
+    hc->max_model_len = (int)cfg->max_model_len;
+    hc->vocab_size = (int)cfg->vocab_size;
+    hc->fold_prompt_ids = cfg->fold_prompt_ids;
+    hc->model_id = cfg->served_model_name;
+    hc->version = DUET_VERSION;
+    hc->commit = DUET_COMMIT;
+    hc->metrics_require_auth = cfg->metrics_require_auth;
+    hc->stall_timeout_s = cfg->stall_timeout_s;
+    hc->health_generate_timeout_s = cfg->health_generate_timeout_s;
+    hc->sse_keepalive_s = cfg->sse_keepalive_s;
+    hc->strict_request_fields = cfg->strict_request_fields;
+    hc->cors_origins = (const char *const *)cfg->cors_origins.v;
+    hc->n_cors_origins = cfg->cors_origins.n;
+    hc->tool_stream_buffered = cfg->tool_stream == CFG_TOOL_STREAM_BUFFERED;
+    hc->reasoning_field = cfg->reasoning_field == CFG_REASONING        ? HTTP_REASONING
+                          : cfg->reasoning_field == CFG_REASONING_BOTH ? HTTP_REASONING_BOTH
+                                                                       : HTTP_REASONING_CONTENT;
+    hc->default_max_tokens_chat = (long long)cfg->default_max_tokens_chat;
+    hc->default_max_tokens_cmpl = (long long)cfg->default_max_tokens_cmpl;
+    hc->max_n = (int)cfg->max_n;
+    hc->default_temperature = cfg->default_temperature;
+    hc->default_top_p = cfg->default_top_p;
+    hc->default_min_p = cfg->default_min_p;
+    hc->default_thinking = cfg->default_thinking;
+    hc->default_thinking_budget = (long long)cfg->default_thinking_budget;
+    hc->model_aliases = (const char *const *)cfg->model_aliases.v;
+    hc->n_model_aliases = cfg->model_aliases.n;
+    hc->no_model_aliases = cfg->model_aliases.n == 0;
+    hc->accept_any_model = cfg->accept_any_model;
+}
+
+/* reload (admin `reload`, SIGHUP): re-read the config file (and the API key file), apply the
+ * reloadable keys, list the restart-only keys that changed, reconnect workers that are down.
+ * All or nothing: a broken file or key file changes nothing. Returns the result object, or
+ * NULL with err. */
+static json_t *do_reload(coord *c, char *err, size_t errlen) {
+    duet_config nc;
+    if (ccfg_load(&nc, c->config_path, c->flags, err, errlen)) return NULL;
+    json_t *applied = json_array(), *restart = json_array();
+    ccfg_diff(&c->cfg, &nc, applied, restart);
+    if (c->http) {
+        http_cfg hc;
+        http_cfg_of(&nc, &hc);
+        int keys_changed = 0;
+        if (http_reconfigure(c->http, &hc, &keys_changed, err, errlen)) {
+            ccfg_free(&nc);
+            json_decref(applied);
+            json_decref(restart);
+            return NULL;
+        }
+        int listed = 0;
+        size_t i;
+        json_t *v;
+        json_array_foreach(applied, i, v) {
+            const char *k = json_string_value(v);
+            listed |= !strcmp(k, "api_keys") || !strcmp(k, "api_key_file");
+        }
+        if (keys_changed && !listed) /* same file, new content */
+            json_array_append_new(applied, json_string(nc.api_key_file ? "api_key_file"
+                                                                       : "api_keys"));
+    }
+    sched_reconfigure(c->eng, (int)nc.max_waiting, (int)nc.max_num_batched_tokens,
+                      nc.worker_recover_timeout_s, nc.stall_timeout_s);
+    c->drain_grace_s = nc.drain_grace_s;
+    c->recover_timeout_s = nc.worker_recover_timeout_s;
+    ccfg_free(&c->cfg);
+    c->cfg = nc;
+    pool_kick(c->pool);
+    char *a = json_dumps(applied, JSON_COMPACT), *r = json_dumps(restart, JSON_COMPACT);
+    coord_log("reload: applied %s, restart required %s; reconnecting workers that are down",
+              a ? a : "?", r ? r : "?");
+    free(a);
+    free(r);
+    return json_pack("{s:o, s:o, s:o}", "applied", applied, "restart_required", restart,
+                     "workers", pool_workers_json(c->pool));
+}
+
+/* Flags as config keys (a flag wins over the file; kept for every reload). */
+static void flag_num(json_t *f, const char *key, double v) {
+    json_object_set_new(f, key, v == floor(v) && fabs(v) < 9e15 ? json_integer((json_int_t)v)
+                                                                : json_real(v));
+}
+
 int main(int argc, char **argv) {
-    const char *workers = NULL, *token_file = NULL, *sock = NULL, *fp_s = NULL;
-    const char *listen_addr = NULL, *tok_path = NULL, *key_file = NULL;
-    const char *model_name = "deepseek-v4-flash";
-    double max_body = 32 << 20, vocab = 129280;
-    int fold_ids = 0;
-    double connect_timeout = 60, max_seq_len = 4096, max_seqs = 8, step_timeout = 120;
-    double hb_timeout = 5, drain_grace = 30, recover = 30, load_timeout = 600;
-    double max_waiting = 256, max_batched = 2048, block_size = 256;
-    int vllm_names = 0, metrics_auth = 0;
-    double stall_timeout = 30, hg_timeout = 20;
+    const char *config_path = NULL;
+    json_t *flags = json_object();
+    double v = 0;
     static const struct option opts[] = {
+        {"config", required_argument, 0, 'C'},
         {"workers", required_argument, 0, 'w'},
         {"auth-token-file", required_argument, 0, 'a'},
         {"admin-socket", required_argument, 0, 's'},
@@ -486,6 +590,7 @@ int main(int argc, char **argv) {
         {"metrics-require-auth", no_argument, 0, 'm'},
         {"stall-timeout", required_argument, 0, 'z'},
         {"health-generate-timeout", required_argument, 0, 'G'},
+        {"sse-keepalive", required_argument, 0, 'k'},
         {"step-timeout", required_argument, 0, 'T'},
         {"heartbeat-timeout", required_argument, 0, 'H'},
         {"drain-grace", required_argument, 0, 'g'},
@@ -503,107 +608,134 @@ int main(int argc, char **argv) {
     int o;
     while ((o = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
         int bad = 0;
+#define NUMFLAG(ch, opt, key, lo, hi)                                                        \
+    case ch:                                                                                 \
+        bad = parse_num(opt, optarg, lo, hi, &v);                                            \
+        if (!bad) flag_num(flags, key, v);                                                   \
+        break;
+#define STRFLAG(ch, key)                                                                     \
+    case ch: json_object_set_new(flags, key, json_string(optarg)); break;
         switch (o) {
-        case 'w': workers = optarg; break;
-        case 'a': token_file = optarg; break;
-        case 's': sock = optarg; break;
-        case 'f': fp_s = optarg; break;
-        case 'c': bad = parse_num("--connect-timeout", optarg, 0, 1e7, &connect_timeout); break;
-        case 'L': bad = parse_num("--max-seq-len", optarg, 1, 1 << 30, &max_seq_len); break;
-        case 'n': bad = parse_num("--max-num-seqs", optarg, 1, 65536, &max_seqs); break;
-        case 'b':
-            bad = parse_num("--max-num-batched-tokens", optarg, 1, 1 << 24, &max_batched);
-            break;
-        case 'W': bad = parse_num("--max-waiting", optarg, 0, 1 << 20, &max_waiting); break;
+        case 'C': config_path = optarg; break;
+        STRFLAG('w', "workers")
+        STRFLAG('a', "auth_token_file")
+        STRFLAG('s', "admin_socket")
+        STRFLAG('f', "model_fingerprint")
+        NUMFLAG('c', "--connect-timeout", "connect_timeout_s", 0, 1e7)
+        NUMFLAG('L', "--max-seq-len", "max_model_len", 1, 1 << 30)
+        NUMFLAG('n', "--max-num-seqs", "max_num_seqs", 1, 65536)
+        NUMFLAG('b', "--max-num-batched-tokens", "max_num_batched_tokens", 1, 1 << 24)
+        NUMFLAG('W', "--max-waiting", "max_waiting", 0, 1 << 20)
         case 'S':
-            bad = parse_num("--block-size", optarg, 128, 1 << 20, &block_size);
-            if (!bad && fmod(block_size, 128) != 0) {
+            bad = parse_num("--block-size", optarg, 128, 1 << 20, &v);
+            if (!bad && fmod(v, 128) != 0) {
                 fprintf(stderr, "duet-coordinator: --block-size: %g is not a multiple of 128 "
                                 "(every compression window must close on a block boundary)\n",
-                        block_size);
+                        v);
                 bad = 1;
             }
+            if (!bad) flag_num(flags, "block_size", v);
             break;
-        case 'v': vllm_names = 1; break;
-        case 'm': metrics_auth = 1; break;
-        case 'z': bad = parse_num("--stall-timeout", optarg, 0.1, 1e7, &stall_timeout); break;
-        case 'G': bad = parse_num("--health-generate-timeout", optarg, 0.1, 1e7, &hg_timeout); break;
-        case 'T': bad = parse_num("--step-timeout", optarg, 0, 1e7, &step_timeout); break;
-        case 'H': bad = parse_num("--heartbeat-timeout", optarg, 0.1, 1e7, &hb_timeout); break;
-        case 'g': bad = parse_num("--drain-grace", optarg, 0, 1e7, &drain_grace); break;
-        case 'r': bad = parse_num("--worker-recover-timeout", optarg, 0, 1e7, &recover); break;
-        case 'l': bad = parse_num("--load-timeout", optarg, 0, 1e7, &load_timeout); break;
-        case 'P': listen_addr = optarg; break;
-        case 'K': tok_path = optarg; break;
-        case 'A': key_file = optarg; break;
-        case 'B': bad = parse_num("--max-body-bytes", optarg, 1024, 1 << 30, &max_body); break;
-        case 'V': bad = parse_num("--vocab-size", optarg, 2, 1 << 24, &vocab); break;
-        case 'M': model_name = optarg; break;
-        case 'F': fold_ids = 1; break;
-        case 'h': usage(stdout); return 0;
-        default: usage(stderr); return 2;
+        case 'v': json_object_set_new(flags, "metrics_vllm_names", json_true()); break;
+        case 'm': json_object_set_new(flags, "metrics_require_auth", json_true()); break;
+        NUMFLAG('z', "--stall-timeout", "stall_timeout_s", 0.1, 1e7)
+        NUMFLAG('G', "--health-generate-timeout", "health_generate_timeout_s", 0.1, 1e7)
+        NUMFLAG('k', "--sse-keepalive", "sse_keepalive_s", 0, 1e7)
+        NUMFLAG('T', "--step-timeout", "step_timeout_s", 0, 1e7)
+        NUMFLAG('H', "--heartbeat-timeout", "heartbeat_timeout_s", 0.1, 1e7)
+        NUMFLAG('g', "--drain-grace", "drain_grace_s", 0, 1e7)
+        NUMFLAG('r', "--worker-recover-timeout", "worker_recover_timeout_s", 0, 1e7)
+        NUMFLAG('l', "--load-timeout", "load_timeout_s", 0, 1e7)
+        STRFLAG('P', "listen")
+        STRFLAG('K', "tokenizer")
+        STRFLAG('A', "api_key_file")
+        NUMFLAG('B', "--max-body-bytes", "max_body_bytes", 1024, 1 << 30)
+        NUMFLAG('V', "--vocab-size", "vocab_size", 2, 1 << 24)
+        STRFLAG('M', "served_model_name")
+        case 'F': json_object_set_new(flags, "fold_prompt_ids", json_true()); break;
+        case 'h': usage(stdout); json_decref(flags); return 0;
+        default: usage(stderr); json_decref(flags); return 2;
         }
-        if (bad) return 2;
-    }
-    if (!workers || !token_file || optind != argc) {
-        usage(stderr);
-        return 2;
-    }
-    if (listen_addr && !tok_path) {
-        fprintf(stderr, "duet-coordinator: --listen needs --tokenizer PATH (the model's "
-                        "tokenizer.json)\n");
-        return 2;
-    }
-    if (!listen_addr && (tok_path || key_file)) {
-        fprintf(stderr, "duet-coordinator: --tokenizer and --api-key-file only make sense with "
-                        "--listen HOST:PORT\n");
-        return 2;
-    }
-    uint64_t fingerprint = 0;
-    if (fp_s) {
-        char *end;
-        fingerprint = strtoull(fp_s, &end, 16);
-        if (end == fp_s || *end || !fingerprint) {
-            fprintf(stderr, "duet-coordinator: --model-fingerprint: '%s' is not a non-zero hex "
-                            "number\n", fp_s);
+#undef NUMFLAG
+#undef STRFLAG
+        if (bad) {
+            json_decref(flags);
             return 2;
         }
     }
     char err[1024];
-    char token[512];
-    if (rpc_read_token_file(token_file, token, sizeof token, err, sizeof err)) {
-        fprintf(stderr, "duet-coordinator: %s\n", err);
+    duet_config cfg;
+    if (optind != argc) {
+        usage(stderr);
+        json_decref(flags);
         return 2;
     }
-    /* split --workers */
-    char *wl = xstrdup(workers);
+    if (ccfg_load(&cfg, config_path, flags, err, sizeof err)) {
+        fprintf(stderr, "duet-coordinator: %s\n", err);
+        json_decref(flags);
+        return 2;
+    }
+    int rc = 0;
     char **addrs = NULL;
-    int n_addrs = 0;
-    for (char *save = NULL, *tok = strtok_r(wl, ",", &save); tok;
-         tok = strtok_r(NULL, ",", &save)) {
-        addrs = xrealloc(addrs, (size_t)(n_addrs + 1) * sizeof *addrs);
-        addrs[n_addrs++] = tok;
+    char token[512];
+    memset(token, 0, sizeof token);
+    coord c;
+    memset(&c, 0, sizeof c);
+    if (!cfg.workers.n || !cfg.auth_token_file) {
+        usage(stderr);
+        rc = 2;
+        goto early;
+    }
+    if (cfg.listen && !cfg.tokenizer) {
+        fprintf(stderr, "duet-coordinator: --listen needs --tokenizer PATH (the model's "
+                        "tokenizer.json)\n");
+        rc = 2;
+        goto early;
+    }
+    if (!cfg.listen && (cfg.tokenizer || cfg.api_key_file || cfg.api_keys.n)) {
+        fprintf(stderr, "duet-coordinator: --tokenizer and --api-key-file only make sense with "
+                        "--listen HOST:PORT\n");
+        rc = 2;
+        goto early;
+    }
+    uint64_t fingerprint = 0;
+    if (cfg.model_fingerprint) {
+        char *end;
+        fingerprint = strtoull(cfg.model_fingerprint, &end, 16);
+        if (end == cfg.model_fingerprint || *end || !fingerprint) {
+            fprintf(stderr, "duet-coordinator: --model-fingerprint: '%s' is not a non-zero hex "
+                            "number\n", cfg.model_fingerprint);
+            rc = 2;
+            goto early;
+        }
+    }
+    if (rpc_read_token_file(cfg.auth_token_file, token, sizeof token, err, sizeof err)) {
+        fprintf(stderr, "duet-coordinator: %s\n", err);
+        rc = 2;
+        goto early;
     }
     char path[256];
+    const char *sock = cfg.admin_socket;
     if (!sock) {
         if (admin_default_path(path, sizeof path, err, sizeof err)) {
             fprintf(stderr, "duet-coordinator: %s\n", err);
-            free(addrs);
-            free(wl);
-            return 2;
+            rc = 2;
+            goto early;
         }
         sock = path;
     }
+    addrs = cfg.workers.v;
     signal(SIGPIPE, SIG_IGN);
-    coord c;
-    memset(&c, 0, sizeof c);
     c.base = event_base_new();
-    c.max_seq_len = (int)max_seq_len;
-    c.recover_timeout_s = recover;
-    c.drain_grace_s = drain_grace;
+    c.cfg = cfg;
+    c.config_path = config_path;
+    c.flags = flags;
+    c.max_seq_len = (int)cfg.max_model_len;
+    c.recover_timeout_s = cfg.worker_recover_timeout_s;
+    c.drain_grace_s = cfg.drain_grace_s;
     c.start_time = coord_now_s();
-    c.metrics = metrics_new(model_name, vllm_names);
-    int rc = 0;
+    c.metrics = metrics_new(cfg.served_model_name, cfg.metrics_vllm_names);
+    if (config_path) coord_log("config %s", config_path);
     if (admin_open(c.base, sock, admin_cb, &c, &c.adm, err, sizeof err)) {
         fprintf(stderr, "duet-coordinator: %s\n", err);
         rc = 2;
@@ -611,56 +743,45 @@ int main(int argc, char **argv) {
     }
     coord_log("admin socket %s", sock);
     pool_cfg pc = {.addrs = (const char *const *)addrs,
-                   .n_workers = n_addrs,
+                   .n_workers = (int)cfg.workers.n,
                    .token = token,
                    .fingerprint = fingerprint,
-                   .connect_timeout_s = connect_timeout,
+                   .connect_timeout_s = cfg.connect_timeout_s,
                    .heartbeat_s = 1,
-                   .heartbeat_timeout_s = hb_timeout,
-                   .step_timeout_s = step_timeout,
-                   .load_timeout_s = load_timeout,
-                   .max_seqs = (uint32_t)max_seqs,
-                   .max_seq_len = (uint32_t)max_seq_len,
-                   .block_size = (uint32_t)block_size,
+                   .heartbeat_timeout_s = cfg.heartbeat_timeout_s,
+                   .step_timeout_s = cfg.step_timeout_s,
+                   .load_timeout_s = cfg.load_timeout_s,
+                   .max_seqs = (uint32_t)cfg.max_num_seqs,
+                   .max_seq_len = (uint32_t)cfg.max_model_len,
+                   .block_size = (uint32_t)cfg.block_size,
                    .metrics = c.metrics};
     if (pool_new(c.base, &pc, pool_cb, &c, &c.pool, err, sizeof err)) {
         fprintf(stderr, "duet-coordinator: %s\n", err);
         rc = 2;
         goto out;
     }
-    sched_cfg sc = {.max_num_seqs = (int)max_seqs,
-                    .max_waiting = (int)max_waiting,
-                    .max_batched_tokens = (int)max_batched,
-                    .block_size = (uint32_t)block_size,
-                    .max_seq_len = (int)max_seq_len,
-                    .recover_timeout_s = recover,
-                    .stall_timeout_s = stall_timeout,
+    sched_cfg sc = {.max_num_seqs = (int)cfg.max_num_seqs,
+                    .max_waiting = (int)cfg.max_waiting,
+                    .max_batched_tokens = (int)cfg.max_num_batched_tokens,
+                    .block_size = (uint32_t)cfg.block_size,
+                    .max_seq_len = (int)cfg.max_model_len,
+                    .recover_timeout_s = cfg.worker_recover_timeout_s,
+                    .stall_timeout_s = cfg.stall_timeout_s,
                     .drained = on_drained,
                     .drained_arg = &c};
     c.eng = sched_new(c.pool, c.metrics, &sc);
-    if (listen_addr) {
+    if (cfg.listen) {
         eng_api api = sched_api(c.eng);
-        http_cfg hc = {.listen = listen_addr,
-                       .tokenizer_path = tok_path,
-                       .api_key_file = key_file,
-                       .max_body_bytes = (size_t)max_body,
-                       .max_model_len = (int)max_seq_len,
-                       .vocab_size = (int)vocab,
-                       .fold_prompt_ids = fold_ids,
-                       .model_id = model_name,
-                       .version = DUET_VERSION,
-                       .commit = DUET_COMMIT,
-                       .metrics = c.metrics,
-                       .metrics_require_auth = metrics_auth,
-                       .stall_timeout_s = stall_timeout,
-                       .health_generate_timeout_s = hg_timeout};
+        http_cfg hc;
+        http_cfg_of(&cfg, &hc);
+        hc.metrics = c.metrics;
         if (http_open(c.base, &hc, &api, &c.http, err, sizeof err)) {
             fprintf(stderr, "duet-coordinator: %s\n", err);
             rc = 2;
             goto out;
         }
     }
-    coord_log("connecting to %d workers: %s", n_addrs, workers);
+    coord_log("connecting to %zu workers", cfg.workers.n);
     c.sig_term = evsignal_new(c.base, SIGTERM, signal_cb, &c);
     c.sig_int = evsignal_new(c.base, SIGINT, signal_cb, &c);
     c.sig_hup = evsignal_new(c.base, SIGHUP, signal_cb, &c);
@@ -690,8 +811,12 @@ out:
     if (c.sig_int) event_free(c.sig_int);
     if (c.sig_hup) event_free(c.sig_hup);
     event_base_free(c.base);
-    free(addrs);
-    free(wl);
+    ccfg_free(&c.cfg);
+    json_decref(flags);
     memset(token, 0, sizeof token);
+    return rc;
+early:
+    ccfg_free(&cfg);
+    json_decref(flags);
     return rc;
 }

@@ -42,6 +42,7 @@ fi
 : "${DUET_DRAIN_GRACE:=30}"
 : "${DUET_WORKER_ARGS:=}"
 : "${DUET_COORDINATOR_ARGS:=}"
+: "${DUET_CONFIG:=}"                          # coordinator JSON config (docs/config.md)
 : "${DUET_REMOTE_ROOT:=$ROOT}"                # the clone on remote hosts (same layout)
 : "${DUET_REMOTE_ENV:=$ENV_FILE}"             # the env file on remote hosts
 : "${DUET_SSH:=ssh -o BatchMode=yes}"
@@ -79,6 +80,7 @@ coordinator_argv() {
   CARGV=("$COORD" --workers "$DUET_WORKERS" --auth-token-file "$DUET_TOKEN_FILE"
     --connect-timeout "$DUET_START_TIMEOUT" --drain-grace "$DUET_DRAIN_GRACE")
   [ -n "$DUET_ADMIN_SOCKET" ] && CARGV+=(--admin-socket "$DUET_ADMIN_SOCKET")
+  [ -n "$DUET_CONFIG" ] && CARGV+=(--config "$DUET_CONFIG")
   # shellcheck disable=SC2206
   CARGV+=($DUET_COORDINATOR_ARGS)
 }

@@ -846,6 +846,14 @@ static void api_health(void *ctx, eng_health *h) {
                       .last_failure_age_s = s->last_failure > 0 ? t - s->last_failure : -1};
 }
 
+void sched_reconfigure(sched *s, int max_waiting, int max_batched_tokens,
+                       double recover_timeout_s, double stall_timeout_s) {
+    s->cfg.max_waiting = max_waiting < 0 ? 0 : max_waiting;
+    s->cfg.max_batched_tokens = max_batched_tokens < 1 ? 2048 : max_batched_tokens;
+    s->cfg.recover_timeout_s = recover_timeout_s;
+    s->cfg.stall_timeout_s = stall_timeout_s;
+}
+
 eng_api sched_api(sched *s) {
     return (eng_api){.ctx = s, .submit = api_submit, .state = api_state,
                      .workers_up = api_workers_up, .health = api_health};

@@ -45,6 +45,12 @@ typedef struct {
  * sampled from ([vocab] floats, valid during the call). */
 typedef void (*sched_logits_fn)(void *user, const float *row, size_t vocab);
 
+/* Reload (server-api §12): the limits that can change while serving. max_waiting applies to
+ * the next admission (requests already queued stay), max_batched_tokens to the next step,
+ * recover_timeout_s to requests queued from now on; running requests are not touched. */
+void sched_reconfigure(sched *s, int max_waiting, int max_batched_tokens,
+                       double recover_timeout_s, double stall_timeout_s);
+
 /* m may be NULL (no metrics). p must outlive the scheduler. */
 sched *sched_new(pool *p, metrics *m, const sched_cfg *cfg);
 /* Ends every request (on_end with code internal, "the coordinator is shutting down"). */

@@ -65,6 +65,7 @@ static void hreq_free(hreq *h) {
     tok_ids_free(&h->close_ids);
     free(h->c);
     if (h->pending) evbuffer_free(h->pending);
+    if (h->ka) event_free(h->ka);
     greq_free(&h->g);
     free(h->model);
     free(h);
@@ -315,7 +316,7 @@ static int on_token(void *user, const eng_token *tk) {
             }
             if (c->tphase == 1) path_step(c, id);
             else watch_tail(c, t, n);
-            stop = op_stopped(c->op);
+            stop = op_stopped(c->op) || (c->stopf && c->stop_idx >= 0);
         }
     } else {
         if (g->logprobs) cmpl_logprob(c, tk, id);
@@ -398,6 +399,7 @@ static void choice_done(hchoice *c) {
     if (h->g.chat) {
         if (n) op_feed(c->op, t, n);
         c->res = op_finish(c->op, end);
+        if (c->stopf) chat_stop_add(c, NULL, 0, 1);
         if (s->m && c->res->parse_failures)
             metrics_inc(s->m, "tool_call_parse_failures_total", NULL,
                         (double)c->res->parse_failures);
@@ -480,6 +482,23 @@ static void on_end(void *user, const char *finish, const char *code, const char 
 
 /* ---- submission ---------------------------------------------------------------------------- */
 
+/* SSE keep-alive (§3.8): headers are out, no token yet (queued or prefilling): an SSE comment
+ * every sse_keepalive_s keeps proxies and clients with read timeouts from giving up. The timer
+ * stops at the first token (sse_start) and is freed with the request. */
+static void keepalive_cb(evutil_socket_t fd, short what, void *arg) {
+    (void)fd;
+    (void)what;
+    hreq *h = arg;
+    int any = 0;
+    for (int i = 0; i < h->n_choices; i++) any |= h->c[i].started;
+    if (any || h->done || h->gone || !h->req || !h->sse_open) {
+        event_del(h->ka);
+        return;
+    }
+    evbuffer_add_printf(h->pending, ": keep-alive\n\n");
+    sse_flush(h);
+}
+
 void generate(http_server *s, struct evhttp_request *req, const char *rid, greq *g) {
     hreq *h = xcalloc(1, sizeof *h);
     h->s = s;
@@ -494,6 +513,8 @@ void generate(http_server *s, struct evhttp_request *req, const char *rid, greq 
     h->created = (long long)time(NULL);
     h->t0 = coord_now_s();
     h->pending = evbuffer_new();
+    h->buffered = s->tool_stream_buffered;
+    h->reasoning_field = s->reasoning_field;
     h->n_choices = (int)g->n_prompts * g->n;
     h->c = xcalloc((size_t)h->n_choices, sizeof *h->c);
     build_paths(h);
@@ -520,9 +541,13 @@ void generate(http_server *s, struct evhttp_request *req, const char *rid, greq 
             oc.n_tool_names = g->n_tools;
             oc.parallel_tool_calls = g->parallel_tool_calls;
             oc.ignore_eos = g->ignore_eos;
+            /* with min_tokens the stop strings are matched by chat_stop_add instead: the
+             * parser would match them from the first token */
+            c->stopf = g->min_tokens > 0 && g->n_stop > 0;
             oc.stop = (const char *const *)g->stop;
-            oc.n_stop = g->n_stop;
+            oc.n_stop = c->stopf ? 0 : g->n_stop;
             oc.include_stop_str = g->include_stop;
+            oc.buffered = s->tool_stream_buffered;
             oc.emit = op_emit;
             oc.emit_user = c;
             c->op = op_new(&oc);
@@ -585,6 +610,15 @@ void generate(http_server *s, struct evhttp_request *req, const char *rid, greq 
         evhttp_send_reply_start(req, 200, "OK");
         h->sse_open = 1;
         sse_flush(h);
+        int any = 0;
+        for (int i = 0; i < h->n_choices; i++) any |= h->c[i].started;
+        if (s->sse_keepalive_s > 0 && !any && h->n_ended < h->n_submitted) {
+            h->ka = event_new(s->base, -1, EV_PERSIST, keepalive_cb, h);
+            struct timeval tv = {(time_t)s->sse_keepalive_s,
+                                 (suseconds_t)((s->sse_keepalive_s -
+                                                (double)(time_t)s->sse_keepalive_s) * 1e6)};
+            if (h->ka) event_add(h->ka, &tv);
+        }
     }
     if (h->n_ended == h->n_submitted) {
         request_done(h);

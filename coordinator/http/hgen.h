@@ -61,6 +61,10 @@ typedef struct hchoice {
     char tail[96];        /* the last decoded bytes (closing tags are looked for here) */
     size_t tail_len;
     int budget_done;
+    int stopf;     /* chat with min_tokens and stop strings: stop strings are matched here on
+                      the content the parser releases (text/released/stop_from/stop_idx), not by
+                      the parser, so that content of the first min_tokens tokens is skipped */
+    char bt_id[64], bt_name[80]; /* tool_stream=buffered: the header of the call being sent */
 } hchoice;
 
 struct hreq {
@@ -82,6 +86,8 @@ struct hreq {
     int status;    /* refused/failed: the error to answer */
     char code[40], msg[600];
     struct evbuffer *pending; /* SSE bytes for the next flush */
+    struct event *ka;         /* SSE keep-alive timer while no token has been sent */
+    int buffered, reasoning_field; /* policy at admission (a reload does not change them) */
     tpath *paths;
     size_t n_paths;
     tok_ids_t close_ids; /* "\n</｜DSML｜tool_calls>" */
@@ -90,6 +96,8 @@ struct hreq {
 /* hresp.c */
 void op_emit(void *user, const op_event *ev);
 int cmpl_add(hchoice *c, const char *t, size_t n, int at_end);
+/* Chat stop filter (hchoice.stopf): content released by the parser; at_end flushes. */
+void chat_stop_add(hchoice *c, const char *t, size_t n, int at_end);
 void cmpl_logprob(hchoice *c, const eng_token *t, int32_t id);
 void sse_start(hchoice *c);
 void sse_flush(hreq *h);

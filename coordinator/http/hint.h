@@ -30,7 +30,7 @@
 #define MAX_CHOICES 64 /* prompts x n per request */
 #define MAX_BIAS 1024
 #define MAX_STOP_IDS 256
-#define DEFAULT_CHAT_MAX_TOKENS 16384
+#define DEFAULT_CHAT_MAX_TOKENS 16384 /* the defaults of the policy fields in http_server */
 #define DEFAULT_CMPL_MAX_TOKENS 16
 
 typedef struct probe probe;
@@ -56,7 +56,16 @@ struct http_server {
     int n_running;         /* sequences submitted and not ended (fallback for the gauges) */
     double last_success_t; /* monotonic time of the last completed choice; 0 = never */
     probe *probe;          /* the /health/generate probe in flight, or NULL */
-    unsigned char seen_unknown[64]; /* hashes of unknown field names already logged */
+    char **seen_unknown;   /* unknown request field names already logged (at most 256) */
+    size_t n_seen_unknown;
+    /* request policy (http_cfg; replaced by http_reconfigure) */
+    double sse_keepalive_s;
+    int strict_fields, tool_stream_buffered, reasoning_field, max_n, def_thinking;
+    long long def_max_chat, def_max_cmpl, def_budget;
+    double def_temperature, def_top_p, def_min_p;
+    char **aliases, **cors;
+    size_t n_aliases, n_cors;
+    int accept_any_model;
 };
 
 /* ---- errors and replies (herr.c) ---------------------------------------------------------- */

@@ -121,8 +121,9 @@ void handle_models(http_server *s, struct evhttp_request *req, const char *rid, 
     }
     json_t *data = json_array();
     json_array_append_new(data, model_card(s, s->model_id));
-    if (strcmp(s->model_id, "deepseek-v4-flash"))
-        json_array_append_new(data, model_card(s, "deepseek-v4-flash"));
+    for (size_t i = 0; i < s->n_aliases; i++)
+        if (strcmp(s->model_id, s->aliases[i]))
+            json_array_append_new(data, model_card(s, s->aliases[i]));
     send_json(s, req, 200, json_pack("{s:s, s:o}", "object", "list", "data", data), rid);
 }
 

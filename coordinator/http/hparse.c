@@ -15,6 +15,7 @@
 
 #include "common/err.h"
 #include "coordinator/chat/encoder.h"
+#include "coordinator/clog.h"
 #include "coordinator/http/hint.h"
 
 /* ---- typed field access: null equals absent (§2) ------------------------------------------ */
@@ -72,10 +73,14 @@ int get_str(apierr *e, json_t *o, const char *k, const char **out) {
 }
 
 int is_model(const http_server *s, const char *m) {
-    return !strcmp(m, s->model_id) || !strcmp(m, "deepseek-v4-flash");
+    if (!strcmp(m, s->model_id)) return 1;
+    for (size_t i = 0; i < s->n_aliases; i++)
+        if (!strcmp(m, s->aliases[i])) return 1;
+    return 0;
 }
 
-/* model: absent/"" = served; the served id or the alias "deepseek-v4-flash"; else 404. */
+/* model: absent/"" = served; the served id or an alias (model_aliases); anything with
+ * accept_any_model; else 404. */
 int check_model(const http_server *s, apierr *e, json_t *body, const char **model) {
     const char *m = NULL;
     if (get_str(e, body, "model", &m) < 0) return -1;
@@ -83,7 +88,7 @@ int check_model(const http_server *s, apierr *e, json_t *body, const char **mode
         *model = s->model_id;
         return 0;
     }
-    if (!is_model(s, m))
+    if (!is_model(s, m) && !s->accept_any_model)
         return fail(e, 404, "model_not_found", "model",
                     "the model \"%s\" does not exist; this server serves \"%s\"", m, s->model_id);
     *model = m;
@@ -136,6 +141,54 @@ static int refuse_unimplemented(apierr *e, json_t *b, int chat) {
         if (get_bool(e, b, "echo", &echo) < 0) return -1;
         if (echo)
             return fail(e, 400, "unsupported_parameter", "echo", "\"echo\" is not supported yet");
+    }
+    return 0;
+}
+
+/* Top-level fields each endpoint knows (used, refused, or listed as ignored in §3.1 / §5). */
+static const char *const KNOWN_COMMON[] = {
+    "model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "top_k", "min_p",
+    "repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias", "seed", "stop",
+    "stop_token_ids", "n", "best_of", "logprobs", "user", "ignore_eos", "min_tokens",
+    "skip_special_tokens", "include_stop_str_in_output", "return_token_ids", "priority",
+    "functions", "function_call", "prompt_logprobs", "continue_final_message", "audio",
+    "modalities", "service_tier", "store", "metadata", "prediction", "web_search_options",
+    "cache_prompt", "cache_salt", "chat_template", "add_generation_prompt", "echo", "documents",
+    "spaces_between_special_tokens", "truncate_prompt_tokens", "suffix", NULL};
+static const char *const KNOWN_CHAT[] = {
+    "messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
+    "parallel_tool_calls", "response_format", "reasoning_effort", "thinking",
+    "chat_template_kwargs", "thinking_token_budget", "include_reasoning", NULL};
+static const char *const KNOWN_CMPL[] = {"prompt", NULL};
+
+static int in_list(const char *const *l, const char *k) {
+    for (; *l; l++)
+        if (!strcmp(*l, k)) return 1;
+    return 0;
+}
+
+/* Unknown top-level fields (§2): a 400 with strict_request_fields, else ignored and logged once
+ * per name at info level (at most 256 names are remembered; later ones are not logged). */
+static int check_unknown(http_server *s, apierr *e, json_t *b, int chat) {
+    const char *k;
+    json_t *v;
+    json_object_foreach(b, k, v) {
+        if (in_list(KNOWN_COMMON, k) || in_list(chat ? KNOWN_CHAT : KNOWN_CMPL, k)) continue;
+        if (s->strict_fields)
+            return fail(e, 400, "unsupported_parameter", k,
+                        "unknown field \"%.64s\" (this server refuses unknown fields: "
+                        "strict_request_fields is on)", k);
+        size_t i;
+        for (i = 0; i < s->n_seen_unknown && strncmp(s->seen_unknown[i], k, 64); i++) {
+        }
+        if (i < s->n_seen_unknown || s->n_seen_unknown >= 256) continue;
+        s->seen_unknown = xrealloc(s->seen_unknown, (s->n_seen_unknown + 1) * sizeof *s->seen_unknown);
+        char name[80];
+        snprintf(name, sizeof name, "%.64s", k);
+        s->seen_unknown[s->n_seen_unknown++] = xstrdup(name);
+        utf8_clean(name);
+        coord_log("info: %s request field \"%s\" is unknown and ignored (logged once per name)",
+                  chat ? "chat" : "completions", name);
     }
     return 0;
 }
@@ -232,7 +285,8 @@ static int parse_bias(const http_server *s, apierr *e, json_t *b, greq *g) {
 /* Sampling fields, max_tokens, n, logprobs, stream options: both endpoints. */
 static int parse_common(http_server *s, apierr *e, json_t *b, greq *g) {
     eng_params *p = &g->p;
-    double temp = 1.0, top_p = 1.0, min_p = 0, rep = 1, pres = 0, freq = 0;
+    double temp = s->def_temperature, top_p = s->def_top_p, min_p = s->def_min_p, rep = 1,
+           pres = 0, freq = 0;
     long long top_k = 0, seed = 0, prio = 0;
     if (get_num(e, b, "temperature", 0, 2, 0, &temp) < 0 ||
         get_num(e, b, "top_p", 0, 1, 1, &top_p) < 0 ||
@@ -262,7 +316,7 @@ static int parse_common(http_server *s, apierr *e, json_t *b, greq *g) {
     int has_mt = get_int(e, b, "max_tokens", 1, INT32_MAX, &g->max_tokens);
     if (has_mt < 0) return -1;
     if (has_mct) g->max_tokens = mct;
-    else if (!has_mt) g->max_tokens = g->chat ? DEFAULT_CHAT_MAX_TOKENS : DEFAULT_CMPL_MAX_TOKENS;
+    else if (!has_mt) g->max_tokens = g->chat ? s->def_max_chat : s->def_max_cmpl;
     if (get_int(e, b, "min_tokens", 0, g->max_tokens, &g->min_tokens) < 0) {
         if (!strcmp(e->code, "invalid_value"))
             fail(e, 400, "invalid_value", "min_tokens",
@@ -270,8 +324,8 @@ static int parse_common(http_server *s, apierr *e, json_t *b, greq *g) {
         return -1;
     }
     long long n = 1, best_of = 0;
-    if (get_int(e, b, "n", 1, MAX_N, &n) < 0) return -1;
-    int has_bo = get_int(e, b, "best_of", 1, MAX_N, &best_of);
+    if (get_int(e, b, "n", 1, s->max_n, &n) < 0) return -1;
+    int has_bo = get_int(e, b, "best_of", 1, s->max_n, &best_of);
     if (has_bo < 0) return -1;
     if (has_bo && best_of != n)
         return fail(e, 400, "invalid_value", "best_of",
@@ -523,8 +577,9 @@ int render_chat(http_server *s, apierr *e, json_t *b, tok_ids_t *ids, bool *thin
         }
         if (!strcmp(t, "text")) rf = NULL;
     }
-    /* thinking (§3.4): thinking.type, then kwargs, then reasoning_effort none, then on */
-    bool thinking = true;
+    /* thinking (§3.4): thinking.type, then kwargs, then reasoning_effort none, then
+     * default_thinking */
+    bool thinking = s->def_thinking;
     int decided = 0;
     json_t *th = field(b, "thinking");
     if (th) {
@@ -681,7 +736,7 @@ int parse_generation(http_server *s, apierr *e, json_t *b, int chat, greq *g) {
     g->budget = -1;
     eng_params_init(&g->p);
     if (check_model(s, e, b, &g->model) || refuse_unimplemented(e, b, chat) ||
-        parse_common(s, e, b, g))
+        check_unknown(s, e, b, chat) || parse_common(s, e, b, g))
         return -1;
     if (!chat) return completion_prompts(s, e, b, g);
     if (parse_tools(e, b, g)) return -1;
@@ -703,7 +758,7 @@ int parse_generation(http_server *s, apierr *e, json_t *b, int chat, greq *g) {
             return fail(e, 400, e->code, "thinking.budget_tokens", "%s", m);
         }
     }
-    g->budget = hb ? budget : -1;
+    g->budget = hb ? budget : s->def_budget;
     g->prompts = xcalloc(1, sizeof *g->prompts);
     g->n_prompts = 1;
     int n_tools = 0;

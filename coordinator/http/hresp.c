@@ -72,6 +72,7 @@ void sse_flush(hreq *h) {
 void sse_start(hchoice *c) {
     if (c->started) return;
     c->started = 1;
+    if (c->h->ka) event_del(c->h->ka); /* the first token: no more keep-alive comments */
     if (!c->h->g.chat) return;
     json_t *ch = json_pack("{s:i, s:{s:s, s:s}, s:n, s:n}", "index", c->index, "delta", "role",
                            "assistant", "content", "", "logprobs", "finish_reason");
@@ -108,9 +109,17 @@ void op_emit(void *user, const op_event *ev) {
     switch (ev->kind) {
     case OP_EV_REASONING:
         if (!h->g.include_reasoning || !h->g.stream) return;
-        d = json_pack("{s:s%}", "reasoning_content", ev->text, ev->len);
+        d = json_object();
+        if (h->reasoning_field != HTTP_REASONING)
+            json_object_set_new(d, "reasoning_content", json_stringn(ev->text, ev->len));
+        if (h->reasoning_field != HTTP_REASONING_CONTENT)
+            json_object_set_new(d, "reasoning", json_stringn(ev->text, ev->len));
         break;
     case OP_EV_CONTENT:
+        if (c->stopf) { /* stop strings (after min_tokens) are matched first */
+            chat_stop_add(c, ev->text, ev->len, 0);
+            return;
+        }
         if (h->g.logprobs) {
             json_t *entry = chat_entry(c, ev->text, ev->len);
             json_array_append(c->lp, entry);
@@ -122,14 +131,24 @@ void op_emit(void *user, const op_event *ev) {
         break;
     case OP_EV_TOOL_START:
         if (!h->g.stream) return;
+        if (h->buffered) { /* sent with its arguments (one delta) when the invoke closes */
+            snprintf(c->bt_id, sizeof c->bt_id, "%s", ev->id);
+            snprintf(c->bt_name, sizeof c->bt_name, "%s", ev->name);
+            return;
+        }
         d = json_pack("{s:[{s:I, s:s, s:s, s:{s:s, s:s}}]}", "tool_calls", "index",
                       (json_int_t)ev->index, "id", ev->id, "type", "function", "function",
                       "name", ev->name, "arguments", "");
         break;
     default:
         if (!h->g.stream) return;
-        d = json_pack("{s:[{s:I, s:{s:s%}}]}", "tool_calls", "index", (json_int_t)ev->index,
-                      "function", "arguments", ev->text, ev->len);
+        if (h->buffered)
+            d = json_pack("{s:[{s:I, s:s, s:s, s:{s:s, s:s%}}]}", "tool_calls", "index",
+                          (json_int_t)ev->index, "id", c->bt_id, "type", "function", "function",
+                          "name", c->bt_name, "arguments", ev->text, ev->len);
+        else
+            d = json_pack("{s:[{s:I, s:{s:s%}}]}", "tool_calls", "index", (json_int_t)ev->index,
+                          "function", "arguments", ev->text, ev->len);
         break;
     }
     if (!d) {
@@ -179,17 +198,16 @@ static json_t *take_cmpl_lp(hchoice *c) {
     return lp;
 }
 
-/* Completions: appends decoded text, looks for a stop string (the earliest match wins; the
- * text is cut before it, or after it with include_stop_str_in_output; not before min_tokens),
- * and releases what is certain — everything but a trailing proper prefix of a stop string,
- * unless at_end. Streams the released bytes. Returns 1 when a stop string matched. */
-int cmpl_add(hchoice *c, const char *t, size_t n, int at_end) {
+/* Appends decoded text to c->text and looks for a stop string (the earliest match wins; the
+ * text is cut before it, or after it with include_stop_str_in_output; text added before
+ * min_tokens tokens exist is not searched). Returns the end of what is certain: everything
+ * but a trailing proper prefix of a stop string, unless at_end. *hit: a stop string matched. */
+static size_t stop_scan(hchoice *c, const char *t, size_t n, int at_end, int *hit) {
     hreq *h = c->h;
-    if (c->stop_idx >= 0) return 1;
     if (n) chat_sb_put(&c->text, t, n);
     if (c->n_out < h->g.min_tokens) c->stop_from = c->text.len;
     size_t end = c->text.len;
-    int hit = 0;
+    *hit = 0;
     size_t from = c->released > c->stop_from ? c->released : c->stop_from;
     if (h->g.n_stop && c->text.len > from) {
         size_t best = SIZE_MAX, maxl = 0;
@@ -203,7 +221,7 @@ int cmpl_add(hchoice *c, const char *t, size_t n, int at_end) {
             }
         }
         if (c->stop_idx >= 0) {
-            hit = 1;
+            *hit = 1;
             end = best + (h->g.include_stop ? strlen(h->g.stop[c->stop_idx]) : 0);
             c->text.len = end;
             c->text.p[end] = 0;
@@ -220,6 +238,16 @@ int cmpl_add(hchoice *c, const char *t, size_t n, int at_end) {
             end = c->text.len - k;
         }
     }
+    return end;
+}
+
+/* Completions: stop_scan, then streams the released bytes. Returns 1 when a stop string
+ * matched. */
+int cmpl_add(hchoice *c, const char *t, size_t n, int at_end) {
+    hreq *h = c->h;
+    if (c->stop_idx >= 0) return 1;
+    int hit;
+    size_t end = stop_scan(c, t, n, at_end, &hit);
     if (end > c->released) {
         if (h->g.stream) {
             json_t *ch = json_pack("{s:i, s:s%, s:o, s:n}", "index", c->index, "text",
@@ -231,6 +259,29 @@ int cmpl_add(hchoice *c, const char *t, size_t n, int at_end) {
         c->released = end;
     }
     return hit;
+}
+
+/* Chat content through the stop filter: released bytes become content deltas (and logprob
+ * entries); after a match nothing more is content. c->text is the choice's content. */
+void chat_stop_add(hchoice *c, const char *t, size_t n, int at_end) {
+    hreq *h = c->h;
+    if (c->stop_idx >= 0) return;
+    int hit;
+    size_t end = stop_scan(c, t, n, at_end, &hit);
+    if (end <= c->released) return;
+    const char *b = c->text.p + c->released;
+    size_t len = end - c->released;
+    c->released = end;
+    json_t *lp = NULL;
+    if (h->g.logprobs) {
+        json_t *entry = chat_entry(c, b, len);
+        json_array_append(c->lp, entry);
+        if (h->g.stream) lp = json_pack("{s:[o]}", "content", entry);
+        else json_decref(entry);
+    }
+    if (!h->g.stream) return;
+    sse_start(c);
+    sse_delta(c, json_pack("{s:s%}", "content", b, len), lp);
 }
 
 json_t *stop_reason_json(const hchoice *c) {
@@ -283,13 +334,19 @@ static json_t *ids_json(const int32_t *v, size_t n) {
 static json_t *chat_choice(hchoice *c) {
     const op_result *res = c->res;
     json_t *msg = json_pack("{s:s, s:n}", "role", "assistant", "refusal");
+    const char *content = c->stopf ? (c->text.p ? c->text.p : "") : res->content;
+    size_t content_len = c->stopf ? c->text.len : res->content_len;
     json_object_set_new(msg, "content",
-                        res->content_len == 0 && res->n_calls
-                            ? json_null()
-                            : json_stringn(res->content, res->content_len));
-    if (c->h->g.thinking && c->h->g.include_reasoning)
-        json_object_set_new(msg, "reasoning_content",
-                            json_stringn(res->reasoning, res->reasoning_len));
+                        content_len == 0 && res->n_calls ? json_null()
+                                                         : json_stringn(content, content_len));
+    if (c->h->g.thinking && c->h->g.include_reasoning) {
+        if (c->h->reasoning_field != HTTP_REASONING)
+            json_object_set_new(msg, "reasoning_content",
+                                json_stringn(res->reasoning, res->reasoning_len));
+        if (c->h->reasoning_field != HTTP_REASONING_CONTENT)
+            json_object_set_new(msg, "reasoning",
+                                json_stringn(res->reasoning, res->reasoning_len));
+    }
     if (res->n_calls) {
         json_t *calls = json_array();
         for (size_t i = 0; i < res->n_calls; i++)

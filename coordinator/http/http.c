@@ -73,6 +73,47 @@ static void count_rejected(http_server *s, const apierr *e) {
                 1);
 }
 
+/* CORS (server-api §2; only with cors_origins): an allowed Origin gets the Allow-Origin headers
+ * on every answer; OPTIONS on a known path is the preflight, answered 204 without a key.
+ * Returns 1 when the request was answered (preflight). */
+static int cors(http_server *s, struct evhttp_request *req, enum evhttp_cmd_type cmd, int get) {
+    struct evkeyvalq *in = evhttp_request_get_input_headers(req);
+    struct evkeyvalq *out = evhttp_request_get_output_headers(req);
+    const char *origin = evhttp_find_header(in, "Origin");
+    int any = 0, ok = 0;
+    for (size_t i = 0; i < s->n_cors; i++) {
+        if (!strcmp(s->cors[i], "*")) any = 1;
+        else if (origin && !strcmp(s->cors[i], origin)) ok = 1;
+    }
+    if (origin && (ok || any)) {
+        evhttp_add_header(out, "Access-Control-Allow-Origin", ok ? origin : "*");
+        if (ok) evhttp_add_header(out, "Vary", "Origin");
+        evhttp_add_header(out, "Access-Control-Expose-Headers",
+                          "X-Request-Id, X-Duet-Reasoning-Effort, Retry-After");
+    }
+    if (cmd != EVHTTP_REQ_OPTIONS) return 0;
+    const char *methods = get ? "GET, HEAD, OPTIONS" : "POST, OPTIONS";
+    evhttp_add_header(out, "Allow", methods);
+    if (origin && (ok || any)) {
+        evhttp_add_header(out, "Access-Control-Allow-Methods", methods);
+        const char *rh = evhttp_find_header(in, "Access-Control-Request-Headers");
+        char hdrs[512];
+        /* echo what the browser asks for when it is plain header-name text */
+        int plain = rh && strlen(rh) < sizeof hdrs;
+        for (const char *p = rh; plain && *p; p++)
+            plain = (*p >= 'A' && *p <= 'Z') || (*p >= 'a' && *p <= 'z') ||
+                    (*p >= '0' && *p <= '9') || *p == '-' || *p == '_' || *p == ',' || *p == ' ';
+        snprintf(hdrs, sizeof hdrs, "%s",
+                 plain && *rh ? rh : "Authorization, Content-Type, X-Request-Id");
+        evhttp_add_header(out, "Access-Control-Allow-Headers", hdrs);
+        evhttp_add_header(out, "Access-Control-Max-Age", "600");
+    }
+    evhttp_add_header(out, "Content-Length", "0");
+    note_http(s, req, 204);
+    evhttp_send_reply(req, 204, "No Content", NULL);
+    return 1;
+}
+
 static void on_request(struct evhttp_request *req, void *arg) {
     http_server *s = arg;
     char rid[65];
@@ -97,6 +138,7 @@ static void on_request(struct evhttp_request *req, void *arg) {
     }
     int get = r == R_HEALTH || r == R_READY || r == R_GENERATE || r == R_METRICS ||
               r == R_VERSION || r == R_MODELS || r == R_MODEL;
+    if (s->n_cors && cors(s, req, cmd, get)) goto done;
     int method_ok = get ? (cmd == EVHTTP_REQ_GET || cmd == EVHTTP_REQ_HEAD) : cmd == EVHTTP_REQ_POST;
     if (!method_ok) {
         evhttp_add_header(evhttp_request_get_output_headers(req), "Allow",
@@ -172,29 +214,125 @@ done:
 
 /* ---- set-up -------------------------------------------------------------------------------- */
 
-static int load_keys(http_server *s, const char *path, char *err, size_t errlen) {
+/* Reads one key per line ('#' lines and blank lines skipped) appended to *keys (*n of them). */
+static int load_keys(const char *path, char ***keys, size_t *n, char *err, size_t errlen) {
     FILE *f = fopen(path, "r");
     if (!f) {
         snprintf(err, errlen, "--api-key-file %s: cannot open it: %s", path, strerror(errno));
         return -1;
     }
     char line[1024];
+    size_t before = *n;
     while (fgets(line, sizeof line, f)) {
         char *p = line;
         while (*p == ' ' || *p == '\t') p++;
-        size_t n = strlen(p);
-        while (n && (p[n - 1] == '\n' || p[n - 1] == '\r' || p[n - 1] == ' ' || p[n - 1] == '\t'))
-            p[--n] = 0;
-        if (!n || *p == '#') continue;
-        s->keys = xrealloc(s->keys, (s->n_keys + 1) * sizeof *s->keys);
-        s->keys[s->n_keys++] = xstrdup(p);
+        size_t len = strlen(p);
+        while (len && (p[len - 1] == '\n' || p[len - 1] == '\r' || p[len - 1] == ' ' ||
+                       p[len - 1] == '\t'))
+            p[--len] = 0;
+        if (!len || *p == '#') continue;
+        *keys = xrealloc(*keys, (*n + 1) * sizeof **keys);
+        (*keys)[(*n)++] = xstrdup(p);
         memset(line, 0, sizeof line);
     }
     fclose(f);
-    if (!s->n_keys) {
+    if (*n == before) {
         snprintf(err, errlen, "--api-key-file %s holds no key (one key per line)", path);
         return -1;
     }
+    return 0;
+}
+
+static void free_strs(char **v, size_t n, int wipe) {
+    for (size_t i = 0; i < n; i++) {
+        if (wipe) memset(v[i], 0, strlen(v[i]));
+        free(v[i]);
+    }
+    free(v);
+}
+
+static char **dup_strs(const char *const *v, size_t n) {
+    char **out = xcalloc(n + 1, sizeof *out);
+    for (size_t i = 0; i < n; i++) out[i] = xstrdup(v[i]);
+    return out;
+}
+
+/* The keys of cfg: the file's, then the inline ones. 0, or -1 with err (nothing allocated). */
+static int cfg_keys(const http_cfg *cfg, char ***keys, size_t *n, char *err, size_t errlen) {
+    *keys = NULL;
+    *n = 0;
+    if (cfg->api_key_file && load_keys(cfg->api_key_file, keys, n, err, errlen)) {
+        free_strs(*keys, *n, 1);
+        *keys = NULL;
+        *n = 0;
+        return -1;
+    }
+    for (size_t i = 0; i < cfg->n_api_keys; i++) {
+        *keys = xrealloc(*keys, (*n + 1) * sizeof **keys);
+        (*keys)[(*n)++] = xstrdup(cfg->api_keys[i]);
+    }
+    return 0;
+}
+
+void http_cfg_init(http_cfg *cfg) {
+    memset(cfg, 0, sizeof *cfg);
+    cfg->default_temperature = cfg->default_top_p = cfg->default_min_p = -1;
+    cfg->default_thinking = -1;
+    cfg->default_thinking_budget = -1;
+    cfg->sse_keepalive_s = 15;
+}
+
+/* The reloadable request policy (no failure possible). */
+static void apply_policy(http_server *s, const http_cfg *cfg) {
+    s->max_body = cfg->max_body_bytes ? cfg->max_body_bytes : (size_t)32 << 20;
+    if (s->http) {
+        size_t hard = s->max_body > ((size_t)1 << 40) ? s->max_body : s->max_body * 4 + 65536;
+        evhttp_set_max_body_size(s->http, (ev_ssize_t)hard);
+    }
+    s->stall_timeout_s = cfg->stall_timeout_s;
+    s->health_generate_timeout_s = cfg->health_generate_timeout_s;
+    s->metrics_require_auth = cfg->metrics_require_auth;
+    s->sse_keepalive_s = cfg->sse_keepalive_s > 0 ? cfg->sse_keepalive_s : 0;
+    s->strict_fields = cfg->strict_request_fields;
+    s->tool_stream_buffered = cfg->tool_stream_buffered;
+    s->reasoning_field = cfg->reasoning_field;
+    s->def_max_chat = cfg->default_max_tokens_chat > 0 ? cfg->default_max_tokens_chat
+                                                       : DEFAULT_CHAT_MAX_TOKENS;
+    s->def_max_cmpl = cfg->default_max_tokens_cmpl > 0 ? cfg->default_max_tokens_cmpl
+                                                       : DEFAULT_CMPL_MAX_TOKENS;
+    s->max_n = cfg->max_n > 0 ? (cfg->max_n > MAX_CHOICES ? MAX_CHOICES : cfg->max_n) : MAX_N;
+    s->def_temperature = cfg->default_temperature >= 0 ? cfg->default_temperature : 1.0;
+    s->def_top_p = cfg->default_top_p > 0 ? cfg->default_top_p : 1.0;
+    s->def_min_p = cfg->default_min_p >= 0 ? cfg->default_min_p : 0.0;
+    s->def_thinking = cfg->default_thinking != 0;
+    s->def_budget = cfg->default_thinking_budget;
+    free_strs(s->aliases, s->n_aliases, 0);
+    free_strs(s->cors, s->n_cors, 0);
+    if (cfg->n_model_aliases || cfg->no_model_aliases) {
+        s->aliases = dup_strs(cfg->model_aliases, cfg->n_model_aliases);
+        s->n_aliases = cfg->n_model_aliases;
+    } else {
+        static const char *const def[] = {"deepseek-v4-flash"};
+        s->aliases = dup_strs(def, 1);
+        s->n_aliases = 1;
+    }
+    s->accept_any_model = cfg->accept_any_model;
+    s->cors = dup_strs(cfg->cors_origins, cfg->n_cors_origins);
+    s->n_cors = cfg->n_cors_origins;
+}
+
+int http_reconfigure(http_server *s, const http_cfg *cfg, int *keys_changed, char *err,
+                     size_t errlen) {
+    char **keys;
+    size_t n;
+    if (cfg_keys(cfg, &keys, &n, err, errlen)) return -1;
+    int changed = n != s->n_keys;
+    for (size_t i = 0; !changed && i < n; i++) changed = strcmp(keys[i], s->keys[i]) != 0;
+    free_strs(s->keys, s->n_keys, 1);
+    s->keys = keys;
+    s->n_keys = n;
+    if (keys_changed) *keys_changed = changed;
+    apply_policy(s, cfg);
     return 0;
 }
 
@@ -223,22 +361,19 @@ int http_open(struct event_base *base, const http_cfg *cfg, const eng_api *api,
         memmove(host, host + 1, strlen(host));
         host[strlen(host) - 1] = 0;
     }
-    if (!is_loopback(host) && !cfg->api_key_file) {
+    if (!is_loopback(host) && !cfg->api_key_file && !cfg->n_api_keys) {
         snprintf(err, errlen,
                  "--listen %s is not a loopback address: refusing to serve the API to the "
-                 "network without --api-key-file",
+                 "network without --api-key-file (or the config key api_keys)",
                  cfg->listen);
         return -1;
     }
     http_server *s = xcalloc(1, sizeof *s);
     s->base = base;
     s->api = *api;
-    s->max_body = cfg->max_body_bytes;
     s->max_model_len = cfg->max_model_len;
     s->fold_ids = cfg->fold_prompt_ids;
-    s->stall_timeout_s = cfg->stall_timeout_s;
-    s->health_generate_timeout_s = cfg->health_generate_timeout_s;
-    s->metrics_require_auth = cfg->metrics_require_auth;
+    apply_policy(s, cfg);
     s->m = cfg->metrics;
     if (!s->m) {
         s->m = metrics_new(cfg->model_id, cfg->metrics_vllm_names);
@@ -256,7 +391,7 @@ int http_open(struct event_base *base, const http_cfg *cfg, const eng_api *api,
     s->commit = xstrdup(cfg->commit);
     snprintf(s->fingerprint, sizeof s->fingerprint, "duet-%s-%.7s", cfg->version, cfg->commit);
     s->created = (long long)time(NULL);
-    if (cfg->api_key_file && load_keys(s, cfg->api_key_file, err, errlen)) goto fail;
+    if (cfg_keys(cfg, &s->keys, &s->n_keys, err, errlen)) goto fail;
     if (tok_load(cfg->tokenizer_path, &s->tok, err, errlen)) goto fail;
     s->vocab = cfg->vocab_size < (int)tok_vocab_size(s->tok) ? cfg->vocab_size
                                                              : (int)tok_vocab_size(s->tok);
@@ -266,10 +401,8 @@ int http_open(struct event_base *base, const http_cfg *cfg, const eng_api *api,
     s->dsml = tok_token_to_id(s->tok, "｜DSML｜");
     s->http = evhttp_new(base);
     /* evhttp refuses bodies far over the limit itself (bounded memory); duet answers the JSON
-     * 413 for bodies between the limit and that hard cap */
-    size_t hard = cfg->max_body_bytes > ((size_t)1 << 40) ? cfg->max_body_bytes
-                                                          : cfg->max_body_bytes * 4 + 65536;
-    evhttp_set_max_body_size(s->http, (ev_ssize_t)hard);
+     * 413 for bodies between the limit and that hard cap (apply_policy sets it) */
+    apply_policy(s, cfg);
     evhttp_set_max_headers_size(s->http, 64 << 10);
     evhttp_set_timeout(s->http, 75);
     evhttp_set_allowed_methods(s->http, EVHTTP_REQ_GET | EVHTTP_REQ_POST | EVHTTP_REQ_HEAD |
@@ -303,11 +436,10 @@ void http_free(http_server *s) {
     if (s->http) evhttp_free(s->http);
     if (s->own_metrics) metrics_free(s->m);
     if (s->tok) tok_free(s->tok);
-    for (size_t i = 0; i < s->n_keys; i++) {
-        memset(s->keys[i], 0, strlen(s->keys[i]));
-        free(s->keys[i]);
-    }
-    free(s->keys);
+    free_strs(s->keys, s->n_keys, 1);
+    free_strs(s->aliases, s->n_aliases, 0);
+    free_strs(s->cors, s->n_cors, 0);
+    free_strs(s->seen_unknown, s->n_seen_unknown, 0);
     free(s->model_id);
     free(s->version);
     free(s->commit);
