@@ -195,7 +195,7 @@ __global__ void __launch_bounds__(256) k_mhc_mix(const float *h, const float *fn
 }
 
 /* Stage 2: block per token; mode 0: mhc_pre (writes u, post, comb), 1: hc_head (u only) */
-__global__ void __launch_bounds__(256) k_mhc_fin(const float *h, const float *part, const float *sspart,
+__global__ void __launch_bounds__(1024) k_mhc_fin(const float *h, const float *part, const float *sspart,
                                                  int S, const float *base, const float *scale, int n,
                                                  int D, int iters, float hc_eps, float norm_eps,
                                                  float *u, float *post, float *comb, int head_mode) {
@@ -236,6 +236,18 @@ __global__ void __launch_bounds__(256) k_mhc_fin(const float *h, const float *pa
         }
     }
     __syncthreads();
+    if (D % 4 == 0 && !((uintptr_t)X & 15) && !((uintptr_t)u & 15)) {
+        /* float4 (one pass of loads in flight for D <= 4·blockDim) */
+        for (int i = threadIdx.x; i < D / 4; i += blockDim.x) {
+            float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
+            for (int j = 0; j < n; j++) {
+                float4 xv = ((const float4 *)(X + (size_t)j * D))[i];
+                s.x += pre[j] * xv.x; s.y += pre[j] * xv.y; s.z += pre[j] * xv.z; s.w += pre[j] * xv.w;
+            }
+            ((float4 *)(u + (size_t)t * D))[i] = s;
+        }
+        return;
+    }
     for (int i = threadIdx.x; i < D; i += blockDim.x) {
         float s = 0;
         for (int j = 0; j < n; j++) s += pre[j] * X[(size_t)j * D + i];
@@ -261,7 +273,7 @@ static void mhc_run(be *b, const float *h, const float *fn, const float *base, c
     float *sspart = (float *)scratch(b, (size_t)T * S * sizeof(float));
     k_mhc_mix<<<dim3(n_mix, T, S), 256, 0, c->s>>>(h, fn, n_mix, width, slice, part, sspart);
     LAUNCHED();
-    k_mhc_fin<<<T, 256, 0, c->s>>>(h, part, sspart, S, base, scale, n, D, iters, hc_eps, norm_eps, u,
+    k_mhc_fin<<<T, 1024, 0, c->s>>>(h, part, sspart, S, base, scale, n, D, iters, hc_eps, norm_eps, u,
                                    post, comb, head_mode);
     LAUNCHED();
     cu_free(b, part);

@@ -4,8 +4,9 @@
  * Why: duet-bench's per-op breakdown syncs around every op, so for ops of a few microseconds
  * it measures launch + sync, not the kernel. Here each case runs back to back between two
  * CUDA events (no host sync in between), over enough weight copies that they do not sit in
- * L2, so time per call and weight bytes per second are what the GPU does. Benchmarks only:
- * correctness is test_cuda_ops' job. Usage: duet-gemv-bench [reps]
+ * L2, so time per call and weight bytes per second are what the GPU does (for ops shorter than
+ * a launch, the host's launch rate: run under ncu for kernel times). Benchmarks only:
+ * correctness is test_cuda_ops' job. Usage: duet-gemv-bench [reps [mm|moe|small]]
  */
 #include <cuda_runtime_api.h>
 #include <math.h>
@@ -50,7 +51,7 @@ static void t_mm(const char *name, ck_kind kind, st_dtype dt, int N, int K, cons
     cudaEventCreate(&b);
     for (int i = 0; i < nT; i++) {
         int T = Ts[i];
-        for (int r = 0; r < nc; r++) B->ops->matmul(B, w[r], 0, N, x, K, y, N, T);
+        for (int r = 0; r < nc && r < reps; r++) B->ops->matmul(B, w[r], 0, N, x, K, y, N, T);
         cudaEventRecord(a, S);
         for (int r = 0; r < reps; r++) B->ops->matmul(B, w[r % nc], 0, N, x, K, y, N, T);
         cudaEventRecord(b, S);
@@ -94,7 +95,7 @@ static void t_moe(const int *Ts, int nT, int reps) {
     cudaEventCreate(&b);
     for (int i = 0; i < nT; i++) {
         int T = Ts[i];
-        for (int r = 0; r < NX; r++) B->ops->moe(B, &L, x + (size_t)r * 16 * D, ids, T, out);
+        for (int r = 0; r < NX && r < reps; r++) B->ops->moe(B, &L, x + (size_t)r * 16 * D, ids, T, out);
         cudaEventRecord(a, S);
         for (int r = 0; r < reps; r++) B->ops->moe(B, &L, x + (size_t)(r % NX) * 16 * D, ids, T, out);
         cudaEventRecord(b, S);
@@ -111,7 +112,7 @@ static void t_moe(const int *Ts, int nT, int reps) {
 
 #define TIME_OP(label, call)                                                                      \
     do {                                                                                          \
-        for (int r_ = 0; r_ < 10; r_++) call;                                                     \
+        for (int r_ = 0; r_ < 3; r_++) call;                                                      \
         cudaEventRecord(a, S);                                                                    \
         for (int r_ = 0; r_ < reps; r_++) call;                                                   \
         cudaEventRecord(b, S);                                                                    \
@@ -158,19 +159,22 @@ int main(int argc, char **argv) {
     if (peak_copy_gbs((size_t)1 << 30, 10, &gbs, err, sizeof err)) die(err);
     int cc0, cc1;
     printf("device %s; copy %.0f GB/s (read + write)\n", be_cuda_device_name(B, &cc0, &cc1), gbs);
+    const char *only = argc > 2 ? argv[2] : "";
     const int Ts[] = {1, 4, 8, 16};
-    t_mm("wq_a", CK_FP8_WEIGHT, ST_F8_E4M3, 1024, 4096, Ts, 4, reps);
-    t_mm("wq_b", CK_FP8_WEIGHT, ST_F8_E4M3, 32768, 1024, Ts, 4, reps);
-    t_mm("wkv", CK_FP8_WEIGHT, ST_F8_E4M3, 512, 4096, Ts, 4, reps);
-    t_mm("wo_b", CK_FP8_WEIGHT, ST_F8_E4M3, 4096, 8192, Ts, 4, reps);
-    t_mm("shared.w1", CK_FP8_WEIGHT, ST_F8_E4M3, 2048, 4096, Ts, 4, reps);
-    t_mm("shared.w2", CK_FP8_WEIGHT, ST_F8_E4M3, 4096, 2048, Ts, 4, reps);
-    t_mm("expert.w1", CK_FP4_WEIGHT, ST_I8, 2048, 4096, Ts, 4, reps);
-    t_mm("expert.w2", CK_FP4_WEIGHT, ST_I8, 4096, 2048, Ts, 4, reps);
-    t_mm("head", CK_PLAIN, ST_BF16, 129280, 4096, Ts, 2, reps / 4);
+    if (!*only || !strcmp(only, "mm")) {
+        t_mm("wq_a", CK_FP8_WEIGHT, ST_F8_E4M3, 1024, 4096, Ts, 4, reps);
+        t_mm("wq_b", CK_FP8_WEIGHT, ST_F8_E4M3, 32768, 1024, Ts, 4, reps);
+        t_mm("wkv", CK_FP8_WEIGHT, ST_F8_E4M3, 512, 4096, Ts, 4, reps);
+        t_mm("wo_b", CK_FP8_WEIGHT, ST_F8_E4M3, 4096, 8192, Ts, 4, reps);
+        t_mm("shared.w1", CK_FP8_WEIGHT, ST_F8_E4M3, 2048, 4096, Ts, 4, reps);
+        t_mm("shared.w2", CK_FP8_WEIGHT, ST_F8_E4M3, 4096, 2048, Ts, 4, reps);
+        t_mm("expert.w1", CK_FP4_WEIGHT, ST_I8, 2048, 4096, Ts, 4, reps);
+        t_mm("expert.w2", CK_FP4_WEIGHT, ST_I8, 4096, 2048, Ts, 4, reps);
+        t_mm("head", CK_PLAIN, ST_BF16, 129280, 4096, Ts, 2, reps / 4 ? reps / 4 : 1);
+    }
     const int Tm[] = {1, 8};
-    t_moe(Tm, 2, reps / 2);
-    t_small(reps * 5);
+    if (!*only || !strcmp(only, "moe")) t_moe(Tm, 2, reps / 2 ? reps / 2 : 1);
+    if (!*only || !strcmp(only, "small")) t_small(reps * 5);
     B->ops->destroy(B);
     return 0;
 }
