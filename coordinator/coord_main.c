@@ -56,9 +56,7 @@
 #ifndef DUET_VERSION
 #define DUET_VERSION "0.1.0"
 #endif
-#ifndef DUET_COMMIT
-#define DUET_COMMIT "unknown"
-#endif
+#include "duet_commit.h" /* DUET_COMMIT, generated (coordinator/duet_commit.h.in) */
 
 /* ---- state ---------------------------------------------------------------------------- */
 
