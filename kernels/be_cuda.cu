@@ -40,6 +40,7 @@ void launched(const char *file, int line) {
 static void cu_destroy(be *b) {
     be_cuda *c = C(b);
     cudaStreamSynchronize(c->s);
+    moe_tables_drop(c); /* its blocks go to the free list, freed below */
     for (size_t i = 0; i < c->n_live; i++) cudaFree(c->live[i].p);
     for (size_t i = 0; i < c->n_free; i++) cudaFree(c->freel[i].p);
     if (c->pin) cudaFreeHost(c->pin);
@@ -56,6 +57,7 @@ static void cu_destroy(be *b) {
     }
     if (c->blas_ws) cudaFree(c->blas_ws);
     cudaStreamDestroy(c->s);
+    free(c->mtab);
     free(c->live);
     free(c->freel);
     if (g_launch_be == c) g_launch_be = NULL;

@@ -14,12 +14,14 @@ enum { ATT_WARPS = 16, ATT_MAXD = 512 };
 
 /* one block per (t, h); warps take keys round-robin with an online softmax each, merged with
  * the sink at the end. Lane owns dims lane + 32*j. */
-__global__ void __launch_bounds__(ATT_WARPS * 32) k_attn(be_attn_args a, const be_keyplan *plan) {
+typedef inl<be_keyplan, 8> plan_inl;
+__global__ void __launch_bounds__(ATT_WARPS * 32) k_attn(be_attn_args a, const be_keyplan *plan,
+                                                         plan_inl pm) {
     __shared__ float wm[ATT_WARPS], wl[ATT_WARPS];
     __shared__ float wacc[ATT_WARPS][ATT_MAXD];
     int t = blockIdx.x / a.n_heads, h = blockIdx.x % a.n_heads, d = a.head_dim;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nd = d / 32;
-    const be_keyplan p = plan[t];
+    const be_keyplan p = inl_at(plan, pm, t);
     const float *q = a.q + ((size_t)t * a.n_heads + h) * d;
     float qv[ATT_MAXD / 32], acc[ATT_MAXD / 32];
 #pragma unroll
@@ -84,17 +86,19 @@ void cu_attention(be *b, const be_attn_args *a) {
                 a->head_dim, ATT_MAXD);
         abort();
     }
-    const be_keyplan *dp = (const be_keyplan *)stage(c, a->plan, (size_t)a->T * sizeof *a->plan);
+    plan_inl pm;
+    const be_keyplan *dp = inl_put(c, a->plan, (size_t)a->T, pm);
     be_attn_args da = *a;
     da.plan = NULL;
-    k_attn<<<a->T * a->n_heads, ATT_WARPS * 32, 0, c->s>>>(da, dp);
+    k_attn<<<a->T * a->n_heads, ATT_WARPS * 32, 0, c->s>>>(da, dp, pm);
     LAUNCHED();
 }
 
+typedef inl<int32_t, 64> pos_inl;
 __global__ void k_ring_write(float *ring, int ring_size, int dim, const float *kv,
-                             const int32_t *pos) {
+                             const int32_t *pos, pos_inl pm) {
     int t = blockIdx.x;
-    float *dst = ring + (size_t)(pos[t] % ring_size) * dim;
+    float *dst = ring + (size_t)(inl_at(pos, pm, t) % ring_size) * dim;
     for (int i = threadIdx.x; i < dim; i += blockDim.x) dst[i] = kv[(size_t)t * dim + i];
 }
 
@@ -104,7 +108,8 @@ void cu_ring_write(be *b, float *ring, int ring_size, int dim, const float *kv,
     be_cuda *c = C(b);
     /* several tokens may map to one slot (T > ring_size): only the last one may write */
     int first = T > ring_size ? T - ring_size : 0;
-    const int32_t *dp = (const int32_t *)stage(c, pos + first, (size_t)(T - first) * sizeof *pos);
-    k_ring_write<<<T - first, 128, 0, c->s>>>(ring, ring_size, dim, kv + (size_t)first * dim, dp);
+    pos_inl pm;
+    const int32_t *dp = inl_put(c, pos + first, (size_t)(T - first), pm);
+    k_ring_write<<<T - first, 128, 0, c->s>>>(ring, ring_size, dim, kv + (size_t)first * dim, dp, pm);
     LAUNCHED();
 }

@@ -145,7 +145,7 @@ void cu_compress(be *b, const be_compress_args *a) {
         abort();
     }
     cmp_dev d = {T, m, a->c, a->d, a->rope_dims, pos0, a->a, a->g, a->ape, a->norm, a->eps,
-                 (const float *)stage(c, a->omega, (size_t)(a->rope_dims / 2) * sizeof(float)),
+                 NULL, /* omega: staged below, only when a window closes (k_cmp_windows) */
                  a->cur_a, a->cur_g, a->prev_a, a->prev_g, a->entries, a->fp8_nope_qat,
                  a->hadamard_fp4_qat};
     /* windows closing at tokens of this call: positions w*m + m-1 in [pos0, pos0+T) */
@@ -153,6 +153,7 @@ void cu_compress(be *b, const be_compress_args *a) {
     int w_end = (pos0 + T) / m;                /* windows w < w_end close by pos0 + T - 1 */
     int nw = w_end - w_first;
     if (nw > 0) {
+        d.omega = (const float *)stage(c, a->omega, (size_t)(a->rope_dims / 2) * sizeof(float));
         k_cmp_windows<<<nw, 256, (size_t)a->d * sizeof(float), c->s>>>(d, w_first);
         LAUNCHED();
         if (a->c == 2) {
@@ -169,10 +170,11 @@ void cu_compress(be *b, const be_compress_args *a) {
 /* ======================================================================================== */
 
 /* grid (ceil(nv_max/8), T); q row staged in shared memory; warp per entry */
-__global__ void __launch_bounds__(256) k_index_scores(be_index_args a, const int *nvis,
+typedef inl<int, 64> nvis_inl;
+__global__ void __launch_bounds__(256) k_index_scores(be_index_args a, const int *nvis, nvis_inl nm,
                                                       float *scores, int ld) {
     extern __shared__ float qs[];
-    int t = blockIdx.y, nv = nvis[t], hd = a.head_dim, H = a.n_heads;
+    int t = blockIdx.y, nv = inl_at(nvis, nm, t), hd = a.head_dim, H = a.n_heads;
     const float *q = a.q + (size_t)t * H * hd;
     for (int i = threadIdx.x; i < H * hd; i += blockDim.x) qs[i] = q[i];
     __syncthreads();
@@ -202,12 +204,12 @@ __device__ __forceinline__ uint32_t ord_key(float f) {
 
 /* block per row: radix-select the k-th largest key, then write all larger entries and the
  * lowest-indexed equal ones (the set the CPU heap keeps, up to ties) */
-__global__ void __launch_bounds__(256) k_topk(const float *scores, int ld, const int *nvis, int topk,
-                                              int32_t *idx) {
+__global__ void __launch_bounds__(256) k_topk(const float *scores, int ld, const int *nvis,
+                                              nvis_inl nm, int topk, int32_t *idx) {
     __shared__ unsigned hist[256];
     __shared__ uint32_t s_prefix;
     __shared__ int s_need, s_cnt;
-    int t = blockIdx.x, nv = nvis[t];
+    int t = blockIdx.x, nv = inl_at(nvis, nm, t);
     int k = topk < nv ? topk : nv;
     const float *sc = scores + (size_t)t * ld;
     int32_t *out = idx + (size_t)t * topk;
@@ -273,15 +275,20 @@ void cu_index_topk(be *b, const be_index_args *a) {
         fprintf(stderr, "duet cuda: indexer shape %d x %d unsupported\n", a->n_heads, a->head_dim);
         abort();
     }
-    const int *dn = (const int *)stage(c, a->n_visible, (size_t)a->T * sizeof(int));
-    float *scores = (float *)cu_alloc(b, (size_t)a->T * nvmax * sizeof(float));
+    nvis_inl nm;
+    const int *dn = inl_put(c, a->n_visible, (size_t)a->T, nm);
+    /* row t's scores are written and read for entries < n_visible[t] only: not zeroed */
+    float *scores = (float *)scratch(b, (size_t)a->T * nvmax * sizeof(float));
     size_t smem = (size_t)a->n_heads * a->head_dim * sizeof(float);
-    if (smem > 48 * 1024)
+    static size_t smem_set; /* the attribute is per function: set once for the largest size */
+    if (smem > 48 * 1024 && smem > smem_set) {
         CK(cudaFuncSetAttribute(k_index_scores, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+        smem_set = smem;
+    }
     dim3 g((nvmax + 7) / 8, a->T);
-    k_index_scores<<<g, 256, smem, c->s>>>(*a, dn, scores, nvmax);
+    k_index_scores<<<g, 256, smem, c->s>>>(*a, dn, nm, scores, nvmax);
     LAUNCHED();
-    k_topk<<<a->T, 256, 0, c->s>>>(scores, nvmax, dn, a->topk, a->idx);
+    k_topk<<<a->T, 256, 0, c->s>>>(scores, nvmax, dn, nm, a->topk, a->idx);
     LAUNCHED();
     cu_free(b, scores);
 }

@@ -10,9 +10,10 @@
 /* embedding, norms, RoPE                                                                   */
 /* ======================================================================================== */
 
-__global__ void k_embed(dw w, const int32_t *ids, int n_hc, float *h) {
+typedef inl<int32_t, 64> ids_inl;
+__global__ void k_embed(dw w, const int32_t *ids, ids_inl idm, int n_hc, float *h) {
     int t = blockIdx.x, D = w.cols;
-    int id = ids[t];
+    int id = inl_at(ids, idm, t);
     for (int i = threadIdx.x; i < D; i += blockDim.x) {
         float v = wget(w, id, i);
         for (int j = 0; j < n_hc; j++) h[((size_t)t * n_hc + j) * D + i] = v;
@@ -21,8 +22,9 @@ __global__ void k_embed(dw w, const int32_t *ids, int n_hc, float *h) {
 
 void cu_embed(be *b, const be_weight *table, const int32_t *ids, int T, int n_hc, float *h) {
     if (T <= 0) return;
-    const int32_t *d = (const int32_t *)stage(C(b), ids, (size_t)T * sizeof *ids);
-    k_embed<<<T, 256, 0, C(b)->s>>>(table->v, d, n_hc, h);
+    ids_inl m;
+    const int32_t *d = inl_put(C(b), ids, (size_t)T, m);
+    k_embed<<<T, 256, 0, C(b)->s>>>(table->v, d, m, n_hc, h);
     LAUNCHED();
 }
 
@@ -93,27 +95,39 @@ void cu_head_rms(be *b, float *x, int rows, int dim, float eps) {
     rmsnorm_launch(C(b), x, NULL, x, rows, dim, eps);
 }
 
-/* grid (T*n_heads), threads over pairs */
+/* positions and frequencies of a RoPE call with T <= 16 and rope_dims <= 128, in the parameters */
+typedef struct { int32_t pos[16]; float om[64]; } rope_inl;
+
+/* grid (T*n_heads), threads over pairs; pos/omega NULL: from m */
 __global__ void k_rope(float *x, int n_heads, int head_dim, int rope_dims, const int32_t *pos,
-                       const float *omega, int inverse) {
+                       const float *omega, rope_inl m, int inverse) {
     int row = blockIdx.x, t = row / n_heads;
     float *r = x + (size_t)row * head_dim + head_dim - rope_dims;
-    for (int i = threadIdx.x; i < rope_dims / 2; i += blockDim.x) rope_pair(r, i, pos[t], omega, inverse);
+    int p = pos ? pos[t] : m.pos[t];
+    for (int i = threadIdx.x; i < rope_dims / 2; i += blockDim.x)
+        rope_pair_w(r, i, p, omega ? omega[i] : m.om[i], inverse);
 }
 
 void cu_rope(be *b, float *x, int T, int n_heads, int head_dim, int rope_dims,
                     const int32_t *pos, const float *omega, int inverse) {
     if (T <= 0 || n_heads <= 0) return;
     be_cuda *c = C(b);
-    /* positions and omega in one staged copy */
+    rope_inl m;
+    const int32_t *dp = NULL;
+    const float *dom = NULL;
     size_t np = round_up((size_t)T, 4), no = (size_t)(rope_dims / 2);
-    int32_t *hb = (int32_t *)xmalloc((np + no) * 4);
-    memcpy(hb, pos, (size_t)T * sizeof *pos);
-    memcpy(hb + np, omega, no * sizeof *omega);
-    const int32_t *dp = (const int32_t *)stage(c, hb, (np + no) * 4);
-    const float *dom = (const float *)(dp + np);
-    free(hb);
-    k_rope<<<T * n_heads, 32, 0, c->s>>>(x, n_heads, head_dim, rope_dims, dp, dom, inverse);
+    if (T <= 16 && no <= 64) {
+        memcpy(m.pos, pos, (size_t)T * sizeof *pos);
+        memcpy(m.om, omega, no * sizeof *omega);
+    } else { /* positions and omega in one staged copy */
+        int32_t *hb = (int32_t *)xmalloc((np + no) * 4);
+        memcpy(hb, pos, (size_t)T * sizeof *pos);
+        memcpy(hb + np, omega, no * sizeof *omega);
+        dp = (const int32_t *)stage(c, hb, (np + no) * 4);
+        dom = (const float *)(dp + np);
+        free(hb);
+    }
+    k_rope<<<T * n_heads, 32, 0, c->s>>>(x, n_heads, head_dim, rope_dims, dp, dom, m, inverse);
     LAUNCHED();
 }
 

@@ -73,6 +73,10 @@ typedef struct {
     cublasHandle_t lane_blas[MOE_LANES];
     void *lane_ws[MOE_LANES];
     cudaEvent_t lane_ev[MOE_LANES], ev_join;
+    /* MoE layers' device tables of expert views (be_cuda_moe.cu), built at a layer's first
+     * call and kept: key = the layer and its weight pointers; all dropped when a weight is freed */
+    struct moe_tab *mtab;
+    int n_mtab, cap_mtab;
 } be_cuda;
 
 static inline be_cuda *C(be *b) { return (be_cuda *)b; }
@@ -89,8 +93,29 @@ void *dmalloc(be_cuda *c, size_t bytes);          /* cudaMalloc under the cap, o
 void *cu_alloc(be *b, size_t bytes);              /* zeroed, from the caching allocator */
 void *scratch(be *b, size_t bytes);               /* not zeroed: every element written first */
 void cu_free(be *b, void *p);
+/* forgets the cached MoE expert tables (be_cuda_moe.cu): a freed weight may be reused */
+void moe_tables_drop(be_cuda *c);
 void stage_reserve(be_cuda *c, size_t bytes);
 void *stage(be_cuda *c, const void *src, size_t bytes);      /* host metadata -> device, async */
+
+/* Small host metadata in the kernel's parameters instead of a staged copy: a copy costs the host
+ * ~3 us and puts a DMA between two kernels on the stream, ~150 of them per decode step. An op
+ * passes inl<E, N> by value next to a device pointer: inl_put() fills it and returns NULL when
+ * n <= N (the kernel reads inl_at() from the parameters), else stages src and returns its device
+ * copy. Indexed directly (never by address) so that it stays in the parameter bank. */
+template <typename E, int N> struct inl { E v[N]; };
+template <typename E, int N>
+static inline const E *inl_put(be_cuda *c, const E *src, size_t n, inl<E, N> &m) {
+    if (n <= (size_t)N) {
+        memcpy(m.v, src, n * sizeof(E));
+        return NULL;
+    }
+    return (const E *)stage(c, src, n * sizeof(E));
+}
+template <typename E, int N>
+__device__ __forceinline__ E inl_at(const E *d, const inl<E, N> &m, int i) {
+    return d ? d[i] : m.v[i];
+}
 
 /* ---- weights ------------------------------------------------------------------------------ */
 enum { WK_F32, WK_BF16, WK_FP8, WK_FP4 };
@@ -181,13 +206,16 @@ __device__ __forceinline__ float inv_rms_dev(double ss, int n, float eps) {
     return (float)(1.0 / sqrt(ss / n + eps));
 }
 
-__device__ __forceinline__ void rope_pair(float *r, int i, int pos, const float *omega, int inverse) {
-    float ang = (float)pos * omega[i];
+__device__ __forceinline__ void rope_pair_w(float *r, int i, int pos, float omega_i, int inverse) {
+    float ang = (float)pos * omega_i;
     float cs = cosf(ang), sn = sinf(ang);
     if (inverse) sn = -sn;
     float a = r[2 * i], bb = r[2 * i + 1];
     r[2 * i] = a * cs - bb * sn;
     r[2 * i + 1] = a * sn + bb * cs;
+}
+__device__ __forceinline__ void rope_pair(float *r, int i, int pos, const float *omega, int inverse) {
+    rope_pair_w(r, i, pos, omega[i], inverse);
 }
 
 /* ---- GEMV building blocks (be_cuda_gemm.cu's k_gemv, be_cuda_moe.cu's grouped experts) ----- */

@@ -297,6 +297,7 @@ void cu_weight_free(be *b, be_weight *w) {
     if (!w) return;
     be_cuda *c = C(b);
     CK(cudaStreamSynchronize(c->s));
+    moe_tables_drop(c);
     dfree(c, w->data, w->dbytes);
     dfree(c, w->scale, w->sbytes);
     free(w);

@@ -25,59 +25,64 @@ __global__ void __launch_bounds__(256) k_gemm_grouped(const dw *ws, const gtile 
 
 __device__ __forceinline__ float softplus_dev(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
 
-/* block per token (256 threads): scores sqrt(softplus(logit)), selection (bias top-K, ties to
- * the lowest expert id like the CPU, or hash ids), weights. E <= 1024, K <= 16. */
-__global__ void __launch_bounds__(256) k_route(const float *logits, int E, int K, const float *bias,
-                                               const int32_t *hash_sel, int norm_topk,
-                                               float route_scale, int32_t *sel, float *wsel) {
-    __shared__ float sc[1024];
-    __shared__ int st[16];
-    __shared__ float wv[32];
-    __shared__ int we[32];
-    int t = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    const float *lt = logits + (size_t)t * E;
-    for (int e = threadIdx.x; e < E; e += blockDim.x) sc[e] = sqrtf(softplus_dev(lt[e]));
-    __syncthreads();
-    if (hash_sel) {
-        if (threadIdx.x < K) st[threadIdx.x] = hash_sel[(size_t)t * K + threadIdx.x];
+/* the hash layer's experts of pair i: staged (d) or in the parameters (m) */
+typedef inl<int32_t, 64> hsel_inl;
+
+/* One warp routes token t (logits lt, E <= 1024, K <= 32): scores sqrt(softplus(logit)),
+ * selection (bias top-K by K rounds of a warp argmax, ties to the lowest expert id like the
+ * CPU; or, hash, the ids of pairs t·K + k from hd / hm), weights (normalised in k order). Lane l
+ * holds experts l + 32 j in registers; lane k < K returns the k-th expert (*e), its weight (*w). */
+__device__ __forceinline__ void route_warp(const float *lt, int E, int K, const float *bias, int hash,
+                                           const int32_t *hd, const hsel_inl &hm, int t,
+                                           int norm_topk, float route_scale, int *e_out,
+                                           float *w_out) {
+    int lane = threadIdx.x & 31, mine = -1;
+    if (hash) {
+        if (lane < K) mine = inl_at(hd, hm, t * K + lane);
     } else {
+        float v[32];
+        unsigned used = 0;
+#pragma unroll
+        for (int j = 0; j < 32; j++) {
+            int e = 32 * j + lane;
+            v[j] = -INFINITY;
+            if (e < E) v[j] = sqrtf(softplus_dev(lt[e])) + (bias ? bias[e] : 0.0f);
+            else used |= 1u << j;
+        }
         for (int k = 0; k < K; k++) {
             float bv = -INFINITY;
             int be = -1;
-            for (int e = threadIdx.x; e < E; e += blockDim.x) {
-                int used = 0;
-                for (int q = 0; q < k; q++) used |= st[q] == e;
-                float v = sc[e] + (bias ? bias[e] : 0.0f);
-                if (!used && (be < 0 || v > bv)) { bv = v; be = e; }
-            }
+#pragma unroll
+            for (int j = 0; j < 32; j++)
+                if (!((used >> j) & 1u) && (be < 0 || v[j] > bv)) { bv = v[j]; be = 32 * j + lane; }
             for (int o = 16; o > 0; o >>= 1) {
                 float ov = __shfl_xor_sync(0xffffffffu, bv, o);
                 int oe = __shfl_xor_sync(0xffffffffu, be, o);
                 if (oe >= 0 && (be < 0 || ov > bv || (ov == bv && oe < be))) { bv = ov; be = oe; }
             }
-            if (lane == 0) { wv[warp] = bv; we[warp] = be; }
-            __syncthreads();
-            if (threadIdx.x == 0) {
-                float b2 = -INFINITY;
-                int e2 = -1;
-                for (int w = 0; w < nw; w++)
-                    if (we[w] >= 0 && (e2 < 0 || wv[w] > b2 || (wv[w] == b2 && we[w] < e2))) {
-                        b2 = wv[w];
-                        e2 = we[w];
-                    }
-                st[k] = e2;
-            }
-            __syncthreads();
+            if (be >= 0 && (be & 31) == lane) used |= 1u << (be >> 5);
+            if (lane == k) mine = be;
         }
     }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        float sum = 0;
-        for (int k = 0; k < K; k++) sum += sc[st[k]];
-        for (int k = 0; k < K; k++) {
-            sel[(size_t)t * K + k] = st[k];
-            wsel[(size_t)t * K + k] = (norm_topk ? sc[st[k]] / (sum + 1e-20f) : sc[st[k]]) * route_scale;
-        }
+    float sc = lane < K && mine >= 0 ? sqrtf(softplus_dev(lt[mine])) : 0.0f, sum = 0;
+    for (int k = 0; k < K; k++) sum += __shfl_sync(0xffffffffu, sc, k);
+    *e_out = mine;
+    *w_out = (norm_topk ? sc / (sum + 1e-20f) : sc) * route_scale;
+}
+
+/* warp per token (8 per block of 256): sel [T, K], wsel [T, K]. E <= 1024, K <= 16. */
+__global__ void __launch_bounds__(256) k_route(const float *logits, int T, int E, int K,
+                                               const float *bias, int hash, const int32_t *hd,
+                                               hsel_inl hm, int norm_topk, float route_scale,
+                                               int32_t *sel, float *wsel) {
+    int t = blockIdx.x * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (t >= T) return;
+    int e;
+    float w;
+    route_warp(logits + (size_t)t * E, E, K, bias, hash, hd, hm, t, norm_topk, route_scale, &e, &w);
+    if (lane < K) {
+        sel[(size_t)t * K + lane] = e;
+        wsel[(size_t)t * K + lane] = w;
     }
 }
 
@@ -167,10 +172,14 @@ __global__ void __launch_bounds__(256) k_moe_up(const dw *w1s, const dw *w3s, co
         }
 }
 
-/* ys[pair, n] = w2[e][n] · hbuf[pair]; grid (D/(8R), chunks); nch, sh as k_moe_up */
-template <int KIND, int TT, bool XS>
+/* ys[pair, n] = w2[e][n] · hbuf[pair]; grid (D/(8R), chunks); nch, sh as k_moe_up. With cinv
+ * and CMB (the shared expert, pairs = tokens, the combine fused): ys[t, n] = sum_k cys[cinv[t,
+ * k], n] (k in order; cinv -1: another rank's expert) + w2[n] · hbuf[t], as k_moe_combine (a
+ * template flag: the routed kernels keep their registers). */
+template <int KIND, int TT, bool XS, bool CMB>
 __global__ void __launch_bounds__(256) k_moe_down(const dw *w2s, const mchunk *chunks, const int *nch,
-                                                  const float *hbuf, int I, int D, int sh, float *ys) {
+                                                  const float *hbuf, int I, int D, int sh, float *ys,
+                                                  const float *cys, const int32_t *cinv, int K) {
     enum { R = gemv_r<TT>::R };
     extern __shared__ float4 xs4[]; /* XS: [TT][I] */
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, n0 = (blockIdx.x * 8 + warp) * R;
@@ -191,7 +200,18 @@ __global__ void __launch_bounds__(256) k_moe_down(const dw *w2s, const mchunk *c
 #pragma unroll
         for (int t = 0; t < TT; t++) {
             float v = warp_sum(acc[r][t]);
-            if (lane == (r * TT + t) % 32 && t < ck.n && n0 + r < D) ys[(size_t)(ck.p0 + t) * D + n0 + r] = v;
+            if (lane == (r * TT + t) % 32 && t < ck.n && n0 + r < D) {
+                size_t o = (size_t)(ck.p0 + t) * D + n0 + r;
+                if (CMB) {
+                    float sum = 0;
+                    for (int k = 0; k < K; k++) {
+                        int p = cinv[(size_t)(ck.p0 + t) * K + k];
+                        if (p >= 0) sum += cys[(size_t)p * D + n0 + r];
+                    }
+                    v = sum + v;
+                }
+                ys[o] = v;
+            }
         }
 }
 
@@ -230,47 +250,69 @@ static int experts_kind(const be_moe_layer *L, int *sh) {
     return kind;
 }
 
-/* nch chunks (host count), or at most nch of them with the count in dnch (device count);
- * maxn: the most pairs of any chunk (<= 8) */
+/* One grouped up + down pair of launches: the routed experts' chunks ch (nch of them from the
+ * host, or at most nch with the count in dnch on the device), or the shared expert (one chunk
+ * of its T <= 8 tokens, pairs = tokens, weights 1, the combine fused into its down launch by
+ * cys, cinv, K); w1, w2, w3: device views, one per expert. */
+typedef struct {
+    const dw *w1, *w2, *w3;
+    const mchunk *ch;
+    int nch;
+    const int *dnch;
+    const int32_t *ptok;
+    const float *pw, *x;
+    int D, I;
+    float limit;
+    int sh;
+    float *hbuf, *ys;
+    const float *cys;
+    const int32_t *cinv;
+    int K;
+} moe_gemv;
+
 template <int KIND, int TT>
-static void moe_grouped_tt(be_cuda *c, const dw *dw1, const dw *dw2, const dw *dw3,
-                           const mchunk *dch, int nch, const int *dnch, const int32_t *ptok,
-                           const float *pw, const float *x, int D, int I, float limit, int sh,
-                           float *hbuf, float *ys) {
-    enum { R = gemv_r<TT>::R };
-    dim3 gu((I + 8 * R - 1) / (8 * R), nch), gd((D + 8 * R - 1) / (8 * R), nch);
+static void moe_grouped_tt(be_cuda *c, const moe_gemv &a) {
+    enum { R = gemv_r<TT>::R, XS = KIND == WK_FP8 || KIND == WK_FP4 };
+    int D = a.D, I = a.I;
+    dim3 gu((I + 8 * R - 1) / (8 * R), a.nch), gd((D + 8 * R - 1) / (8 * R), a.nch);
     if (gemv_xs(KIND, TT, D))
-        k_moe_up<KIND, TT, KIND == WK_FP8 || KIND == WK_FP4><<<gu, 256, (size_t)TT * D * 4, c->s>>>(dw1, dw3, dch, dnch, ptok, pw, x, D, I, limit, sh, hbuf);
+        k_moe_up<KIND, TT, XS><<<gu, 256, (size_t)TT * D * 4, c->s>>>(a.w1, a.w3, a.ch, a.dnch, a.ptok, a.pw, a.x, D, I, a.limit, a.sh, a.hbuf);
     else
-        k_moe_up<KIND, TT, false><<<gu, 256, 0, c->s>>>(dw1, dw3, dch, dnch, ptok, pw, x, D, I, limit, sh, hbuf);
+        k_moe_up<KIND, TT, false><<<gu, 256, 0, c->s>>>(a.w1, a.w3, a.ch, a.dnch, a.ptok, a.pw, a.x, D, I, a.limit, a.sh, a.hbuf);
     LAUNCHED();
-    if (gemv_xs(KIND, TT, I))
-        k_moe_down<KIND, TT, KIND == WK_FP8 || KIND == WK_FP4><<<gd, 256, (size_t)TT * I * 4, c->s>>>(dw2, dch, dnch, hbuf, I, D, sh, ys);
-    else
-        k_moe_down<KIND, TT, false><<<gd, 256, 0, c->s>>>(dw2, dch, dnch, hbuf, I, D, sh, ys);
+    bool xs = gemv_xs(KIND, TT, I);
+    size_t sm = xs ? (size_t)TT * I * 4 : 0;
+    if (xs && a.cinv) k_moe_down<KIND, TT, XS, true><<<gd, 256, sm, c->s>>>(a.w2, a.ch, a.dnch, a.hbuf, I, D, a.sh, a.ys, a.cys, a.cinv, a.K);
+    else if (xs) k_moe_down<KIND, TT, XS, false><<<gd, 256, sm, c->s>>>(a.w2, a.ch, a.dnch, a.hbuf, I, D, a.sh, a.ys, a.cys, a.cinv, a.K);
+    else if (a.cinv) k_moe_down<KIND, TT, false, true><<<gd, 256, 0, c->s>>>(a.w2, a.ch, a.dnch, a.hbuf, I, D, a.sh, a.ys, a.cys, a.cinv, a.K);
+    else k_moe_down<KIND, TT, false, false><<<gd, 256, 0, c->s>>>(a.w2, a.ch, a.dnch, a.hbuf, I, D, a.sh, a.ys, a.cys, a.cinv, a.K);
     LAUNCHED();
 }
 
-template <int KIND>
-static void moe_grouped_launch(be_cuda *c, const dw *dw1, const dw *dw2, const dw *dw3,
-                               const mchunk *dch, int nch, const int *dnch, const int32_t *ptok,
-                               const float *pw, const float *x, int D, int I, float limit, int sh,
-                               int maxn, float *hbuf, float *ys) {
-    if (maxn <= 1) moe_grouped_tt<KIND, 1>(c, dw1, dw2, dw3, dch, nch, dnch, ptok, pw, x, D, I, limit, sh, hbuf, ys);
-    else if (maxn <= 2) moe_grouped_tt<KIND, 2>(c, dw1, dw2, dw3, dch, nch, dnch, ptok, pw, x, D, I, limit, sh, hbuf, ys);
-    else if (maxn <= 4) moe_grouped_tt<KIND, 4>(c, dw1, dw2, dw3, dch, nch, dnch, ptok, pw, x, D, I, limit, sh, hbuf, ys);
-    else moe_grouped_tt<KIND, 8>(c, dw1, dw2, dw3, dch, nch, dnch, ptok, pw, x, D, I, limit, sh, hbuf, ys);
+/* maxn: the most pairs of any chunk (<= 8) */
+template <int KIND> static void moe_grouped_launch(be_cuda *c, int maxn, const moe_gemv &a) {
+    if (maxn <= 1) moe_grouped_tt<KIND, 1>(c, a);
+    else if (maxn <= 2) moe_grouped_tt<KIND, 2>(c, a);
+    else if (maxn <= 4) moe_grouped_tt<KIND, 4>(c, a);
+    else moe_grouped_tt<KIND, 8>(c, a);
 }
 
-static void moe_grouped(be_cuda *c, int kind, const dw *dtw, int E, const mchunk *dch, int nch,
-                        const int *dnch, const int32_t *ptok, const float *pw, const float *x,
-                        int D, int I, float limit, int sh, int maxn, float *hbuf, float *ys) {
+static void moe_grouped(be_cuda *c, int kind, int maxn, const moe_gemv &a) {
     switch (kind) {
-    case WK_FP4: moe_grouped_launch<WK_FP4>(c, dtw, dtw + E, dtw + 2 * E, dch, nch, dnch, ptok, pw, x, D, I, limit, sh, maxn, hbuf, ys); break;
-    case WK_FP8: moe_grouped_launch<WK_FP8>(c, dtw, dtw + E, dtw + 2 * E, dch, nch, dnch, ptok, pw, x, D, I, limit, sh, maxn, hbuf, ys); break;
-    case WK_BF16: moe_grouped_launch<WK_BF16>(c, dtw, dtw + E, dtw + 2 * E, dch, nch, dnch, ptok, pw, x, D, I, limit, sh, maxn, hbuf, ys); break;
-    default: moe_grouped_launch<WK_F32>(c, dtw, dtw + E, dtw + 2 * E, dch, nch, dnch, ptok, pw, x, D, I, limit, sh, maxn, hbuf, ys); break;
+    case WK_FP4: moe_grouped_launch<WK_FP4>(c, maxn, a); break;
+    case WK_FP8: moe_grouped_launch<WK_FP8>(c, maxn, a); break;
+    case WK_BF16: moe_grouped_launch<WK_BF16>(c, maxn, a); break;
+    default: moe_grouped_launch<WK_F32>(c, maxn, a); break;
     }
+}
+
+/* the routed experts' chunks: views dtw = [w1 of E | w2 of E | w3 of E] */
+static void moe_routed(be_cuda *c, int kind, const dw *dtw, int E, const mchunk *dch, int nch,
+                       const int *dnch, const int32_t *ptok, const float *pw, const float *x,
+                       int D, int I, float limit, int sh, int maxn, float *hbuf, float *ys) {
+    moe_gemv a = {dtw, dtw + E, dtw + 2 * E, dch, nch, dnch, ptok, pw, x, D, I, limit, sh, hbuf, ys,
+                  NULL, NULL, 0};
+    moe_grouped(c, kind, maxn, a);
 }
 
 /* ---- grouping on the device: no host sync (decode) ---------------------------------------
@@ -279,21 +321,40 @@ static void moe_grouped(be_cuda *c, int kind, const dw *dtw, int E, const mchunk
  * rank's) get no row. Only the positions differ from the host grouping (absent experts take
  * no rows here), and every row's result is computed alone, so the output is the same bits. */
 
-/* one block of 1024: off[e] = first row of expert e (off[E] = rows), coff[e] = its first chunk
- * of 8, *nch = chunks; inv[i] = -1 for every pair (k_moe_fill sets the routed ones). E <= 1024 */
-__global__ void __launch_bounds__(1024) k_moe_count(const int32_t *sel, int TK, const dw *dws, int E,
-                                                    int *off, int *coff, int *nch, int32_t *inv) {
-    __shared__ int cnt[1024];
+/* One block of 1024 for T < 32 tokens (T·K <= MOE_DEV_PAIRS pairs, E <= 1024): warp t routes
+ * token t (route_warp, as k_route), then the pairs are grouped: per present expert a count,
+ * offsets and chunk offsets by a warp scan, each pair's row (experts' rows in pair order:
+ * off[e] + the earlier pairs of e), ptok[row] = token, pw[row] = weight, inv[pair] = row or -1,
+ * and each expert's chunks of 8 rows; *nch = chunks. */
+enum { MOE_DEV_PAIRS = 512 };
+__global__ void __launch_bounds__(1024) k_moe_route_group(const float *logits, int T, int E, int K,
+                                                          const float *bias, int hash,
+                                                          const int32_t *hd, hsel_inl hm,
+                                                          int norm_topk, float route_scale,
+                                                          const dw *dws, int32_t *ptok, float *pw,
+                                                          int32_t *inv, mchunk *chunks, int *nch) {
+    __shared__ int ssel[MOE_DEV_PAIRS];
+    __shared__ float sw[MOE_DEV_PAIRS];
+    __shared__ int cnt[1024], off[1024], coff[1024];
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, TK = T * K;
     for (int e = threadIdx.x; e < E; e += blockDim.x) cnt[e] = 0;
-    __syncthreads();
-    for (int i = threadIdx.x; i < TK; i += blockDim.x) {
-        int e = sel[i];
-        inv[i] = -1;
-        if (e >= 0 && e < E && dws[e].data) atomicAdd(&cnt[e], 1);
+    if (warp < T) {
+        int e;
+        float w;
+        route_warp(logits + (size_t)warp * E, E, K, bias, hash, hd, hm, warp, norm_topk,
+                   route_scale, &e, &w);
+        if (lane < K) {
+            /* pairs of experts absent here (another rank's) or out of range take no row */
+            ssel[warp * K + lane] = e >= 0 && e < E && dws[e].data ? e : -1;
+            sw[warp * K + lane] = w;
+        }
     }
     __syncthreads();
-    if (threadIdx.x < 32) { /* warp 0: lane l scans experts [l·per, (l+1)·per), then a shuffle scan */
-        int lane = threadIdx.x, per = (E + 31) / 32, e0 = lane * per, e1 = e0 + per < E ? e0 + per : E;
+    for (int i = threadIdx.x; i < TK; i += blockDim.x)
+        if (ssel[i] >= 0) atomicAdd(&cnt[ssel[i]], 1);
+    __syncthreads();
+    if (warp == 0) { /* lane l scans experts [l·per, (l+1)·per), then a shuffle scan */
+        int per = (E + 31) / 32, e0 = lane * per, e1 = e0 + per < E ? e0 + per : E;
         int so = 0, sq = 0;
         for (int e = e0; e < e1; e++) {
             so += cnt[e];
@@ -314,46 +375,22 @@ __global__ void __launch_bounds__(1024) k_moe_count(const int32_t *sel, int TK, 
             o += cnt[e];
             q += (cnt[e] + 7) / 8;
         }
-        if (lane == 31) {
-            off[E] = io;
-            *nch = iq;
-        }
+        if (lane == 31) *nch = iq;
     }
-}
-
-/* block e (256 threads): the rows of expert e in pair order (a block-wide ballot scan per 256
- * pairs), ptok[row] = token, pw[row] = routing weight, inv[pair] = row; then its chunks of 8 */
-__global__ void __launch_bounds__(256) k_moe_fill(const int32_t *sel, const float *wsel, int TK, int K,
-                                                  const dw *dws, const int *off, const int *coff,
-                                                  int32_t *ptok, float *pw, int32_t *inv,
-                                                  mchunk *chunks) {
-    __shared__ int wc[8];
-    int e = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (!dws[e].data) return;
-    int base = off[e];
-    for (int i0 = 0; i0 < TK; i0 += 256) {
-        int i = i0 + threadIdx.x;
-        bool m = i < TK && sel[i] == e;
-        unsigned bal = __ballot_sync(0xffffffffu, m);
-        if (lane == 0) wc[warp] = __popc(bal);
-        __syncthreads();
-        int before = 0, total = 0;
-        for (int w = 0; w < 8; w++) {
-            before += w < warp ? wc[w] : 0;
-            total += wc[w];
-        }
-        if (m) {
-            int r = base + before + __popc(bal & ((1u << lane) - 1u));
+    __syncthreads();
+    for (int i = threadIdx.x; i < TK; i += blockDim.x) {
+        int e = ssel[i], r = -1;
+        if (e >= 0) {
+            r = off[e];
+            for (int j = 0; j < i; j++) r += ssel[j] == e;
             ptok[r] = i / K;
-            pw[r] = wsel[i];
-            inv[i] = r;
+            pw[r] = sw[i];
         }
-        base += total;
-        __syncthreads();
+        inv[i] = r;
     }
-    int n = off[e + 1] - off[e];
-    for (int j = threadIdx.x; 8 * j < n; j += 256)
-        chunks[coff[e] + j] = (mchunk){e, off[e] + 8 * j, n - 8 * j < 8 ? n - 8 * j : 8};
+    for (int e = threadIdx.x; e < E; e += blockDim.x)
+        for (int j = 0; 8 * j < cnt[e]; j++)
+            chunks[coff[e] + j] = mchunk{e, off[e] + 8 * j, cnt[e] - 8 * j < 8 ? cnt[e] - 8 * j : 8};
 }
 
 /* ---- routed experts with many rows on the tensor cores (bf16 hi/lo, as mm_tc) ------------- */
@@ -484,27 +521,123 @@ static void moe_tc(be_cuda *c, const be_moe_layer *L, const int *cnt, const unsi
     }
 }
 
-/* The routed experts' device views, staged: [w1 of E | w2 of E | w3 of E]; an expert absent on
- * this rank (another rank's) is all zero (data NULL). */
+/* ---- the layer's device table of expert views, kept per layer ---------------------------- */
+struct moe_tab {
+    const be_moe_layer *L;
+    int E;
+    const be_weight **key; /* [3E + 3]: L's w1, w2, w3 and s1, s2, s3 when the table was built */
+    dw *d;
+};
+
+static bool moe_tab_same(const moe_tab *m, const be_moe_layer *L) {
+    size_t E = (size_t)m->E, pb = E * sizeof *m->key;
+    return !memcmp(m->key, L->w1, pb) && !memcmp(m->key + E, L->w2, pb) &&
+           !memcmp(m->key + 2 * E, L->w3, pb) && m->key[3 * E] == L->s1 &&
+           m->key[3 * E + 1] == L->s2 && m->key[3 * E + 2] == L->s3;
+}
+
+void moe_tables_drop(be_cuda *c) {
+    for (int i = 0; i < c->n_mtab; i++) {
+        cu_free(&c->base, c->mtab[i].d);
+        free(c->mtab[i].key);
+    }
+    c->n_mtab = 0;
+}
+
+/* After the views: the shared expert's grouping for T <= 8 tokens (pairs = tokens): chunk
+ * ch[T - 1] = {expert 0, row 0, T rows}, tokens iota, weights ones */
+struct moe_tail {
+    mchunk ch[8];
+    int32_t iota[8];
+    float ones[8];
+};
+static const moe_tail *moe_table_tail(const dw *d, int E) { return (const moe_tail *)(d + 3 * E + 3); }
+
+/* The device views of the layer's experts, [w1 of E | w2 of E | w3 of E | s1 s2 s3] and a
+ * moe_tail (an expert absent on this rank, another rank's, or no shared expert: all zero, data
+ * NULL). Built and
+ * copied at the layer's first call, then kept on the device (a 36 KB table for 256 experts
+ * re-staged every call cost a copy and its host work per layer); rebuilt when the layer's
+ * weight pointers change, dropped when any weight is freed (its address may come back). */
 static const dw *moe_table(be_cuda *c, const be_moe_layer *L) {
     int E = L->n_experts;
-    dw *tw = (dw *)xcalloc((size_t)3 * E, sizeof *tw);
-    for (int e = 0; e < E; e++)
+    for (int i = 0; i < c->n_mtab; i++) {
+        moe_tab *m = &c->mtab[i];
+        if (m->L != L) continue;
+        if (m->E == E && moe_tab_same(m, L)) return m->d;
+        cu_free(&c->base, m->d); /* stream-ordered: earlier kernels still read it safely */
+        free(m->key);
+        *m = c->mtab[--c->n_mtab];
+        break;
+    }
+    size_t n = (size_t)3 * E + 3, bytes = n * sizeof(dw) + sizeof(moe_tail);
+    dw *tw = (dw *)xcalloc(1, bytes);
+    moe_tail *tl = (moe_tail *)(tw + n);
+    for (int t = 0; t < 8; t++) {
+        tl->ch[t] = (mchunk){0, 0, t + 1};
+        tl->iota[t] = t;
+        tl->ones[t] = 1.0f;
+    }
+    const be_weight **key = (const be_weight **)xcalloc(n, sizeof *key);
+    for (int e = 0; e < E; e++) {
+        key[e] = L->w1[e];
+        key[E + e] = L->w2[e];
+        key[2 * E + e] = L->w3[e];
         if (L->w1[e]) {
             tw[e] = L->w1[e]->v;
             tw[E + e] = L->w2[e]->v;
             tw[2 * E + e] = L->w3[e]->v;
         }
-    const dw *d = (const dw *)stage(c, tw, (size_t)3 * E * sizeof *tw);
+    }
+    const be_weight *sw[3] = {L->s1, L->s2, L->s3};
+    for (int j = 0; j < 3; j++) {
+        key[3 * E + j] = sw[j];
+        if (L->s1 && sw[j]) tw[3 * E + j] = sw[j]->v;
+    }
+    dw *d = (dw *)scratch(&c->base, bytes);
+    CK(cudaMemcpyAsync(d, stage(c, tw, bytes), bytes, cudaMemcpyDeviceToDevice, c->s));
     free(tw);
+    if (c->n_mtab == c->cap_mtab) {
+        c->cap_mtab = c->cap_mtab ? 2 * c->cap_mtab : 64;
+        c->mtab = (moe_tab *)xrealloc(c->mtab, (size_t)c->cap_mtab * sizeof *c->mtab);
+    }
+    c->mtab[c->n_mtab++] = (moe_tab){L, E, key, d};
     return d;
 }
 
-/* out[T, D] = shared expert(x) + sum_k ys[inv[t, k]] (ys, inv on the device) */
-static void moe_finish(be_cuda *c, const be_moe_layer *L, const float *x, int T, const float *ysb,
-                       const int32_t *dinv, float *out) {
+/* The kind of the shared expert's three weights when the grouped GEMV can take them (one kind,
+ * one gemv_shift, *sh), else -1 */
+static int shared_kind(const be_moe_layer *L, int *sh) {
+    if (!L->s1 || !L->s2 || !L->s3) return -1;
+    const dw *w[3] = {&L->s1->v, &L->s2->v, &L->s3->v};
+    *sh = gemv_shift(*w[0]);
+    for (int j = 0; j < 3; j++)
+        if (w[j]->kind != w[0]->kind || gemv_shift(*w[j]) != *sh || *sh < 0) return -1;
+    return w[0]->kind;
+}
+
+/* out[T, D] = shared expert(x) + sum_k ys[inv[t, k]] (ys, inv on the device). T <=
+ * MOE_SHARED_FUSED_T with a GEMV kind: the shared expert as one grouped up launch (w1, w3,
+ * SwiGLU) and one down launch that also sums the routed rows (the combine), from the layer's
+ * table dtw (5 launches -> 2); otherwise matmuls, SwiGLU and k_moe_combine: from T = 8 on, the
+ * grouped kernels' one row group per warp over all of K (no K split as in mm's GEMV) leave the
+ * GPU too few warps (the whole MoE at T = 8: 960 -> 1275 us). */
+enum { MOE_SHARED_FUSED_T = 2 }; /* <= 8: one chunk of moe_tail */
+static void moe_finish(be_cuda *c, const be_moe_layer *L, const dw *dtw, const float *x, int T,
+                       const float *ysb, const int32_t *dinv, float *out) {
     be *b = &c->base;
-    int K = L->top_k, D = L->hidden, SI = L->shared_inter ? L->shared_inter : L->inter;
+    int E = L->n_experts, K = L->top_k, D = L->hidden, SI = L->shared_inter ? L->shared_inter : L->inter;
+    int ssh, sk = T <= MOE_SHARED_FUSED_T ? shared_kind(L, &ssh) : -1;
+    if (sk >= 0) {
+        float *hb = (float *)scratch(b, (size_t)T * SI * sizeof(float));
+        const dw *s = dtw + 3 * E;
+        const moe_tail *tl = moe_table_tail(dtw, E);
+        moe_gemv a = {s, s + 1, s + 2, tl->ch + T - 1, 1, NULL, tl->iota, tl->ones, x, D, SI,
+                      L->swiglu_limit, ssh, hb, out, ysb, dinv, K};
+        moe_grouped(c, sk, T < 8 ? T : 8, a);
+        cu_free(b, hb);
+        return;
+    }
     float *shb = NULL;
     if (L->s1) {
         float *g = (float *)scratch(b, (size_t)T * SI * sizeof(float));
@@ -520,30 +653,30 @@ static void moe_finish(be_cuda *c, const be_moe_layer *L, const float *x, int T,
     if (shb) cu_free(b, shb);
 }
 
-/* T < MOE_TC_MIN, experts of one GEMV kind: grouping, experts and combine all on the device,
- * without a host sync. No expert can have MOE_TC_MIN rows nor the tile path's 16 rows on
- * average, so the host grouping takes the GEMV chunks too: same kernels, same bits. The chunk
- * grid is sized for T·K chunks (at least one pair each); blocks past the count return. */
-static void moe_device(be_cuda *c, const be_moe_layer *L, int kind, int sh, const float *x, int T,
-                       const int32_t *sel, const float *wsel, float *out) {
+/* T < MOE_TC_MIN, experts of one GEMV kind: routing, grouping, experts and combine all on the
+ * device, without a host sync, in five launches: route + group (k_moe_route_group), routed up,
+ * routed down, shared up, shared down + combine. No expert can have MOE_TC_MIN rows nor the
+ * tile path's 16 rows on average, so the host grouping takes the GEMV chunks too: same kernels,
+ * same bits. The chunk grid is sized for T·K chunks (at least one pair each); blocks past the
+ * count return. */
+static void moe_device(be_cuda *c, const be_moe_layer *L, const dw *dtw, int kind, int sh,
+                       const float *x, int T, const float *logits, int hash, const int32_t *hd,
+                       const hsel_inl &hm, float *out) {
     be *b = &c->base;
     int E = L->n_experts, K = L->top_k, D = L->hidden, I = L->inter, TK = T * K;
-    stage_reserve(c, (size_t)3 * E * sizeof(dw) + 256);
-    const dw *dtw = moe_table(c, L);
-    /* int32: off [E + 1], coff [E], nch [1], ptok [TK], inv [TK]; f32 pw [TK]; mchunk [TK] */
-    size_t n32 = (size_t)2 * E + 2 + (size_t)3 * TK;
-    int32_t *g = (int32_t *)scratch(b, n32 * 4 + (size_t)TK * sizeof(mchunk));
-    int32_t *off = g, *coff = off + E + 1, *nch = coff + E, *ptok = nch + 1, *inv = ptok + TK;
+    /* int32: ptok [TK], inv [TK]; f32 pw [TK]; int nch; mchunk [TK] */
+    int32_t *g = (int32_t *)scratch(b, ((size_t)3 * TK + 1) * 4 + (size_t)TK * sizeof(mchunk));
+    int32_t *ptok = g, *inv = ptok + TK;
     float *pw = (float *)(inv + TK);
-    mchunk *ch = (mchunk *)(pw + TK);
+    int *nch = (int *)(pw + TK);
+    mchunk *ch = (mchunk *)(nch + 1);
     float *hbuf = (float *)scratch(b, (size_t)TK * I * sizeof(float));
     float *ysb = (float *)scratch(b, (size_t)TK * D * sizeof(float));
-    k_moe_count<<<1, 1024, 0, c->s>>>(sel, TK, dtw, E, off, coff, nch, inv);
+    k_moe_route_group<<<1, 1024, 0, c->s>>>(logits, T, E, K, L->bias, hash, hd, hm, L->norm_topk, L->route_scale,
+                                            dtw, ptok, pw, inv, ch, nch);
     LAUNCHED();
-    k_moe_fill<<<E, 256, 0, c->s>>>(sel, wsel, TK, K, dtw, off, coff, ptok, pw, inv, ch);
-    LAUNCHED();
-    moe_grouped(c, kind, dtw, E, ch, TK, nch, ptok, pw, x, D, I, L->swiglu_limit, sh, T < 8 ? T : 8, hbuf, ysb);
-    moe_finish(c, L, x, T, ysb, inv, out);
+    moe_routed(c, kind, dtw, E, ch, TK, nch, ptok, pw, x, D, I, L->swiglu_limit, sh, T < 8 ? T : 8, hbuf, ysb);
+    moe_finish(c, L, dtw, x, T, ysb, inv, out);
     cu_free(b, g);
     cu_free(b, hbuf);
     cu_free(b, ysb);
@@ -555,35 +688,36 @@ void cu_moe(be *b, const be_moe_layer *L, const float *x, const int32_t *ids, in
     be_cuda *c = C(b);
     int E = L->n_experts, K = L->top_k, D = L->hidden, I = L->inter;
     int SI = L->shared_inter ? L->shared_inter : I, IM = SI > I ? SI : I;
-    /* every element of both is written before it is read: not zeroed */
-    float *logits = (float *)scratch(b, (size_t)T * E * sizeof(float));
-    /* sel [T, K] int32 then wsel [T, K] f32 in one buffer: one download */
-    int32_t *sel = (int32_t *)scratch(b, (size_t)T * K * 8);
-    float *wsel = (float *)(sel + (size_t)T * K);
-    mm(c, L->gate, 0, E, x, D, logits, E, T);
-    const int32_t *hsel = NULL;
-    if (L->tid2eid) {
-        int32_t *h = (int32_t *)xmalloc((size_t)T * K * sizeof *h);
-        for (int t = 0; t < T; t++)
-            for (int k = 0; k < K; k++) h[(size_t)t * K + k] = (int32_t)L->tid2eid[(size_t)ids[t] * K + k];
-        hsel = (const int32_t *)stage(c, h, (size_t)T * K * sizeof *h);
-        free(h);
-    }
     if (E > 1024 || K > 16) {
         fprintf(stderr, "duet cuda: MoE with %d experts, top-%d unsupported (max 1024, 16)\n", E, K);
         abort();
     }
-    k_route<<<T, 256, 0, c->s>>>(logits, E, K, L->bias, hsel, L->norm_topk, L->route_scale, sel, wsel);
-    LAUNCHED();
+    /* every element is written before it is read: not zeroed */
+    float *logits = (float *)scratch(b, (size_t)T * E * sizeof(float));
+    mm(c, L->gate, 0, E, x, D, logits, E, T);
+    const int32_t *hd = NULL;
+    hsel_inl hm;
+    if (L->tid2eid) {
+        int32_t *h = (int32_t *)xmalloc((size_t)T * K * sizeof *h);
+        for (int t = 0; t < T; t++)
+            for (int k = 0; k < K; k++) h[(size_t)t * K + k] = (int32_t)L->tid2eid[(size_t)ids[t] * K + k];
+        hd = inl_put(c, h, (size_t)T * K, hm);
+        free(h);
+    }
     int sh, kind = experts_kind(L, &sh);
     /* DUET_CUDA_MOE_HOST=1: the host grouping below for every T (to compare the two) */
     const char *mh = getenv("DUET_CUDA_MOE_HOST");
-    if (T < MOE_TC_MIN && kind >= 0 && !(mh && atoi(mh))) {
-        moe_device(c, L, kind, sh, x, T, sel, wsel, out);
+    if (T < MOE_TC_MIN && kind >= 0 && T * K <= MOE_DEV_PAIRS && !(mh && atoi(mh))) {
+        moe_device(c, L, moe_table(c, L), kind, sh, x, T, logits, L->tid2eid != NULL, hd, hm, out);
         cu_free(b, logits);
-        cu_free(b, sel);
         return;
     }
+    /* sel [T, K] int32 then wsel [T, K] f32 in one buffer: one download */
+    int32_t *sel = (int32_t *)scratch(b, (size_t)T * K * 8);
+    float *wsel = (float *)(sel + (size_t)T * K);
+    k_route<<<(T + 7) / 8, 256, 0, c->s>>>(logits, T, E, K, L->bias, L->tid2eid != NULL, hd, hm,
+                                           L->norm_topk, L->route_scale, sel, wsel);
+    LAUNCHED();
     /* group rows by expert on the host (one sync per layer): the row counts choose each
      * expert's path (tensor cores, tiles or GEMV chunks) and size the cuBLAS calls */
     int32_t *hs = (int32_t *)xmalloc((size_t)T * K * 8);
@@ -608,14 +742,15 @@ void cu_moe(be *b, const be_moe_layer *L, const float *x, const int32_t *ids, in
     int nchunks = 0;
     for (int e = 0; e < E; e++)
         if (L->w1[e]) nchunks += (cnt[e + 1] - cnt[e] + 7) / 8;
-    if (kind >= 0 && nchunks > 0 && nchunks <= 65535) {
+    /* (also with no chunk: T < MOE_TC_MIN then takes the device path's shared expert + combine) */
+    if (kind >= 0 && nchunks <= 65535) {
         /* grouped: every routed expert in two launches, then one combine */
         /* experts with >= MOE_TC_MIN rows go to the tensor cores (moe_tc), the rest to the
          * SIMT grouped GEMV chunks or 64-row tiles */
         unsigned char *big = (unsigned char *)xcalloc((size_t)E, 1);
         if (kind != WK_F32)
             for (int e = 0; e < E; e++) big[e] = L->w1[e] && cnt[e + 1] - cnt[e] >= MOE_TC_MIN;
-        mchunk *ch = (mchunk *)xmalloc((size_t)nchunks * sizeof *ch);
+        mchunk *ch = (mchunk *)xcalloc((size_t)(nchunks ? nchunks : 1), sizeof *ch);
         int nc = 0;
         for (int e = 0; e < E; e++)
             for (int p0 = cnt[e]; L->w1[e] && !big[e] && p0 < cnt[e + 1]; p0 += 8)
@@ -637,7 +772,7 @@ void cu_moe(be *b, const be_moe_layer *L, const float *x, const int32_t *ids, in
                              (size_t)(np + 1) * 8 + (size_t)T * K * 4 +
                              (size_t)(np / 64 + E + 1) * sizeof(int) * 3 + 8 * 256);
         const dw *dtw = moe_table(c, L);
-        const mchunk *dch = (const mchunk *)stage(c, ch, (size_t)nchunks * sizeof *ch);
+        const mchunk *dch = (const mchunk *)stage(c, ch, (size_t)(nchunks ? nchunks : 1) * sizeof *ch);
         int32_t *dtok = (int32_t *)stage(c, rows, (size_t)(np ? np : 1) * sizeof *rows);
         float *dpw = (float *)stage(c, wts, (size_t)(np ? np : 1) * sizeof *wts);
         int32_t *dinv = (int32_t *)stage(c, inv, (size_t)T * K * sizeof *inv);
@@ -675,10 +810,10 @@ void cu_moe(be *b, const be_moe_layer *L, const float *x, const int32_t *ids, in
             cu_free(b, pb);
             free(tl);
         } else {
-            moe_grouped(c, kind, dtw, E, dch, nc, NULL, dtok, dpw, x, D, I, L->swiglu_limit, sh, T < 8 ? T : 8, hbuf, ysb);
+            moe_routed(c, kind, dtw, E, dch, nc, NULL, dtok, dpw, x, D, I, L->swiglu_limit, sh, T < 8 ? T : 8, hbuf, ysb);
         }
         moe_tc(c, L, cnt, big, x, dtok, dpw, ysb);
-        moe_finish(c, L, x, T, ysb, dinv, out);
+        moe_finish(c, L, dtw, x, T, ysb, dinv, out);
         cu_free(b, hbuf);
         cu_free(b, ysb);
         free(ch);
