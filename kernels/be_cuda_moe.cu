@@ -325,8 +325,14 @@ static void moe_routed(be_cuda *c, int kind, const dw *dtw, int E, const mchunk 
  * token t (route_warp, as k_route), then the pairs are grouped: per present expert a count,
  * offsets and chunk offsets by a warp scan, each pair's row (experts' rows in pair order:
  * off[e] + the earlier pairs of e), ptok[row] = token, pw[row] = weight, inv[pair] = row or -1,
- * and each expert's chunks of 8 rows; *nch = chunks. */
+ * and each expert's chunks of MOE_DEV_CS rows; *nch = chunks. */
 enum { MOE_DEV_PAIRS = 512 };
+/* Rows per chunk of the device grouping: few pairs per expert at T < 16 (top-6 of 256 experts:
+ * at T = 8 nearly every expert has one), so chunks of 2 take the GEMV with TT = 2 (4 rows per
+ * warp, x in shared memory) where chunks of 8 took TT = 8 (2 rows per warp, x from global) for
+ * the same bytes: MoE T = 8 ~950 us per layer. An expert with more pairs is read once per chunk
+ * (mostly from L2: its chunks run at once). The chunking does not change any row's arithmetic. */
+enum { MOE_DEV_CS = 2 };
 __global__ void __launch_bounds__(1024) k_moe_route_group(const float *logits, int T, int E, int K,
                                                           const float *bias, int hash,
                                                           const int32_t *hd, hsel_inl hm,
@@ -358,7 +364,7 @@ __global__ void __launch_bounds__(1024) k_moe_route_group(const float *logits, i
         int so = 0, sq = 0;
         for (int e = e0; e < e1; e++) {
             so += cnt[e];
-            sq += (cnt[e] + 7) / 8;
+            sq += (cnt[e] + MOE_DEV_CS - 1) / MOE_DEV_CS;
         }
         int io = so, iq = sq;
         for (int d = 1; d < 32; d <<= 1) {
@@ -373,7 +379,7 @@ __global__ void __launch_bounds__(1024) k_moe_route_group(const float *logits, i
             off[e] = o;
             coff[e] = q;
             o += cnt[e];
-            q += (cnt[e] + 7) / 8;
+            q += (cnt[e] + MOE_DEV_CS - 1) / MOE_DEV_CS;
         }
         if (lane == 31) *nch = iq;
     }
@@ -389,8 +395,10 @@ __global__ void __launch_bounds__(1024) k_moe_route_group(const float *logits, i
         inv[i] = r;
     }
     for (int e = threadIdx.x; e < E; e += blockDim.x)
-        for (int j = 0; 8 * j < cnt[e]; j++)
-            chunks[coff[e] + j] = mchunk{e, off[e] + 8 * j, cnt[e] - 8 * j < 8 ? cnt[e] - 8 * j : 8};
+        for (int j = 0; MOE_DEV_CS * j < cnt[e]; j++) {
+            int r0 = MOE_DEV_CS * j;
+            chunks[coff[e] + j] = mchunk{e, off[e] + r0, cnt[e] - r0 < MOE_DEV_CS ? cnt[e] - r0 : MOE_DEV_CS};
+        }
 }
 
 /* ---- routed experts with many rows on the tensor cores (bf16 hi/lo, as mm_tc) ------------- */
@@ -675,7 +683,7 @@ static void moe_device(be_cuda *c, const be_moe_layer *L, const dw *dtw, int kin
     k_moe_route_group<<<1, 1024, 0, c->s>>>(logits, T, E, K, L->bias, hash, hd, hm, L->norm_topk, L->route_scale,
                                             dtw, ptok, pw, inv, ch, nch);
     LAUNCHED();
-    moe_routed(c, kind, dtw, E, ch, TK, nch, ptok, pw, x, D, I, L->swiglu_limit, sh, T < 8 ? T : 8, hbuf, ysb);
+    moe_routed(c, kind, dtw, E, ch, TK, nch, ptok, pw, x, D, I, L->swiglu_limit, sh, T < MOE_DEV_CS ? T : MOE_DEV_CS, hbuf, ysb);
     moe_finish(c, L, dtw, x, T, ysb, inv, out);
     cu_free(b, g);
     cu_free(b, hbuf);
@@ -755,6 +763,9 @@ void cu_moe(be *b, const be_moe_layer *L, const float *x, const int32_t *ids, in
         for (int e = 0; e < E; e++)
             for (int p0 = cnt[e]; L->w1[e] && !big[e] && p0 < cnt[e + 1]; p0 += 8)
                 ch[nc++] = (mchunk){e, p0, cnt[e + 1] - p0 < 8 ? cnt[e + 1] - p0 : 8};
+        /* the GEMV's TT from the largest chunk (often 1-4 rows at batches 16-128), not from T */
+        int maxn = 1;
+        for (int i = 0; i < nc; i++) maxn = ch[i].n > maxn ? ch[i].n : maxn;
         int32_t *inv = (int32_t *)xmalloc((size_t)T * K * sizeof *inv);
         for (int i = 0; i < T * K; i++) inv[i] = -1;
         {
@@ -810,7 +821,7 @@ void cu_moe(be *b, const be_moe_layer *L, const float *x, const int32_t *ids, in
             cu_free(b, pb);
             free(tl);
         } else {
-            moe_routed(c, kind, dtw, E, dch, nc, NULL, dtok, dpw, x, D, I, L->swiglu_limit, sh, T < 8 ? T : 8, hbuf, ysb);
+            moe_routed(c, kind, dtw, E, dch, nc, NULL, dtok, dpw, x, D, I, L->swiglu_limit, sh, maxn, hbuf, ysb);
         }
         moe_tc(c, L, cnt, big, x, dtok, dpw, ysb);
         moe_finish(c, L, dtw, x, T, ysb, dinv, out);
