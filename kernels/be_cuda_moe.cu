@@ -127,7 +127,7 @@ static void expert_ffn(be_cuda *c, const be_weight *w1, const be_weight *w2, con
 }
 
 /* ---- grouped routed experts: pairs (token, expert) sorted by expert, in chunks of <= 8 ------ */
-typedef struct { int e, p0, n; } mchunk;   /* expert, first sorted pair, pairs (<= 8) */
+typedef struct { int e, p0, n; } mchunk;   /* expert, first sorted pair, pairs (<= MOE_CS) */
 
 __device__ __forceinline__ float swiglu_dev(float gv, float pv, float limit, float wgt) {
     if (limit > 0) {
@@ -289,12 +289,10 @@ static void moe_grouped_tt(be_cuda *c, const moe_gemv &a) {
     LAUNCHED();
 }
 
-/* maxn: the most pairs of any chunk (<= 8) */
+/* maxn: the most pairs of any chunk (<= MOE_CS = 2: TT 1 or 2 only) */
 template <int KIND> static void moe_grouped_launch(be_cuda *c, int maxn, const moe_gemv &a) {
     if (maxn <= 1) moe_grouped_tt<KIND, 1>(c, a);
-    else if (maxn <= 2) moe_grouped_tt<KIND, 2>(c, a);
-    else if (maxn <= 4) moe_grouped_tt<KIND, 4>(c, a);
-    else moe_grouped_tt<KIND, 8>(c, a);
+    else moe_grouped_tt<KIND, 2>(c, a);
 }
 
 static void moe_grouped(be_cuda *c, int kind, int maxn, const moe_gemv &a) {
@@ -325,14 +323,16 @@ static void moe_routed(be_cuda *c, int kind, const dw *dtw, int E, const mchunk 
  * token t (route_warp, as k_route), then the pairs are grouped: per present expert a count,
  * offsets and chunk offsets by a warp scan, each pair's row (experts' rows in pair order:
  * off[e] + the earlier pairs of e), ptok[row] = token, pw[row] = weight, inv[pair] = row or -1,
- * and each expert's chunks of MOE_DEV_CS rows; *nch = chunks. */
+ * and each expert's chunks of MOE_CS rows; *nch = chunks. */
 enum { MOE_DEV_PAIRS = 512 };
-/* Rows per chunk of the device grouping: few pairs per expert at T < 16 (top-6 of 256 experts:
- * at T = 8 nearly every expert has one), so chunks of 2 take the GEMV with TT = 2 (4 rows per
- * warp, x in shared memory) where chunks of 8 took TT = 8 (2 rows per warp, x from global) for
- * the same bytes: MoE T = 8 ~950 us per layer. An expert with more pairs is read once per chunk
- * (mostly from L2: its chunks run at once). The chunking does not change any row's arithmetic. */
-enum { MOE_DEV_CS = 2 };
+/* Rows per GEMV chunk (device and host grouping): few pairs per expert in decode (top-6 of 256
+ * experts: at T = 8 nearly every expert has one, at batch 128 ~3), so chunks of 2 take the GEMV
+ * with TT = 2 (4 rows per warp, x in shared memory) where chunks of 8 took TT = 8 (2 rows per
+ * warp, x from global) for the same bytes: MoE T = 8 960 -> 477 us per layer, decode batch 128
+ * 371 -> 563 tok/s (chunks of 1: 513, of 4: 457). An expert with more rows is read once per
+ * chunk, mostly from L2 (its chunks are neighbours in the grid). The chunking does not change
+ * any row's arithmetic. */
+enum { MOE_CS = 2 };
 __global__ void __launch_bounds__(1024) k_moe_route_group(const float *logits, int T, int E, int K,
                                                           const float *bias, int hash,
                                                           const int32_t *hd, hsel_inl hm,
@@ -364,7 +364,7 @@ __global__ void __launch_bounds__(1024) k_moe_route_group(const float *logits, i
         int so = 0, sq = 0;
         for (int e = e0; e < e1; e++) {
             so += cnt[e];
-            sq += (cnt[e] + MOE_DEV_CS - 1) / MOE_DEV_CS;
+            sq += (cnt[e] + MOE_CS - 1) / MOE_CS;
         }
         int io = so, iq = sq;
         for (int d = 1; d < 32; d <<= 1) {
@@ -379,7 +379,7 @@ __global__ void __launch_bounds__(1024) k_moe_route_group(const float *logits, i
             off[e] = o;
             coff[e] = q;
             o += cnt[e];
-            q += (cnt[e] + MOE_DEV_CS - 1) / MOE_DEV_CS;
+            q += (cnt[e] + MOE_CS - 1) / MOE_CS;
         }
         if (lane == 31) *nch = iq;
     }
@@ -395,9 +395,9 @@ __global__ void __launch_bounds__(1024) k_moe_route_group(const float *logits, i
         inv[i] = r;
     }
     for (int e = threadIdx.x; e < E; e += blockDim.x)
-        for (int j = 0; MOE_DEV_CS * j < cnt[e]; j++) {
-            int r0 = MOE_DEV_CS * j;
-            chunks[coff[e] + j] = mchunk{e, off[e] + r0, cnt[e] - r0 < MOE_DEV_CS ? cnt[e] - r0 : MOE_DEV_CS};
+        for (int j = 0; MOE_CS * j < cnt[e]; j++) {
+            int r0 = MOE_CS * j;
+            chunks[coff[e] + j] = mchunk{e, off[e] + r0, cnt[e] - r0 < MOE_CS ? cnt[e] - r0 : MOE_CS};
         }
 }
 
@@ -630,7 +630,7 @@ static int shared_kind(const be_moe_layer *L, int *sh) {
  * table dtw (5 launches -> 2); otherwise matmuls, SwiGLU and k_moe_combine: from T = 8 on, the
  * grouped kernels' one row group per warp over all of K (no K split as in mm's GEMV) leave the
  * GPU too few warps (the whole MoE at T = 8: 960 -> 1275 us). */
-enum { MOE_SHARED_FUSED_T = 2 }; /* <= 8: one chunk of moe_tail */
+enum { MOE_SHARED_FUSED_T = 2 }; /* <= MOE_CS: one chunk of moe_tail */
 static void moe_finish(be_cuda *c, const be_moe_layer *L, const dw *dtw, const float *x, int T,
                        const float *ysb, const int32_t *dinv, float *out) {
     be *b = &c->base;
@@ -642,7 +642,7 @@ static void moe_finish(be_cuda *c, const be_moe_layer *L, const dw *dtw, const f
         const moe_tail *tl = moe_table_tail(dtw, E);
         moe_gemv a = {s, s + 1, s + 2, tl->ch + T - 1, 1, NULL, tl->iota, tl->ones, x, D, SI,
                       L->swiglu_limit, ssh, hb, out, ysb, dinv, K};
-        moe_grouped(c, sk, T < 8 ? T : 8, a);
+        moe_grouped(c, sk, T, a);
         cu_free(b, hb);
         return;
     }
@@ -683,7 +683,7 @@ static void moe_device(be_cuda *c, const be_moe_layer *L, const dw *dtw, int kin
     k_moe_route_group<<<1, 1024, 0, c->s>>>(logits, T, E, K, L->bias, hash, hd, hm, L->norm_topk, L->route_scale,
                                             dtw, ptok, pw, inv, ch, nch);
     LAUNCHED();
-    moe_routed(c, kind, dtw, E, ch, TK, nch, ptok, pw, x, D, I, L->swiglu_limit, sh, T < MOE_DEV_CS ? T : MOE_DEV_CS, hbuf, ysb);
+    moe_routed(c, kind, dtw, E, ch, TK, nch, ptok, pw, x, D, I, L->swiglu_limit, sh, T < MOE_CS ? T : MOE_CS, hbuf, ysb);
     moe_finish(c, L, dtw, x, T, ysb, inv, out);
     cu_free(b, g);
     cu_free(b, hbuf);
@@ -749,7 +749,7 @@ void cu_moe(be *b, const be_moe_layer *L, const float *x, const int32_t *ids, in
     int np = cnt[E];
     int nchunks = 0;
     for (int e = 0; e < E; e++)
-        if (L->w1[e]) nchunks += (cnt[e + 1] - cnt[e] + 7) / 8;
+        if (L->w1[e]) nchunks += (cnt[e + 1] - cnt[e] + MOE_CS - 1) / MOE_CS;
     /* (also with no chunk: T < MOE_TC_MIN then takes the device path's shared expert + combine) */
     if (kind >= 0 && nchunks <= 65535) {
         /* grouped: every routed expert in two launches, then one combine */
@@ -761,8 +761,8 @@ void cu_moe(be *b, const be_moe_layer *L, const float *x, const int32_t *ids, in
         mchunk *ch = (mchunk *)xcalloc((size_t)(nchunks ? nchunks : 1), sizeof *ch);
         int nc = 0;
         for (int e = 0; e < E; e++)
-            for (int p0 = cnt[e]; L->w1[e] && !big[e] && p0 < cnt[e + 1]; p0 += 8)
-                ch[nc++] = (mchunk){e, p0, cnt[e + 1] - p0 < 8 ? cnt[e + 1] - p0 : 8};
+            for (int p0 = cnt[e]; L->w1[e] && !big[e] && p0 < cnt[e + 1]; p0 += MOE_CS)
+                ch[nc++] = (mchunk){e, p0, cnt[e + 1] - p0 < MOE_CS ? cnt[e + 1] - p0 : MOE_CS};
         /* the GEMV's TT from the largest chunk (often 1-4 rows at batches 16-128), not from T */
         int maxn = 1;
         for (int i = 0; i < nc; i++) maxn = ch[i].n > maxn ? ch[i].n : maxn;
