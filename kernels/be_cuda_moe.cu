@@ -763,9 +763,9 @@ void cu_moe(be *b, const be_moe_layer *L, const float *x, const int32_t *ids, in
         for (int e = 0; e < E; e++)
             for (int p0 = cnt[e]; L->w1[e] && !big[e] && p0 < cnt[e + 1]; p0 += MOE_CS)
                 ch[nc++] = (mchunk){e, p0, cnt[e + 1] - p0 < MOE_CS ? cnt[e + 1] - p0 : MOE_CS};
-        /* the GEMV's TT from the largest chunk (often 1-4 rows at batches 16-128), not from T */
-        int maxn = 1;
-        for (int i = 0; i < nc; i++) maxn = ch[i].n > maxn ? ch[i].n : maxn;
+        /* TT as the device grouping's (the TT = 1 and 2 kernels may round differently: the
+         * same TT keeps the two groupings the same bits for T < MOE_TC_MIN) */
+        int maxn = T < MOE_CS ? T : MOE_CS;
         int32_t *inv = (int32_t *)xmalloc((size_t)T * K * sizeof *inv);
         for (int i = 0; i < T * K; i++) inv[i] = -1;
         {
