@@ -262,6 +262,12 @@ uint32_t kvm_lookup(kvm *k, const int32_t *ids, uint32_t n, uint64_t *hashes,
     return got;
 }
 
+int kvm_next_pending(kvm *k, const int32_t *ids, uint32_t n, uint64_t parent, uint32_t got) {
+    if (!k->total || !k->n_e || n < 1 || got >= (n - 1) / k->B) return 0;
+    int32_t i = find(k, kvm_chain_hash(parent, ids + (size_t)got * k->B, k->B));
+    return i >= 0 && k->e[i].pending;
+}
+
 void kvm_note_query(kvm *k, uint64_t queried, uint64_t hit) {
     k->queries += queried;
     k->hits += hit;

@@ -65,6 +65,10 @@ void kvm_seq_free(kvm *k, uint32_t *held);
  * kvm_step_end and marks it used. Counts nothing: see kvm_note_query. */
 uint32_t kvm_lookup(kvm *k, const int32_t *ids, uint32_t n, uint64_t *hashes,
                     uint64_t *block_ids);
+/* 1 when the block after a looked-up chain of `got` blocks (its last hash `parent`, 0 for none)
+ * is pending: being computed by another sequence in the step being built. A sequence admitted
+ * one step later gets it from the cache (n > 1 choices of one prompt share its prefill). */
+int kvm_next_pending(kvm *k, const int32_t *ids, uint32_t n, uint64_t parent, uint32_t got);
 /* Counts one admission's lookup: queried prompt tokens and the tokens taken from the cache. */
 void kvm_note_query(kvm *k, uint64_t queried, uint64_t hit);
 /* Offers the block with chain hash `hash` (parent = the previous block's hash, 0 for the first

@@ -457,6 +457,14 @@ static int admit_one(sched *s, int *budget) {
     uint32_t maxb = (uint32_t)(q->n_toks - 1) / B;
     uint64_t *hs = xmalloc((maxb + 1) * sizeof *hs), *ids = xmalloc((maxb + 1) * sizeof *ids);
     uint32_t hit = kvm_lookup(s->kv, q->toks, (uint32_t)q->n_toks, hs, ids);
+    /* the next block is being computed in this very step (the other choices of an n > 1
+     * request, or a resend racing its original): wait one step and take it from the cache */
+    if (s->n_plan && !q->canary &&
+        kvm_next_pending(s->kv, q->toks, (uint32_t)q->n_toks, hit ? hs[hit - 1] : 0, hit)) {
+        free(hs);
+        free(ids);
+        return 0;
+    }
     if ((int)hit > q->n_hashes) { /* the lookup computed the same chain */
         if ((int)hit > q->cap_hashes)
             q->hashes = xrealloc(q->hashes, (size_t)(q->cap_hashes = (int)hit + 16) *

@@ -20,7 +20,8 @@
  *                LoadModel and progress, the canary, heartbeats, StepPlans, a wrong step id,
  *                a wrong rank
  *   prefix       prefix-cache hits give logits identical to cold prefills (same prompt, agent-
- *                style resend with a changed tail), hit counters, flush-prefix-cache frees units
+ *                style resend with a changed tail), hit counters, flush-prefix-cache frees units,
+ *                n = 3 choices share the prompt's prefill
  *   preempt      a KV budget too small for all sequences: preemption, outputs as if alone
  *   chunking     --max-num-batched-tokens 64: chunked prefill gives duet-generate's tokens
  *   overload     --max-waiting: a full queue refuses with server_overloaded
@@ -1570,10 +1571,26 @@ START_TEST(prefix) {
     ck_assert_int_eq(json_integer_value(json_object_get(agent_cold, "cached_tokens")), 0);
     ck_assert_msg(json_equal(json_object_get(agent, "logits"), json_object_get(agent_cold, "logits")),
                   "the agent-style prompt's logits with a prefix hit differ from a cold run");
+    /* n = 3 choices of a new prompt: choices 1 and 2 wait one step for choice 0's blocks and
+     * take them from the cache (greedy: all three the same tokens) */
+    static int32_t p3[PFX_LEN];
+    for (int i = 0; i < PFX_LEN; i++) p3[i] = (int32_t)((i * 71 + 3) % 1024);
+    json_t *req3 = gen_req(p3, PFX_LEN, 3, 0), *re;
+    json_object_set_new(req3, "n", json_integer(3));
+    json_t *three = json_object_get(gen_ok(req3, &re), "choices");
+    ck_assert_uint_eq(json_array_size(three), 3);
+    ck_assert_int_eq(json_integer_value(json_object_get(json_array_get(three, 0), "cached_tokens")), 0);
+    for (size_t i = 1; i < 3; i++) {
+        json_t *ch = json_array_get(three, i);
+        ck_assert_int_eq(json_integer_value(json_object_get(ch, "cached_tokens")), 512);
+        ck_assert(json_equal(json_object_get(ch, "token_ids"),
+                             json_object_get(json_array_get(three, 0), "token_ids")));
+    }
     json_decref(ra);
     json_decref(rb);
     json_decref(rc);
     json_decref(rd);
+    json_decref(re);
     stop_coord(cp);
 }
 END_TEST

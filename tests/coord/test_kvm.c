@@ -86,6 +86,8 @@ START_TEST(pending_entries_commit_or_vanish) {
     ck_assert_int_eq(kvm_save(k, 0, h, &id), 1);
     ck_assert_int_eq(kvm_save(k, 0, h, &id2), 0); /* already there (pending) */
     ck_assert_uint_eq(kvm_lookup(k, toks, 2 * B, hs, ids), 0); /* pending: not restorable */
+    ck_assert_int_eq(kvm_next_pending(k, toks, 2 * B, 0, 0), 1); /* ...but coming next step */
+    ck_assert_int_eq(kvm_next_pending(k, toks, B, 0, 0), 0);     /* not needed: leaves 1 token */
     kvm_step_end(k, 0);                                        /* the step failed */
     kvm_stats st;
     kvm_get_stats(k, &st);
@@ -97,6 +99,7 @@ START_TEST(pending_entries_commit_or_vanish) {
     kvm_step_end(k, 1);
     ck_assert_uint_eq(kvm_lookup(k, toks, 2 * B, hs, ids), 1);
     ck_assert_uint_eq(ids[0], id);
+    ck_assert_int_eq(kvm_next_pending(k, toks, 2 * B, 0, 0), 0); /* committed now */
     kvm_step_end(k, 1);
     /* a child whose parent is not cached is not saved (it could never be found) */
     uint64_t orphan = kvm_chain_hash(12345, toks + B, B);
