@@ -185,49 +185,37 @@ __device__ float sinkhorn_warp(float c, int n, int iters, float eps) {
     return c;
 }
 
-/* Stage 1 of mHC pre / HC head: grid (n_mix, T, S): block (k, t, s) writes the partial dot of
- * fn[k] with token t's streams over width slice s, and (k == 0) the partial sum of squares.
- * Splitting the width over S blocks keeps a decode step (T = 1) from running on one SM. */
-__global__ void __launch_bounds__(256) k_mhc_mix(const float *h, const float *fn, int n_mix, int width,
-                                                 int slice, float *part, float *sspart) {
-    __shared__ float sh[32];
-    int k = blockIdx.x, t = blockIdx.y, sidx = blockIdx.z, S = gridDim.z;
-    const float *X = h + (size_t)t * width, *f = fn + (size_t)k * width;
-    int i0 = sidx * slice, i1 = i0 + slice < width ? i0 + slice : width;
-    float d = 0, ss = 0;
-    for (int i = i0 + threadIdx.x * 4; i < i1; i += blockDim.x * 4) {
-        float4 xv = *(const float4 *)(X + i), fv = *(const float4 *)(f + i);
-        d += fv.x * xv.x + fv.y * xv.y + fv.z * xv.z + fv.w * xv.w;
-        if (k == 0) ss += xv.x * xv.x + xv.y * xv.y + xv.z * xv.z + xv.w * xv.w;
-    }
-    d = block_sum(d, sh);
-    if (k == 0) ss = block_sum(ss, sh);
-    if (threadIdx.x == 0) {
-        part[((size_t)t * n_mix + k) * S + sidx] = d;
-        if (k == 0) sspart[(size_t)t * S + sidx] = ss;
-    }
-}
+typedef struct {
+    const float *h, *part, *sspart;
+    int S;
+    const float *base, *scale;
+    int n, D, iters;
+    float hc_eps, norm_eps;
+    float *u, *post, *comb;
+    int head_mode;
+} mhc_fin_args;
 
-/* Stage 2: block per token; mode 0: mhc_pre (writes u, post, comb), 1: hc_head (u only) */
-__global__ void __launch_bounds__(1024) k_mhc_fin(const float *h, const float *part, const float *sspart,
-                                                 int S, const float *base, const float *scale, int n,
-                                                 int D, int iters, float hc_eps, float norm_eps,
-                                                 float *u, float *post, float *comb, int head_mode) {
+/* Stage 2 for token t, by one block (any multiple of 32 threads); mode 0: mhc_pre (writes u,
+ * post, comb), 1: hc_head (u only). The partials are read through L2 (__ldcg): in the fused
+ * launch other blocks of the same grid wrote them. */
+__device__ void mhc_fin_body(const mhc_fin_args &a, int t) {
+    const float *h = a.h, *part = a.part, *sspart = a.sspart, *base = a.base, *scale = a.scale;
+    int S = a.S, n = a.n, D = a.D, iters = a.iters, head_mode = a.head_mode;
+    float hc_eps = a.hc_eps, norm_eps = a.norm_eps, *u = a.u, *post = a.post, *comb = a.comb;
     __shared__ float mu[16 * 16];
     __shared__ float pre[16];
     __shared__ float Cm[16 * 16];
-    int t = blockIdx.x;
     int n_mix = head_mode ? n : (2 + n) * n;
     const float *X = h + (size_t)t * n * D;
     __shared__ float rr;
     if (threadIdx.x == blockDim.x - 1) {
         double ss = 0;
-        for (int s2 = 0; s2 < S; s2++) ss += sspart[(size_t)t * S + s2];
+        for (int s2 = 0; s2 < S; s2++) ss += __ldcg(sspart + (size_t)t * S + s2);
         rr = inv_rms_dev(ss, n * D, norm_eps);
     }
     for (int k = threadIdx.x; k < n_mix; k += blockDim.x) { /* partial sums in a fixed order */
         float d = 0;
-        for (int s2 = 0; s2 < S; s2++) d += part[((size_t)t * n_mix + k) * S + s2];
+        for (int s2 = 0; s2 < S; s2++) d += __ldcg(part + ((size_t)t * n_mix + k) * S + s2);
         mu[k] = d;
     }
     __syncthreads();
@@ -269,6 +257,49 @@ __global__ void __launch_bounds__(1024) k_mhc_fin(const float *h, const float *p
     }
 }
 
+/* Stage 2 as its own launch: block per token */
+__global__ void __launch_bounds__(1024) k_mhc_fin(mhc_fin_args a) { mhc_fin_body(a, blockIdx.x); }
+
+/* Stage 1 of mHC pre / HC head: grid (n_mix, T, S): block (k, t, s) writes the partial dot of
+ * fn[k] with token t's streams over width slice s, and (k == 0) the partial sum of squares.
+ * Splitting the width over S blocks keeps a decode step (T = 1) from running on one SM. With cnt
+ * (T <= MHC_FUSED_T) the last block of each token also runs stage 2: one launch instead of two. */
+__global__ void __launch_bounds__(256) k_mhc_mix(const float *h, const float *fn, int n_mix, int width,
+                                                 int slice, float *part, float *sspart, int *cnt,
+                                                 mhc_fin_args fa) {
+    __shared__ float sh[32];
+    int k = blockIdx.x, t = blockIdx.y, sidx = blockIdx.z, S = gridDim.z;
+    const float *X = h + (size_t)t * width, *f = fn + (size_t)k * width;
+    int i0 = sidx * slice, i1 = i0 + slice < width ? i0 + slice : width;
+    float d = 0, ss = 0;
+    for (int i = i0 + threadIdx.x * 4; i < i1; i += blockDim.x * 4) {
+        float4 xv = *(const float4 *)(X + i), fv = *(const float4 *)(f + i);
+        d += fv.x * xv.x + fv.y * xv.y + fv.z * xv.z + fv.w * xv.w;
+        if (k == 0) ss += xv.x * xv.x + xv.y * xv.y + xv.z * xv.z + xv.w * xv.w;
+    }
+    d = block_sum(d, sh);
+    if (k == 0) ss = block_sum(ss, sh);
+    if (threadIdx.x == 0) {
+        part[((size_t)t * n_mix + k) * S + sidx] = d;
+        if (k == 0) sspart[(size_t)t * S + sidx] = ss;
+    }
+    if (!cnt) return;
+    /* fused stage 2: the last of token t's n_mix·S blocks to finish runs it, then resets the
+     * counter for the next launch (writes made visible by a fence before the count) */
+    __shared__ int last;
+    if (threadIdx.x == 0) {
+        __threadfence();
+        last = atomicAdd(&cnt[t], 1) == n_mix * S - 1;
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    mhc_fin_body(fa, t);
+    if (threadIdx.x == 0) cnt[t] = 0;
+}
+
+enum { MHC_FUSED_T = 16 };
+
 static void mhc_run(be *b, const float *h, const float *fn, const float *base, const float *scale,
                     int T, int n, int D, int iters, float hc_eps, float norm_eps, float *u,
                     float *post, float *comb, int head_mode) {
@@ -285,11 +316,21 @@ static void mhc_run(be *b, const float *h, const float *fn, const float *base, c
     S = (width + slice - 1) / slice;
     float *part = (float *)scratch(b, (size_t)T * n_mix * S * sizeof(float));
     float *sspart = (float *)scratch(b, (size_t)T * S * sizeof(float));
-    k_mhc_mix<<<dim3(n_mix, T, S), 256, 0, c->s>>>(h, fn, n_mix, width, slice, part, sspart);
+    mhc_fin_args fa = {h, part, sspart, S, base, scale, n, D, iters, hc_eps, norm_eps, u, post, comb,
+                       head_mode};
+    /* few tokens: stage 2 in the mix launch (per-token block counters, zeroed once, reset by
+     * the kernel); many: its own launch, a block of 1024 per token */
+    int *cnt = NULL;
+    if (T <= MHC_FUSED_T) {
+        if (!c->mhc_cnt) c->mhc_cnt = (int *)cu_alloc(b, MHC_FUSED_T * sizeof(int));
+        cnt = c->mhc_cnt;
+    }
+    k_mhc_mix<<<dim3(n_mix, T, S), 256, 0, c->s>>>(h, fn, n_mix, width, slice, part, sspart, cnt, fa);
     LAUNCHED();
-    k_mhc_fin<<<T, 1024, 0, c->s>>>(h, part, sspart, S, base, scale, n, D, iters, hc_eps, norm_eps, u,
-                                   post, comb, head_mode);
-    LAUNCHED();
+    if (!cnt) {
+        k_mhc_fin<<<T, 1024, 0, c->s>>>(fa);
+        LAUNCHED();
+    }
     cu_free(b, part);
     cu_free(b, sspart);
 }

@@ -77,6 +77,7 @@ typedef struct {
      * call and kept: key = the layer and its weight pointers; all dropped when a weight is freed */
     struct moe_tab *mtab;
     int n_mtab, cap_mtab;
+    int *mhc_cnt; /* per-token block counters of the fused mHC launch (be_cuda_elem.cu), zeroed */
 } be_cuda;
 
 static inline be_cuda *C(be *b) { return (be_cuda *)b; }
