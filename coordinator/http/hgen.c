@@ -49,6 +49,7 @@ static void hreq_free(hreq *h) {
         if (c->ts) tok_stream_free(c->ts);
         if (c->op) op_free(c->op);
         chat_sb_free(&c->text);
+        free(c->echo);
         json_decref(c->lp);
         json_decref(c->lp_pending);
         json_decref(c->ids_all);
@@ -523,6 +524,11 @@ void generate(http_server *s, struct evhttp_request *req, const char *rid, greq 
         c->h = h;
         c->index = i;
         c->prompt_idx = i / g->n;
+        if (g->echo) { /* owned copy: streaming frees it once sent */
+            c->echo_len = g->echo_len[c->prompt_idx];
+            c->echo = xmalloc(c->echo_len + 1);
+            memcpy(c->echo, g->echo_text[c->prompt_idx], c->echo_len + 1);
+        }
         c->stop_idx = -1;
         c->stop_tok = -1;
         c->tsel = -1;

@@ -34,6 +34,9 @@ typedef struct hchoice {
     /* completions text and stop strings */
     chat_sb text;
     size_t released, stop_from;
+    char *echo;        /* completions with echo: the prompt's text (sent before any generated
+                          text; NULL once sent when streaming, or without echo) */
+    size_t echo_len;
     int stop_idx;      /* the matched stop string, or -1 */
     int32_t stop_tok;  /* the matched stop token id, or -1 */
     /* logprobs: chat = array of content entries; completions = {tokens, token_logprobs, ...} */

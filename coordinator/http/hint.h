@@ -119,6 +119,7 @@ typedef struct {
     int n;
     bool stream, include_usage, continuous_usage, ignore_eos, skip_special, include_stop;
     bool return_token_ids, include_reasoning, parallel_tool_calls, thinking, logprobs;
+    bool echo; /* completions: the prompt's text comes first in each choice's text */
     int n_logprobs; /* -1 none */
     long long min_tokens;
     char *stop[MAX_STOP];
@@ -136,6 +137,8 @@ typedef struct {
     /* prompts: chat has one; completions up to 64 */
     tok_ids_t *prompts;
     size_t n_prompts;
+    char **echo_text; /* echo: [n_prompts] each prompt's text (before test-id folding) */
+    size_t *echo_len;
 } greq;
 
 void greq_free(greq *g);

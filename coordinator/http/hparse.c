@@ -105,6 +105,9 @@ void greq_free(greq *g) {
     free(g->tool_names);
     free(g->tool_noargs);
     for (size_t i = 0; i < g->n_prompts; i++) tok_ids_free(&g->prompts[i]);
+    for (size_t i = 0; g->echo_text && i < g->n_prompts; i++) free(g->echo_text[i]);
+    free(g->echo_text);
+    free(g->echo_len);
     free(g->prompts);
     memset(g, 0, sizeof *g);
 }
@@ -139,8 +142,10 @@ static int refuse_unimplemented(apierr *e, json_t *b, int chat) {
             return fail(e, 400, "unsupported_parameter", "suffix", "\"suffix\" is not supported");
         bool echo = false;
         if (get_bool(e, b, "echo", &echo) < 0) return -1;
-        if (echo)
-            return fail(e, 400, "unsupported_parameter", "echo", "\"echo\" is not supported yet");
+        if (echo && field(b, "logprobs"))
+            return fail(e, 400, "unsupported_value", "echo",
+                        "\"echo\" together with \"logprobs\" needs prompt logprobs, which are not "
+                        "supported yet");
     }
     return 0;
 }
@@ -360,6 +365,9 @@ static int parse_common(http_server *s, apierr *e, json_t *b, greq *g) {
         if (has) g->n_logprobs = (int)lp;
     }
     p->n_logprobs = g->n_logprobs;
+    bool echo = false;
+    if (!g->chat && get_bool(e, b, "echo", &echo) < 0) return -1;
+    g->echo = echo;
     json_t *so = field(b, "stream_options");
     if (so) {
         if (!g->stream)
@@ -702,6 +710,24 @@ static int one_prompt(http_server *s, apierr *e, json_t *pr, size_t k, tok_ids_t
 }
 
 /* prompt: string, [string...], [int...] or [[int...]...]; at most 64 prompts. */
+/* echo: the prompt's text as a client sees generated text (the same incremental decoder:
+ * special tokens spelled out, a broken UTF-8 tail as U+FFFD), so the JSON is always valid.
+ * Taken before check_prompt folds test ids (--fold-prompt-ids). */
+static void echo_text(const http_server *s, const tok_ids_t *pr, char **out, size_t *len) {
+    tok_stream_t *ts = tok_stream_new(s->tok, 0);
+    chat_sb sb = {0};
+    size_t n;
+    for (size_t i = 0; i < pr->n; i++) {
+        const char *t = tok_stream_put(ts, pr->v[i], &n);
+        if (n) chat_sb_put(&sb, t, n);
+    }
+    const char *t = tok_stream_flush(ts, &n);
+    if (n) chat_sb_put(&sb, t, n);
+    tok_stream_free(ts);
+    *out = sb.p ? sb.p : xstrdup("");
+    *len = sb.len;
+}
+
 static int completion_prompts(http_server *s, apierr *e, json_t *b, greq *g) {
     json_t *pr = json_object_get(b, "prompt");
     if (!pr || json_is_null(pr))
@@ -717,15 +743,20 @@ static int completion_prompts(http_server *s, apierr *e, json_t *b, greq *g) {
                     "prompts x n is %zu; at most %d choices per request are allowed",
                     np * (size_t)g->n, MAX_CHOICES);
     g->prompts = xcalloc(np, sizeof *g->prompts);
+    if (g->echo) {
+        g->echo_text = xcalloc(np, sizeof *g->echo_text);
+        g->echo_len = xcalloc(np, sizeof *g->echo_len);
+    }
     for (size_t k = 0; k < np; k++) {
         g->n_prompts++;
         json_t *one = multi ? json_array_get(pr, k) : pr;
         if (multi && !json_is_string(one) && !json_is_array(one))
             return fail(e, 400, "invalid_type", "prompt",
                         "\"prompt\"[%zu] must be a string or an array of token ids", k);
-        if (one_prompt(s, e, one, k, &g->prompts[k]) ||
-            check_prompt(s, e, &g->prompts[k], g->min_tokens, "prompt"))
-            return -1;
+        if (one_prompt(s, e, one, k, &g->prompts[k])) return -1;
+        if (g->echo && g->prompts[k].n)
+            echo_text(s, &g->prompts[k], &g->echo_text[k], &g->echo_len[k]);
+        if (check_prompt(s, e, &g->prompts[k], g->min_tokens, "prompt")) return -1;
     }
     return 0;
 }

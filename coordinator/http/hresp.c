@@ -248,6 +248,14 @@ int cmpl_add(hchoice *c, const char *t, size_t n, int at_end) {
     if (c->stop_idx >= 0) return 1;
     int hit;
     size_t end = stop_scan(c, t, n, at_end, &hit);
+    if (h->g.stream && c->echo && (end > c->released || at_end)) {
+        /* echo: the prompt's text is the choice's first text chunk */
+        json_t *ch = json_pack("{s:i, s:s%, s:n, s:n}", "index", c->index, "text", c->echo,
+                               c->echo_len, "logprobs", "finish_reason");
+        sse_chunk(h, ch);
+        free(c->echo);
+        c->echo = NULL;
+    }
     if (end > c->released) {
         if (h->g.stream) {
             json_t *ch = json_pack("{s:i, s:s%, s:o, s:n}", "index", c->index, "text",
@@ -364,8 +372,12 @@ static json_t *chat_choice(hchoice *c) {
 }
 
 static json_t *cmpl_choice(hchoice *c) {
-    return json_pack("{s:i, s:s%, s:o, s:s, s:o}", "index", c->index, "text",
-                     c->text.p ? c->text.p : "", c->text.len, "logprobs",
+    chat_sb all = {0}; /* echo: prompt text + generated text */
+    if (c->echo) chat_sb_put(&all, c->echo, c->echo_len);
+    if (c->text.len) chat_sb_put(&all, c->text.p, c->text.len);
+    json_t *text = json_stringn(all.p ? all.p : "", all.len);
+    chat_sb_free(&all);
+    return json_pack("{s:i, s:o, s:o, s:s, s:o}", "index", c->index, "text", text, "logprobs",
                      c->h->g.logprobs ? json_incref(c->lp) : json_null(), "finish_reason",
                      choice_finish(c), "stop_reason", stop_reason_json(c));
 }

@@ -213,6 +213,22 @@ def case_gen():
         ch = j["choices"][0]
         check(ch["finish_reason"] == "stop" and ch["stop_reason"] == ids[0] and
               j["usage"]["completion_tokens"] == 1, "stop_token_ids: %s" % j)
+    # echo: the prompt's text first (JSON and SSE alike); echo with logprobs is refused
+    st, j, _, _ = post(port, "/v1/completions", {"prompt": "Hello there", "max_tokens": 3,
+                                                 "temperature": 0, "echo": True})
+    plain = post(port, "/v1/completions", {"prompt": "Hello there", "max_tokens": 3,
+                                           "temperature": 0})[1]
+    check(st == 200 and j["choices"][0]["text"] == "Hello there" + plain["choices"][0]["text"],
+          "echo JSON: %s vs %s" % (j, plain))
+    st, _, _, payload = post(port, "/v1/completions", {"prompt": "Hello there", "max_tokens": 3,
+                                                       "temperature": 0, "echo": True,
+                                                       "stream": True})
+    texts = [e["choices"][0]["text"] for e in sse_events(payload) if e.get("choices")]
+    check(texts and texts[0] == "Hello there" and "".join(texts) == j["choices"][0]["text"],
+          "echo SSE: %s" % texts)
+    st, j, _, _ = post(port, "/v1/completions", {"prompt": "Hi", "echo": True, "logprobs": 1})
+    check(st == 400 and j["error"]["param"] == "echo" and "prompt logprobs" in
+          j["error"]["message"], "echo + logprobs: %s %s" % (st, j))
     # sampling extras are accepted (the engine applies them)
     st, j, _, _ = post(port, "/v1/completions", {
         "prompt": [0, 5, 9], "max_tokens": 4, "min_p": 0.1, "repetition_penalty": 1.3,
