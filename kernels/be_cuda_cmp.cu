@@ -202,6 +202,36 @@ __device__ __forceinline__ uint32_t ord_key(float f) {
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
+/* Appends, in index order, every i < nv whose key is > thr (eq = 0) or == thr (eq = 1) to
+ * out[*cnt ...], writing only positions < limit; block-wide (every thread calls it), without
+ * atomics: a ballot per warp and the warps' totals give each entry its position. */
+__device__ void topk_append(const float *sc, int nv, uint32_t thr, int eq, int32_t *out,
+                            int *cnt, int limit) {
+    __shared__ int warp_tot[32];
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (int)(blockDim.x + 31) >> 5;
+    for (int base = 0; base < nv; base += blockDim.x) {
+        int i = base + (int)threadIdx.x, f = 0;
+        if (i < nv) {
+            uint32_t key = ord_key(sc[i]);
+            f = eq ? key == thr : key > thr;
+        }
+        unsigned bal = __ballot_sync(0xffffffffu, f);
+        if (lane == 0) warp_tot[w] = __popc(bal);
+        __syncthreads();
+        int off = 0, tot = 0;
+        for (int j = 0; j < nw; j++) {
+            off += j < w ? warp_tot[j] : 0;
+            tot += warp_tot[j];
+        }
+        int pos = *cnt + off + __popc(bal & ((1u << lane) - 1u));
+        if (f && pos < limit) out[pos] = i;
+        __syncthreads(); /* every thread has read *cnt and warp_tot */
+        if (threadIdx.x == 0) *cnt += tot;
+        __syncthreads();
+        if (*cnt >= limit) return; /* uniform: the same value in every thread */
+    }
+}
+
 /* block per row: radix-select the k-th largest key, then write all larger entries and the
  * lowest-indexed equal ones (the set the CPU heap keeps, up to ties) */
 __global__ void __launch_bounds__(256) k_topk(const float *scores, int ld, const int *nvis,
@@ -245,24 +275,10 @@ __global__ void __launch_bounds__(256) k_topk(const float *scores, int ld, const
     uint32_t thr = s_prefix;
     if (threadIdx.x == 0) s_cnt = 0;
     __syncthreads();
-    for (int i = threadIdx.x; i < nv; i += blockDim.x)
-        if (ord_key(sc[i]) > thr) out[atomicAdd(&s_cnt, 1)] = i;
-    __syncthreads();
-    int n_eq = 0;
-    for (int i = threadIdx.x; i < nv; i += blockDim.x) n_eq += ord_key(sc[i]) == thr;
-    n_eq = __syncthreads_count(n_eq > 0) ? (int)block_sum((float)n_eq, (float *)hist) : 0;
-    int base = s_cnt;
-    __syncthreads(); /* everyone has read s_cnt before it moves again */
-    if (n_eq <= k - base) { /* every equal entry is taken: order does not matter */
-        for (int i = threadIdx.x; i < nv; i += blockDim.x)
-            if (ord_key(sc[i]) == thr) out[atomicAdd(&s_cnt, 1)] = i;
-        return;
-    }
-    if (threadIdx.x == 0) { /* ties beyond k: the lowest indices, in order */
-        int n = s_cnt;
-        for (int i = 0; i < nv && n < k; i++)
-            if (ord_key(sc[i]) == thr) out[n++] = i;
-    }
+    /* every larger entry, then the lowest-indexed equal ones, each in index order: the output
+     * is the same bits on every run (attention then sums its keys in a fixed order) */
+    topk_append(sc, nv, thr, 0, out, &s_cnt, k);
+    topk_append(sc, nv, thr, 1, out, &s_cnt, k);
 }
 
 void cu_index_topk(be *b, const be_index_args *a) {
