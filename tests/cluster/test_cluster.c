@@ -416,6 +416,16 @@ static void wait_warm(int timeout_ms) {
     }
 }
 
+/* One worker (rank 0 of 1) and a coordinator with extra flags (NULL-terminated, may be NULL),
+ * serving and past its canary. */
+static pid_t start_serving(worker_proc *w, const char *const *extra) {
+    start_worker(w, 0, 1, NULL, 0, g_token);
+    pid_t cp = start_coord(w, 1, extra);
+    json_decref(wait_state("serving", 60000));
+    wait_warm(60000);
+    return cp;
+}
+
 static json_t *gen_req(const int32_t *ids, int n, int max_tokens, int logits) {
     json_t *a = json_array();
     for (int i = 0; i < n; i++) json_array_append_new(a, json_integer(ids[i]));
@@ -622,10 +632,8 @@ END_TEST
 
 START_TEST(batching) {
     worker_proc w;
-    start_worker(&w, 0, 1, NULL, 0, g_token);
     const char *extra[] = {"--max-seqs", "3", NULL};
-    pid_t cp = start_coord(&w, 1, extra);
-    json_decref(wait_state("serving", 60000));
+    pid_t cp = start_serving(&w, extra);
     enum { N = 7 }; /* at most 8 admin connections: 7 + the status probe */
     int32_t prompts[N][12];
     int plen[N], maxt[N];
@@ -1365,9 +1373,7 @@ static int run_ctl(const char *const *args, char *out, size_t cap) {
 
 START_TEST(drain) {
     worker_proc w;
-    start_worker(&w, 0, 1, NULL, 0, g_token);
-    pid_t cp = start_coord(&w, 1, NULL);
-    json_decref(wait_state("serving", 60000));
+    pid_t cp = start_serving(&w, NULL);
 
     /* a client that goes away cancels its request at the next step */
     aconn a;
@@ -1518,11 +1524,8 @@ static void require_kv_budget(void) {
  * style resend (long shared prefix, changed tail) against its own cold run after a flush. */
 START_TEST(prefix) {
     worker_proc w;
-    start_worker(&w, 0, 1, NULL, 0, g_token);
     const char *extra[] = {"--block-size", "128", NULL};
-    pid_t cp = start_coord(&w, 1, extra);
-    json_decref(wait_state("serving", 60000));
-    wait_warm(60000);
+    pid_t cp = start_serving(&w, extra);
     require_kv_budget();
     static int32_t p1[PFX_LEN], p2[PFX_LEN];
     for (int i = 0; i < PFX_LEN; i++) p1[i] = p2[i] = (int32_t)((i * 37 + 11) % 1024);
@@ -1651,10 +1654,8 @@ END_TEST
  * (duet-generate's), and a decode running meanwhile is unaffected. */
 START_TEST(chunking) {
     worker_proc w;
-    start_worker(&w, 0, 1, NULL, 0, g_token);
     const char *extra[] = {"--max-num-batched-tokens", "64", "--block-size", "128", NULL};
-    pid_t cp = start_coord(&w, 1, extra);
-    json_decref(wait_state("serving", 60000));
+    pid_t cp = start_serving(&w, extra);
     static int32_t p[300];
     for (int i = 0; i < 300; i++) p[i] = (int32_t)((i * 29 + 3) % 1024);
     char golden[1024], golden_a[1024];
@@ -1682,11 +1683,8 @@ END_TEST
 /* --max-waiting: a full waiting queue refuses with server_overloaded at once. */
 START_TEST(overload) {
     worker_proc w;
-    start_worker(&w, 0, 1, NULL, 0, g_token);
     const char *extra[] = {"--max-num-seqs", "1", "--max-waiting", "1", NULL};
-    pid_t cp = start_coord(&w, 1, extra);
-    json_decref(wait_state("serving", 60000));
-    wait_warm(60000);
+    pid_t cp = start_serving(&w, extra);
     aconn a, b;
     ck_assert_int_eq(aconn_open(&a, g_sock), 0);
     ck_assert_int_eq(aconn_open(&b, g_sock), 0);
@@ -1724,9 +1722,7 @@ END_TEST
 
 START_TEST(admin) {
     worker_proc w;
-    start_worker(&w, 0, 1, NULL, 0, g_token);
-    pid_t cp = start_coord(&w, 1, NULL);
-    json_decref(wait_state("serving", 60000));
+    pid_t cp = start_serving(&w, NULL);
 
     struct stat st;
     char dir[320];

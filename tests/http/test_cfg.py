@@ -368,19 +368,7 @@ def case_reload():
 
 
 def main():
-    try:
-        {"policy": case_policy, "reload": case_reload}[T.CASE]()
-    finally:
-        for p in T.PROCS:
-            p.kill()
-        for p in T.PROCS:
-            if p.log and any("ERROR: AddressSanitizer" in ln or "runtime error" in ln
-                             for ln in p.log):
-                T.FAILS.append("sanitizer report in a log:\n" + "".join(p.log))
-    if T.FAILS:
-        print("%d checks failed" % len(T.FAILS))
-        sys.exit(1)
-    print("ok")
+    T.run_cases({"policy": case_policy, "reload": case_reload})
 
 
 if __name__ == "__main__":

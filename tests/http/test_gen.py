@@ -550,19 +550,7 @@ def case_prefix():
 
 
 def main():
-    try:
-        {"gen": case_gen, "load": case_load, "prefix": case_prefix}[T.CASE]()
-    finally:
-        for p in T.PROCS:
-            p.kill()
-        for p in T.PROCS:
-            if p.log and any("ERROR: AddressSanitizer" in ln or "runtime error" in ln
-                             for ln in p.log):
-                T.FAILS.append("sanitizer report in a log:\n" + "".join(p.log))
-    if T.FAILS:
-        print("%d checks failed" % len(T.FAILS))
-        sys.exit(1)
-    print("ok")
+    T.run_cases({"gen": case_gen, "load": case_load, "prefix": case_prefix})
 
 
 if __name__ == "__main__":

@@ -801,10 +801,11 @@ def case_flags():
     check(r.returncode == 2 and "holds no key" in r.stderr, "empty key file refused: %r" % r.stderr)
 
 
-def main():
+def run_cases(cases):
+    """Runs cases[CASE], then stops every process, fails on a sanitizer report in any log and
+    exits 1 when a check failed (the main of every script in tests/http and tests/clients)."""
     try:
-        {"api": case_api, "auth": case_auth, "flags": case_flags,
-         "failure": case_failure, "robust": case_robust}[CASE]()
+        cases[CASE]()
     finally:
         for p in PROCS:
             p.kill()
@@ -817,6 +818,11 @@ def main():
         print("%d checks failed" % len(FAILS))
         sys.exit(1)
     print("ok")
+
+
+def main():
+    run_cases({"api": case_api, "auth": case_auth, "flags": case_flags,
+               "failure": case_failure, "robust": case_robust})
 
 
 if __name__ == "__main__":
