@@ -134,22 +134,14 @@ const char *sched_state(sched *s) {
     }
 }
 
+/* KV usage; the gauges that health() reports (running, waiting, server_state) are set from it
+ * by the HTTP front at every scrape, so they are never stale. */
 static void update_gauges(sched *s) {
     if (!s->m) return;
-    metrics_set(s->m, "num_requests_running", NULL, s->n_running);
-    metrics_set(s->m, "num_requests_waiting", NULL, s->n_waiting);
     kvm_stats k;
     kvm_get_stats(s->kv, &k);
     metrics_set(s->m, "kv_cache_usage_perc", NULL,
                 k.blocks_total ? (double)k.used_blocks / k.blocks_total : 0.0);
-    static const char *const states[] = {"starting", "serving", "draining", "drained",
-                                         "degraded"};
-    const char *cur = sched_state(s);
-    for (size_t i = 0; i < sizeof states / sizeof *states; i++) {
-        char l[40];
-        snprintf(l, sizeof l, "state=\"%s\"", states[i]);
-        metrics_set(s->m, "server_state", l, !strcmp(states[i], cur));
-    }
 }
 
 /* ---- lists -------------------------------------------------------------------------------- */
@@ -834,13 +826,6 @@ static int api_submit(void *ctx, const eng_params *p, const eng_sink *sink, cons
     return sched_submit(ctx, p, sink, NULL, code, msg, msglen);
 }
 
-static const char *api_state(void *ctx) { return sched_state(ctx); }
-
-static int api_workers_up(void *ctx) {
-    sched *s = ctx;
-    return pool_get_state(s->pool) == POOL_READY;
-}
-
 static void api_health(void *ctx, eng_health *h) {
     sched *s = ctx;
     double t = coord_now_s();
@@ -863,8 +848,7 @@ void sched_reconfigure(sched *s, int max_waiting, int max_batched_tokens,
 }
 
 eng_api sched_api(sched *s) {
-    return (eng_api){.ctx = s, .submit = api_submit, .state = api_state,
-                     .workers_up = api_workers_up, .health = api_health};
+    return (eng_api){.ctx = s, .submit = api_submit, .health = api_health};
 }
 
 void sched_pool_event(sched *s, pool_event ev) {

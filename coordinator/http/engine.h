@@ -110,10 +110,7 @@ typedef struct {
      * no_workers) and a sentence in msg when admission is refused. */
     int (*submit)(void *ctx, const eng_params *p, const eng_sink *sink, const char **code,
                   char *msg, size_t msglen);
-    /* "starting", "serving", "draining", "drained" or "degraded" */
-    const char *(*state)(void *ctx);
-    /* 1 when the worker group is up (every worker connected and loaded) */
-    int (*workers_up)(void *ctx);
+    /* state, workers, warmup, queue and progress: everything readiness and the gauges need */
     void (*health)(void *ctx, eng_health *out);
 } eng_api;
 

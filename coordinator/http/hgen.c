@@ -415,7 +415,6 @@ static void choice_done(hchoice *c) {
         snprintf(lab, sizeof lab, "finished_reason=\"%s\"", fr);
         metrics_inc(s->m, "request_success_total", lab, 1);
     }
-    if (strcmp(fr, "abort")) s->last_success_t = coord_now_s();
     if (h->g.stream && !h->gone) {
         sse_finish_choice(c, fr, stop_reason_json(c));
         sse_flush(h);
@@ -454,7 +453,6 @@ static void on_end(void *user, const char *finish, const char *code, const char 
     c->ended = 1;
     c->finish = finish;
     h->n_ended++;
-    s->n_running--;
     if (!finish) {
         if (!h->failed && !h->refused) {
             snprintf(h->code, sizeof h->code, "%s",
@@ -599,7 +597,6 @@ void generate(http_server *s, struct evhttp_request *req, const char *rid, greq 
         }
         c->submitted = 1;
         h->n_submitted++;
-        s->n_running++;
     }
     h->in_submit = 0;
     /* endings that happened inside submit (immediate failures) */

@@ -53,8 +53,6 @@ struct http_server {
     int own_metrics;
     int metrics_require_auth;
     double stall_timeout_s, health_generate_timeout_s;
-    int n_running;         /* sequences submitted and not ended (fallback for the gauges) */
-    double last_success_t; /* monotonic time of the last completed choice; 0 = never */
     probe *probe;          /* the /health/generate probe in flight, or NULL */
     char **seen_unknown;   /* unknown request field names already logged (at most 256) */
     size_t n_seen_unknown;

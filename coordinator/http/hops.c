@@ -132,20 +132,11 @@ void handle_version(http_server *s, struct evhttp_request *req, const char *rid)
                                      s->commit, "model", s->model_id), rid);
 }
 
-/* The engine's health, or what can be had without eng_api.health. */
+/* The engine's health (eng_api.health is required: http_open checks it). */
 static void health(http_server *s, eng_health *h) {
     memset(h, 0, sizeof *h);
     h->last_step_age_s = h->last_success_age_s = h->last_failure_age_s = -1;
-    if (s->api.health) {
-        s->api.health(s->api.ctx, h);
-        if (!h->state) h->state = s->api.state ? s->api.state(s->api.ctx) : "serving";
-        return;
-    }
-    h->state = s->api.state ? s->api.state(s->api.ctx) : "serving";
-    h->workers_up = s->api.workers_up ? s->api.workers_up(s->api.ctx) : 1;
-    h->warm = 1;
-    h->running = s->n_running;
-    if (s->last_success_t > 0) h->last_success_age_s = coord_now_s() - s->last_success_t;
+    s->api.health(s->api.ctx, h);
 }
 
 void handle_ready(http_server *s, struct evhttp_request *req, const char *rid) {
@@ -160,7 +151,7 @@ void handle_ready(http_server *s, struct evhttp_request *req, const char *rid) {
     if (hh.warm) snprintf(warm, sizeof warm, "ok");
     else snprintf(warm, sizeof warm, "the canary generation has not completed"), ok = 0;
     double stall = s->stall_timeout_s > 0 ? s->stall_timeout_s : 30;
-    if (s->api.health && hh.running + hh.waiting > 0 &&
+    if (hh.running + hh.waiting > 0 &&
         (hh.last_step_age_s < 0 || hh.last_step_age_s > stall)) {
         if (hh.last_step_age_s < 0)
             snprintf(progress, sizeof progress, "requests are waiting and no step has completed");
@@ -240,7 +231,6 @@ static void probe_end(void *user, const char *finish, const char *code, const ch
     snprintf(why, sizeof why, "the probe generation failed: %s: %s", code ? code : "?",
              msg ? msg : "");
     utf8_clean(why);
-    if (finish) p->s->last_success_t = coord_now_s();
     probe_answer(p, finish != NULL && strcmp(finish, "abort"), why);
     probe_release(p);
 }

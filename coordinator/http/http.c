@@ -346,6 +346,10 @@ static int is_loopback(const char *host) {
 int http_open(struct event_base *base, const http_cfg *cfg, const eng_api *api,
               http_server **out, char *err, size_t errlen) {
     *out = NULL;
+    if (!api->submit || !api->health) { /* a programming error, said plainly */
+        snprintf(err, errlen, "the HTTP front needs an engine with submit and health");
+        return -1;
+    }
     char host[256];
     const char *colon = strrchr(cfg->listen, ':');
     char *end = NULL;

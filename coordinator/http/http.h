@@ -39,7 +39,7 @@ typedef struct {
     /* optional (zero = default) */
     metrics *metrics;           /* the coordinator's registry (borrowed); NULL: http keeps its own
                                    (then /metrics shows only what http records + the gauges it
-                                   reads from eng_api.health) */
+                                   sets from eng_api.health at each scrape) */
     int metrics_vllm_names;     /* own registry only: also "vllm:" names */
     int metrics_require_auth;   /* GET /metrics behind the API key */
     double stall_timeout_s;     /* readiness "progress" check; 0 = 30 */
