@@ -41,6 +41,7 @@ static void cu_destroy(be *b) {
     be_cuda *c = C(b);
     cudaStreamSynchronize(c->s);
     moe_tables_drop(c); /* its blocks go to the free list, freed below */
+    graph_destroy(c);
     for (size_t i = 0; i < c->n_live; i++) cudaFree(c->live[i].p);
     for (size_t i = 0; i < c->n_free; i++) cudaFree(c->freel[i].p);
     if (c->pin) cudaFreeHost(c->pin);
@@ -72,7 +73,7 @@ static const struct be_ops cuda_ops = {
     cu_mhc_pre, cu_mhc_post, cu_hc_head,
     cu_attention, cu_ring_write, cu_compress, cu_index_topk, cu_moe,
     cu_scale_rows, cu_add, cu_fp8_qat, cu_hadamard_fp4,
-    cu_destroy,
+    cu_destroy, cu_graph_begin, cu_graph_end,
 };
 
 extern "C" be *be_cuda_create(int device, double mem_fraction, char *err, size_t errlen) {

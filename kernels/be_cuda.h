@@ -46,6 +46,18 @@ const char *be_cuda_device_name(const be *b, int *cc_major, int *cc_minor);
  * that time ops between CUDA events. */
 void *be_cuda_stream(const be *b);
 
+/* Decode-size steps run as CUDA graphs (DUET_CUDA_GRAPH=0: never). Counters since creation:
+ * replays of a cached graph, captures of a new one, steps that ran directly after a record
+ * pass found something a graph cannot hold (last_fallback says what), graphs cached now. */
+typedef struct {
+    uint64_t replays, captures, fallbacks;
+    int cached;
+    char last_fallback[96];
+} be_cuda_graph_stats;
+void be_cuda_graph_get_stats(be *b, be_cuda_graph_stats *st);
+/* Turns graphs on (default, unless DUET_CUDA_GRAPH=0) or off for the steps that follow. */
+void be_cuda_graph_enable(be *b, int on);
+
 /* ---- synthetic weights for benchmarks (tools/bench) -------------------------------------- */
 /* A weight of kind CK_FP8_WEIGHT (block_n x block_k e8m0 scales), CK_FP4_WEIGHT (1 x 32) or
  * CK_PLAIN bf16 (dtype ST_BF16) with the given logical shape, filled on the GPU with random

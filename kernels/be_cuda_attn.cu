@@ -88,10 +88,12 @@ void cu_attention(be *b, const be_attn_args *a) {
     }
     plan_inl pm;
     const be_keyplan *dp = inl_put(c, a->plan, (size_t)a->T, pm);
-    be_attn_args da = *a;
-    da.plan = NULL;
-    k_attn<<<a->T * a->n_heads, ATT_WARPS * 32, 0, c->s>>>(da, dp, pm);
-    LAUNCHED();
+    be_attn_args da; /* field by field: no padding bytes in the arguments the graph cache compares */
+    memset(&da, 0, sizeof da);
+    da.T = a->T, da.n_heads = a->n_heads, da.head_dim = a->head_dim, da.scale = a->scale;
+    da.q = a->q, da.kv = a->kv, da.sink = a->sink, da.cmp_idx = a->cmp_idx;
+    da.idx_stride = a->idx_stride, da.out = a->out;
+    KL(c, k_attn, a->T * a->n_heads, ATT_WARPS * 32, 0, da, dp, pm);
 }
 
 typedef inl<int32_t, 64> pos_inl;
@@ -110,6 +112,5 @@ void cu_ring_write(be *b, float *ring, int ring_size, int dim, const float *kv,
     int first = T > ring_size ? T - ring_size : 0;
     pos_inl pm;
     const int32_t *dp = inl_put(c, pos + first, (size_t)(T - first), pm);
-    k_ring_write<<<T - first, 128, 0, c->s>>>(ring, ring_size, dim, kv + (size_t)first * dim, dp, pm);
-    LAUNCHED();
+    KL(c, k_ring_write, T - first, 128, 0, ring, ring_size, dim, kv + (size_t)first * dim, dp, pm);
 }

@@ -13,14 +13,28 @@
 /* Value of the A (gate: G) input of window row r, half `off` (0 or d), channel ch, for a row at
  * absolute position p: from this call's inputs if p >= pos0, else from the state at call start
  * (cur_*: rows of the current window; prev_*: the last closed window's A-halves). */
+/* no padding bytes (kernel arguments are compared byte for byte by the graph cache); pos0 is
+ * filled in the kernel from the call's position (device or parameter), never by the host */
 typedef struct {
     int T, m, c, d, rope_dims, pos0;
-    const float *a, *g, *ape, *norm;
     float eps;
+    int fp8_nope_qat;
+    const float *a, *g, *ape, *norm;
     const float *omega;
     float *cur_a, *cur_g, *prev_a, *prev_g, *entries;
-    int fp8_nope_qat, hadamard_fp4_qat;
+    int hadamard_fp4_qat, pad_;
 } cmp_dev;
+typedef inl<int, 1> pos0_inl;
+
+/* the window range [w_first, w_end) that closes at tokens of this call */
+__device__ __forceinline__ cmp_dev cmp_at(const cmp_dev &ain, const int *dp, const pos0_inl &pm,
+                                          int *w_first, int *w_end) {
+    cmp_dev a = ain;
+    a.pos0 = inl_at(dp, pm, 0);
+    *w_first = a.pos0 / a.m;          /* smallest w with w*m + m - 1 >= pos0 */
+    *w_end = (a.pos0 + a.T) / a.m;    /* windows w < w_end close by pos0 + T - 1 */
+    return a;
+}
 
 /* candidate i of window w, channel ch: c == 1: row i of the window; c == 2: even i = row i/2's
  * B-half of window w, odd i = row i/2's A-half of window w-1 (the CPU's order) */
@@ -53,11 +67,14 @@ __device__ __forceinline__ void cmp_cand(const cmp_dev &a, int w, int i, int ch,
     }
 }
 
-/* block per closing window; shared z[d] */
-__global__ void __launch_bounds__(256) k_cmp_windows(cmp_dev a, int w_first) {
+/* block per window that may close (blocks past the closing ones return); shared z[d] */
+__global__ void __launch_bounds__(256) k_cmp_windows(cmp_dev ain, const int *dp, pos0_inl pm) {
     extern __shared__ float z[];
     __shared__ float sh[32];
+    int w_first, w_end;
+    cmp_dev a = cmp_at(ain, dp, pm, &w_first, &w_end);
     int w = w_first + blockIdx.x, m = a.m, d = a.d;
+    if (w >= w_end) return;
     for (int ch = threadIdx.x; ch < d; ch += blockDim.x) {
         int nc = m * a.c;
         float mx = -INFINITY, av, gv;
@@ -99,9 +116,13 @@ __global__ void __launch_bounds__(256) k_cmp_windows(cmp_dev a, int w_first) {
     for (int i = threadIdx.x; i < d; i += blockDim.x) a.entries[(size_t)w * d + i] = z[i];
 }
 
-/* prev <- A-halves of window wl (closed in this call), from inputs or the state at call start */
-__global__ void k_cmp_prev(cmp_dev a, int wl) {
-    int m = a.m, d = a.d, cd = a.c * d;
+/* prev <- A-halves of the last window closed in this call (if any), from inputs or the state at
+ * call start */
+__global__ void k_cmp_prev(cmp_dev ain, const int *dp, pos0_inl pm) {
+    int w_first, w_end;
+    cmp_dev a = cmp_at(ain, dp, pm, &w_first, &w_end);
+    if (w_end <= w_first) return;
+    int wl = w_end - 1, m = a.m, d = a.d, cd = a.c * d;
     for (int idx = blockIdx.x * blockDim.x + threadIdx.x; idx < m * d; idx += gridDim.x * blockDim.x) {
         int r = idx / d, ch = idx % d, p = wl * m + r;
         float av, gv;
@@ -119,7 +140,9 @@ __global__ void k_cmp_prev(cmp_dev a, int wl) {
 }
 
 /* cur rows <- the last token of this call at each window row */
-__global__ void k_cmp_cur(cmp_dev a) {
+__global__ void k_cmp_cur(cmp_dev ain, const int *dp, pos0_inl pm) {
+    int w_first, w_end;
+    cmp_dev a = cmp_at(ain, dp, pm, &w_first, &w_end);
     int m = a.m, cd = a.c * a.d;
     for (int idx = blockIdx.x * blockDim.x + threadIdx.x; idx < m * cd; idx += gridDim.x * blockDim.x) {
         int j = idx / cd, i = idx % cd;
@@ -144,25 +167,27 @@ void cu_compress(be *b, const be_compress_args *a) {
         fprintf(stderr, "duet cuda: compress ratio %d or width %d unsupported\n", m, a->d);
         abort();
     }
-    cmp_dev d = {T, m, a->c, a->d, a->rope_dims, pos0, a->a, a->g, a->ape, a->norm, a->eps,
-                 NULL, /* omega: staged below, only when a window closes (k_cmp_windows) */
-                 a->cur_a, a->cur_g, a->prev_a, a->prev_g, a->entries, a->fp8_nope_qat,
-                 a->hadamard_fp4_qat};
-    /* windows closing at tokens of this call: positions w*m + m-1 in [pos0, pos0+T) */
-    int w_first = pos0 / m;                    /* smallest w with w*m + m - 1 >= pos0 */
-    int w_end = (pos0 + T) / m;                /* windows w < w_end close by pos0 + T - 1 */
-    int nw = w_end - w_first;
+    cmp_dev d;
+    memset(&d, 0, sizeof d);
+    d.T = T, d.m = m, d.c = a->c, d.d = a->d, d.rope_dims = a->rope_dims, d.eps = a->eps;
+    d.a = a->a, d.g = a->g, d.ape = a->ape, d.norm = a->norm;
+    d.cur_a = a->cur_a, d.cur_g = a->cur_g, d.prev_a = a->prev_a, d.prev_g = a->prev_g;
+    d.entries = a->entries, d.fp8_nope_qat = a->fp8_nope_qat;
+    d.hadamard_fp4_qat = a->hadamard_fp4_qat;
+    pos0_inl pm;
+    const int *dp = inl_put(c, &pos0, 1, pm);
+    /* windows closing at tokens of this call: positions w*m + m-1 in [pos0, pos0+T). A graphed
+     * step launches for the most windows T tokens can close (the kernels find the real range
+     * from the position), so that the launches do not depend on the position. */
+    int nw = (pos0 + T) / m - pos0 / m, nw_max = (T + m - 1) / m;
+    if (c->gmode) nw = nw_max;
     if (nw > 0) {
+        /* omega: staged only when a window may close (k_cmp_windows) */
         d.omega = (const float *)stage(c, a->omega, (size_t)(a->rope_dims / 2) * sizeof(float));
-        k_cmp_windows<<<nw, 256, (size_t)a->d * sizeof(float), c->s>>>(d, w_first);
-        LAUNCHED();
-        if (a->c == 2) {
-            k_cmp_prev<<<grid_for((size_t)m * a->d, 256), 256, 0, c->s>>>(d, w_end - 1);
-            LAUNCHED();
-        }
+        KL(c, k_cmp_windows, nw, 256, (size_t)a->d * sizeof(float), d, dp, pm);
+        if (a->c == 2) KL(c, k_cmp_prev, grid_for((size_t)m * a->d, 256), 256, 0, d, dp, pm);
     }
-    k_cmp_cur<<<grid_for((size_t)m * a->c * a->d, 256), 256, 0, c->s>>>(d);
-    LAUNCHED();
+    KL(c, k_cmp_cur, grid_for((size_t)m * a->c * a->d, 256), 256, 0, d, dp, pm);
 }
 
 /* ======================================================================================== */
@@ -293,18 +318,23 @@ void cu_index_topk(be *b, const be_index_args *a) {
     }
     nvis_inl nm;
     const int *dn = inl_put(c, a->n_visible, (size_t)a->T, nm);
+    /* a graphed step sizes scores and grid by a power of two >= the most visible entries, so
+     * that its launches change only when that bound doubles (the kernels read n_visible) */
+    int ld = nvmax;
+    if (c->gmode)
+        for (ld = 64; ld < nvmax;) ld *= 2;
+    be_index_args ka = *a;
+    ka.n_visible = NULL; /* a host pointer: kernels read dn */
     /* row t's scores are written and read for entries < n_visible[t] only: not zeroed */
-    float *scores = (float *)scratch(b, (size_t)a->T * nvmax * sizeof(float));
+    float *scores = (float *)scratch(b, (size_t)a->T * ld * sizeof(float));
     size_t smem = (size_t)a->n_heads * a->head_dim * sizeof(float);
     static size_t smem_set; /* the attribute is per function: set once for the largest size */
     if (smem > 48 * 1024 && smem > smem_set) {
         CK(cudaFuncSetAttribute(k_index_scores, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
         smem_set = smem;
     }
-    dim3 g((nvmax + 7) / 8, a->T);
-    k_index_scores<<<g, 256, smem, c->s>>>(*a, dn, nm, scores, nvmax);
-    LAUNCHED();
-    k_topk<<<a->T, 256, 0, c->s>>>(scores, nvmax, dn, nm, a->topk, a->idx);
-    LAUNCHED();
+    dim3 g((ld + 7) / 8, a->T);
+    KL(c, k_index_scores, g, 256, smem, ka, dn, nm, scores, ld);
+    KL(c, k_topk, a->T, 256, 0, scores, ld, dn, nm, a->topk, a->idx);
     cu_free(b, scores);
 }

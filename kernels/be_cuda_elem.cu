@@ -24,8 +24,7 @@ void cu_embed(be *b, const be_weight *table, const int32_t *ids, int T, int n_hc
     if (T <= 0) return;
     ids_inl m;
     const int32_t *d = inl_put(C(b), ids, (size_t)T, m);
-    k_embed<<<T, 256, 0, C(b)->s>>>(table->v, d, m, n_hc, h);
-    LAUNCHED();
+    KL(C(b), k_embed, T, 256, 0, table->v, d, m, n_hc, h);
 }
 
 /* one block per row; w may be NULL (head_rms); y may equal x */
@@ -80,10 +79,9 @@ static void rmsnorm_launch(be_cuda *c, const float *x, const float *w, float *y,
     int nt = (n / 4 + 31) / 32 * 32;
     nt = nt < 1024 ? nt : 1024;
     if (n % 4 == 0 && n <= 16 * nt && !(((uintptr_t)x | (uintptr_t)y | (uintptr_t)w) & 15))
-        k_rmsnorm4<<<rows, nt, 0, c->s>>>(x, w, y, n, eps);
+        KL(c, k_rmsnorm4, rows, nt, 0, x, w, y, n, eps);
     else
-        k_rmsnorm<<<rows, n >= 256 ? 256 : 128, 0, c->s>>>(x, w, y, n, eps);
-    LAUNCHED();
+        KL(c, k_rmsnorm, rows, n >= 256 ? 256 : 128, 0, x, w, y, n, eps);
 }
 
 void cu_rmsnorm(be *b, const float *x, const float *w, float *y, int T, int n, float eps) {
@@ -116,10 +114,11 @@ void cu_rope(be *b, float *x, int T, int n_heads, int head_dim, int rope_dims,
     const int32_t *dp = NULL;
     const float *dom = NULL;
     size_t np = round_up((size_t)T, 4), no = (size_t)(rope_dims / 2);
-    if (T <= 16 && no <= 64) {
+    if (T <= 16 && no <= 64 && !c->gmode) {
         memcpy(m.pos, pos, (size_t)T * sizeof *pos);
         memcpy(m.om, omega, no * sizeof *omega);
-    } else { /* positions and omega in one staged copy */
+    } else { /* positions and omega in one staged copy (always in a graph: they change) */
+        memset(&m, 0, sizeof m);
         int32_t *hb = (int32_t *)xmalloc((np + no) * 4);
         memcpy(hb, pos, (size_t)T * sizeof *pos);
         memcpy(hb + np, omega, no * sizeof *omega);
@@ -127,8 +126,7 @@ void cu_rope(be *b, float *x, int T, int n_heads, int head_dim, int rope_dims,
         dom = (const float *)(dp + np);
         free(hb);
     }
-    k_rope<<<T * n_heads, 32, 0, c->s>>>(x, n_heads, head_dim, rope_dims, dp, dom, m, inverse);
-    LAUNCHED();
+    KL(c, k_rope, T * n_heads, 32, 0, x, n_heads, head_dim, rope_dims, dp, dom, m, inverse);
 }
 
 /* ======================================================================================== */
@@ -185,14 +183,13 @@ __device__ float sinkhorn_warp(float c, int n, int iters, float eps) {
     return c;
 }
 
+/* no padding bytes (kernel arguments are compared byte for byte by the graph cache) */
 typedef struct {
     const float *h, *part, *sspart;
-    int S;
     const float *base, *scale;
-    int n, D, iters;
-    float hc_eps, norm_eps;
     float *u, *post, *comb;
-    int head_mode;
+    int S, n, D, iters, head_mode, pad_;
+    float hc_eps, norm_eps;
 } mhc_fin_args;
 
 /* Stage 2 for token t, by one block (any multiple of 32 threads); mode 0: mhc_pre (writes u,
@@ -316,20 +313,22 @@ static void mhc_run(be *b, const float *h, const float *fn, const float *base, c
     S = (width + slice - 1) / slice;
     float *part = (float *)scratch(b, (size_t)T * n_mix * S * sizeof(float));
     float *sspart = (float *)scratch(b, (size_t)T * S * sizeof(float));
-    mhc_fin_args fa = {h, part, sspart, S, base, scale, n, D, iters, hc_eps, norm_eps, u, post, comb,
-                       head_mode};
+    mhc_fin_args fa = {h, part, sspart, base, scale, u, post, comb, S, n, D, iters, head_mode, 0,
+                       hc_eps, norm_eps};
     /* few tokens: stage 2 in the mix launch (per-token block counters, zeroed once, reset by
      * the kernel); many: its own launch, a block of 1024 per token */
     int *cnt = NULL;
     if (T <= MHC_FUSED_T) {
-        if (!c->mhc_cnt) c->mhc_cnt = (int *)cu_alloc(b, MHC_FUSED_T * sizeof(int));
+        if (!c->mhc_cnt) { /* kept for the backend's life: not from a graph's step arena */
+            c->gpersist++;
+            c->mhc_cnt = (int *)cu_alloc(b, MHC_FUSED_T * sizeof(int));
+            c->gpersist--;
+        }
         cnt = c->mhc_cnt;
     }
-    k_mhc_mix<<<dim3(n_mix, T, S), 256, 0, c->s>>>(h, fn, n_mix, width, slice, part, sspart, cnt, fa);
-    LAUNCHED();
+    KL(c, k_mhc_mix, dim3(n_mix, T, S), 256, 0, h, fn, n_mix, width, slice, part, sspart, cnt, fa);
     if (!cnt) {
-        k_mhc_fin<<<T, 1024, 0, c->s>>>(fa);
-        LAUNCHED();
+        KL(c, k_mhc_fin, T, 1024, 0, fa);
     }
     cu_free(b, part);
     cu_free(b, sspart);
@@ -371,8 +370,7 @@ void cu_mhc_post(be *b, float *h, const float *v, const float *post, const float
                         int T, int n_hc, int D) {
     if (T <= 0) return;
     size_t n = (size_t)T * D;
-    k_mhc_post<<<(unsigned)((n + 255) / 256), 256, 0, C(b)->s>>>(h, v, post, comb, T, n_hc, D);
-    LAUNCHED();
+    KL(C(b), k_mhc_post, (unsigned)((n + 255) / 256), 256, 0, h, v, post, comb, T, n_hc, D);
 }
 
 /* ======================================================================================== */
@@ -409,22 +407,18 @@ __global__ void k_hadamard_fp4(float *x, int dim) {
 void cu_scale_rows(be *b, float *x, int T, int n, float s) {
     size_t N = (size_t)T * n;
     if (!N) return;
-    k_scale<<<grid_for(N, 256), 256, 0, C(b)->s>>>(x, N, s);
-    LAUNCHED();
+    KL(C(b), k_scale, grid_for(N, 256), 256, 0, x, N, s);
 }
 void cu_add(be *b, float *y, const float *x, size_t n) {
     if (!n) return;
-    k_add<<<grid_for(n, 256), 256, 0, C(b)->s>>>(y, x, n);
-    LAUNCHED();
+    KL(C(b), k_add, grid_for(n, 256), 256, 0, y, x, n);
 }
 void cu_fp8_qat(be *b, float *x, int T, int dim, int nope, int block) {
     int n = T * (nope / block);
     if (n <= 0) return;
-    k_fp8_qat<<<(n + 127) / 128, 128, 0, C(b)->s>>>(x, T, dim, nope, block);
-    LAUNCHED();
+    KL(C(b), k_fp8_qat, (n + 127) / 128, 128, 0, x, T, dim, nope, block);
 }
 void cu_hadamard_fp4(be *b, float *x, int rows, int dim) {
     if (rows <= 0) return;
-    k_hadamard_fp4<<<rows, 128, (size_t)dim * sizeof(float), C(b)->s>>>(x, dim);
-    LAUNCHED();
+    KL(C(b), k_hadamard_fp4, rows, 128, (size_t)dim * sizeof(float), x, dim);
 }

@@ -80,10 +80,9 @@ static void gemv_launch1(be_cuda *c, const dw &w, int row0, int N, const float *
     while (KS < 8 && groups * KS < GEMV_WARPS && 64 * KS <= nch) KS *= 2;
     int per = 8 / KS, nb = (groups + per - 1) / per;
     if (gemv_xs(KIND, TT, w.cols))
-        k_gemv<KIND, TT, KIND == WK_FP8 || KIND == WK_FP4><<<nb, 256, (size_t)TT * w.cols * 4, c->s>>>(w, row0, N, x, ldx, y, ldy, T, KS, sh);
+        KL(c, (k_gemv<KIND, TT, KIND == WK_FP8 || KIND == WK_FP4>), nb, 256, (size_t)TT * w.cols * 4, w, row0, N, x, ldx, y, ldy, T, KS, sh);
     else
-        k_gemv<KIND, TT, false><<<nb, 256, 0, c->s>>>(w, row0, N, x, ldx, y, ldy, T, KS, sh);
-    LAUNCHED();
+        KL(c, (k_gemv<KIND, TT, false>), nb, 256, 0, w, row0, N, x, ldx, y, ldy, T, KS, sh);
 }
 
 template <int KIND>
@@ -322,12 +321,11 @@ void mm(be_cuda *c, const be_weight *W, int row0, int N, const float *x, int ldx
         return;
     }
     if (T >= TC_MIN_T && tc_ok(w)) {
-        mm_tc(c, w, row0, N, x, ldx, y, ldy, T);
+        if (!graph_refuse(c, "matmul on cuBLAS")) mm_tc(c, w, row0, N, x, ldx, y, ldy, T);
         return;
     }
     dim3 g((N + TN - 1) / TN, (T + TM - 1) / TM);
-    k_gemm<<<g, 256, 0, c->s>>>(w, row0, N, x, ldx, y, ldy, T);
-    LAUNCHED();
+    KL(c, k_gemm, g, 256, 0, w, row0, N, x, ldx, y, ldy, T);
 }
 
 void cu_matmul(be *b, const be_weight *W, int row0, int N, const float *x, int ldx,

@@ -78,6 +78,11 @@ typedef struct {
     struct moe_tab *mtab;
     int n_mtab, cap_mtab;
     int *mhc_cnt; /* per-token block counters of the fused mHC launch (be_cuda_elem.cu), zeroed */
+    /* CUDA graphs of small steps (be_cuda_graph.cu): gmode G_OFF runs ops directly; G_RECORD
+     * only records what they would launch (no CUDA call); G_CAPTURE captures them on s.
+     * gpersist > 0: allocations outlive the step (tables built at a layer's first call) */
+    int gmode, gpersist;
+    struct gstate *g;
 } be_cuda;
 
 static inline be_cuda *C(be *b) { return (be_cuda *)b; }
@@ -99,6 +104,50 @@ void moe_tables_drop(be_cuda *c);
 void stage_reserve(be_cuda *c, size_t bytes);
 void *stage(be_cuda *c, const void *src, size_t bytes);      /* host metadata -> device, async */
 
+/* ---- CUDA graphs of small steps (be_cuda_graph.cu) ---------------------------------------
+ * A graphed step runs the forward pass's ops twice at most: a record pass (every launch,
+ * memset and copy appends its kernel, grid and argument bytes to the step's signature; host
+ * metadata goes to one pinned arena; scratch comes from a device arena with deterministic
+ * addresses), then, when no cached graph has the same signature, a capture pass of the same
+ * ops. Replay = one copy of the metadata arena + the graph. Per-step values (positions, key
+ * plans, ids) must therefore reach kernels through stage()/inl_put(), never as scalars in the
+ * parameters: a scalar that changes makes a new signature (correct, but a capture per step). */
+enum { G_OFF = 0, G_RECORD = 1, G_CAPTURE = 2 };
+void gsig(be_cuda *c, const void *p, size_t n);
+/* true: launch now (G_OFF, G_CAPTURE); false: G_RECORD, recorded only */
+template <typename... A>
+static inline bool klaunch_ok(be_cuda *c, const void *k, dim3 g, dim3 b, size_t sm, const A &...a) {
+    if (!c->gmode) return true;
+    unsigned hdr[8] = {g.x, g.y, g.z, b.x, b.y, b.z, (unsigned)sm, 0u};
+    gsig(c, &k, sizeof k);
+    gsig(c, hdr, sizeof hdr);
+    (gsig(c, &a, sizeof a), ...);
+    return c->gmode == G_CAPTURE;
+}
+/* Every launch on the backend stream goes through KL (a template kernel in parentheses):
+ * recorded in a graph's record pass, launched otherwise, the launch error checked. */
+#define KL(c, k, g, bl, sm, ...)                                                                 \
+    do {                                                                                         \
+        if (klaunch_ok((c), (const void *)(k), dim3(g), dim3(bl), (size_t)(sm), __VA_ARGS__)) {  \
+            k<<<g, bl, sm, (c)->s>>>(__VA_ARGS__);                                               \
+            LAUNCHED();                                                                          \
+        }                                                                                        \
+    } while (0)
+/* In a graphed step: marks it unfit (it is run again directly) and returns true; the op must
+ * then return without launching. Outside graphs: false. For paths a graph cannot hold (host
+ * syncs, cuBLAS, other streams). */
+bool graph_refuse(be_cuda *c, const char *why);
+/* graph-mode memory: scratch from the step arena; memset / device copies recorded or captured */
+void *garena_alloc(be_cuda *c, size_t n);
+bool garena_free(be_cuda *c, void *p);
+void *gstage(be_cuda *c, const void *src, size_t bytes);
+void gdownload(be_cuda *c, void *dst, const void *src, size_t bytes);
+void gmemset(be_cuda *c, void *p, size_t n);
+void gcopy(be_cuda *c, void *dst, const void *src, size_t n);
+void graph_destroy(be_cuda *c);
+int cu_graph_begin(be *b, int T);
+int cu_graph_end(be *b);
+
 /* Small host metadata in the kernel's parameters instead of a staged copy: a copy costs the host
  * ~3 us and puts a DMA between two kernels on the stream, ~150 of them per decode step. An op
  * passes inl<E, N> by value next to a device pointer: inl_put() fills it and returns NULL when
@@ -107,10 +156,11 @@ void *stage(be_cuda *c, const void *src, size_t bytes);      /* host metadata ->
 template <typename E, int N> struct inl { E v[N]; };
 template <typename E, int N>
 static inline const E *inl_put(be_cuda *c, const E *src, size_t n, inl<E, N> &m) {
-    if (n <= (size_t)N) {
+    if (n <= (size_t)N && !c->gmode) {
         memcpy(m.v, src, n * sizeof(E));
         return NULL;
     }
+    memset(&m, 0, sizeof m); /* in a graph: zeros in the parameters, values in the arena */
     return (const E *)stage(c, src, n * sizeof(E));
 }
 template <typename E, int N>
@@ -121,13 +171,14 @@ __device__ __forceinline__ E inl_at(const E *d, const inl<E, N> &m, int i) {
 /* ---- weights ------------------------------------------------------------------------------ */
 enum { WK_F32, WK_BF16, WK_FP8, WK_FP4 };
 
-/* Device view of a weight, passed by value to kernels. */
+/* Device view of a weight, passed by value to kernels; no padding bytes (kernel arguments are
+ * compared byte for byte by the graph cache). */
 typedef struct {
     int kind;
     int rows, cols;            /* logical [N, K] */
+    int scols, bn, bk;
     const void *data;          /* F32/BF16/FP8: [N, K]; FP4: [N, K/2] bytes */
     const uint8_t *scale;      /* FP8: [ceil(N/bn), scols]; FP4: [N, scols] */
-    int scols, bn, bk;
 } dw;
 
 struct be_weight {

@@ -87,6 +87,11 @@ static void dfree(be_cuda *c, void *p, size_t bytes) {
 
 static void *alloc_impl(be *b, size_t bytes, int zero) {
     be_cuda *c = C(b);
+    if (c->gmode && !c->gpersist) { /* a graphed step's scratch: the step arena */
+        void *p = garena_alloc(c, bytes);
+        if (zero) gmemset(c, p, round_up(bytes ? bytes : 1, 256));
+        return p;
+    }
     size_t n = round_up(bytes ? bytes : 1, 256);
     void *p = NULL;
     for (size_t i = 0; i < c->n_free; i++)
@@ -112,6 +117,7 @@ void *scratch(be *b, size_t bytes) { return alloc_impl(b, bytes, 0); }
 void cu_free(be *b, void *p) {
     be_cuda *c = C(b);
     if (!p) return;
+    if (garena_free(c, p)) return;
     for (size_t i = c->n_live; i-- > 0;)
         if (c->live[i].p == p) {
             blk k = c->live[i];
@@ -130,12 +136,17 @@ void cu_free(be *b, void *p) {
 }
 
 void cu_upload(be *b, void *dst, const void *src, size_t bytes) {
-    if (!bytes) return;
+    if (!bytes || graph_refuse(C(b), "upload (a host sync)")) return;
     CK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, C(b)->s));
     CK(cudaStreamSynchronize(C(b)->s));
 }
 void cu_download(be *b, void *dst, const void *src, size_t bytes) {
     if (!bytes) return;
+    if (C(b)->gmode) { /* filled when the graph has run */
+        if (C(b)->gpersist) graph_refuse(C(b), "download inside a table build");
+        else gdownload(C(b), dst, src, bytes);
+        return;
+    }
     CK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, C(b)->s));
     CK(cudaStreamSynchronize(C(b)->s));
 }
@@ -145,6 +156,7 @@ void cu_download(be *b, void *dst, const void *src, size_t bytes) {
  * stage() of the same op. An op that stages more than one array before launching calls this
  * first. Grows the ring when needed (after a sync: nothing of this op is staged yet). */
 void stage_reserve(be_cuda *c, size_t bytes) {
+    if (c->gmode && !c->gpersist) return; /* the graph's arena: nothing wraps */
     size_t n = round_up(bytes ? bytes : 1, 256);
     if (n > c->meta_cap || !c->pin) {
         CK(cudaStreamSynchronize(c->s));
@@ -165,6 +177,7 @@ void stage_reserve(be_cuda *c, size_t bytes) {
  * (pinned ring + copy on the stream); a wrap waits for the stream first, so nothing still in
  * flight is overwritten. */
 void *stage(be_cuda *c, const void *src, size_t bytes) {
+    if (c->gmode && !c->gpersist) return gstage(c, src, bytes);
     size_t n = round_up(bytes ? bytes : 1, 256);
     stage_reserve(c, n);
     memcpy(c->pin + c->meta_off, src, bytes);
@@ -182,12 +195,12 @@ __global__ void k_fill(float *x, float v, size_t n) {
 
 void cu_fill(be *b, float *x, float v, size_t n) {
     if (!n) return;
-    k_fill<<<grid_for(n, 256), 256, 0, C(b)->s>>>(x, v, n);
-    LAUNCHED();
+    KL(C(b), k_fill, grid_for(n, 256), 256, 0, x, v, n);
 }
 void cu_copy(be *b, float *dst, const float *src, size_t n) {
     if (!n) return;
-    CK(cudaMemcpyAsync(dst, src, n * sizeof(float), cudaMemcpyDeviceToDevice, C(b)->s));
+    if (C(b)->gmode) gcopy(C(b), dst, src, n * sizeof(float));
+    else CK(cudaMemcpyAsync(dst, src, n * sizeof(float), cudaMemcpyDeviceToDevice, C(b)->s));
 }
 
 /* ======================================================================================== */

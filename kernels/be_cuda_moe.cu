@@ -121,8 +121,7 @@ static void expert_ffn(be_cuda *c, const be_weight *w1, const be_weight *w2, con
     mm(c, w1, 0, I, xs, D, g, I, n);
     mm(c, w3, 0, I, xs, D, p, I, n);
     size_t nI = (size_t)n * I;
-    k_swiglu<<<(unsigned)((nI + 255) / 256), 256, 0, c->s>>>(g, p, n, I, limit, wts);
-    LAUNCHED();
+    KL(c, k_swiglu, (unsigned)((nI + 255) / 256), 256, 0, g, p, n, I, limit, wts);
     mm(c, w2, 0, D, g, I, ys, D, n);
 }
 
@@ -276,17 +275,15 @@ static void moe_grouped_tt(be_cuda *c, const moe_gemv &a) {
     int D = a.D, I = a.I;
     dim3 gu((I + 8 * R - 1) / (8 * R), a.nch), gd((D + 8 * R - 1) / (8 * R), a.nch);
     if (gemv_xs(KIND, TT, D))
-        k_moe_up<KIND, TT, XS><<<gu, 256, (size_t)TT * D * 4, c->s>>>(a.w1, a.w3, a.ch, a.dnch, a.ptok, a.pw, a.x, D, I, a.limit, a.sh, a.hbuf);
+        KL(c, (k_moe_up<KIND, TT, XS>), gu, 256, (size_t)TT * D * 4, a.w1, a.w3, a.ch, a.dnch, a.ptok, a.pw, a.x, D, I, a.limit, a.sh, a.hbuf);
     else
-        k_moe_up<KIND, TT, false><<<gu, 256, 0, c->s>>>(a.w1, a.w3, a.ch, a.dnch, a.ptok, a.pw, a.x, D, I, a.limit, a.sh, a.hbuf);
-    LAUNCHED();
+        KL(c, (k_moe_up<KIND, TT, false>), gu, 256, 0, a.w1, a.w3, a.ch, a.dnch, a.ptok, a.pw, a.x, D, I, a.limit, a.sh, a.hbuf);
     bool xs = gemv_xs(KIND, TT, I);
     size_t sm = xs ? (size_t)TT * I * 4 : 0;
-    if (xs && a.cinv) k_moe_down<KIND, TT, XS, true><<<gd, 256, sm, c->s>>>(a.w2, a.ch, a.dnch, a.hbuf, I, D, a.sh, a.ys, a.cys, a.cinv, a.K);
-    else if (xs) k_moe_down<KIND, TT, XS, false><<<gd, 256, sm, c->s>>>(a.w2, a.ch, a.dnch, a.hbuf, I, D, a.sh, a.ys, a.cys, a.cinv, a.K);
-    else if (a.cinv) k_moe_down<KIND, TT, false, true><<<gd, 256, 0, c->s>>>(a.w2, a.ch, a.dnch, a.hbuf, I, D, a.sh, a.ys, a.cys, a.cinv, a.K);
-    else k_moe_down<KIND, TT, false, false><<<gd, 256, 0, c->s>>>(a.w2, a.ch, a.dnch, a.hbuf, I, D, a.sh, a.ys, a.cys, a.cinv, a.K);
-    LAUNCHED();
+    if (xs && a.cinv) KL(c, (k_moe_down<KIND, TT, XS, true>), gd, 256, sm, a.w2, a.ch, a.dnch, a.hbuf, I, D, a.sh, a.ys, a.cys, a.cinv, a.K);
+    else if (xs) KL(c, (k_moe_down<KIND, TT, XS, false>), gd, 256, sm, a.w2, a.ch, a.dnch, a.hbuf, I, D, a.sh, a.ys, a.cys, a.cinv, a.K);
+    else if (a.cinv) KL(c, (k_moe_down<KIND, TT, false, true>), gd, 256, 0, a.w2, a.ch, a.dnch, a.hbuf, I, D, a.sh, a.ys, a.cys, a.cinv, a.K);
+    else KL(c, (k_moe_down<KIND, TT, false, false>), gd, 256, 0, a.w2, a.ch, a.dnch, a.hbuf, I, D, a.sh, a.ys, a.cys, a.cinv, a.K);
 }
 
 /* maxn: the most pairs of any chunk (<= MOE_CS = 2: TT 1 or 2 only) */
@@ -602,8 +599,10 @@ static const dw *moe_table(be_cuda *c, const be_moe_layer *L) {
         key[3 * E + j] = sw[j];
         if (L->s1 && sw[j]) tw[3 * E + j] = sw[j]->v;
     }
+    c->gpersist++; /* kept across steps: never from a graph's step arena or metadata */
     dw *d = (dw *)scratch(&c->base, bytes);
     CK(cudaMemcpyAsync(d, stage(c, tw, bytes), bytes, cudaMemcpyDeviceToDevice, c->s));
+    c->gpersist--;
     free(tw);
     if (c->n_mtab == c->cap_mtab) {
         c->cap_mtab = c->cap_mtab ? 2 * c->cap_mtab : 64;
@@ -656,8 +655,7 @@ static void moe_finish(be_cuda *c, const be_moe_layer *L, const dw *dtw, const f
         cu_free(b, p);
     }
     size_t nD = (size_t)T * D;
-    k_moe_combine<<<(unsigned)((nD + 255) / 256), 256, 0, c->s>>>(out, ysb, dinv, T, K, D, shb);
-    LAUNCHED();
+    KL(c, k_moe_combine, (unsigned)((nD + 255) / 256), 256, 0, out, ysb, dinv, T, K, D, shb);
     if (shb) cu_free(b, shb);
 }
 
@@ -680,9 +678,7 @@ static void moe_device(be_cuda *c, const be_moe_layer *L, const dw *dtw, int kin
     mchunk *ch = (mchunk *)(nch + 1);
     float *hbuf = (float *)scratch(b, (size_t)TK * I * sizeof(float));
     float *ysb = (float *)scratch(b, (size_t)TK * D * sizeof(float));
-    k_moe_route_group<<<1, 1024, 0, c->s>>>(logits, T, E, K, L->bias, hash, hd, hm, L->norm_topk, L->route_scale,
-                                            dtw, ptok, pw, inv, ch, nch);
-    LAUNCHED();
+    KL(c, k_moe_route_group, 1, 1024, 0, logits, T, E, K, L->bias, hash, hd, hm, L->norm_topk, L->route_scale, dtw, ptok, pw, inv, ch, nch);
     moe_routed(c, kind, dtw, E, ch, TK, nch, ptok, pw, x, D, I, L->swiglu_limit, sh, T < MOE_CS ? T : MOE_CS, hbuf, ysb);
     moe_finish(c, L, dtw, x, T, ysb, inv, out);
     cu_free(b, g);
@@ -705,6 +701,7 @@ void cu_moe(be *b, const be_moe_layer *L, const float *x, const int32_t *ids, in
     mm(c, L->gate, 0, E, x, D, logits, E, T);
     const int32_t *hd = NULL;
     hsel_inl hm;
+    memset(&hm, 0, sizeof hm); /* hashed by the graph cache even when unused */
     if (L->tid2eid) {
         int32_t *h = (int32_t *)xmalloc((size_t)T * K * sizeof *h);
         for (int t = 0; t < T; t++)
@@ -720,12 +717,14 @@ void cu_moe(be *b, const be_moe_layer *L, const float *x, const int32_t *ids, in
         cu_free(b, logits);
         return;
     }
+    if (graph_refuse(c, "MoE grouped on the host")) {
+        cu_free(b, logits);
+        return;
+    }
     /* sel [T, K] int32 then wsel [T, K] f32 in one buffer: one download */
     int32_t *sel = (int32_t *)scratch(b, (size_t)T * K * 8);
     float *wsel = (float *)(sel + (size_t)T * K);
-    k_route<<<(T + 7) / 8, 256, 0, c->s>>>(logits, T, E, K, L->bias, L->tid2eid != NULL, hd, hm,
-                                           L->norm_topk, L->route_scale, sel, wsel);
-    LAUNCHED();
+    KL(c, k_route, (T + 7) / 8, 256, 0, logits, T, E, K, L->bias, L->tid2eid != NULL, hd, hm, L->norm_topk, L->route_scale, sel, wsel);
     /* group rows by expert on the host (one sync per layer): the row counts choose each
      * expert's path (tensor cores, tiles or GEMV chunks) and size the cuBLAS calls */
     int32_t *hs = (int32_t *)xmalloc((size_t)T * K * 8);
@@ -809,15 +808,11 @@ void cu_moe(be *b, const be_moe_layer *L, const float *x, const int32_t *ids, in
                     tl[q++] = (gtile){e, p0, cnt[e + 1] - p0 < 64 ? cnt[e + 1] - p0 : 64};
             const gtile *dtl = (const gtile *)stage(c, tl, (size_t)(ntl ? ntl : 1) * sizeof *tl);
             float *pb = (float *)scratch(b, (size_t)np * I * sizeof(float));
-            k_gemm_grouped<<<dim3((I + TN - 1) / TN, ntl), 256, 0, c->s>>>(dtw, dtl, I, x, D, dtok, hbuf, I);
-            LAUNCHED();
-            k_gemm_grouped<<<dim3((I + TN - 1) / TN, ntl), 256, 0, c->s>>>(dtw + 2 * E, dtl, I, x, D, dtok, pb, I);
-            LAUNCHED();
+            KL(c, k_gemm_grouped, dim3((I + TN - 1) / TN, ntl), 256, 0, dtw, dtl, I, x, D, dtok, hbuf, I);
+            KL(c, k_gemm_grouped, dim3((I + TN - 1) / TN, ntl), 256, 0, dtw + 2 * E, dtl, I, x, D, dtok, pb, I);
             size_t nI = (size_t)np * I;
-            k_swiglu<<<(unsigned)((nI + 255) / 256), 256, 0, c->s>>>(hbuf, pb, np, I, L->swiglu_limit, dpw);
-            LAUNCHED();
-            k_gemm_grouped<<<dim3((D + TN - 1) / TN, ntl), 256, 0, c->s>>>(dtw + E, dtl, D, hbuf, I, NULL, ysb, D);
-            LAUNCHED();
+            KL(c, k_swiglu, (unsigned)((nI + 255) / 256), 256, 0, hbuf, pb, np, I, L->swiglu_limit, dpw);
+            KL(c, k_gemm_grouped, dim3((D + TN - 1) / TN, ntl), 256, 0, dtw + E, dtl, D, hbuf, I, NULL, ysb, D);
             cu_free(b, pb);
             free(tl);
         } else {
@@ -844,18 +839,15 @@ void cu_moe(be *b, const be_moe_layer *L, const float *x, const int32_t *ids, in
         int n = cnt[e + 1] - cnt[e];
         if (!n || !L->w1[e]) continue;
         size_t nD = (size_t)n * D;
-        k_gather<<<(unsigned)((nD + 255) / 256), 256, 0, c->s>>>(x, drows + cnt[e], n, D, xs);
-        LAUNCHED();
+        KL(c, k_gather, (unsigned)((nD + 255) / 256), 256, 0, x, drows + cnt[e], n, D, xs);
         expert_ffn(c, L->w1[e], L->w2[e], L->w3[e], xs, n, D, I, dwts + cnt[e], L->swiglu_limit,
                    g, p, ys);
-        k_scatter_add<<<(unsigned)((nD + 255) / 256), 256, 0, c->s>>>(out, ys, drows + cnt[e], n, D);
-        LAUNCHED();
+        KL(c, k_scatter_add, (unsigned)((nD + 255) / 256), 256, 0, out, ys, drows + cnt[e], n, D);
     }
     if (L->s1) {
         expert_ffn(c, L->s1, L->s2, L->s3, x, T, D, SI, NULL, L->swiglu_limit, g, p, ys);
         size_t nD = (size_t)T * D;
-        k_scatter_add<<<(unsigned)((nD + 255) / 256), 256, 0, c->s>>>(out, ys, NULL, T, D);
-        LAUNCHED();
+        KL(c, k_scatter_add, (unsigned)((nD + 255) / 256), 256, 0, out, ys, NULL, T, D);
     }
     cu_free(b, xs);
     cu_free(b, ys);

@@ -144,7 +144,17 @@ struct be_ops {
     void (*fp8_qat)(be *b, float *x, int T, int dim, int nope, int block); /* round trip dims [0,nope) */
     void (*hadamard_fp4)(be *b, float *x, int rows, int dim);
     void (*destroy)(be *b);
+    /* optional (NULL: every step runs directly): small steps as device graphs. The forward pass
+     * calls graph_begin(T) before a step's ops; BE_PASS_RECORD: run the ops (they are only
+     * recorded; downloads are filled later), then graph_end says what next: BE_PASS_DONE (the
+     * step ran from a graph; downloads are filled), BE_PASS_CAPTURE (run the same ops again,
+     * then graph_end again) or BE_PASS_DIRECT (run them again, directly). The ops of every pass
+     * must be the same calls with the same host data; host state may change only after DONE. */
+    int (*graph_begin)(be *b, int T);
+    int (*graph_end)(be *b);
 };
+
+enum { BE_PASS_DIRECT = 0, BE_PASS_RECORD = 1, BE_PASS_CAPTURE = 2, BE_PASS_DONE = 3 };
 
 struct be {
     const struct be_ops *ops;

@@ -285,6 +285,49 @@ static int check_chunks(const dv4_model *m, const dv4_chunk *chunks, int n_chunk
     return 0;
 }
 
+/* The step's ops, from the embedding to the logits download; no host state changes (a
+ * backend that graphs steps runs them up to twice: record, then capture or direct). */
+static int run_ops(step *st, float *logits) {
+    dv4_model *m = st->m;
+    const dv4_chunk *chunks = st->chunks;
+    int n_chunks = st->n_chunks, T = st->T, rc = 0;
+    const dv4_config *c = st->c;
+    be *b = st->b;
+    scratch_alloc(st);
+    scratch *s = &st->s;
+    int D = c->hidden_size, hc = c->hc_mult;
+
+    b->ops->embed(b, m->embed, st->ids, T, hc, s->h);
+    for (int l = 0; l < m->n_layers && !rc; l++) rc = block(st, l);
+
+    /* final collapse, norm, LM head (spec §2.6) on the rows that want logits */
+    int rows = dv4_logit_rows(chunks, n_chunks);
+    if (rows > 0 && !rc) {
+        float *hsel = b->ops->alloc(b, (size_t)rows * hc * D * sizeof(float));
+        float *ysel = b->ops->alloc(b, (size_t)rows * D * sizeof(float));
+        float *lg = b->ops->alloc(b, (size_t)rows * c->vocab_size * sizeof(float));
+        int out = 0;
+        for (int k = 0; k < n_chunks; k++) {
+            int first = chunks[k].logits == DV4_LOGITS_ALL ? 0 : chunks[k].n - 1;
+            int n = chunks[k].logits == DV4_LOGITS_ALL ? chunks[k].n
+                  : chunks[k].logits == DV4_LOGITS_LAST ? 1 : 0;
+            b->ops->copy(b, hsel + (size_t)out * hc * D,
+                         s->h + (size_t)(st->row0[k] + first) * hc * D, (size_t)n * hc * D);
+            out += n;
+        }
+        b->ops->hc_head(b, hsel, m->hc_head_fn, m->hc_head_base, m->hc_head_scale, rows, hc, D,
+                        (float)c->hc_eps, (float)c->rms_norm_eps, s->u);
+        b->ops->rmsnorm(b, s->u, m->norm, ysel, rows, D, (float)c->rms_norm_eps);
+        b->ops->matmul(b, m->head, 0, c->vocab_size, ysel, D, lg, c->vocab_size, rows);
+        b->ops->download(b, logits, lg, (size_t)rows * c->vocab_size * sizeof(float));
+        b->ops->free(b, hsel);
+        b->ops->free(b, ysel);
+        b->ops->free(b, lg);
+    }
+    scratch_free(st);
+    return rc;
+}
+
 int dv4_forward(dv4_model *m, const dv4_chunk *chunks, int n_chunks, float *logits, char *err,
                 size_t errlen) {
     int rc = check_chunks(m, chunks, n_chunks, err, errlen);
@@ -311,40 +354,18 @@ int dv4_forward(dv4_model *m, const dv4_chunk *chunks, int n_chunks, float *logi
             st.chunk_of[r] = k;
         }
     }
-    scratch_alloc(&st);
-    scratch *s = &st.s;
-    int D = c->hidden_size, hc = c->hc_mult;
-
-    b->ops->embed(b, m->embed, st.ids, T, hc, s->h);
-    for (int l = 0; l < m->n_layers && !rc; l++) rc = block(&st, l);
-
-    /* final collapse, norm, LM head (spec §2.6) on the rows that want logits */
-    int rows = dv4_logit_rows(chunks, n_chunks);
-    if (rows > 0 && !rc) {
-        float *hsel = b->ops->alloc(b, (size_t)rows * hc * D * sizeof(float));
-        float *ysel = b->ops->alloc(b, (size_t)rows * D * sizeof(float));
-        float *lg = b->ops->alloc(b, (size_t)rows * c->vocab_size * sizeof(float));
-        int out = 0;
-        for (int k = 0; k < n_chunks; k++) {
-            int first = chunks[k].logits == DV4_LOGITS_ALL ? 0 : chunks[k].n - 1;
-            int n = chunks[k].logits == DV4_LOGITS_ALL ? chunks[k].n
-                  : chunks[k].logits == DV4_LOGITS_LAST ? 1 : 0;
-            b->ops->copy(b, hsel + (size_t)out * hc * D,
-                         s->h + (size_t)(st.row0[k] + first) * hc * D, (size_t)n * hc * D);
-            out += n;
-        }
-        b->ops->hc_head(b, hsel, m->hc_head_fn, m->hc_head_base, m->hc_head_scale, rows, hc, D,
-                        (float)c->hc_eps, (float)c->rms_norm_eps, s->u);
-        b->ops->rmsnorm(b, s->u, m->norm, ysel, rows, D, (float)c->rms_norm_eps);
-        b->ops->matmul(b, m->head, 0, c->vocab_size, ysel, D, lg, c->vocab_size, rows);
-        b->ops->download(b, logits, lg, (size_t)rows * c->vocab_size * sizeof(float));
-        b->ops->free(b, hsel);
-        b->ops->free(b, ysel);
-        b->ops->free(b, lg);
+    /* one pass, or (a backend graphing this step) a record pass and then a replay, a capture
+     * or a direct run: graphs need one process (no all-reduce inside a step) */
+    int pass = b->ops->graph_begin && m->shard.world == 1 ? b->ops->graph_begin(b, T)
+                                                          : BE_PASS_DIRECT;
+    for (;;) {
+        rc = run_ops(&st, logits);
+        if (pass == BE_PASS_DIRECT) break;
+        pass = b->ops->graph_end(b);
+        if (pass == BE_PASS_DONE) break;
     }
     /* a failed step leaves sequence state half-written: the caller must drop the sequences */
     for (int k = 0; k < n_chunks && !rc; k++) chunks[k].seq->pos += chunks[k].n;
-    scratch_free(&st);
     free(st.row0);
     free(st.ids);
     free(st.pos);

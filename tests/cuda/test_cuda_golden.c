@@ -9,14 +9,101 @@
  * <= 1e-4 per case (fp32 activations on the GPU land near the CPU's ~1.5e-6), worst row <= 1e-3,
  * the same argmax wherever the margin is clear. Prints one line per case and PASS/FAIL.
  *
+ * Then the graphs (be_cuda_graph.cu): decode steps of one and of two sequences (T = 1, 2, 3 at
+ * positions crossing compressor windows, indexer bounds and state growth) run once directly and
+ * once through graphs must give the same logits bit for bit; the graphed run must replay most
+ * steps from the cache (few captures) and fall back to direct steps never, except under
+ * DUET_CUDA_MOE_HOST=1 (host grouping cannot be captured: every step falls back).
+ *
  * usage: test_cuda_golden MODEL_DIR FIXTURE_DIR [MEM_FRACTION]
  */
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "kernels/be_cuda.h"
 #include "tests/golden/golden_cases.h"
 #include "worker/model.h"
+
+enum { GP = 150, GSTEPS = 300 }; /* prompt tokens; decode steps */
+
+/* Prompts of 150 and 187 tokens, then GSTEPS steps: sequence A decodes 1 token per step; B joins
+ * at step 40 and decodes 1 (steps where it is odd: 2) tokens. Logits of every step's last rows. */
+static int graph_run(dv4_model *m, float *out, int *rows_out) {
+    char err[512];
+    const dv4_config *c = dv4_cfg(m);
+    int V = c->vocab_size, rows = 0, rc = 0;
+    dv4_seq *a = NULL, *bq = NULL;
+    int32_t ids[256];
+    for (int i = 0; i < 256; i++) ids[i] = (int32_t)((i * 7919 + 13) % V);
+    float *scratch = malloc((size_t)256 * V * sizeof *scratch);
+    if (dv4_seq_new(m, GP + 64 + GSTEPS * 3, &a, err, sizeof err) ||
+        dv4_seq_new(m, GP + 64 + GSTEPS * 3, &bq, err, sizeof err)) {
+        printf("FAIL: graphs: %s\n", err);
+        free(scratch);
+        return 1;
+    }
+    dv4_chunk pa = {a, ids, GP, DV4_LOGITS_LAST}, pb = {bq, ids + 3, GP + 37, DV4_LOGITS_LAST};
+    rc = dv4_forward(m, &pa, 1, scratch, err, sizeof err) || dv4_forward(m, &pb, 1, scratch, err, sizeof err);
+    for (int s = 0; s < GSTEPS && !rc; s++) {
+        dv4_chunk ch[2] = {{a, ids + (s % 200), 1, DV4_LOGITS_LAST},
+                           {bq, ids + (s % 190), (s % 2) ? 2 : 1, DV4_LOGITS_LAST}};
+        int n = s >= 40 ? 2 : 1;
+        rc = dv4_forward(m, ch, n, out + (size_t)rows * V, err, sizeof err);
+        rows += n;
+    }
+    if (rc) printf("FAIL: graphs: %s\n", err);
+    dv4_seq_free(m, a);
+    dv4_seq_free(m, bq);
+    free(scratch);
+    *rows_out = rows;
+    return rc;
+}
+
+static int graph_check(dv4_model *m, be *b) {
+    int V = dv4_cfg(m)->vocab_size, r0 = 0, r1 = 0, fails = 0;
+    float *l0 = calloc((size_t)GSTEPS * 2 * V, sizeof *l0), *l1 = calloc((size_t)GSTEPS * 2 * V, sizeof *l1);
+    be_cuda_graph_stats s0, s1, s2;
+    be_cuda_graph_enable(b, 0);
+    be_cuda_graph_get_stats(b, &s0);
+    fails += graph_run(m, l0, &r0);
+    be_cuda_graph_enable(b, 1);
+    be_cuda_graph_get_stats(b, &s1);
+    fails += graph_run(m, l1, &r1);
+    be_cuda_graph_get_stats(b, &s2);
+    unsigned long long rep = s2.replays - s1.replays, cap = s2.captures - s1.captures,
+                       fb = s2.fallbacks - s1.fallbacks, fb0 = s1.fallbacks - s0.fallbacks;
+    int same = r0 == r1 && !memcmp(l0, l1, (size_t)r0 * V * sizeof *l0);
+    size_t first = 0;
+    while (!same && first < (size_t)r0 * V && l0[first] == l1[first]) first++;
+    const char *mh = getenv("DUET_CUDA_MOE_HOST");
+    int host = mh && atoi(mh);
+    printf("graphs: %d steps (%d logit rows) direct vs graphed: %s; graphed run: %llu replayed, "
+           "%llu captured, %llu direct%s%s (direct run: %llu records)\n",
+           GSTEPS + 2, r0, same ? "identical bits" : "DIFFERENT", rep, cap, fb, fb ? ": " : "",
+           fb ? s2.last_fallback : "", fb0);
+    if (!same) {
+        printf("FAIL: graphs: first difference at row %zu col %zu: %.9g vs %.9g\n", first / V,
+               first % V, l0[first], l1[first]);
+        fails++;
+    }
+    if (fb0) {
+        printf("FAIL: graphs: steps recorded while graphs were off\n");
+        fails++;
+    }
+    /* without host grouping: every step graphed, and replays (not captures) for most of them */
+    if (!host && (fb || rep + cap != (unsigned long long)GSTEPS + 2 - 2 || rep < 4 * cap)) {
+        printf("FAIL: graphs: want every decode step graphed and >= 4 replays per capture\n");
+        fails++;
+    }
+    if (host && fb < GSTEPS) {
+        printf("FAIL: graphs: host MoE grouping should run every step directly\n");
+        fails++;
+    }
+    free(l0);
+    free(l1);
+    return fails;
+}
 
 int main(int argc, char **argv) {
     if (argc < 3) {
@@ -42,6 +129,7 @@ int main(int argc, char **argv) {
            dv4_rank_weight_bytes(m) / 1048576.0, be_cuda_mem_used(b) / 1048576.0);
     golden g = {m, argv[2], "golden-cuda"};
     int n_fail = golden_all(&g);
+    n_fail += graph_check(m, b);
     dv4_free(m);
     if (be_cuda_sync(b, err, sizeof err)) {
         printf("FAIL: %s\n", err);

@@ -10,11 +10,13 @@
  * interface; sequence state (rings, compressed entries, indexer keys) is random, standing for a
  * context of --ctx tokens. Reported: decode tokens/s at several batch sizes, prefill tokens/s
  * for several prompt lengths, the batch-1 roofline (weight bytes read per token / measured copy
- * bandwidth) and the ratio, and a per-op time breakdown (each op timed between two syncs).
+ * bandwidth) and the ratio, and a per-op time breakdown (each op timed between two syncs, so
+ * without graphs). Decode steps run as CUDA graphs like the engine's (--graphs 0: directly).
  * Must never be mistaken for the engine: it mirrors forward.c and must be kept in step with it.
  *
  * usage: duet-bench [--layers N] [--ctx L] [--batches 1,8,...] [--prefill 1024,...] [--steps S]
  *                   [--mem-fraction F] [--csv PATH] [--breakdown PATH] [--max-seconds S]
+ *                   [--graphs 0|1]
  */
 #include <math.h>
 #include <stdio.h>
@@ -348,6 +350,8 @@ static void attention(stp *s, int li) {
 static be_weight *embed_w, *head_w;
 static float *norm_w, *hc_head_fn, *hc_head_base, *hc_head_scale;
 
+static void step_ops(stp *sp, float *logits_host);
+
 /* Runs one step over chunks (seq k: len[k] new tokens); logits of each chunk's last row. */
 static void step(bseq **seqs, const int *len, int n, float *logits_host) {
     stp s = {0};
@@ -370,6 +374,23 @@ static void step(bseq **seqs, const int *len, int n, float *logits_host) {
             s.chunk_of[r] = k;
         }
     }
+    /* one pass, or a record pass and then a replay, capture or direct pass (as forward.c) */
+    int pass = B->ops->graph_begin(B, T);
+    for (;;) {
+        step_ops(&s, logits_host);
+        if (pass == BE_PASS_DIRECT) break;
+        pass = B->ops->graph_end(B);
+        if (pass == BE_PASS_DONE) break;
+    }
+    for (int k = 0; k < n; k++) seqs[k]->pos += len[k];
+    free(s.row0); free(s.chunk_of); free(s.n_vis); free(s.ids); free(s.pos); free(s.plan);
+}
+
+/* The ops of a step, from the embedding to the logits download; no host state changes. */
+static void step_ops(stp *sp, float *logits_host) {
+    stp s = *sp;
+    int T = s.T, n = s.n;
+    const int *len = s.len;
     size_t t = (size_t)T;
     s.h = fa(t * HC * D); s.u = fa(t * D); s.x = fa(t * D); s.post = fa(t * HC);
     s.comb = fa(t * HC * HC); s.cq = fa(t * QL); s.q = fa(t * H * DH); s.kv = fa(t * DH);
@@ -400,11 +421,9 @@ static void step(bseq **seqs, const int *len, int n, float *logits_host) {
     OP("head", B->ops->rmsnorm(B, s.u, norm_w, ysel, n, D, EPS));
     MM("head", head_w, 0, VOCAB, ysel, D, lg, VOCAB, n);
     OP("head", B->ops->download(B, logits_host, lg, (size_t)n * VOCAB * sizeof(float)));
-    for (int k = 0; k < n; k++) seqs[k]->pos += len[k];
     void *fr[] = {s.h, s.u, s.x, s.post, s.comb, s.cq, s.q, s.kv, s.o, s.y, s.v, s.ca, s.cg,
                   s.iq, s.iw, s.idx, hsel, ysel, lg};
     for (size_t i = 0; i < sizeof fr / sizeof *fr; i++) B->ops->free(B, fr[i]);
-    free(s.row0); free(s.chunk_of); free(s.n_vis); free(s.ids); free(s.pos); free(s.plan);
 }
 
 /* ---- driver ---------------------------------------------------------------------------------- */
@@ -450,6 +469,7 @@ int main(int argc, char **argv) {
     int want_layers = 0, ctx = 4096, steps = 4, batches[16] = {1, 8, 32, 64, 128}, nb = 5;
     int prompts[16] = {1024, 8192, 32768}, np = 3;
     double frac = 0.92, max_s = 1e9;
+    int graphs = 1;
     const char *csv_path = NULL, *bd_path = NULL;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -463,6 +483,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--csv")) csv_path = v;
         else if (!strcmp(a, "--breakdown")) bd_path = v;
         else if (!strcmp(a, "--max-seconds")) max_s = atof(v);
+        else if (!strcmp(a, "--graphs")) graphs = atoi(v);
         else { fprintf(stderr, "duet-bench: unknown option %s\n", a); return 2; }
         i++;
     }
@@ -477,6 +498,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "duet-bench: GEMM peak: %s (continuing)\n", err);
     B = be_cuda_create(0, frac, err, sizeof err);
     if (!B) { fprintf(stderr, "duet-bench: %s\n", err); return 1; }
+    be_cuda_graph_enable(B, graphs);
     int maj, min;
     snprintf(devname, sizeof devname, "%s", be_cuda_device_name(B, &maj, &min));
     printf("device %s (sm_%d%d), cap %.1f GiB; measured: copy %.0f GB/s (read+write), "
@@ -554,14 +576,21 @@ int main(int argc, char **argv) {
         }
         step(seqs, len, nbat, logits); /* warm-up */
         sync_or_die();
+        be_cuda_graph_stats g0, g1;
+        be_cuda_graph_get_stats(B, &g0);
         double t0 = now();
         for (int i = 0; i < steps; i++) step(seqs, len, nbat, logits);
         sync_or_die();
         double dt = (now() - t0) / steps;
         double tps = nbat / dt;
+        be_cuda_graph_get_stats(B, &g1);
         printf("decode batch %4d ctx %d: %8.2f tok/s  %8.2f ms/step", nbat, ctx, tps, dt * 1e3);
         if (nbat == 1) printf("  roofline %.1f tok/s  ratio %.3f", roof, tps / roof);
-        printf("\n");
+        printf("  graphs: %llu replayed, %llu captured, %llu direct%s%s\n",
+               (unsigned long long)(g1.replays - g0.replays),
+               (unsigned long long)(g1.captures - g0.captures),
+               (unsigned long long)(g1.fallbacks - g0.fallbacks), g1.fallbacks > g0.fallbacks ? ": " : "",
+               g1.fallbacks > g0.fallbacks ? g1.last_fallback : "");
         fflush(stdout);
         if (csv) {
             fprintf(csv, "\"%s\",%d,decode,%d,%d,%.2f,%.3f,%.2f,%.4f,\"\"\n", devname, n_layers, nbat, ctx,
@@ -569,11 +598,13 @@ int main(int argc, char **argv) {
             fflush(csv);
         }
         if (nbat == 1 || bi == nb - 1) {
-            bd_on = 1;
+            bd_on = 1; /* an op between two syncs: no graph */
+            be_cuda_graph_enable(B, 0);
             double b0 = now();
             step(seqs, len, nbat, logits);
             double bt = now() - b0;
             bd_on = 0;
+            be_cuda_graph_enable(B, graphs);
             char what[64];
             snprintf(what, sizeof what, "decode batch %d", nbat);
             dump_breakdown(what, bt);
@@ -585,6 +616,7 @@ int main(int argc, char **argv) {
     /* prefill: one sequence, the whole prompt in one step, logits of the last token */
     for (int pi = 0; pi < np; pi++) {
         int T = prompts[pi];
+        if (T <= 0) continue; /* --prefill 0: none */
         if (now() - t_start > max_s) { printf("time limit: skipping prefill %d\n", T); continue; }
         char e2[300];
         if (be_cuda_fits(B, (size_t)act_bytes(T, T / 4.0), e2, sizeof e2)) {
@@ -609,11 +641,13 @@ int main(int argc, char **argv) {
         if (bdrun && now() - t_start < max_s) {
             seq_free(s);
             s = seq_new(T + 8, 0);
-            bd_on = 1;
+            bd_on = 1; /* an op between two syncs: no graph */
+            be_cuda_graph_enable(B, 0);
             double b0 = now();
             step(&s, &len, 1, logits);
             double bt = now() - b0;
             bd_on = 0;
+            be_cuda_graph_enable(B, graphs);
             char what[64];
             snprintf(what, sizeof what, "prefill %d", T);
             dump_breakdown(what, bt);

@@ -6,25 +6,27 @@
 #   D/bin/{duet-worker,duet-generate,duet-coordinator,duetctl,test_cuda_ops,test_cuda_golden,
 #          duet-bench}, D/lib/ (libjansson, libuv, libprotobuf-c, libevent: the GPU machine lacks
 #   some), D/tiny/ (mkmodel --seed 1).
-# Output under $OUT: ops.txt, golden.txt, golden-host.txt, worker.txt, bench-*.txt/csv.
-#   tools/gpu/run_checks.sh [D] [--bench "duet-bench args"] [--no-checks]
+# Output under $OUT: ops.txt, golden.txt, golden-host.txt, worker.txt, bench-{graph,direct}.*
+#   tools/gpu/run_checks.sh [D] [--bench "duet-bench args"] [--bench-seconds S] [--no-checks]
+# D may hold bin.tgz instead of bin/ (the carry limit): it is unpacked first.
 set -u
 cd "$(dirname "$0")/../.."
 D=.dev/g; [ $# -gt 0 ] && [ "${1#--}" = "$1" ] && { D=$1; shift; }
-BENCH=""; CHECKS=1
+BENCH=""; CHECKS=1; BENCH_S=280
 while [ $# -gt 0 ]; do case $1 in
-  --bench) BENCH=$2; shift 2;; --no-checks) CHECKS=0; shift;; *) echo "unknown $1"; exit 2;; esac; done
+  --bench) BENCH=$2; shift 2;; --bench-seconds) BENCH_S=$2; shift 2;; --no-checks) CHECKS=0; shift;; *) echo "unknown $1"; exit 2;; esac; done
+[ -f $D/bin.tgz ] && [ ! -d $D/bin ] && tar xzf $D/bin.tgz -C $D
 export LD_LIBRARY_PATH=$PWD/$D/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 O=${OUT:-/tmp/out}; mkdir -p "$O"; B=$D/bin
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $O/device.txt
 if [ $CHECKS = 1 ]; then
-  date +%T; timeout 200 $B/test_cuda_ops > $O/ops.txt 2>&1; echo "ops rc=$?"; tail -2 $O/ops.txt
+  date +%T; timeout 150 $B/test_cuda_ops > $O/ops.txt 2>&1; echo "ops rc=$?"; tail -2 $O/ops.txt
   grep -c "moe dev=host" $O/ops.txt | sed 's/^/moe dev=host rows: /'; grep -i "FAIL" $O/ops.txt | head
   for m in dev host; do
     f=$O/golden.txt; [ $m = host ] && f=$O/golden-host.txt
     date +%T
     DUET_CUDA_MOE_HOST=$([ $m = host ] && echo 1 || echo 0) \
-      timeout 150 $B/test_cuda_golden $D/tiny tests/golden/fixtures > $f 2>&1; echo "golden ($m MoE) rc=$?"
+      timeout 100 $B/test_cuda_golden $D/tiny tests/golden/fixtures > $f 2>&1; echo "golden ($m MoE) rc=$?"
     tail -13 $f
   done
   # the worker on each backend behind the coordinator: same greedy tokens
@@ -53,11 +55,12 @@ if [ $CHECKS = 1 ]; then
   cat $O/worker.txt | grep -v "^--\|^\[" | head -12
 fi
 if [ -n "$BENCH" ]; then
-  for m in dev host; do
+  # decode steps as CUDA graphs (the engine's default), then the same run issuing ops directly
+  for m in graph direct; do
     date +%T
-    DUET_CUDA_MOE_HOST=$([ $m = host ] && echo 1 || echo 0) timeout 280 $B/duet-bench $BENCH \
+    timeout $BENCH_S $B/duet-bench $BENCH --graphs $([ $m = graph ] && echo 1 || echo 0) \
       --csv $O/bench-$m.csv --breakdown $O/bench-$m-breakdown.csv > $O/bench-$m.txt 2>&1
-    echo "bench ($m MoE) rc=$?"; grep -v "^    " $O/bench-$m.txt | tail -25
+    echo "bench ($m) rc=$?"; grep -v "^    " $O/bench-$m.txt | tail -25
   done
 fi
 date +%T
