@@ -27,6 +27,8 @@ void ck_cuda(cudaError_t e, const char *what, const char *file, int line) {
 
 be_cuda *g_launch_be;
 
+bool pdl_on(be_cuda *c) { return c->pdl; }
+
 void launched(const char *file, int line) {
     ck_cuda(cudaGetLastError(), "kernel launch", file, line);
     if (g_launch_be && g_launch_be->sync_each)
@@ -73,7 +75,7 @@ static const struct be_ops cuda_ops = {
     cu_mhc_pre, cu_mhc_post, cu_hc_head,
     cu_attention, cu_ring_write, cu_compress, cu_index_topk, cu_moe,
     cu_scale_rows, cu_add, cu_fp8_qat, cu_hadamard_fp4,
-    cu_destroy, cu_graph_begin, cu_graph_end,
+    cu_destroy, cu_graph_begin, cu_graph_end, cu_matmul_xg,
 };
 
 extern "C" be *be_cuda_create(int device, double mem_fraction, char *err, size_t errlen) {
@@ -120,6 +122,7 @@ extern "C" be *be_cuda_create(int device, double mem_fraction, char *err, size_t
     c->cap = (size_t)(mem_fraction * (double)tot);
     if (c->cap > fr && !integ) c->cap = fr; /* another process holds part of the card */
     c->sync_each = getenv("DUET_CUDA_SYNC") && atoi(getenv("DUET_CUDA_SYNC"));
+    c->pdl = !(getenv("DUET_CUDA_PDL") && !atoi(getenv("DUET_CUDA_PDL")));
     if ((e = cudaStreamCreateWithFlags(&c->s, cudaStreamNonBlocking)) != cudaSuccess) {
         duet_err(err, errlen, DUET_EIO, "CUDA stream: %s", cudaGetErrorString(e));
         free(c);

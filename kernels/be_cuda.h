@@ -46,16 +46,19 @@ const char *be_cuda_device_name(const be *b, int *cc_major, int *cc_minor);
  * that time ops between CUDA events. */
 void *be_cuda_stream(const be *b);
 
-/* Decode-size steps run as CUDA graphs (DUET_CUDA_GRAPH=0: never). Counters since creation:
+/* Decode-size steps as CUDA graphs: off by default (DUET_CUDA_GRAPH=1 turns them on; see
+ * be_cuda_graph.cu for why). Counters since creation:
  * replays of a cached graph, captures of a new one, steps that ran directly after a record
  * pass found something a graph cannot hold (last_fallback says what), graphs cached now. */
 typedef struct {
     uint64_t replays, captures, fallbacks;
+    double record_s;  /* host seconds in record passes (then replays wait for the GPU) */
+    uint64_t sig_bytes; /* signature bytes of the last record pass */
     int cached;
     char last_fallback[96];
 } be_cuda_graph_stats;
 void be_cuda_graph_get_stats(be *b, be_cuda_graph_stats *st);
-/* Turns graphs on (default, unless DUET_CUDA_GRAPH=0) or off for the steps that follow. */
+/* Turns graphs on or off for the steps that follow (overrides DUET_CUDA_GRAPH). */
 void be_cuda_graph_enable(be *b, int on);
 
 /* ---- synthetic weights for benchmarks (tools/bench) -------------------------------------- */

@@ -17,6 +17,7 @@ enum { ATT_WARPS = 16, ATT_MAXD = 512 };
 typedef inl<be_keyplan, 8> plan_inl;
 __global__ void __launch_bounds__(ATT_WARPS * 32) k_attn(be_attn_args a, const be_keyplan *plan,
                                                          plan_inl pm) {
+    PDL_ENTER();
     __shared__ float wm[ATT_WARPS], wl[ATT_WARPS];
     __shared__ float wacc[ATT_WARPS][ATT_MAXD];
     int t = blockIdx.x / a.n_heads, h = blockIdx.x % a.n_heads, d = a.head_dim;
@@ -99,6 +100,7 @@ void cu_attention(be *b, const be_attn_args *a) {
 typedef inl<int32_t, 64> pos_inl;
 __global__ void k_ring_write(float *ring, int ring_size, int dim, const float *kv,
                              const int32_t *pos, pos_inl pm) {
+    PDL_ENTER();
     int t = blockIdx.x;
     float *dst = ring + (size_t)(inl_at(pos, pm, t) % ring_size) * dim;
     for (int i = threadIdx.x; i < dim; i += blockDim.x) dst[i] = kv[(size_t)t * dim + i];

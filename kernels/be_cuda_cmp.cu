@@ -69,6 +69,7 @@ __device__ __forceinline__ void cmp_cand(const cmp_dev &a, int w, int i, int ch,
 
 /* block per window that may close (blocks past the closing ones return); shared z[d] */
 __global__ void __launch_bounds__(256) k_cmp_windows(cmp_dev ain, const int *dp, pos0_inl pm) {
+    PDL_ENTER();
     extern __shared__ float z[];
     __shared__ float sh[32];
     int w_first, w_end;
@@ -119,6 +120,7 @@ __global__ void __launch_bounds__(256) k_cmp_windows(cmp_dev ain, const int *dp,
 /* prev <- A-halves of the last window closed in this call (if any), from inputs or the state at
  * call start */
 __global__ void k_cmp_prev(cmp_dev ain, const int *dp, pos0_inl pm) {
+    PDL_ENTER();
     int w_first, w_end;
     cmp_dev a = cmp_at(ain, dp, pm, &w_first, &w_end);
     if (w_end <= w_first) return;
@@ -141,6 +143,7 @@ __global__ void k_cmp_prev(cmp_dev ain, const int *dp, pos0_inl pm) {
 
 /* cur rows <- the last token of this call at each window row */
 __global__ void k_cmp_cur(cmp_dev ain, const int *dp, pos0_inl pm) {
+    PDL_ENTER();
     int w_first, w_end;
     cmp_dev a = cmp_at(ain, dp, pm, &w_first, &w_end);
     int m = a.m, cd = a.c * a.d;
@@ -198,6 +201,7 @@ void cu_compress(be *b, const be_compress_args *a) {
 typedef inl<int, 64> nvis_inl;
 __global__ void __launch_bounds__(256) k_index_scores(be_index_args a, const int *nvis, nvis_inl nm,
                                                       float *scores, int ld) {
+    PDL_ENTER();
     extern __shared__ float qs[];
     int t = blockIdx.y, nv = inl_at(nvis, nm, t), hd = a.head_dim, H = a.n_heads;
     const float *q = a.q + (size_t)t * H * hd;
@@ -261,6 +265,7 @@ __device__ void topk_append(const float *sc, int nv, uint32_t thr, int eq, int32
  * lowest-indexed equal ones (the set the CPU heap keeps, up to ties) */
 __global__ void __launch_bounds__(256) k_topk(const float *scores, int ld, const int *nvis,
                                               nvis_inl nm, int topk, int32_t *idx) {
+    PDL_ENTER();
     __shared__ unsigned hist[256];
     __shared__ uint32_t s_prefix;
     __shared__ int s_need, s_cnt;

@@ -12,6 +12,7 @@
 
 typedef inl<int32_t, 64> ids_inl;
 __global__ void k_embed(dw w, const int32_t *ids, ids_inl idm, int n_hc, float *h) {
+    PDL_ENTER();
     int t = blockIdx.x, D = w.cols;
     int id = inl_at(ids, idm, t);
     for (int i = threadIdx.x; i < D; i += blockDim.x) {
@@ -29,6 +30,7 @@ void cu_embed(be *b, const be_weight *table, const int32_t *ids, int T, int n_hc
 
 /* one block per row; w may be NULL (head_rms); y may equal x */
 __global__ void k_rmsnorm(const float *x, const float *w, float *y, int n, float eps) {
+    PDL_ENTER();
     __shared__ float sh[32];
     const float *xr = x + (size_t)blockIdx.x * n;
     float *yr = y + (size_t)blockIdx.x * n;
@@ -44,6 +46,7 @@ __global__ void k_rmsnorm(const float *x, const float *w, float *y, int n, float
  * trip per row instead of a strided loop per pass */
 __global__ void __launch_bounds__(1024) k_rmsnorm4(const float *x, const float *w, float *y, int n,
                                                    float eps) {
+    PDL_ENTER();
     __shared__ float sh[32];
     int n4 = n / 4;
     const float4 *xr = (const float4 *)(x + (size_t)blockIdx.x * n);
@@ -99,6 +102,7 @@ typedef struct { int32_t pos[16]; float om[64]; } rope_inl;
 /* grid (T*n_heads), threads over pairs; pos/omega NULL: from m */
 __global__ void k_rope(float *x, int n_heads, int head_dim, int rope_dims, const int32_t *pos,
                        const float *omega, rope_inl m, int inverse) {
+    PDL_ENTER();
     int row = blockIdx.x, t = row / n_heads;
     float *r = x + (size_t)row * head_dim + head_dim - rope_dims;
     int p = pos ? pos[t] : m.pos[t];
@@ -205,15 +209,21 @@ __device__ void mhc_fin_body(const mhc_fin_args &a, int t) {
     int n_mix = head_mode ? n : (2 + n) * n;
     const float *X = h + (size_t)t * n * D;
     __shared__ float rr;
-    if (threadIdx.x == blockDim.x - 1) {
-        double ss = 0;
-        for (int s2 = 0; s2 < S; s2++) ss += __ldcg(sspart + (size_t)t * S + s2);
-        rr = inv_rms_dev(ss, n * D, norm_eps);
-    }
-    for (int k = threadIdx.x; k < n_mix; k += blockDim.x) { /* partial sums in a fixed order */
-        float d = 0;
-        for (int s2 = 0; s2 < S; s2++) d += __ldcg(part + ((size_t)t * n_mix + k) * S + s2);
-        mu[k] = d;
+    /* partial sums, a warp per mix (lanes over the S slices, then a fixed shuffle tree): the
+     * loads of one sum are in flight together instead of one after another */
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+    for (int k = warp; k <= n_mix; k += nw) {
+        if (k < n_mix) {
+            float d = 0;
+            for (int s2 = lane; s2 < S; s2 += 32) d += __ldcg(part + ((size_t)t * n_mix + k) * S + s2);
+            d = warp_sum(d);
+            if (lane == 0) mu[k] = d;
+        } else {
+            double ss = 0;
+            for (int s2 = lane; s2 < S; s2 += 32) ss += __ldcg(sspart + (size_t)t * S + s2);
+            for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+            if (lane == 0) rr = inv_rms_dev(ss, n * D, norm_eps);
+        }
     }
     __syncthreads();
     for (int k = threadIdx.x; k < n_mix; k += blockDim.x) mu[k] *= rr;
@@ -255,7 +265,7 @@ __device__ void mhc_fin_body(const mhc_fin_args &a, int t) {
 }
 
 /* Stage 2 as its own launch: block per token */
-__global__ void __launch_bounds__(1024) k_mhc_fin(mhc_fin_args a) { mhc_fin_body(a, blockIdx.x); }
+__global__ void __launch_bounds__(1024) k_mhc_fin(mhc_fin_args a) { PDL_ENTER(); mhc_fin_body(a, blockIdx.x); }
 
 /* Stage 1 of mHC pre / HC head: grid (n_mix, T, S): block (k, t, s) writes the partial dot of
  * fn[k] with token t's streams over width slice s, and (k == 0) the partial sum of squares.
@@ -264,6 +274,7 @@ __global__ void __launch_bounds__(1024) k_mhc_fin(mhc_fin_args a) { mhc_fin_body
 __global__ void __launch_bounds__(256) k_mhc_mix(const float *h, const float *fn, int n_mix, int width,
                                                  int slice, float *part, float *sspart, int *cnt,
                                                  mhc_fin_args fa) {
+    PDL_ENTER();
     __shared__ float sh[32];
     int k = blockIdx.x, t = blockIdx.y, sidx = blockIdx.z, S = gridDim.z;
     const float *X = h + (size_t)t * width, *f = fn + (size_t)k * width;
@@ -306,7 +317,7 @@ static void mhc_run(be *b, const float *h, const float *fn, const float *base, c
         fprintf(stderr, "duet cuda: mHC with n_hc %d and width %d unsupported\n", n, width);
         abort();
     }
-    int S = (int)(528 / ((long)T * n_mix));
+    int S = (int)(264 / ((long)T * n_mix)); /* ~2 blocks per SM at T = 1 */
     S = S < 1 ? 1 : S > 32 ? 32 : S;
     int slice = (width + S - 1) / S;
     slice = (slice + 3) / 4 * 4;
@@ -351,6 +362,7 @@ void cu_hc_head(be *b, const float *h, const float *fn, const float *base,
 /* thread per (t, i): X[k][i] = post[k] v[i] + sum_j C[j][k] X[j][i] */
 __global__ void k_mhc_post(float *h, const float *v, const float *post, const float *comb, int T,
                            int n, int D) {
+    PDL_ENTER();
     size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
     if (idx >= (size_t)T * D) return;
     int t = (int)(idx / D), i = (int)(idx % D);
@@ -378,15 +390,18 @@ void cu_mhc_post(be *b, float *h, const float *v, const float *post, const float
 /* ======================================================================================== */
 
 __global__ void k_scale(float *x, size_t n, float s) {
+    PDL_ENTER();
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
         x[i] *= s;
 }
 __global__ void k_add(float *y, const float *x, size_t n) {
+    PDL_ENTER();
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
         y[i] += x[i];
 }
 /* thread per (row, block) */
 __global__ void k_fp8_qat(float *x, int T, int dim, int nope, int block) {
+    PDL_ENTER();
     int nb = nope / block;
     int idx = blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= T * nb) return;
@@ -395,6 +410,7 @@ __global__ void k_fp8_qat(float *x, int T, int dim, int nope, int block) {
 }
 /* block per row: WHT in shared memory, then FP4 round trip per 32 */
 __global__ void k_hadamard_fp4(float *x, int dim) {
+    PDL_ENTER();
     extern __shared__ float z[];
     float *xr = x + (size_t)blockIdx.x * dim;
     for (int i = threadIdx.x; i < dim; i += blockDim.x) z[i] = xr[i];

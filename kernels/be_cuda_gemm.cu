@@ -19,7 +19,7 @@
 template <int KIND, int TT, bool XS>
 __global__ void __launch_bounds__(256) k_gemv(dw w, int row0, int N, const float *__restrict__ x,
                                               int ldx, float *__restrict__ y, int ldy, int T,
-                                              int KS, int sh) {
+                                              int KS, int sh, int xgr, int xgs) {
     enum { R = gemv_r<TT>::R };
     __shared__ float red[8][R * TT];
     extern __shared__ float4 xs4[]; /* XS: [TT][K] */
@@ -29,6 +29,19 @@ __global__ void __launch_bounds__(256) k_gemv(dw w, int row0, int N, const float
     int wn[R];
 #pragma unroll
     for (int r = 0; r < R; r++) wn[r] = row0 + (n0 + r < N ? n0 + r : N - 1);
+    {   /* before waiting for the previous kernel: this lane's first two chunks of each row into
+         * L2 (weights only: nothing an earlier kernel wrote) */
+        int nch = w.cols / wchunk<KIND>::EPC, c0 = lane + 32 * ks;
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            const uint4 *rp = (const uint4 *)((const uint8_t *)w.data + (size_t)wn[r] * (nch * 16));
+            if (c0 < nch) prefetch_l2(rp + c0);
+            if (c0 + 32 * KS < nch) prefetch_l2(rp + c0 + 32 * KS);
+        }
+    }
+    PDL_ENTER();
+    /* grouped x (matmul_xg): every row of a block is in the block's first row's group */
+    if (xgr) x += (size_t)(blockIdx.x * (8 / KS) * R / xgr) * xgs;
     const float *xr[TT];
 #pragma unroll
     for (int t = 0; t < TT; t++) xr[t] = x + (size_t)(t < T ? t : 0) * ldx;
@@ -66,23 +79,27 @@ __global__ void __launch_bounds__(256) k_gemv(dw w, int row0, int N, const float
 /* --- any T: 64x64 tiles, weights decoded into shared memory, 4x4 outputs per thread ------ */
 __global__ void __launch_bounds__(256) k_gemm(dw w, int row0, int N, const float *__restrict__ x,
                                               int ldx, float *__restrict__ y, int ldy, int T) {
+    PDL_ENTER();
     gemm_tile(w, row0, N, x, ldx, NULL, y, ldy, T, blockIdx.y * TM, blockIdx.x * TN);
 }
 
 /* warps wanted in flight for a GEMV launch: 132 SMs x 32 on an H100 */
 enum { GEMV_WARPS = 4096 };
 
+/* false (nothing launched) when grouped x (xgr > 0) does not fit whole blocks */
 template <int KIND, int TT>
-static void gemv_launch1(be_cuda *c, const dw &w, int row0, int N, const float *x, int ldx,
-                         float *y, int ldy, int T, int sh) {
+static bool gemv_launch1(be_cuda *c, const dw &w, int row0, int N, const float *x, int ldx,
+                         float *y, int ldy, int T, int sh, int xgr = 0, int xgs = 0) {
     enum { R = gemv_r<TT>::R };
     int groups = (N + R - 1) / R, nch = w.cols / wk_epc(w.kind), KS = 1;
     while (KS < 8 && groups * KS < GEMV_WARPS && 64 * KS <= nch) KS *= 2;
     int per = 8 / KS, nb = (groups + per - 1) / per;
+    if (xgr && xgr % (per * R)) return false;
     if (gemv_xs(KIND, TT, w.cols))
-        KL(c, (k_gemv<KIND, TT, KIND == WK_FP8 || KIND == WK_FP4>), nb, 256, (size_t)TT * w.cols * 4, w, row0, N, x, ldx, y, ldy, T, KS, sh);
+        KL(c, (k_gemv<KIND, TT, KIND == WK_FP8 || KIND == WK_FP4>), nb, 256, (size_t)TT * w.cols * 4, w, row0, N, x, ldx, y, ldy, T, KS, sh, xgr, xgs);
     else
-        KL(c, (k_gemv<KIND, TT, false>), nb, 256, 0, w, row0, N, x, ldx, y, ldy, T, KS, sh);
+        KL(c, (k_gemv<KIND, TT, false>), nb, 256, 0, w, row0, N, x, ldx, y, ldy, T, KS, sh, xgr, xgs);
+    return true;
 }
 
 template <int KIND>
@@ -159,6 +176,7 @@ __device__ __forceinline__ uint32_t bf16x2_exact(float a, float b) {
 
 template <int KIND>
 __global__ void __launch_bounds__(256) k_wdec(wdec_jobs j) {
+    PDL_ENTER();
     int q = blockIdx.y;
     dw w = q == 0 ? j.w[0] : q == 1 ? j.w[1] : j.w[2];
     int row0 = q == 0 ? j.row0[0] : q == 1 ? j.row0[1] : j.row0[2];
@@ -223,6 +241,7 @@ template <bool VEC>
 __global__ void __launch_bounds__(256) k_split(const float *__restrict__ x, int ldx,
                                                const int32_t *rows, int T, int K,
                                                uint16_t *__restrict__ hi, uint16_t *__restrict__ lo) {
+    PDL_ENTER();
     int W = VEC ? K / 4 : K;
     size_t total = (size_t)T * W;
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
@@ -331,4 +350,25 @@ void mm(be_cuda *c, const be_weight *W, int row0, int N, const float *x, int ldx
 void cu_matmul(be *b, const be_weight *W, int row0, int N, const float *x, int ldx,
                       float *y, int ldy, int T) {
     mm(C(b), W, row0, N, x, ldx, y, ldy, T);
+}
+
+/* one GEMV launch for all groups when T <= 8 and blocks fit the groups, else a matmul each */
+void cu_matmul_xg(be *b, const be_weight *W, int N, const float *x, int ldx, int xgr, int xgs,
+                  float *y, int ldy, int T) {
+    be_cuda *c = C(b);
+    const dw &w = W->v;
+    int sh = T >= 1 && T <= 8 ? gemv_ok(w, x, ldx) : -1;
+    if (sh >= 0 && xgr > 0 && N % xgr == 0 && xgs % 4 == 0) {
+        bool ok = false;
+        switch (w.kind * 16 + (T == 1 ? 1 : T <= 2 ? 2 : T <= 4 ? 4 : 8)) {
+#define XG(K_, TT_) case K_ * 16 + TT_: ok = gemv_launch1<K_, TT_>(c, w, 0, N, x, ldx, y, ldy, T, sh, xgr, xgs); break;
+        XG(WK_FP8, 1) XG(WK_FP8, 2) XG(WK_FP8, 4) XG(WK_FP8, 8)
+        XG(WK_BF16, 1) XG(WK_BF16, 2) XG(WK_BF16, 4) XG(WK_BF16, 8)
+#undef XG
+        default: break;
+        }
+        if (ok) return;
+    }
+    for (int g = 0; g * xgr < N; g++)
+        mm(c, W, g * xgr, xgr, x + (size_t)g * xgs, ldx, y + (size_t)g * xgr, ldy, T);
 }

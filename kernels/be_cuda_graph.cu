@@ -13,12 +13,27 @@
  *     step's signature. A cached graph with the same signature is the graph a capture of this
  *     step would make, so it is replayed; else the ops run again under stream capture.
  * What cannot be captured (cuBLAS, host syncs, other streams) refuses (graph_refuse) and the
- * step runs directly. DUET_CUDA_GRAPH=0 turns graphs off.
+ * step runs directly.
+ *
+ * Off by default (DUET_CUDA_GRAPH=1 or be_cuda_graph_enable turns it on): on the H100 a V4-Flash
+ * decode step is GPU-bound once kernels launch with programmatic dependent launch (PDL), so the
+ * record pass (~0.35-0.9 ms of host time before the replay can start) costs more than the
+ * launches it saves: duet-bench, 20 layers, batch 1: 161 tok/s direct vs 146-154 graphed
+ * (docs/benchmarks/cuda-h100.md). Graphs pay where the host is the bottleneck: faster kernels,
+ * fewer layers, slower hosts.
  *
  * Must never: replay a graph whose signature differs from the step's; leave the stream in
  * capture mode after a pass; let a graphed step's scratch outlive it.
  */
+#include <time.h>
+
 #include "kernels/be_cuda_internal.cuh"
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
 
 enum { G_CACHE = 48, G_MAX_T = 15, G_ALIGN = 16 };
 
@@ -58,6 +73,7 @@ struct gstate {
     int nex;
     uint64_t tick;
     int bad, T, off_env;
+    double t_rec; /* start of the record pass */
     const char *why;
     char whybuf[160];
     size_t want_meta, want_scr, want_out; /* sizes a pass needed beyond the arenas: grown next */
@@ -67,8 +83,8 @@ struct gstate {
 static gstate *G(be_cuda *c) {
     if (!c->g) {
         c->g = (gstate *)xcalloc(1, sizeof *c->g);
-        const char *e = getenv("DUET_CUDA_GRAPH");
-        c->g->off_env = e && !atoi(e);
+        const char *e = getenv("DUET_CUDA_GRAPH"); /* off unless 1: see the note atop */
+        c->g->off_env = !(e && atoi(e));
     }
     return c->g;
 }
@@ -83,12 +99,15 @@ static void grow(unsigned char **p, size_t *cap, size_t need) {
     *cap = n;
 }
 
-void gsig(be_cuda *c, const void *p, size_t n) {
+unsigned char *gsig_room(be_cuda *c, size_t n) {
     gstate *g = c->g;
-    grow(&g->sig, &g->capsig, g->nsig + n);
-    memcpy(g->sig + g->nsig, p, n);
+    if (g->nsig + n > g->capsig) grow(&g->sig, &g->capsig, g->nsig + n);
+    unsigned char *p = g->sig + g->nsig;
     g->nsig += n;
+    return p;
 }
+
+void gsig(be_cuda *c, const void *p, size_t n) { memcpy(gsig_room(c, n), p, n); }
 
 /* 64-bit hash of the signature, 8 bytes per round */
 static uint64_t sig_hash(const unsigned char *p, size_t n) {
@@ -306,6 +325,7 @@ int cu_graph_begin(be *b, int T) {
     arenas_fit(c);
     arena_reset(g);
     g->T = T;
+    g->t_rec = now_s();
     c->gmode = G_RECORD;
     return BE_PASS_RECORD;
 }
@@ -332,12 +352,14 @@ int cu_graph_end(be *b) {
     if (c->gmode == G_RECORD) {
         if (g->bad) return direct(c);
         uint64_t h = sig_hash(g->sig, g->nsig);
+        g->st.sig_bytes = g->nsig;
         for (int i = 0; i < g->nex; i++) {
             gexec *e = &g->ex[i];
             if (e->h != h || e->nsig != g->nsig || e->meta != g->off || memcmp(e->sig, g->sig, g->nsig))
                 continue;
             e->used = ++g->tick;
             c->gmode = G_OFF;
+            g->st.record_s += now_s() - g->t_rec;
             finish(c, e->x);
             g->st.replays++;
             return BE_PASS_DONE;

@@ -83,6 +83,7 @@ typedef struct {
      * gpersist > 0: allocations outlive the step (tables built at a layer's first call) */
     int gmode, gpersist;
     struct gstate *g;
+    int pdl; /* launches with programmatic dependent launch (DUET_CUDA_PDL, default 1) */
 } be_cuda;
 
 static inline be_cuda *C(be *b) { return (be_cuda *)b; }
@@ -114,22 +115,58 @@ void *stage(be_cuda *c, const void *src, size_t bytes);      /* host metadata ->
  * parameters: a scalar that changes makes a new signature (correct, but a capture per step). */
 enum { G_OFF = 0, G_RECORD = 1, G_CAPTURE = 2 };
 void gsig(be_cuda *c, const void *p, size_t n);
+/* room for n more signature bytes; returns where they go (the caller fills all n) */
+unsigned char *gsig_room(be_cuda *c, size_t n);
+template <typename A> static inline unsigned char *gsig_put(unsigned char *p, const A &a) {
+    memcpy(p, &a, sizeof a);
+    return p + sizeof a;
+}
 /* true: launch now (G_OFF, G_CAPTURE); false: G_RECORD, recorded only */
 template <typename... A>
 static inline bool klaunch_ok(be_cuda *c, const void *k, dim3 g, dim3 b, size_t sm, const A &...a) {
     if (!c->gmode) return true;
     unsigned hdr[8] = {g.x, g.y, g.z, b.x, b.y, b.z, (unsigned)sm, 0u};
-    gsig(c, &k, sizeof k);
-    gsig(c, hdr, sizeof hdr);
-    (gsig(c, &a, sizeof a), ...);
+    unsigned char *p = gsig_room(c, sizeof k + sizeof hdr + (sizeof(A) + ... + 0));
+    p = gsig_put(p, k);
+    p = gsig_put(p, hdr);
+    ((p = gsig_put(p, a)), ...);
     return c->gmode == G_CAPTURE;
 }
+/* Programmatic dependent launch (sm_90+). A kernel launched by KL may be scheduled while the
+ * kernel before it still runs: it must call PDL_ENTER() (wait for the previous grids to finish
+ * and their writes to be visible, then let the next kernel be scheduled) before it reads
+ * anything an earlier kernel wrote; before that it may only touch weights (e.g. prefetch them
+ * into L2, which is what hides the next matmul's DRAM latency behind this kernel's tail). Both
+ * are no-ops for a kernel launched without the attribute. DUET_CUDA_PDL=0: launches without it. */
+__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+__device__ __forceinline__ void pdl_trigger() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
+#define PDL_ENTER()     \
+    do {                \
+        pdl_wait();     \
+        pdl_trigger();  \
+    } while (0)
+__device__ __forceinline__ void prefetch_l2(const void *p) {
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+}
+bool pdl_on(be_cuda *c);
+template <typename... KA, typename... A>
+static inline cudaError_t klaunch_pdl(be_cuda *c, void (*k)(KA...), dim3 g, dim3 b, size_t sm,
+                                      const A &...a) {
+    cudaLaunchConfig_t cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.gridDim = g, cfg.blockDim = b, cfg.dynamicSmemBytes = sm, cfg.stream = c->s;
+    cudaLaunchAttribute at[1];
+    at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    at[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = at, cfg.numAttrs = pdl_on(c) ? 1 : 0;
+    return cudaLaunchKernelEx(&cfg, k, a...);
+}
 /* Every launch on the backend stream goes through KL (a template kernel in parentheses):
- * recorded in a graph's record pass, launched otherwise, the launch error checked. */
+ * recorded in a graph's record pass, launched otherwise (with PDL), the launch error checked. */
 #define KL(c, k, g, bl, sm, ...)                                                                 \
     do {                                                                                         \
         if (klaunch_ok((c), (const void *)(k), dim3(g), dim3(bl), (size_t)(sm), __VA_ARGS__)) {  \
-            k<<<g, bl, sm, (c)->s>>>(__VA_ARGS__);                                               \
+            CK(klaunch_pdl((c), k, dim3(g), dim3(bl), (size_t)(sm), __VA_ARGS__));               \
             LAUNCHED();                                                                          \
         }                                                                                        \
     } while (0)
@@ -568,6 +605,8 @@ be_weight *cu_weight_slice(be *b, const ck_weight *w, int64_t r0, int64_t nr, in
                            int64_t nc);
 void cu_weight_free(be *b, be_weight *w);
 float *cu_vector(be *b, const ck_weight *w);
+void cu_matmul_xg(be *b, const be_weight *W, int N, const float *x, int ldx, int xgr, int xgs,
+                  float *y, int ldy, int T);
 void cu_matmul(be *b, const be_weight *W, int row0, int N, const float *x, int ldx, float *y,
                int ldy, int T);
 void cu_embed(be *b, const be_weight *table, const int32_t *ids, int T, int n_hc, float *h);

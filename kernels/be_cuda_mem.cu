@@ -188,6 +188,7 @@ void *stage(be_cuda *c, const void *src, size_t bytes) {
 }
 
 __global__ void k_fill(float *x, float v, size_t n) {
+    PDL_ENTER();
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
          i += (size_t)gridDim.x * blockDim.x)
         x[i] = v;

@@ -18,6 +18,7 @@ __global__ void __launch_bounds__(256) k_gemm_grouped(const dw *ws, const gtile 
                                                       const float *__restrict__ x, int ldx,
                                                       const int32_t *xrows, float *__restrict__ y,
                                                       int ldy) {
+    PDL_ENTER();
     gtile tl = tiles[blockIdx.y];
     gemm_tile(ws[tl.e], 0, N, xrows ? x : x + (size_t)tl.p0 * ldx, ldx, xrows ? xrows + tl.p0 : NULL,
               y + (size_t)tl.p0 * ldy, ldy, tl.n, 0, blockIdx.x * TN);
@@ -75,6 +76,7 @@ __global__ void __launch_bounds__(256) k_route(const float *logits, int T, int E
                                                const float *bias, int hash, const int32_t *hd,
                                                hsel_inl hm, int norm_topk, float route_scale,
                                                int32_t *sel, float *wsel) {
+    PDL_ENTER();
     int t = blockIdx.x * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (t >= T) return;
     int e;
@@ -87,6 +89,7 @@ __global__ void __launch_bounds__(256) k_route(const float *logits, int T, int E
 }
 
 __global__ void k_gather(const float *x, const int32_t *rows, int n, int D, float *xs) {
+    PDL_ENTER();
     size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
     if (idx >= (size_t)n * D) return;
     int r = (int)(idx / D), i = (int)(idx % D);
@@ -94,6 +97,7 @@ __global__ void k_gather(const float *x, const int32_t *rows, int n, int D, floa
 }
 
 __global__ void k_swiglu(float *g, const float *p, int n, int I, float limit, const float *wts) {
+    PDL_ENTER();
     size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
     if (idx >= (size_t)n * I) return;
     int r = (int)(idx / I);
@@ -108,6 +112,7 @@ __global__ void k_swiglu(float *g, const float *p, int n, int I, float limit, co
 
 /* out[rows[r]] += ys[r], rows of one expert are distinct tokens, so no races */
 __global__ void k_scatter_add(float *out, const float *ys, const int32_t *rows, int n, int D) {
+    PDL_ENTER();
     size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
     if (idx >= (size_t)n * D) return;
     int r = (int)(idx / D), i = (int)(idx % D);
@@ -145,6 +150,7 @@ __global__ void __launch_bounds__(256) k_moe_up(const dw *w1s, const dw *w3s, co
                                                 const int *nch, const int32_t *pair_tok,
                                                 const float *pair_w, const float *x, int ldx,
                                                 int I, float limit, int sh, float *hbuf) {
+    PDL_ENTER();
     enum { R = gemv_r<TT>::R };
     extern __shared__ float4 xs4[]; /* XS: [TT][D] */
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, n0 = (blockIdx.x * 8 + warp) * R;
@@ -179,6 +185,7 @@ template <int KIND, int TT, bool XS, bool CMB>
 __global__ void __launch_bounds__(256) k_moe_down(const dw *w2s, const mchunk *chunks, const int *nch,
                                                   const float *hbuf, int I, int D, int sh, float *ys,
                                                   const float *cys, const int32_t *cinv, int K) {
+    PDL_ENTER();
     enum { R = gemv_r<TT>::R };
     extern __shared__ float4 xs4[]; /* XS: [TT][I] */
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, n0 = (blockIdx.x * 8 + warp) * R;
@@ -217,6 +224,7 @@ __global__ void __launch_bounds__(256) k_moe_down(const dw *w2s, const mchunk *c
 /* out[t] = shared[t] + sum_k ys[inv[t, k]] (inv -1: the pair's expert is another rank's) */
 __global__ void k_moe_combine(float *out, const float *ys, const int32_t *inv, int T, int K, int D,
                               const float *shared) {
+    PDL_ENTER();
     size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
     if (idx >= (size_t)T * D) return;
     int t = (int)(idx / D), i = (int)(idx % D);
@@ -336,6 +344,7 @@ __global__ void __launch_bounds__(1024) k_moe_route_group(const float *logits, i
                                                           int norm_topk, float route_scale,
                                                           const dw *dws, int32_t *ptok, float *pw,
                                                           int32_t *inv, mchunk *chunks, int *nch) {
+    PDL_ENTER();
     __shared__ int ssel[MOE_DEV_PAIRS];
     __shared__ float sw[MOE_DEV_PAIRS];
     __shared__ int cnt[1024], off[1024], coff[1024];
@@ -405,6 +414,7 @@ __global__ void __launch_bounds__(1024) k_moe_route_group(const float *logits, i
 __global__ void __launch_bounds__(256) k_swiglu_split(const float *__restrict__ u, int n, int I,
                                                       float limit, const float *__restrict__ wts,
                                                       uint16_t *__restrict__ h2) {
+    PDL_ENTER();
     size_t total = (size_t)n * I;
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
          i += (size_t)gridDim.x * blockDim.x) {
@@ -420,6 +430,7 @@ __global__ void __launch_bounds__(256) k_swiglu_split(const float *__restrict__ 
 /* out[r, d] = y2[r, d] + y2[n + r, d] (the hi and lo halves of one GEMM) */
 __global__ void __launch_bounds__(256) k_add_halves(const float *__restrict__ y2, int n, int D,
                                                     float *__restrict__ out) {
+    PDL_ENTER();
     size_t total = (size_t)n * D;
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
          i += (size_t)gridDim.x * blockDim.x)
@@ -724,7 +735,7 @@ void cu_moe(be *b, const be_moe_layer *L, const float *x, const int32_t *ids, in
     /* sel [T, K] int32 then wsel [T, K] f32 in one buffer: one download */
     int32_t *sel = (int32_t *)scratch(b, (size_t)T * K * 8);
     float *wsel = (float *)(sel + (size_t)T * K);
-    KL(c, k_route, (T + 7) / 8, 256, 0, logits, T, E, K, L->bias, L->tid2eid != NULL, hd, hm, L->norm_topk, L->route_scale, sel, wsel);
+    KL(c, k_route, (T + 7) / 8, 256, 0, logits, T, E, K, L->bias, L->tid2eid != nullptr, hd, hm, L->norm_topk, L->route_scale, sel, wsel);
     /* group rows by expert on the host (one sync per layer): the row counts choose each
      * expert's path (tensor cores, tiles or GEMV chunks) and size the cuBLAS calls */
     int32_t *hs = (int32_t *)xmalloc((size_t)T * K * 8);
@@ -812,7 +823,7 @@ void cu_moe(be *b, const be_moe_layer *L, const float *x, const int32_t *ids, in
             KL(c, k_gemm_grouped, dim3((I + TN - 1) / TN, ntl), 256, 0, dtw + 2 * E, dtl, I, x, D, dtok, pb, I);
             size_t nI = (size_t)np * I;
             KL(c, k_swiglu, (unsigned)((nI + 255) / 256), 256, 0, hbuf, pb, np, I, L->swiglu_limit, dpw);
-            KL(c, k_gemm_grouped, dim3((D + TN - 1) / TN, ntl), 256, 0, dtw + E, dtl, D, hbuf, I, NULL, ysb, D);
+            KL(c, k_gemm_grouped, dim3((D + TN - 1) / TN, ntl), 256, 0, dtw + E, dtl, D, hbuf, I, nullptr, ysb, D);
             cu_free(b, pb);
             free(tl);
         } else {
@@ -847,7 +858,7 @@ void cu_moe(be *b, const be_moe_layer *L, const float *x, const int32_t *ids, in
     if (L->s1) {
         expert_ffn(c, L->s1, L->s2, L->s3, x, T, D, SI, NULL, L->swiglu_limit, g, p, ys);
         size_t nD = (size_t)T * D;
-        KL(c, k_scatter_add, (unsigned)((nD + 255) / 256), 256, 0, out, ys, NULL, T, D);
+        KL(c, k_scatter_add, (unsigned)((nD + 255) / 256), 256, 0, out, ys, nullptr, T, D);
     }
     cu_free(b, xs);
     cu_free(b, ys);

@@ -152,6 +152,11 @@ struct be_ops {
      * must be the same calls with the same host data; host state may change only after DONE. */
     int (*graph_begin)(be *b, int T);
     int (*graph_end)(be *b);
+    /* (last: the CUDA table is positional) grouped inputs: rows [g·xg_rows, (g+1)·xg_rows) of W (N a multiple of xg_rows) take
+     * x + g·xg_stride: y[T, N] in one call where the attention output's groups (spec §2.4.6)
+     * would be N / xg_rows matmuls */
+    void (*matmul_xg)(be *b, const be_weight *W, int N, const float *x, int ldx, int xg_rows,
+                      int xg_stride, float *y, int ldy, int T);
 };
 
 enum { BE_PASS_DIRECT = 0, BE_PASS_RECORD = 1, BE_PASS_CAPTURE = 2, BE_PASS_DONE = 3 };

@@ -167,6 +167,13 @@ static void cpu_matmul(be *b, const be_weight *W, int row0, int N, const float *
     if (tasks * MM_ROWS < N) mm_tail(&c, tasks * MM_ROWS, N);
 }
 
+static void cpu_matmul_xg(be *b, const be_weight *W, int N, const float *x, int ldx, int xg_rows,
+                          int xg_stride, float *y, int ldy, int T) {
+    for (int g = 0; g * xg_rows < N; g++)
+        cpu_matmul(b, W, g * xg_rows, xg_rows, x + (size_t)g * xg_stride, ldx, y + (size_t)g * xg_rows,
+                   ldy, T);
+}
+
 /* ======================================================================================== */
 /* embedding, norms, RoPE                                                                   */
 /* ======================================================================================== */
@@ -659,6 +666,7 @@ static const struct be_ops cpu_ops = {
     .weight_free = cpu_weight_free,
     .vector = cpu_vector,
     .matmul = cpu_matmul,
+    .matmul_xg = cpu_matmul_xg,
     .embed = cpu_embed,
     .rmsnorm = cpu_rmsnorm,
     .head_rms = cpu_head_rms,

@@ -212,9 +212,7 @@ static void attention(step *st, int layer) {
     /* output path §2.4.6 (this rank's groups; partial sums are all-reduced by the caller) */
     b->ops->rope(b, s->o, T, H, dh, dr, st->pos, L->omega, 1);
     int G = L->groups, ol = c->o_lora_rank, hpg = L->heads_per_group;
-    for (int g = 0; g < G; g++)
-        b->ops->matmul(b, L->wo_a, g * ol, ol, s->o + (size_t)g * hpg * dh, H * dh,
-                       s->y + (size_t)g * ol, G * ol, T);
+    b->ops->matmul_xg(b, L->wo_a, G * ol, s->o, H * dh, ol, hpg * dh, s->y, G * ol, T);
     b->ops->matmul(b, L->wo_b, 0, D, s->y, G * ol, s->v, D, T);
 }
 

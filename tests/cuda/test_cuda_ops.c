@@ -194,6 +194,30 @@ static void t_matmul(int kind, int N, int K, int T, int row0, int nrows, int pad
     hw_free(&h);
 }
 
+/* matmul_xg: G groups of R rows, group g reads x + g * XS (the attention output projection) */
+static void t_matmul_xg(int kind, int G_, int R, int K, int T) {
+    hweight h;
+    hw_make(&h, kind, (int64_t)G_ * R, K, 1.0f);
+    be_weight *wc = CPU->ops->weight(CPU, &h.w), *wg = G->ops->weight(G, &h.w);
+    int N = G_ * R, ldx = G_ * K, ldy = N;
+    float *x = rvec((size_t)T * ldx, -1, 1);
+    float *y = xmalloc((size_t)T * ldy * sizeof *y);
+    CPU->ops->matmul_xg(CPU, wc, N, x, ldx, R, K, y, ldy, T);
+    float *dx = dup_dev(x, (size_t)T * ldx * sizeof *x);
+    float *dy = dev_nan((size_t)T * ldy);
+    G->ops->matmul_xg(G, wg, N, dx, ldx, R, K, dy, ldy, T);
+    char cas[96];
+    snprintf(cas, sizeof cas, "%s G%d x R%d K%d T%d", kname[kind], G_, R, K, T);
+    report("matmul_xg", cas, cmp_dev(dy, y, (size_t)T * ldy), 1e-5);
+    CPU->ops->weight_free(CPU, wc);
+    G->ops->weight_free(G, wg);
+    G->ops->free(G, dx);
+    G->ops->free(G, dy);
+    free(x);
+    free(y);
+    hw_free(&h);
+}
+
 /* ---- embed, norms, rope -------------------------------------------------------------------- */
 
 static void t_embed(int kind) {
@@ -639,6 +663,11 @@ int main(int argc, char **argv) {
     t_matmul(K_BF16, 100, 202, 20, 0, 100, 1, 0, 0, 0, 0); /* K % 4 != 0: scalar tile loads */
     t_matmul(K_F32, 64, 130, 33, 0, 64, 0, 0, 0, 0, 0);
     t_matmul(K_FP8, 1000, 384, 70, 0, 1000, 0, 0, 0, 0, 0);
+    t_matmul_xg(K_FP8, 8, 128, 512, 1);   /* one grouped GEMV launch */
+    t_matmul_xg(K_FP8, 8, 128, 512, 3);
+    t_matmul_xg(K_FP8, 4, 256, 1024, 8);
+    t_matmul_xg(K_FP8, 3, 100, 256, 2);   /* groups not whole blocks: a matmul each */
+    t_matmul_xg(K_BF16, 4, 64, 256, 20);  /* T > 8: a matmul each */
     t_embed(K_FP8);
     t_embed(K_BF16);
     t_rmsnorm(7, 4096);

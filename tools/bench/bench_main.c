@@ -11,12 +11,12 @@
  * context of --ctx tokens. Reported: decode tokens/s at several batch sizes, prefill tokens/s
  * for several prompt lengths, the batch-1 roofline (weight bytes read per token / measured copy
  * bandwidth) and the ratio, and a per-op time breakdown (each op timed between two syncs, so
- * without graphs). Decode steps run as CUDA graphs like the engine's (--graphs 0: directly).
+ * without graphs). --graphs 1: decode steps as CUDA graphs (the engine's DUET_CUDA_GRAPH=1).
  * Must never be mistaken for the engine: it mirrors forward.c and must be kept in step with it.
  *
  * usage: duet-bench [--layers N] [--ctx L] [--batches 1,8,...] [--prefill 1024,...] [--steps S]
  *                   [--mem-fraction F] [--csv PATH] [--breakdown PATH] [--max-seconds S]
- *                   [--graphs 0|1]
+ *                   [--graphs 0|1]  (default 0, as the engine)
  */
 #include <math.h>
 #include <stdio.h>
@@ -341,9 +341,9 @@ static void attention(stp *s, int li) {
                                                  s->pos + r0, s->len[k]));
     }
     OP("rope", B->ops->rope(B, s->o, T, H, DH, DR, s->pos, L->omega, 1));
-    for (int g = 0; g < G; g++)
-        MM("attn.matmul", L->wo_a, g * OL, OL, s->o + (size_t)g * (H / G) * DH, H * DH,
-           s->y + (size_t)g * OL, G * OL, T);
+    cur_flops = bd_on ? 2.0 * T * G * OL * (double)(H / G) * DH : 0;
+    OP("attn.matmul", B->ops->matmul_xg(B, L->wo_a, G * OL, s->o, H * DH, OL, (H / G) * DH, s->y,
+                                        G * OL, T));
     MM("attn.matmul", L->wo_b, 0, D, s->y, G * OL, s->v, D, T);
 }
 
@@ -469,7 +469,7 @@ int main(int argc, char **argv) {
     int want_layers = 0, ctx = 4096, steps = 4, batches[16] = {1, 8, 32, 64, 128}, nb = 5;
     int prompts[16] = {1024, 8192, 32768}, np = 3;
     double frac = 0.92, max_s = 1e9;
-    int graphs = 1;
+    int graphs = 0;
     const char *csv_path = NULL, *bd_path = NULL;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -586,6 +586,9 @@ int main(int argc, char **argv) {
         be_cuda_graph_get_stats(B, &g1);
         printf("decode batch %4d ctx %d: %8.2f tok/s  %8.2f ms/step", nbat, ctx, tps, dt * 1e3);
         if (nbat == 1) printf("  roofline %.1f tok/s  ratio %.3f", roof, tps / roof);
+        if (g1.replays > g0.replays)
+            printf("  record pass %.0f us (signature %.0f KB)", 1e6 * (g1.record_s - g0.record_s) / (double)(g1.replays - g0.replays),
+                   g1.sig_bytes / 1024.0);
         printf("  graphs: %llu replayed, %llu captured, %llu direct%s%s\n",
                (unsigned long long)(g1.replays - g0.replays),
                (unsigned long long)(g1.captures - g0.captures),

@@ -4,24 +4,29 @@
 Why: without Nsight Systems on the GPU machine, `ncu --metrics gpu__time_duration.sum --csv`
 over a few decode steps is the way to see where a step's GPU time goes (each launch timed
 alone, clocks left alone). Usage: ncu ... --csv > raw.csv; kernel_times.py raw.csv [STEPS]
-prints one row per kernel: launches per step, us per step, share.
+prints one row per kernel: launches per step, us per step, share. --grid: one row per kernel
+and grid size (tells the matrices of one GEMV kernel apart).
 """
 import csv
 import sys
 from collections import defaultdict
 
-rows = list(csv.reader(l for l in open(sys.argv[1]) if l.startswith('"')))
-steps = float(sys.argv[2]) if len(sys.argv) > 2 else 1.0
+args = [a for a in sys.argv[1:] if a != "--grid"]
+by_grid = "--grid" in sys.argv
+rows = list(csv.reader(l for l in open(args[0]) if l.startswith('"')))
+steps = float(args[1]) if len(args) > 1 else 1.0
 hdr = rows[0]
-ki, mi, vi, ui = (hdr.index(h) for h in ("Kernel Name", "Metric Name", "Metric Value", "Metric Unit"))
+ki, mi, vi, ui, gi = (hdr.index(h) for h in ("Kernel Name", "Metric Name", "Metric Value",
+                                             "Metric Unit", "Grid Size"))
 t = defaultdict(float)
 n = defaultdict(int)
 for r in rows[1:]:
     if r[mi] != "gpu__time_duration.sum":
         continue
     v = float(r[vi].replace(",", ""))
-    v = v / 1000.0 if r[ui] == "nsecond" else v * 1000.0 if r[ui] == "msecond" else v
-    name = r[ki].split("(")[0][:60]
+    unit = r[ui].lower()
+    v = v / 1000.0 if unit in ("ns", "nsecond") else v * 1000.0 if unit in ("ms", "msecond") else v
+    name = r[ki].split("(")[0][:44] + ((" " + r[gi]) if by_grid else "")
     t[name] += v
     n[name] += 1
 tot = sum(t.values())
