@@ -29,14 +29,15 @@ if [ $CHECKS = 1 ]; then
       timeout 100 $B/test_cuda_golden $D/tiny tests/golden/fixtures > $f 2>&1; echo "golden ($m MoE) rc=$?"
     tail -13 $f
   done
-  # the worker on each backend behind the coordinator: same greedy tokens
+  # the worker on each backend behind the coordinator (CUDA also with graphs): same greedy tokens
   R=$(mktemp -d); chmod 700 $R; head -c 32 /dev/urandom | base64 > $R/token; chmod 600 $R/token
   P="0 128 256 384 512 640 768 896 5 9 77 300 301 302 303 304 305 306 307 308 309"
   {
-  for be in cpu cuda; do
-    port=$([ $be = cpu ] && echo 27100 || echo 27200)
+  for be in cpu cuda cuda-graph; do
+    port=$([ $be = cpu ] && echo 27100 || ([ $be = cuda ] && echo 27200 || echo 27300))
+    DUET_CUDA_GRAPH=$([ $be = cuda-graph ] && echo 1 || echo 0) \
     $B/duet-worker --rank 0 --world-size 1 --model $D/tiny --auth-token-file $R/token \
-       --listen 127.0.0.1:$port --backend $be > $R/w-$be.out 2> $R/w-$be.log & WP=$!
+       --listen 127.0.0.1:$port --backend ${be%-graph} > $R/w-$be.out 2> $R/w-$be.log & WP=$!
     for i in $(seq 1 300); do grep -q "listening on" $R/w-$be.out 2>/dev/null && break; sleep 0.1; done
     $B/duet-coordinator --workers 127.0.0.1:$port --auth-token-file $R/token --block-size 128 \
        --admin-socket $R/adm-$be/admin.sock > $R/c-$be.out 2> $R/c-$be.log & CP=$!
@@ -52,15 +53,25 @@ if [ $CHECKS = 1 ]; then
     echo "-- worker log ($be)"; tail -4 $R/w-$be.log
   done
   } > $O/worker.txt 2>&1
-  cat $O/worker.txt | grep -v "^--\|^\[" | head -12
+  cat $O/worker.txt | grep -v "^--\|^\[" | head -20
 fi
 if [ -n "$BENCH" ]; then
   # decode steps issued directly (the engine's default), then the same run as CUDA graphs
   for m in direct graph; do
     date +%T
-    timeout $BENCH_S $B/duet-bench $BENCH --graphs $([ $m = graph ] && echo 1 || echo 0) \
+    extra=""; [ $m = graph ] && extra="--graphs 1 --prefill 0" # graphs: decode steps only
+    timeout $BENCH_S $B/duet-bench $BENCH $extra \
       --csv $O/bench-$m.csv --breakdown $O/bench-$m-breakdown.csv > $O/bench-$m.txt 2>&1
     echo "bench ($m) rc=$?"; grep -v "^    " $O/bench-$m.txt | tail -25
   done
+  # GPU time per kernel of a batch-1 decode step (4 layers, every launch timed alone by ncu)
+  if command -v ncu > /dev/null; then
+    ncu --clock-control none --metrics gpu__time_duration.sum --csv \
+      --kernel-name regex:"^k_[^r]|^k_r[^a]" $B/duet-bench --batches 1 --prefill 0 --steps 1 \
+      --layers 4 > $O/ncu-decode.csv 2> $O/ncu.err
+    python3 tools/gpu/kernel_times.py $O/ncu-decode.csv 3 > $O/kernels-decode.txt
+    python3 tools/gpu/kernel_times.py $O/ncu-decode.csv 3 --grid > $O/kernels-decode-grid.txt
+    head -30 $O/kernels-decode.txt
+  fi
 fi
 date +%T
