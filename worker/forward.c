@@ -100,7 +100,9 @@ static void scratch_free(step *st) {
 /* ======================================================================================== */
 
 /* Runs the compressor with projections wkv/wgate over each chunk's rows of x.
- * d = entry width, m = ratio; writes entries into the sequence's array. */
+ * d = entry width, m = ratio; writes entries into the sequence's array. The projections of all
+ * rows are two matmuls (rows are independent), not two per chunk: a decode batch of B sequences
+ * would otherwise launch 2·B small matmuls per compressor. */
 static void run_compressor(step *st, int layer, int indexer) {
     const dv4_config *c = st->c;
     dv4_layer *L = &st->m->layers[layer];
@@ -108,16 +110,16 @@ static void run_compressor(step *st, int layer, int indexer) {
     int m = indexer ? 4 : L->ratio, cc = m == 4 ? 2 : 1;
     int d = indexer ? c->index_head_dim : c->head_dim, D = c->hidden_size;
     const be_weight *wkv = indexer ? L->ic_wkv : L->c_wkv, *wg = indexer ? L->ic_wgate : L->c_wgate;
+    b->ops->matmul(b, wkv, 0, cc * d, st->s.x, D, st->s.ca, cc * d, st->T);
+    b->ops->matmul(b, wg, 0, cc * d, st->s.x, D, st->s.cg, cc * d, st->T);
     for (int k = 0; k < st->n_chunks; k++) {
         const dv4_chunk *ch = &st->chunks[k];
         dv4_seq_layer *S = &ch->seq->L[layer];
         int r0 = st->row0[k];
-        const float *xr = st->s.x + (size_t)r0 * D;
-        b->ops->matmul(b, wkv, 0, cc * d, xr, D, st->s.ca, cc * d, ch->n);
-        b->ops->matmul(b, wg, 0, cc * d, xr, D, st->s.cg, cc * d, ch->n);
         be_compress_args a = {
             .T = ch->n, .m = m, .c = cc, .d = d, .rope_dims = c->qk_rope_head_dim,
-            .pos = st->pos + r0, .a = st->s.ca, .g = st->s.cg,
+            .pos = st->pos + r0, .a = st->s.ca + (size_t)r0 * cc * d,
+            .g = st->s.cg + (size_t)r0 * cc * d,
             .ape = indexer ? L->ic_ape : L->c_ape, .norm = indexer ? L->ic_norm : L->c_norm,
             .eps = (float)c->rms_norm_eps, .omega = st->m->omega_cmp,
             .cur_a = indexer ? S->icur_a : S->cur_a, .cur_g = indexer ? S->icur_g : S->cur_g,

@@ -267,15 +267,15 @@ static void run_compressor(stp *s, int li, int indexer) {
     blayer *L = &layers[li];
     int m = indexer ? 4 : L->ratio, cc = m == 4 ? 2 : 1, d = indexer ? IHD : DH;
     be_weight *wkv = indexer ? L->ic_wkv : L->c_wkv, *wg = indexer ? L->ic_wgate : L->c_wgate;
+    MM(indexer ? "indexer.compressor.matmul" : "compressor.matmul", wkv, 0, cc * d, s->x, D, s->ca, cc * d, s->T);
+    MM(indexer ? "indexer.compressor.matmul" : "compressor.matmul", wg, 0, cc * d, s->x, D, s->cg, cc * d, s->T);
     for (int k = 0; k < s->n; k++) {
         sl *S = &s->seqs[k]->L[li];
         int r0 = s->row0[k];
-        const float *xr = s->x + (size_t)r0 * D;
-        MM(indexer ? "indexer.compressor.matmul" : "compressor.matmul", wkv, 0, cc * d, xr, D, s->ca, cc * d, s->len[k]);
-        MM(indexer ? "indexer.compressor.matmul" : "compressor.matmul", wg, 0, cc * d, xr, D, s->cg, cc * d, s->len[k]);
         be_compress_args a = {
             .T = s->len[k], .m = m, .c = cc, .d = d, .rope_dims = DR, .pos = s->pos + r0,
-            .a = s->ca, .g = s->cg, .ape = indexer ? L->ic_ape : L->c_ape,
+            .a = s->ca + (size_t)r0 * cc * d, .g = s->cg + (size_t)r0 * cc * d,
+            .ape = indexer ? L->ic_ape : L->c_ape,
             .norm = indexer ? L->ic_norm : L->c_norm, .eps = EPS, .omega = omega_cmp,
             .cur_a = indexer ? S->icur_a : S->cur_a, .cur_g = indexer ? S->icur_g : S->cur_g,
             .prev_a = indexer ? S->iprev_a : S->prev_a, .prev_g = indexer ? S->iprev_g : S->prev_g,
