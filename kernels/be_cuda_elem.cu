@@ -192,6 +192,7 @@ typedef struct {
     const float *h, *part, *sspart;
     const float *base, *scale;
     float *u, *post, *comb;
+    const float *nw; /* non-NULL: u is RMS-normed with these weights, in place (mhc_norm) */
     int S, n, D, iters, head_mode, pad_;
     float hc_eps, norm_eps;
 } mhc_fin_args;
@@ -245,7 +246,9 @@ __device__ void mhc_fin_body(const mhc_fin_args &a, int t) {
         }
     }
     __syncthreads();
-    if (D % 4 == 0 && !((uintptr_t)X & 15) && !((uintptr_t)u & 15)) {
+    float ss = 0; /* of u, for the fused RMSNorm */
+    bool vec = D % 4 == 0 && !((uintptr_t)X & 15) && !((uintptr_t)u & 15);
+    if (vec) {
         /* float4 (one pass of loads in flight for D <= 4·blockDim) */
         for (int i = threadIdx.x; i < D / 4; i += blockDim.x) {
             float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -254,13 +257,30 @@ __device__ void mhc_fin_body(const mhc_fin_args &a, int t) {
                 s.x += pre[j] * xv.x; s.y += pre[j] * xv.y; s.z += pre[j] * xv.z; s.w += pre[j] * xv.w;
             }
             ((float4 *)(u + (size_t)t * D))[i] = s;
+            ss += s.x * s.x + s.y * s.y + s.z * s.z + s.w * s.w;
         }
-        return;
+    } else {
+        for (int i = threadIdx.x; i < D; i += blockDim.x) {
+            float s = 0;
+            for (int j = 0; j < n; j++) s += pre[j] * X[(size_t)j * D + i];
+            u[(size_t)t * D + i] = s;
+            ss += s * s;
+        }
     }
-    for (int i = threadIdx.x; i < D; i += blockDim.x) {
-        float s = 0;
-        for (int j = 0; j < n; j++) s += pre[j] * X[(size_t)j * D + i];
-        u[(size_t)t * D + i] = s;
+    if (!a.nw) return;
+    /* RMSNorm in place: each thread rescales the elements it wrote (as k_rmsnorm: w · (u · r)) */
+    __shared__ float shn[32];
+    ss = block_sum(ss, shn);
+    float r = inv_rms_dev(ss, D, norm_eps);
+    float *ur = u + (size_t)t * D;
+    if (vec) {
+        for (int i = threadIdx.x; i < D / 4; i += blockDim.x) {
+            float4 v = ((float4 *)ur)[i], w = ((const float4 *)a.nw)[i];
+            v.x = w.x * (v.x * r); v.y = w.y * (v.y * r); v.z = w.z * (v.z * r); v.w = w.w * (v.w * r);
+            ((float4 *)ur)[i] = v;
+        }
+    } else {
+        for (int i = threadIdx.x; i < D; i += blockDim.x) ur[i] = a.nw[i] * (ur[i] * r);
     }
 }
 
@@ -310,7 +330,7 @@ enum { MHC_FUSED_T = 16 };
 
 static void mhc_run(be *b, const float *h, const float *fn, const float *base, const float *scale,
                     int T, int n, int D, int iters, float hc_eps, float norm_eps, float *u,
-                    float *post, float *comb, int head_mode) {
+                    float *post, float *comb, int head_mode, const float *nw = nullptr) {
     be_cuda *c = C(b);
     int n_mix = head_mode ? n : (2 + n) * n, width = n * D;
     if (n > 8 || width % 4) {
@@ -324,7 +344,11 @@ static void mhc_run(be *b, const float *h, const float *fn, const float *base, c
     S = (width + slice - 1) / slice;
     float *part = (float *)scratch(b, (size_t)T * n_mix * S * sizeof(float));
     float *sspart = (float *)scratch(b, (size_t)T * S * sizeof(float));
-    mhc_fin_args fa = {h, part, sspart, base, scale, u, post, comb, S, n, D, iters, head_mode, 0,
+    if (nw && ((uintptr_t)nw & 15)) { /* the float4 norm pass reads nw as float4 with u */
+        fprintf(stderr, "duet cuda: mHC norm weights not 16-byte aligned\n");
+        abort();
+    }
+    mhc_fin_args fa = {h, part, sspart, base, scale, u, post, comb, nw, S, n, D, iters, head_mode, 0,
                        hc_eps, norm_eps};
     /* few tokens: stage 2 in the mix launch (per-token block counters, zeroed once, reset by
      * the kernel); many: its own launch, a block of 1024 per token */
@@ -357,6 +381,14 @@ void cu_hc_head(be *b, const float *h, const float *fn, const float *base,
                        float *y) {
     if (T <= 0) return;
     mhc_run(b, h, fn, base, scale, T, n_hc, D, 0, hc_eps, norm_eps, y, NULL, NULL, 1);
+}
+
+void cu_mhc_norm(be *b, int head_mode, const float *h, const float *fn, const float *base,
+                 const float *scale, int T, int n_hc, int D, int iters, float hc_eps,
+                 float norm_eps, const float *norm_w, float *x, float *post, float *comb) {
+    if (T <= 0) return;
+    mhc_run(b, h, fn, base, scale, T, n_hc, D, head_mode ? 0 : iters, hc_eps, norm_eps, x,
+            head_mode ? NULL : post, head_mode ? NULL : comb, head_mode, norm_w);
 }
 
 /* thread per (t, i): X[k][i] = post[k] v[i] + sum_j C[j][k] X[j][i] */

@@ -605,6 +605,9 @@ be_weight *cu_weight_slice(be *b, const ck_weight *w, int64_t r0, int64_t nr, in
                            int64_t nc);
 void cu_weight_free(be *b, be_weight *w);
 float *cu_vector(be *b, const ck_weight *w);
+void cu_mhc_norm(be *b, int head_mode, const float *h, const float *fn, const float *base,
+                 const float *scale, int T, int n_hc, int D, int iters, float hc_eps,
+                 float norm_eps, const float *norm_w, float *x, float *post, float *comb);
 void cu_matmul_xg(be *b, const be_weight *W, int N, const float *x, int ldx, int xgr, int xgs,
                   float *y, int ldy, int T);
 void cu_matmul(be *b, const be_weight *W, int row0, int N, const float *x, int ldx, float *y,

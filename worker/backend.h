@@ -157,6 +157,12 @@ struct be_ops {
      * would be N / xg_rows matmuls */
     void (*matmul_xg)(be *b, const be_weight *W, int N, const float *x, int ldx, int xg_rows,
                       int xg_stride, float *y, int ldy, int T);
+    /* mhc_pre (head_mode 0) or hc_head (1, post/comb unused), then RMSNorm of the collapsed
+     * stream: x[T, D] = rmsnorm(u) · norm_w, u not kept. Every block's sublayer input and the
+     * final norm (spec §2.7, §2.6) in one op where they were two. */
+    void (*mhc_norm)(be *b, int head_mode, const float *h, const float *fn, const float *base,
+                     const float *scale, int T, int n_hc, int D, int iters, float hc_eps,
+                     float norm_eps, const float *norm_w, float *x, float *post, float *comb);
 };
 
 enum { BE_PASS_DIRECT = 0, BE_PASS_RECORD = 1, BE_PASS_CAPTURE = 2, BE_PASS_DONE = 3 };

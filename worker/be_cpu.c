@@ -653,6 +653,17 @@ static void cpu_destroy(be *b) {
     free(b);
 }
 
+static void cpu_mhc_norm(be *b, int head_mode, const float *h, const float *fn,
+                         const float *base, const float *scale, int T, int n_hc, int D, int iters,
+                         float hc_eps, float norm_eps, const float *norm_w, float *x, float *post,
+                         float *comb) {
+    float *u = xmalloc((size_t)T * D * sizeof *u);
+    if (head_mode) cpu_hc_head(b, h, fn, base, scale, T, n_hc, D, hc_eps, norm_eps, u);
+    else cpu_mhc_pre(b, h, fn, base, scale, T, n_hc, D, iters, hc_eps, norm_eps, u, post, comb);
+    cpu_rmsnorm(b, u, norm_w, x, T, D, norm_eps);
+    free(u);
+}
+
 static const struct be_ops cpu_ops = {
     .name = "cpu",
     .alloc = cpu_alloc,
@@ -684,6 +695,7 @@ static const struct be_ops cpu_ops = {
     .fp8_qat = cpu_fp8_qat,
     .hadamard_fp4 = cpu_hadamard_fp4,
     .destroy = cpu_destroy,
+    .mhc_norm = cpu_mhc_norm,
 };
 
 be *be_cpu_create(int n_threads) {

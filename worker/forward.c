@@ -237,16 +237,14 @@ static int block(step *st, int layer) {
     int T = st->T, D = c->hidden_size, hc = c->hc_mult, it = c->hc_sinkhorn_iters;
     float he = (float)c->hc_eps, ne = (float)c->rms_norm_eps;
 
-    b->ops->mhc_pre(b, s->h, L->hc_attn_fn, L->hc_attn_base, L->hc_attn_scale, T, hc, D, it, he,
-                    ne, s->u, s->post, s->comb);
-    b->ops->rmsnorm(b, s->u, L->attn_norm, s->x, T, D, ne);
+    b->ops->mhc_norm(b, 0, s->h, L->hc_attn_fn, L->hc_attn_base, L->hc_attn_scale, T, hc, D, it,
+                     he, ne, L->attn_norm, s->x, s->post, s->comb);
     attention(st, layer);
     if (reduce(st, s->v, (size_t)T * D)) return DUET_EIO;
     b->ops->mhc_post(b, s->h, s->v, s->post, s->comb, T, hc, D);
 
-    b->ops->mhc_pre(b, s->h, L->hc_ffn_fn, L->hc_ffn_base, L->hc_ffn_scale, T, hc, D, it, he,
-                    ne, s->u, s->post, s->comb);
-    b->ops->rmsnorm(b, s->u, L->ffn_norm, s->x, T, D, ne);
+    b->ops->mhc_norm(b, 0, s->h, L->hc_ffn_fn, L->hc_ffn_base, L->hc_ffn_scale, T, hc, D, it,
+                     he, ne, L->ffn_norm, s->x, s->post, s->comb);
     b->ops->moe(b, &L->moe, s->x, st->ids, T, s->v);
     if (reduce(st, s->v, (size_t)T * D)) return DUET_EIO;
     b->ops->mhc_post(b, s->h, s->v, s->post, s->comb, T, hc, D);
@@ -315,9 +313,8 @@ static int run_ops(step *st, float *logits) {
                          s->h + (size_t)(st->row0[k] + first) * hc * D, (size_t)n * hc * D);
             out += n;
         }
-        b->ops->hc_head(b, hsel, m->hc_head_fn, m->hc_head_base, m->hc_head_scale, rows, hc, D,
-                        (float)c->hc_eps, (float)c->rms_norm_eps, s->u);
-        b->ops->rmsnorm(b, s->u, m->norm, ysel, rows, D, (float)c->rms_norm_eps);
+        b->ops->mhc_norm(b, 1, hsel, m->hc_head_fn, m->hc_head_base, m->hc_head_scale, rows, hc, D,
+                         0, (float)c->hc_eps, (float)c->rms_norm_eps, m->norm, ysel, NULL, NULL);
         b->ops->matmul(b, m->head, 0, c->vocab_size, ysel, D, lg, c->vocab_size, rows);
         b->ops->download(b, logits, lg, (size_t)rows * c->vocab_size * sizeof(float));
         b->ops->free(b, hsel);

@@ -314,6 +314,20 @@ static void t_mhc(int T, int n, int D) {
     CPU->ops->hc_head(CPU, h, fn, base, scale, T, n, D, 1e-6f, 1e-6f, y);
     G->ops->hc_head(G, dh, dfn, db, ds, T, n, D, 1e-6f, 1e-6f, du);
     report("hc_head", cas, cmp_dev(du, y, (size_t)T * D), 1e-5);
+    /* mhc_norm: mhc_pre / hc_head fused with the RMSNorm of the collapsed stream */
+    float *nw = rvec((size_t)D, 0.5f, 1.5f), *dnw = dup_dev(nw, (size_t)D * 4);
+    for (int hm = 0; hm < 2; hm++) {
+        CPU->ops->mhc_norm(CPU, hm, h, fn, base, scale, T, n, D, 20, 1e-6f, 1e-6f, nw, y, post, comb);
+        G->ops->mhc_norm(G, hm, dh, dfn, db, ds, T, n, D, 20, 1e-6f, 1e-6f, dnw, du, dp, dc);
+        snprintf(cas, sizeof cas, "T%d n_hc%d D%d %s x", T, n, D, hm ? "head" : "pre");
+        report("mhc_norm", cas, cmp_dev(du, y, (size_t)T * D), 1e-5);
+        if (!hm) {
+            snprintf(cas, sizeof cas, "T%d n_hc%d D%d pre comb", T, n, D);
+            report("mhc_norm", cas, cmp_dev(dc, comb, (size_t)T * n * n), 1e-5);
+        }
+    }
+    G->ops->free(G, dnw);
+    free(nw);
     void *ds_[] = {dh, dfn, db, ds, du, dp, dc, dv};
     for (size_t i = 0; i < sizeof ds_ / sizeof *ds_; i++) G->ops->free(G, ds_[i]);
     free(h); free(fn); free(base); free(scale); free(u); free(post); free(comb); free(v); free(y);

@@ -400,14 +400,12 @@ static void step_ops(stp *sp, float *logits_host) {
     OP("embed", B->ops->embed(B, embed_w, s.ids, T, HC, s.h));
     for (int l = 0; l < n_layers; l++) {
         blayer *L = &layers[l];
-        OP("mhc", B->ops->mhc_pre(B, s.h, L->hc_attn_fn, L->hc_attn_base, L->hc_attn_scale, T, HC, D,
-                                  ITERS, EPS, EPS, s.u, s.post, s.comb));
-        OP("norm", B->ops->rmsnorm(B, s.u, L->attn_norm, s.x, T, D, EPS));
+        OP("mhc", B->ops->mhc_norm(B, 0, s.h, L->hc_attn_fn, L->hc_attn_base, L->hc_attn_scale, T,
+                                   HC, D, ITERS, EPS, EPS, L->attn_norm, s.x, s.post, s.comb));
         attention(&s, l);
         OP("mhc", B->ops->mhc_post(B, s.h, s.v, s.post, s.comb, T, HC, D));
-        OP("mhc", B->ops->mhc_pre(B, s.h, L->hc_ffn_fn, L->hc_ffn_base, L->hc_ffn_scale, T, HC, D,
-                                  ITERS, EPS, EPS, s.u, s.post, s.comb));
-        OP("norm", B->ops->rmsnorm(B, s.u, L->ffn_norm, s.x, T, D, EPS));
+        OP("mhc", B->ops->mhc_norm(B, 0, s.h, L->hc_ffn_fn, L->hc_ffn_base, L->hc_ffn_scale, T,
+                                   HC, D, ITERS, EPS, EPS, L->ffn_norm, s.x, s.post, s.comb));
         /* FLOPs: gate + 6 routed and 1 shared expert (3 matrices of D x I each) per token */
         cur_flops = bd_on ? 2.0 * T * ((KTOP + 1) * 3.0 * D * I + (double)E * D) : 0;
         OP("moe", B->ops->moe(B, &L->moe, s.x, s.ids, T, s.v));
@@ -417,8 +415,8 @@ static void step_ops(stp *sp, float *logits_host) {
     for (int k = 0; k < n; k++)
         B->ops->copy(B, hsel + (size_t)k * HC * D, s.h + (size_t)(s.row0[k] + len[k] - 1) * HC * D,
                      (size_t)HC * D);
-    OP("head", B->ops->hc_head(B, hsel, hc_head_fn, hc_head_base, hc_head_scale, n, HC, D, EPS, EPS, s.u));
-    OP("head", B->ops->rmsnorm(B, s.u, norm_w, ysel, n, D, EPS));
+    OP("head", B->ops->mhc_norm(B, 1, hsel, hc_head_fn, hc_head_base, hc_head_scale, n, HC, D, 0,
+                                EPS, EPS, norm_w, ysel, NULL, NULL));
     MM("head", head_w, 0, VOCAB, ysel, D, lg, VOCAB, n);
     OP("head", B->ops->download(B, logits_host, lg, (size_t)n * VOCAB * sizeof(float)));
     void *fr[] = {s.h, s.u, s.x, s.post, s.comb, s.cq, s.q, s.kv, s.o, s.y, s.v, s.ca, s.cg,
