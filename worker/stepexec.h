@@ -21,6 +21,7 @@
 
 typedef struct sx_seq sx_seq;
 typedef struct sx_snapmap sx_snapmap;
+struct pool;
 
 typedef struct {
     dv4_model *m;                  /* not owned; NULL until configured */
@@ -34,6 +35,7 @@ typedef struct {
     int n_seqs;
     sx_snapmap *snaps;             /* block_id → snapshot */
     _Atomic uint32_t live_seqs, kv_blocks_used, cached_blocks;
+    struct pool *spool;            /* rank 0: threads that sample a step's chunks (lazy) */
 } sx;
 
 /* Sizes the budget and (re)creates empty state for a loaded model: block (0 → 256; a multiple

@@ -140,6 +140,53 @@ static int cand_cmp(const void *a, const void *b) {
 
 static float clean(float v) { return isnan(v) ? -INFINITY : v; }
 
+static void cswap(cand *a, cand *b) {
+    cand t = *a;
+    *a = *b;
+    *b = t;
+}
+
+/* c[0..k) = the k first of c[0..n) in cand_cmp order, sorted; the rest after them in some
+ * order that depends only on the input. Quickselect (median of three, Lomuto on a strict total
+ * order), then a sort of the prefix: O(n + k log k) where a full sort of the vocabulary (129280
+ * candidates, ~10 ms) per sampled token stalled big batches. */
+static void sorted_prefix(cand *c, int n, int k) {
+    if (k <= 0) return;
+    if (k > n) k = n;
+    int lo = 0, hi = n - 1;
+    while (k < n && lo < hi) {
+        int mid = lo + (hi - lo) / 2;
+        if (cand_cmp(&c[mid], &c[lo]) < 0) cswap(&c[mid], &c[lo]);
+        if (cand_cmp(&c[hi], &c[lo]) < 0) cswap(&c[hi], &c[lo]);
+        if (cand_cmp(&c[hi], &c[mid]) < 0) cswap(&c[hi], &c[mid]);
+        cswap(&c[mid], &c[hi]); /* pivot (the median) at hi */
+        int st = lo;
+        for (int i = lo; i < hi; i++)
+            if (cand_cmp(&c[i], &c[hi]) < 0) cswap(&c[i], &c[st++]);
+        cswap(&c[st], &c[hi]); /* c[lo..st) before the pivot, c[st] = pivot */
+        if (st == k - 1 || st == k) break;
+        if (st < k) lo = st + 1;
+        else hi = st - 1;
+    }
+    qsort(c, (size_t)k, sizeof *c, cand_cmp);
+}
+
+/* The candidates in cand_cmp order, sorted on demand: at(i) extends the sorted prefix (x4) when
+ * i is past it, so truncation and the draw usually sort a few hundred of them. */
+typedef struct {
+    cand *c;
+    int n, m; /* candidates; sorted prefix */
+} ranked;
+
+static const cand *rank_at(ranked *r, int i) {
+    if (i >= r->m) {
+        int m = r->m * 4 > i + 1 ? r->m * 4 : i + 1;
+        r->m = m < r->n ? m : r->n;
+        sorted_prefix(r->c, r->n, r->m);
+    }
+    return &r->c[i];
+}
+
 /* The n_top largest raw logits, descending, ties → lower id (one pass, n_top <= 20). */
 static void raw_top(const float *logits, int vocab, int n_top, cand *top) {
     int n = 0;
@@ -183,14 +230,17 @@ static void shape(float *x, unsigned char **masked, int vocab, const worker_samp
 int32_t worker_sample(const float *logits, int vocab, const worker_sample_params *p,
                       const worker_counts *counts, uint64_t pos, float *logprob, int n_top,
                       int32_t *top_ids, float *top_logprobs, char *err, size_t errlen) {
-    /* raw log-softmax normaliser */
-    float rmx = -INFINITY;
-    for (int i = 0; i < vocab; i++)
-        if (clean(logits[i]) > rmx) rmx = clean(logits[i]);
-    double z = 0;
-    if (isfinite(rmx))
-        for (int i = 0; i < vocab; i++) z += exp((double)clean(logits[i]) - rmx);
-    double lse = isfinite(rmx) ? rmx + log(z) : 0;
+    /* raw log-softmax normaliser (a pass of exp over the vocabulary: only for logprobs) */
+    double lse = 0;
+    if (logprob || n_top > 0) {
+        float rmx = -INFINITY;
+        for (int i = 0; i < vocab; i++)
+            if (clean(logits[i]) > rmx) rmx = clean(logits[i]);
+        double z = 0;
+        if (isfinite(rmx))
+            for (int i = 0; i < vocab; i++) z += exp((double)clean(logits[i]) - rmx);
+        lse = isfinite(rmx) ? rmx + log(z) : 0;
+    }
 
     float *x = xmalloc((size_t)vocab * sizeof *x);
     for (int i = 0; i < vocab; i++) x[i] = clean(logits[i]);
@@ -213,41 +263,49 @@ int32_t worker_sample(const float *logits, int vocab, const worker_sample_params
         int n = 0;
         for (int i = 0; i < vocab; i++)
             if (!(masked && masked[i])) c[n++] = (cand){x[i], i};
-        qsort(c, (size_t)n, sizeof *c, cand_cmp);
+        ranked r = {c, n, 0};
         if (p->top_k > 0 && p->top_k < n) n = p->top_k;
-        /* probabilities at this temperature over the kept candidates (c[0] is the max) */
-        double *pr = xmalloc((size_t)n * sizeof *pr), sum = 0;
-        for (int i = 0; i < n; i++) pr[i] = exp(((double)c[i].v - c[0].v) / p->temperature);
+        rank_at(&r, n < 64 ? n - 1 : 63);
+        /* probabilities at this temperature over the kept candidates (rank 0 is the max);
+         * sums over all of them when nothing cuts them (tot, sum) run in the candidates'
+         * order, a fixed function of the logits */
+        double c0 = c[0].v, T = p->temperature, sum = 0;
+#define PR(i) exp(((double)rank_at(&r, (i))->v - c0) / T)
         if (p->top_p > 0 && p->top_p < 1) {
             double s = 0, tot = 0;
-            for (int i = 0; i < n; i++) tot += pr[i];
+            for (int i = 0; i < n; i++) tot += n < r.n ? PR(i) : exp(((double)c[i].v - c0) / T);
             int k = 0;
             while (k < n) {
-                s += pr[k++];
+                s += PR(k);
+                k++;
                 if (s >= p->top_p * tot) break;
             }
             n = k;
         }
         if (p->min_p > 0 && p->min_p <= 1) {
             int k = 1;
-            while (k < n && pr[k] / pr[0] >= p->min_p) k++;
+            while (k < n && PR(k) >= p->min_p) k++; /* PR(0) = 1 */
             n = k;
         }
-        for (int i = 0; i < n; i++) sum += pr[i];
+        if (n < r.n)
+            for (int i = 0; i < n; i++) sum += PR(i);
+        else
+            for (int i = 0; i < n; i++) sum += exp(((double)c[i].v - c0) / T);
         /* counter-based: (seed, stream, position) → one uniform draw; stream 0 adds nothing */
         uint64_t sx = p->stream;
         uint64_t st = p->seed ^ (pos * 0xD1B54A32D192ED03ull) ^ (sx ? splitmix64(&sx) : 0);
         double u = (double)(splitmix64(&st) >> 11) * 0x1.0p-53 * sum;
-        chosen = c[n - 1].id;
+        chosen = -1;
         double acc = 0;
         for (int i = 0; i < n; i++) {
-            acc += pr[i];
+            acc += PR(i);
             if (u < acc) {
-                chosen = c[i].id;
+                chosen = rank_at(&r, i)->id;
                 break;
             }
         }
-        free(pr);
+        if (chosen < 0) chosen = rank_at(&r, n - 1)->id;
+#undef PR
         free(c);
     }
     free(x);

@@ -20,6 +20,62 @@ static void ramp(float *x) {
     for (int i = 0; i < V; i++) x[i] = (float)((i * 37) % V) * 0.1f; /* max at id with 37i%64=63 */
 }
 
+/* ---- reference: the sampler as specified, with a full sort of every candidate ------------ */
+
+typedef struct {
+    float v;
+    int32_t id;
+} rcand;
+
+static int rcand_cmp(const void *a, const void *b) { /* value descending, then id ascending */
+    const rcand *x = a, *y = b;
+    return x->v > y->v ? -1 : x->v < y->v ? 1 : (x->id > y->id) - (x->id < y->id);
+}
+
+static uint64_t rmix(uint64_t *x) {
+    uint64_t z = (*x += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+/* temperature > 0, no masks, bias or penalties */
+static int32_t ref_sample(const float *x, int n, const worker_sample_params *p, uint64_t pos) {
+    rcand *c = malloc((size_t)n * sizeof *c);
+    for (int i = 0; i < n; i++) c[i] = (rcand){x[i], i};
+    qsort(c, (size_t)n, sizeof *c, rcand_cmp);
+    if (p->top_k > 0 && p->top_k < n) n = p->top_k;
+    double *pr = malloc((size_t)n * sizeof *pr), sum = 0;
+    for (int i = 0; i < n; i++) pr[i] = exp(((double)c[i].v - c[0].v) / p->temperature);
+    if (p->top_p > 0 && p->top_p < 1) {
+        double s = 0, tot = 0;
+        for (int i = 0; i < n; i++) tot += pr[i];
+        int k = 0;
+        while (k < n) {
+            s += pr[k++];
+            if (s >= p->top_p * tot) break;
+        }
+        n = k;
+    }
+    if (p->min_p > 0 && p->min_p <= 1) {
+        int k = 1;
+        while (k < n && pr[k] / pr[0] >= p->min_p) k++;
+        n = k;
+    }
+    for (int i = 0; i < n; i++) sum += pr[i];
+    uint64_t sx = p->stream, st = p->seed ^ (pos * 0xD1B54A32D192ED03ull) ^ (sx ? rmix(&sx) : 0);
+    double u = (double)(rmix(&st) >> 11) * 0x1.0p-53 * sum, acc = 0;
+    int32_t chosen = c[n - 1].id;
+    for (int i = 0; i < n; i++)
+        if (u < (acc += pr[i])) {
+            chosen = c[i].id;
+            break;
+        }
+    free(pr);
+    free(c);
+    return chosen;
+}
+
 static int argmax(const float *x) {
     int b = 0;
     for (int i = 1; i < V; i++)
@@ -38,6 +94,39 @@ static double raw_logprob(const float *x, int id) {
     for (int i = 0; i < V; i++) z += exp(x[i] - mx);
     return x[id] - mx - log(z);
 }
+
+/* The sampler sorts only the prefix it needs (quickselect + growing sorted prefix): it must
+ * draw what the full sort draws, over many parameter sets, with ties, on a vocabulary large
+ * enough for several selection rounds. (The sums over all candidates when nothing truncates
+ * may differ in the last bits from the sorted-order sums; no draw here lands on such a bit.) */
+START_TEST(partial_sort_matches_full_sort) {
+    enum { NV = 20000 };
+    float *x = malloc(NV * sizeof *x);
+    uint64_t g = 12345;
+    for (int i = 0; i < NV; i++) x[i] = (float)(rmix(&g) % 4000) * 0.005f - 10.0f; /* many ties */
+    const float temps[] = {0.3f, 1.0f, 1.7f}, tps[] = {0, 0.3f, 0.9f, 0.999f}, mps[] = {0, 0.05f};
+    const int tks[] = {0, 1, 7, 50, 3000};
+    int n = 0;
+    for (size_t a = 0; a < 3; a++)
+        for (size_t b = 0; b < 5; b++)
+            for (size_t d = 0; d < 4; d++)
+                for (size_t e = 0; e < 2; e++)
+                    for (uint64_t pos = 0; pos < 4; pos++) {
+                        worker_sample_params p = {0};
+                        p.temperature = temps[a], p.top_k = tks[b], p.top_p = tps[d];
+                        p.min_p = mps[e], p.seed = 99 + pos, p.stream = (uint32_t)pos;
+                        int32_t got = worker_sample(x, NV, &p, NULL, pos * 7, NULL, 0, NULL, NULL,
+                                                    NULL, 0);
+                        int32_t want = ref_sample(x, NV, &p, pos * 7);
+                        ck_assert_msg(got == want, "T %g top_k %d top_p %g min_p %g pos %llu: "
+                                      "%d, full sort %d", p.temperature, p.top_k, p.top_p,
+                                      p.min_p, (unsigned long long)pos, got, want);
+                        n++;
+                    }
+    ck_assert_int_eq(n, 480);
+    free(x);
+}
+END_TEST
 
 START_TEST(greedy_is_argmax) {
     float x[V];
@@ -388,6 +477,7 @@ int main(void) {
     tcase_add_test(t, min_p_keeps_only_likely_tokens);
     tcase_add_test(t, streams_are_independent_and_keyed);
     tcase_add_test(t, logprobs_are_raw_and_sorted);
+    tcase_add_test(t, partial_sort_matches_full_sort);
     suite_add_tcase(s, t);
     SRunner *r = srunner_create(s);
     srunner_run_all(r, CK_NORMAL);
