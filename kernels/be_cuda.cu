@@ -67,6 +67,10 @@ static void cu_destroy(be *b) {
     free(c);
 }
 
+/* be_cuda_attn.cu (declared here until be_cuda_internal.cuh lists it with cu_ring_write) */
+void cu_ring_write_bf16(be *b, uint16_t *ring, int ring_size, int dim, const float *kv,
+                        const int32_t *pos, int T);
+
 static const struct be_ops cuda_ops = {
     "cuda",
     cu_alloc, cu_free, cu_upload, cu_download, cu_fill, cu_copy,
@@ -75,7 +79,7 @@ static const struct be_ops cuda_ops = {
     cu_mhc_pre, cu_mhc_post, cu_hc_head,
     cu_attention, cu_ring_write, cu_compress, cu_index_topk, cu_moe,
     cu_scale_rows, cu_add, cu_fp8_qat, cu_hadamard_fp4,
-    cu_destroy, cu_graph_begin, cu_graph_end, cu_matmul_xg,
+    cu_destroy, cu_graph_begin, cu_graph_end, cu_matmul_xg, cu_ring_write_bf16,
 };
 
 extern "C" be *be_cuda_create(int device, double mem_fraction, char *err, size_t errlen) {

@@ -401,7 +401,7 @@ START_TEST(prefix_blocks_and_budget) {
     ck_assert_int_eq(dv4_load(model_dir, b, NULL, &m, err, sizeof err), 0);
     const int vocab = dv4_cfg(m)->vocab_size;
     dv4_kv_sizes z;
-    ck_assert_int_eq(dv4_kv_sizes_of(dv4_cfg(m), B, &z, err, sizeof err), 0);
+    ck_assert_int_eq(dv4_kv_sizes_of(dv4_cfg(m), B, dv4_get_kv_dtype(m), &z, err, sizeof err), 0);
     dv4_free(m);
     b->ops->destroy(b);
     const uint32_t total = (uint32_t)(((4u << 20) - 6 * z.fixed_bytes) / z.block_bytes);
