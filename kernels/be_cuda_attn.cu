@@ -3,7 +3,8 @@
  *
  * Why apart: its own kernel shape (block per (token, head), online softmax per warp) and its
  * own inputs (the key plan staged per call); nothing else uses it. Rings and compressed entries
- * are f32 or bf16 (a.kv_bf16; kv_dev.cuh); this step's kv rows are always f32.
+ * are f32 or bf16 (a.kv_bf16; kv_dev.cuh); this step's kv rows are f32, read at bf16 precision
+ * when kv_bf16.
  */
 #include "kernels/be_cuda_internal.cuh"
 #include "kernels/kv_dev.cuh"
@@ -36,7 +37,9 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) k_attn(be_attn_args a, const b
     int n_keys = n_ring + n_rows + p.n_cmp;
     float m = -INFINITY, l = 0.f;
     for (int j = warp; j < n_keys; j += ATT_WARPS) {
-        const void *key; /* row `row` of a [*, d] array: ring / cmp in the KV dtype, kv f32 */
+        /* row `row` of a [*, d] array: ring / cmp in the KV dtype, kv f32 (rounded to bf16 as
+         * the ring will hold it when kv_bf16: a no-op on values read from bf16) */
+        const void *key;
         size_t row;
         int kbf = a.kv_bf16;
         if (j < n_ring) key = p.ring, row = (size_t)((p.ring_lo + j) % p.ring_size);
@@ -49,7 +52,7 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) k_attn(be_attn_args a, const b
         float dot = 0.f;
 #pragma unroll
         for (int jj = 0; jj < ATT_MAXD / 32; jj++) {
-            kv[jj] = jj < nd ? kv_at(key, row * d + lane + 32 * jj, kbf) : 0.f;
+            kv[jj] = jj < nd ? kv_round(kv_at(key, row * d + lane + 32 * jj, kbf), a.kv_bf16) : 0.f;
             dot += qv[jj] * kv[jj];
         }
         float s = warp_sum(dot) * a.scale;

@@ -17,6 +17,12 @@ __device__ __forceinline__ float kv_at(const void *base, size_t i, int bf16) {
     return bf16 ? fd_bf16_to_f32(((const uint16_t *)base)[i]) : ((const float *)base)[i];
 }
 
+/* v as a bf16 KV array would hold it (bf16 != 0), else v: this step's f32 kv rows are seen at
+ * the precision the ring will store them, so chunking never changes what a query sees */
+__device__ __forceinline__ float kv_round(float v, int bf16) {
+    return bf16 ? fd_bf16_to_f32(fd_f32_to_bf16(v)) : v;
+}
+
 /* stores v into element i of a KV array of the same kind */
 __device__ __forceinline__ void kv_set(void *base, size_t i, int bf16, float v) {
     if (bf16) ((uint16_t *)base)[i] = fd_f32_to_bf16(v);

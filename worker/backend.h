@@ -50,7 +50,10 @@ typedef struct {
     const int32_t *cmp_idx;   /* [T, idx_stride] backend memory, or NULL */
     int idx_stride;
     float *out;               /* [T, n_heads, head_dim] */
-    int kv_bf16;              /* plan rings and cmp entries are bf16 (last: positional inits) */
+    int kv_bf16;              /* plan rings and cmp entries are bf16, and this step's kv rows
+                                 are read rounded to bf16 (as the ring will hold them: a query
+                                 sees the same keys however the sequence was chunked); last
+                                 field: positional initialisers stay f32 */
 } be_attn_args;
 
 /* Compressor over the tokens of ONE sequence (spec §2.4.3), in order. `a` and `g` are the

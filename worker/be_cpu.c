@@ -372,13 +372,20 @@ static void attn_task(void *vc, int job) {
     int n_keys = n_ring + n_rows + p->n_cmp;
     const float **keys = xmalloc((size_t)(n_keys ? n_keys : 1) * sizeof *keys);
     float *s = xmalloc((size_t)(n_keys ? n_keys : 1) * sizeof *s);
-    /* bf16 state: ring and compressed keys widened, [n_ring + n_cmp, d] */
-    float *wide = a->kv_bf16 ? xmalloc(((size_t)n_ring + p->n_cmp + 1) * d * sizeof *wide) : NULL;
+    /* bf16 state: ring and compressed keys widened, this step's rows rounded to bf16 (as the
+     * ring will hold them), [n_keys, d] */
+    float *wide = a->kv_bf16 ? xmalloc(((size_t)n_keys + 1) * d * sizeof *wide) : NULL;
     int k = 0, nw = 0;
     for (int pos = p->ring_lo; pos < p->ring_hi; pos++, nw++)
         keys[k++] = kv_row(p->ring, (size_t)(pos % p->ring_size), d, a->kv_bf16,
                            wide + (size_t)nw * d);
-    for (int r = p->row_lo; r < p->row_hi; r++) keys[k++] = a->kv + (size_t)r * d;
+    for (int r = p->row_lo; r < p->row_hi; r++, nw++) {
+        keys[k++] = a->kv + (size_t)r * d;
+        if (!a->kv_bf16) continue;
+        float *w = wide + (size_t)nw * d;
+        for (int i = 0; i < d; i++) w[i] = fmt_bf16_to_f32(fmt_f32_to_bf16(keys[k - 1][i]));
+        keys[k - 1] = w;
+    }
     for (int i = 0; i < p->n_cmp; i++, nw++) {
         int e = a->cmp_idx ? a->cmp_idx[(size_t)t * a->idx_stride + i] : i;
         keys[k++] = kv_row(p->cmp, (size_t)e, d, a->kv_bf16, wide + (size_t)nw * d);
