@@ -2,9 +2,12 @@
  * ring write.
  *
  * Why apart: its own kernel shape (block per (token, head), online softmax per warp) and its
- * own inputs (the key plan staged per call); nothing else uses it.
+ * own inputs (the key plan staged per call); nothing else uses it. Rings and compressed entries
+ * are f32 or bf16 (a.kv_bf16; kv_dev.cuh); this step's kv rows are f32, read at bf16 precision
+ * when kv_bf16.
  */
 #include "kernels/be_cuda_internal.cuh"
+#include "kernels/kv_dev.cuh"
 
 /* ======================================================================================== */
 /* attention with sinks over a key plan (spec §2.4.5)                                        */
@@ -34,21 +37,36 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) k_attn(be_attn_args a, const b
     int n_keys = n_ring + n_rows + p.n_cmp;
     float m = -INFINITY, l = 0.f;
     for (int j = warp; j < n_keys; j += ATT_WARPS) {
-        const float *key;
-        if (j < n_ring) key = p.ring + (size_t)((p.ring_lo + j) % p.ring_size) * d;
-        else if (j < n_ring + n_rows) key = a.kv + (size_t)(p.row_lo + j - n_ring) * d;
+        /* row `row` of a [*, d] array: ring / cmp in the KV dtype, kv f32 (rounded to bf16 as
+         * the ring will hold it when kv_bf16: a no-op on values read from bf16) */
+        const void *key;
+        size_t row;
+        int kbf = a.kv_bf16;
+        if (j < n_ring) key = p.ring, row = (size_t)((p.ring_lo + j) % p.ring_size);
+        else if (j < n_ring + n_rows) key = a.kv, row = (size_t)(p.row_lo + j - n_ring), kbf = 0;
         else {
             int i = j - n_ring - n_rows;
-            int e = a.cmp_idx ? a.cmp_idx[(size_t)t * a.idx_stride + i] : i;
-            key = p.cmp + (size_t)e * d;
+            key = p.cmp, row = (size_t)(a.cmp_idx ? a.cmp_idx[(size_t)t * a.idx_stride + i] : i);
         }
+        /* one load loop per storage kind (the flag is warp-uniform): the attention re-reads
+         * every key once per head, so per-element dtype branches and roundings of values that
+         * are already bf16 tripled its time */
         float kv[ATT_MAXD / 32];
+        if (kbf) {
+            const uint16_t *kp = (const uint16_t *)key + row * d + lane;
+#pragma unroll
+            for (int jj = 0; jj < ATT_MAXD / 32; jj++) kv[jj] = jj < nd ? fd_bf16_to_f32(kp[32 * jj]) : 0.f;
+        } else {
+            const float *kp = (const float *)key + row * d + lane;
+#pragma unroll
+            for (int jj = 0; jj < ATT_MAXD / 32; jj++) kv[jj] = jj < nd ? kp[32 * jj] : 0.f;
+            if (a.kv_bf16) /* this step's f32 kv rows, seen as the bf16 ring will hold them */
+#pragma unroll
+                for (int jj = 0; jj < ATT_MAXD / 32; jj++) kv[jj] = kv_round(kv[jj], 1);
+        }
         float dot = 0.f;
 #pragma unroll
-        for (int jj = 0; jj < ATT_MAXD / 32; jj++) {
-            kv[jj] = jj < nd ? key[lane + 32 * jj] : 0.f;
-            dot += qv[jj] * kv[jj];
-        }
+        for (int jj = 0; jj < ATT_MAXD / 32; jj++) dot += qv[jj] * kv[jj];
         float s = warp_sum(dot) * a.scale;
         float mn = s > m ? s : m;
         float corr = expf(m - mn), e = expf(s - mn);
@@ -93,26 +111,41 @@ void cu_attention(be *b, const be_attn_args *a) {
     memset(&da, 0, sizeof da);
     da.T = a->T, da.n_heads = a->n_heads, da.head_dim = a->head_dim, da.scale = a->scale;
     da.q = a->q, da.kv = a->kv, da.sink = a->sink, da.cmp_idx = a->cmp_idx;
-    da.idx_stride = a->idx_stride, da.out = a->out;
+    da.idx_stride = a->idx_stride, da.out = a->out, da.kv_bf16 = a->kv_bf16;
     KL(c, k_attn, a->T * a->n_heads, ATT_WARPS * 32, 0, da, dp, pm);
 }
 
 typedef inl<int32_t, 64> pos_inl;
-__global__ void k_ring_write(float *ring, int ring_size, int dim, const float *kv,
-                             const int32_t *pos, pos_inl pm) {
+/* K = float (f32 ring) or uint16_t (bf16 ring, rounded to nearest even) */
+template <typename K>
+__global__ void k_ring_write(K *ring, int ring_size, int dim, const float *kv, const int32_t *pos,
+                             pos_inl pm) {
     PDL_ENTER();
     int t = blockIdx.x;
-    float *dst = ring + (size_t)(inl_at(pos, pm, t) % ring_size) * dim;
-    for (int i = threadIdx.x; i < dim; i += blockDim.x) dst[i] = kv[(size_t)t * dim + i];
+    size_t slot = (size_t)(inl_at(pos, pm, t) % ring_size) * dim;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x)
+        kv_set(ring, slot + i, sizeof(K) == 2, kv[(size_t)t * dim + i]);
 }
 
-void cu_ring_write(be *b, float *ring, int ring_size, int dim, const float *kv,
-                          const int32_t *pos, int T) {
+template <typename K>
+static void ring_write(be *b, K *ring, int ring_size, int dim, const float *kv, const int32_t *pos,
+                       int T) {
     if (T <= 0) return;
     be_cuda *c = C(b);
     /* several tokens may map to one slot (T > ring_size): only the last one may write */
     int first = T > ring_size ? T - ring_size : 0;
     pos_inl pm;
     const int32_t *dp = inl_put(c, pos + first, (size_t)(T - first), pm);
-    KL(c, k_ring_write, T - first, 128, 0, ring, ring_size, dim, kv + (size_t)first * dim, dp, pm);
+    KL(c, (k_ring_write<K>), T - first, 128, 0, ring, ring_size, dim, kv + (size_t)first * dim, dp,
+       pm);
+}
+
+void cu_ring_write(be *b, float *ring, int ring_size, int dim, const float *kv,
+                   const int32_t *pos, int T) {
+    ring_write(b, ring, ring_size, dim, kv, pos, T);
+}
+
+void cu_ring_write_bf16(be *b, uint16_t *ring, int ring_size, int dim, const float *kv,
+                        const int32_t *pos, int T) {
+    ring_write(b, ring, ring_size, dim, kv, pos, T);
 }

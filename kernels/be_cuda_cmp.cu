@@ -2,9 +2,11 @@
  * and the indexer (spec §2.4.4: scores and exact top-k).
  *
  * Why apart: both work on compressed entries and carry state across calls; they are checked
- * together by the compressor/indexer cases of tests/cuda/test_cuda_ops.c.
+ * together by the compressor/indexer cases of tests/cuda/test_cuda_ops.c. Entries and indexer
+ * keys are f32 or bf16 (kv_bf16; kv_dev.cuh); the window carries are always f32.
  */
 #include "kernels/be_cuda_internal.cuh"
+#include "kernels/kv_dev.cuh"
 
 /* ======================================================================================== */
 /* compressor (spec §2.4.3)                                                                  */
@@ -21,8 +23,9 @@ typedef struct {
     int fp8_nope_qat;
     const float *a, *g, *ape, *norm;
     const float *omega;
-    float *cur_a, *cur_g, *prev_a, *prev_g, *entries;
-    int hadamard_fp4_qat, pad_;
+    float *cur_a, *cur_g, *prev_a, *prev_g;
+    void *entries;             /* [cap, d] f32, or bf16 when kv_bf16 */
+    int hadamard_fp4_qat, kv_bf16;
 } cmp_dev;
 typedef inl<int, 1> pos0_inl;
 
@@ -114,7 +117,7 @@ __global__ void __launch_bounds__(256) k_cmp_windows(cmp_dev ain, const int *dp,
             fd_fp4_roundtrip(z + i, d - i < 32 ? d - i : 32);
         __syncthreads();
     }
-    for (int i = threadIdx.x; i < d; i += blockDim.x) a.entries[(size_t)w * d + i] = z[i];
+    for (int i = threadIdx.x; i < d; i += blockDim.x) kv_set(a.entries, (size_t)w * d + i, a.kv_bf16, z[i]);
 }
 
 /* prev <- A-halves of the last window closed in this call (if any), from inputs or the state at
@@ -176,7 +179,7 @@ void cu_compress(be *b, const be_compress_args *a) {
     d.a = a->a, d.g = a->g, d.ape = a->ape, d.norm = a->norm;
     d.cur_a = a->cur_a, d.cur_g = a->cur_g, d.prev_a = a->prev_a, d.prev_g = a->prev_g;
     d.entries = a->entries, d.fp8_nope_qat = a->fp8_nope_qat;
-    d.hadamard_fp4_qat = a->hadamard_fp4_qat;
+    d.hadamard_fp4_qat = a->hadamard_fp4_qat, d.kv_bf16 = a->kv_bf16;
     pos0_inl pm;
     const int *dp = inl_put(c, &pos0, 1, pm);
     /* windows closing at tokens of this call: positions w*m + m-1 in [pos0, pos0+T). A graphed
@@ -210,11 +213,12 @@ __global__ void __launch_bounds__(256) k_index_scores(be_index_args a, const int
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int e = blockIdx.x * 8 + warp;
     if (e >= nv) return;
-    const float *key = a.keys + (size_t)e * hd;
     const float *w = a.w + (size_t)t * H;
     float kv[16];
     int nk = (hd + 31) / 32;
-    for (int j = 0; j < 16; j++) kv[j] = (j < nk && lane + 32 * j < hd) ? key[lane + 32 * j] : 0.f;
+    for (int j = 0; j < 16; j++)
+        kv[j] = (j < nk && lane + 32 * j < hd) ? kv_at(a.keys, (size_t)e * hd + lane + 32 * j, a.kv_bf16)
+                                               : 0.f;
     float score = 0;
     for (int g = 0; g < H; g++) {
         float dot = 0;
@@ -328,8 +332,11 @@ void cu_index_topk(be *b, const be_index_args *a) {
     int ld = nvmax;
     if (c->gmode)
         for (ld = 64; ld < nvmax;) ld *= 2;
-    be_index_args ka = *a;
-    ka.n_visible = NULL; /* a host pointer: kernels read dn */
+    be_index_args ka; /* field by field: no padding bytes in the arguments the graph cache compares */
+    memset(&ka, 0, sizeof ka);
+    ka.T = a->T, ka.n_heads = a->n_heads, ka.head_dim = a->head_dim, ka.topk = a->topk;
+    ka.q = a->q, ka.w = a->w, ka.keys = a->keys, ka.idx = a->idx, ka.kv_bf16 = a->kv_bf16;
+    /* n_visible stays NULL (a host pointer): kernels read dn */
     /* row t's scores are written and read for entries < n_visible[t] only: not zeroed */
     float *scores = (float *)scratch(b, (size_t)a->T * ld * sizeof(float));
     size_t smem = (size_t)a->n_heads * a->head_dim * sizeof(float);

@@ -20,6 +20,11 @@
 typedef struct be be;               /* a backend instance */
 typedef struct be_weight be_weight; /* a weight in its stored format, owned by the backend */
 
+/* KV state storage (spec §3.1): a sequence's raw-KV ring, compressed entries and indexer keys
+ * are f32 or bf16 (uint16, round to nearest even on write, widened to f32 on read; all math is
+ * f32). Ops that touch them take a `kv_bf16` flag (0: f32, 1: bf16); compressor carries, this
+ * step's kv and every activation stay f32. */
+
 /* Per-token key plan for sparse attention (host memory). For the query in batch row r at
  * absolute position t: raw-window keys come from the sequence's ring for positions
  * [ring_lo, ring_hi) (slot = pos mod ring_size) and from batch rows [row_lo, row_hi) of the
@@ -27,11 +32,11 @@ typedef struct be_weight be_weight; /* a weight in its stored format, owned by t
  * when `cmp_idx` is non-NULL, the entries listed in row r of cmp_idx ([T, idx_stride] int32,
  * backend memory, n_cmp valid). */
 typedef struct {
-    const float *ring;      /* [ring_size, head_dim], backend memory, may be NULL if unused */
+    const void *ring;       /* [ring_size, head_dim] KV dtype, backend memory, may be NULL if unused */
     int ring_size;
     int ring_lo, ring_hi;   /* absolute positions */
     int row_lo, row_hi;     /* batch rows */
-    const float *cmp;       /* [cap, head_dim] backend memory or NULL */
+    const void *cmp;        /* [cap, head_dim] KV dtype, backend memory or NULL */
     int n_cmp;
 } be_keyplan;
 
@@ -45,6 +50,10 @@ typedef struct {
     const int32_t *cmp_idx;   /* [T, idx_stride] backend memory, or NULL */
     int idx_stride;
     float *out;               /* [T, n_heads, head_dim] */
+    int kv_bf16;              /* plan rings and cmp entries are bf16, and this step's kv rows
+                                 are read rounded to bf16 (as the ring will hold them: a query
+                                 sees the same keys however the sequence was chunked); last
+                                 field: positional initialisers stay f32 */
 } be_attn_args;
 
 /* Compressor over the tokens of ONE sequence (spec §2.4.3), in order. `a` and `g` are the
@@ -62,9 +71,10 @@ typedef struct {
     float eps;
     const float *omega;       /* [rope_dims/2] host */
     float *cur_a, *cur_g, *prev_a, *prev_g;
-    float *entries;           /* [cap, d] */
+    void *entries;            /* [cap, d] KV dtype */
     int fp8_nope_qat;         /* 1: FP8 round trip of dims [0, d-rope_dims) in blocks of 64 */
     int hadamard_fp4_qat;     /* 1: Hadamard + FP4 round trip (indexer keys) */
+    int kv_bf16;              /* entries are bf16 (rounded after the QAT round trips) */
 } be_compress_args;
 
 /* Lightning indexer scores and top-k (spec §2.4.4) for T query rows of one sequence. */
@@ -72,9 +82,10 @@ typedef struct {
     int T, n_heads, head_dim, topk;
     const float *q;           /* [T, n_heads, head_dim], RoPE'd */
     const float *w;           /* [T, n_heads] head weights, already scaled */
-    const float *keys;        /* [cap, head_dim] index keys of the sequence */
+    const void *keys;         /* [cap, head_dim] index keys of the sequence, KV dtype */
     const int *n_visible;     /* [T] host: entries visible to each row */
     int32_t *idx;             /* [T, topk] output (backend memory); row r has min(topk, n_visible[r]) */
+    int kv_bf16;              /* keys are bf16 */
 } be_index_args;
 
 /* Weights of one MoE layer (spec §2.5). */
@@ -163,6 +174,9 @@ struct be_ops {
     void (*mhc_norm)(be *b, int head_mode, const float *h, const float *fn, const float *base,
                      const float *scale, int T, int n_hc, int D, int iters, float hc_eps,
                      float norm_eps, const float *norm_w, float *x, float *post, float *comb);
+    /* ring_write into a bf16 ring ([ring_size, dim] uint16): each value rounded to nearest even */
+    void (*ring_write_bf16)(be *b, uint16_t *ring, int ring_size, int dim, const float *kv,
+                            const int32_t *pos, int T);
 };
 
 enum { BE_PASS_DIRECT = 0, BE_PASS_RECORD = 1, BE_PASS_CAPTURE = 2, BE_PASS_DONE = 3 };

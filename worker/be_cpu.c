@@ -355,6 +355,14 @@ typedef struct {
     const be_attn_args *a;
 } attn_ctx;
 
+/* Row i ([d] values) of a KV-state array as f32: an f32 row in place, a bf16 row widened into
+ * buf [d]. */
+static const float *kv_row(const void *base, size_t i, int d, int bf16, float *buf) {
+    if (!bf16) return (const float *)base + i * d;
+    fmt_bf16_to_f32_n((const uint16_t *)base + i * d, buf, (size_t)d);
+    return buf;
+}
+
 static void attn_task(void *vc, int job) {
     const be_attn_args *a = ((attn_ctx *)vc)->a;
     int t = job / a->n_heads, h = job % a->n_heads, d = a->head_dim;
@@ -364,13 +372,23 @@ static void attn_task(void *vc, int job) {
     int n_keys = n_ring + n_rows + p->n_cmp;
     const float **keys = xmalloc((size_t)(n_keys ? n_keys : 1) * sizeof *keys);
     float *s = xmalloc((size_t)(n_keys ? n_keys : 1) * sizeof *s);
-    int k = 0;
-    for (int pos = p->ring_lo; pos < p->ring_hi; pos++)
-        keys[k++] = p->ring + (size_t)(pos % p->ring_size) * d;
-    for (int r = p->row_lo; r < p->row_hi; r++) keys[k++] = a->kv + (size_t)r * d;
-    for (int i = 0; i < p->n_cmp; i++) {
+    /* bf16 state: ring and compressed keys widened, this step's rows rounded to bf16 (as the
+     * ring will hold them), [n_keys, d] */
+    float *wide = a->kv_bf16 ? xmalloc(((size_t)n_keys + 1) * d * sizeof *wide) : NULL;
+    int k = 0, nw = 0;
+    for (int pos = p->ring_lo; pos < p->ring_hi; pos++, nw++)
+        keys[k++] = kv_row(p->ring, (size_t)(pos % p->ring_size), d, a->kv_bf16,
+                           wide + (size_t)nw * d);
+    for (int r = p->row_lo; r < p->row_hi; r++, nw++) {
+        keys[k++] = a->kv + (size_t)r * d;
+        if (!a->kv_bf16) continue;
+        float *w = wide + (size_t)nw * d;
+        for (int i = 0; i < d; i++) w[i] = fmt_bf16_to_f32(fmt_f32_to_bf16(keys[k - 1][i]));
+        keys[k - 1] = w;
+    }
+    for (int i = 0; i < p->n_cmp; i++, nw++) {
         int e = a->cmp_idx ? a->cmp_idx[(size_t)t * a->idx_stride + i] : i;
-        keys[k++] = p->cmp + (size_t)e * d;
+        keys[k++] = kv_row(p->cmp, (size_t)e, d, a->kv_bf16, wide + (size_t)nw * d);
     }
     float mx = a->sink[h];
     for (int j = 0; j < n_keys; j++) {
@@ -391,6 +409,7 @@ static void attn_task(void *vc, int job) {
     for (int i = 0; i < d; i++) o[i] *= inv;
     free(keys);
     free(s);
+    free(wide);
 }
 
 static void cpu_attention(be *b, const be_attn_args *a) {
@@ -403,6 +422,14 @@ static void cpu_ring_write(be *b, float *ring, int ring_size, int dim, const flo
     for (int t = 0; t < T; t++)
         memcpy(ring + (size_t)(pos[t] % ring_size) * dim, kv + (size_t)t * dim,
                (size_t)dim * sizeof *kv);
+}
+
+static void cpu_ring_write_bf16(be *b, uint16_t *ring, int ring_size, int dim, const float *kv,
+                                const int32_t *pos, int T) {
+    for (int t = 0; t < T; t++) {
+        uint16_t *dst = ring + (size_t)(pos[t] % ring_size) * dim;
+        for (int i = 0; i < dim; i++) dst[i] = fmt_f32_to_bf16(kv[(size_t)t * dim + i]);
+    }
 }
 
 /* ======================================================================================== */
@@ -451,14 +478,19 @@ static void cpu_compress(be *b, const be_compress_args *a) {
                 memcpy(a->prev_a + (size_t)r * d, a->cur_a + (size_t)r * cd, (size_t)d * sizeof(float));
                 memcpy(a->prev_g + (size_t)r * d, a->cur_g + (size_t)r * cd, (size_t)d * sizeof(float));
             }
-        float *e = a->entries + (size_t)w * d;
         float r = inv_rms(z, d, a->eps);
-        for (int i = 0; i < d; i++) e[i] = a->norm[i] * (z[i] * r);
-        rope_vec(e, d, a->rope_dims, w * m, a->omega, 0);
-        if (a->fp8_nope_qat) qat_fp8_nope(e, d, d - a->rope_dims);
+        for (int i = 0; i < d; i++) z[i] = a->norm[i] * (z[i] * r);
+        rope_vec(z, d, a->rope_dims, w * m, a->omega, 0);
+        if (a->fp8_nope_qat) qat_fp8_nope(z, d, d - a->rope_dims);
         if (a->hadamard_fp4_qat) {
-            fmt_hadamard(e, d);
-            fmt_fp4_roundtrip(e, (size_t)d, 32);
+            fmt_hadamard(z, d);
+            fmt_fp4_roundtrip(z, (size_t)d, 32);
+        }
+        if (a->kv_bf16) {
+            uint16_t *e = (uint16_t *)a->entries + (size_t)w * d;
+            for (int i = 0; i < d; i++) e[i] = fmt_f32_to_bf16(z[i]);
+        } else {
+            memcpy((float *)a->entries + (size_t)w * d, z, (size_t)d * sizeof *z);
         }
     }
     free(z);
@@ -510,8 +542,9 @@ static void index_task(void *vc, int t) {
     int32_t *out = a->idx + (size_t)t * a->topk;
     int n = 0;
     const float *q = a->q + (size_t)t * a->n_heads * hd, *w = a->w + (size_t)t * a->n_heads;
+    float *wide = a->kv_bf16 ? xmalloc((size_t)hd * sizeof *wide) : NULL;
     for (int e = 0; e < nv; e++) {
-        const float *key = a->keys + (size_t)e * hd;
+        const float *key = kv_row(a->keys, (size_t)e, hd, a->kv_bf16, wide);
         float score = 0;
         for (int g = 0; g < a->n_heads; g++) {
             float dot = 0;
@@ -521,6 +554,7 @@ static void index_task(void *vc, int t) {
         heap_push(hs, out, &n, k, score, e);
     }
     free(hs);
+    free(wide);
 }
 
 static void cpu_index_topk(be *b, const be_index_args *a) {
@@ -687,6 +721,7 @@ static const struct be_ops cpu_ops = {
     .hc_head = cpu_hc_head,
     .attention = cpu_attention,
     .ring_write = cpu_ring_write,
+    .ring_write_bf16 = cpu_ring_write_bf16,
     .compress = cpu_compress,
     .index_topk = cpu_index_topk,
     .moe = cpu_moe,

@@ -125,6 +125,7 @@ static void run_compressor(step *st, int layer, int indexer) {
             .cur_a = indexer ? S->icur_a : S->cur_a, .cur_g = indexer ? S->icur_g : S->cur_g,
             .prev_a = indexer ? S->iprev_a : S->prev_a, .prev_g = indexer ? S->iprev_g : S->prev_g,
             .entries = indexer ? S->ikeys : S->cmp,
+            .kv_bf16 = st->m->kv_dtype == DV4_KV_BF16,
         };
         b->ops->compress(b, &a);
     }
@@ -148,6 +149,7 @@ static void run_indexer(step *st, int layer) {
             .q = st->s.iq + (size_t)r0 * nI * ihd, .w = st->s.iw + (size_t)r0 * nI,
             .keys = st->chunks[k].seq->L[layer].ikeys, .n_visible = st->n_vis + r0,
             .idx = st->s.idx + (size_t)r0 * c->index_topk,
+            .kv_bf16 = st->m->kv_dtype == DV4_KV_BF16,
         };
         b->ops->index_topk(b, &a);
     }
@@ -203,12 +205,17 @@ static void attention(step *st, int layer) {
         .T = T, .n_heads = H, .head_dim = dh, .scale = (float)(1.0 / sqrt((double)dh)),
         .q = s->q, .kv = s->kv, .sink = L->sink, .plan = st->plan,
         .cmp_idx = m == 4 ? s->idx : NULL, .idx_stride = c->index_topk, .out = s->o,
+        .kv_bf16 = st->m->kv_dtype == DV4_KV_BF16,
     };
     b->ops->attention(b, &a);
     for (int k = 0; k < st->n_chunks; k++) {
         int r0 = st->row0[k];
-        b->ops->ring_write(b, st->chunks[k].seq->L[layer].ring, W, dh, s->kv + (size_t)r0 * dh,
-                           st->pos + r0, st->chunks[k].n);
+        void *ring = st->chunks[k].seq->L[layer].ring;
+        const float *kv = s->kv + (size_t)r0 * dh;
+        if (a.kv_bf16)
+            b->ops->ring_write_bf16(b, ring, W, dh, kv, st->pos + r0, st->chunks[k].n);
+        else
+            b->ops->ring_write(b, ring, W, dh, kv, st->pos + r0, st->chunks[k].n);
     }
 
     /* output path §2.4.6 (this rank's groups; partial sums are all-reduced by the caller) */

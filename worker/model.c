@@ -304,7 +304,7 @@ int dv4_load_ex(const char *dir, be *b, const dv4_shard *shard, dv4_progress_fn 
 static void wfree(dv4_model *m, be_weight *w) {
     if (w) m->b->ops->weight_free(m->b, w);
 }
-static void vfree(dv4_model *m, float *v) {
+static void vfree(dv4_model *m, void *v) {
     if (v) m->b->ops->free(m->b, v);
 }
 
@@ -346,7 +346,8 @@ uint64_t dv4_fingerprint(const dv4_model *m) { return m->fingerprint; }
 /* per-sequence state (spec §3.1), growing block by block                                    */
 /* ======================================================================================== */
 
-/* Floats of one layer's state pieces. cc = 2 for the overlapping (m = 4) compressors. */
+/* Elements of one layer's state pieces. cc = 2 for the overlapping (m = 4) compressors. ring,
+ * ent_per_block and ikey_per_block are KV-dtype elements; the carries are f32. */
 typedef struct {
     size_t ring, cur, prev, icur, iprev; /* fixed: ring, current window (a+g), previous (a+g) */
     size_t ent_per_block, ikey_per_block; /* growing, per block of B tokens */
@@ -369,6 +370,8 @@ static layer_floats floats_of(const dv4_config *c, int ratio, int block) {
     return f;
 }
 
+static size_t kv_elem_bytes(dv4_kv_dtype dt) { return dt == DV4_KV_BF16 ? 2 : sizeof(float); }
+
 static int check_block(int block, char *err, size_t errlen) {
     if (block <= 0 || block % 128)
         return duet_err(err, errlen, DUET_EINVAL,
@@ -377,16 +380,17 @@ static int check_block(int block, char *err, size_t errlen) {
     return 0;
 }
 
-int dv4_kv_sizes_of(const dv4_config *c, int block, dv4_kv_sizes *out, char *err,
-                    size_t errlen) {
+int dv4_kv_sizes_of(const dv4_config *c, int block, dv4_kv_dtype dt, dv4_kv_sizes *out,
+                    char *err, size_t errlen) {
     int rc = check_block(block, err, errlen);
     if (rc) return rc;
     *out = (dv4_kv_sizes){0};
+    size_t kz = kv_elem_bytes(dt), fz = sizeof(float);
     for (int i = 0; i < c->num_hidden_layers; i++) {
         layer_floats f = floats_of(c, cfg_ratio(c, i), block);
-        out->block_bytes += (f.ent_per_block + f.ikey_per_block) * sizeof(float);
-        out->resume_bytes += (f.ring + f.prev + f.iprev) * sizeof(float);
-        out->fixed_bytes += (f.ring + f.cur + f.prev + f.icur + f.iprev) * sizeof(float);
+        out->block_bytes += (f.ent_per_block + f.ikey_per_block) * kz;
+        out->resume_bytes += f.ring * kz + (f.prev + f.iprev) * fz;
+        out->fixed_bytes += f.ring * kz + (f.cur + f.prev + f.icur + f.iprev) * fz;
     }
     return 0;
 }
@@ -398,6 +402,46 @@ int dv4_set_block_size(dv4_model *m, int block, char *err, size_t errlen) {
 }
 
 int dv4_block_size(const dv4_model *m) { return m->block; }
+
+int dv4_kv_dtype_parse(const char *s, dv4_kv_dtype *out, char *err, size_t errlen) {
+    if (s && !strcmp(s, "f32")) *out = DV4_KV_F32;
+    else if (s && !strcmp(s, "bf16")) *out = DV4_KV_BF16;
+    else
+        return duet_err(err, errlen, DUET_EINVAL,
+                        "KV dtype '%s' is not supported; use f32 (the default) or bf16",
+                        s ? s : "");
+    return 0;
+}
+
+const char *dv4_kv_dtype_name(dv4_kv_dtype dt) { return dt == DV4_KV_BF16 ? "bf16" : "f32"; }
+
+int dv4_set_kv_dtype(dv4_model *m, dv4_kv_dtype dt, char *err, size_t errlen) {
+    if (dt != DV4_KV_F32 && dt != DV4_KV_BF16)
+        return duet_err(err, errlen, DUET_EINVAL, "KV dtype %d is not f32 or bf16", (int)dt);
+    if (dt == DV4_KV_BF16 && !m->b->ops->ring_write_bf16)
+        return duet_err(err, errlen, DUET_EINVAL,
+                        "the %s backend cannot store KV state in bf16; use f32",
+                        m->b->ops->name);
+    if (m->n_state > 0 && dt != m->kv_dtype)
+        return duet_err(err, errlen, DUET_EINVAL,
+                        "the KV dtype cannot change to %s while %d sequences or prefix "
+                        "snapshots of this model exist; set it before the first sequence",
+                        dv4_kv_dtype_name(dt), m->n_state);
+    m->kv_dtype = dt;
+    return 0;
+}
+
+dv4_kv_dtype dv4_get_kv_dtype(const dv4_model *m) { return m->kv_dtype; }
+
+/* bytes of n KV-dtype elements of m */
+static size_t kvb(const dv4_model *m, size_t n) { return n * kv_elem_bytes(m->kv_dtype); }
+
+/* Backend copy of `bytes` (a multiple of 4: the op moves floats; every KV array holds an even
+ * number of bf16 values). */
+static void copy_bytes(be *b, void *dst, const void *src, size_t bytes) {
+    if (bytes % sizeof(float)) abort();
+    b->ops->copy(b, dst, src, bytes / sizeof(float));
+}
 
 int dv4_seq_new(dv4_model *m, int max_tokens, dv4_seq **out, char *err, size_t errlen) {
     const dv4_config *c = &m->cfg;
@@ -416,7 +460,7 @@ int dv4_seq_new(dv4_model *m, int max_tokens, dv4_seq **out, char *err, size_t e
     for (int i = 0; i < m->n_layers; i++) {
         dv4_seq_layer *S = &s->L[i];
         int r = m->layers[i].ratio;
-        S->ring = b->ops->alloc(b, (size_t)c->sliding_window * dh * sizeof(float));
+        S->ring = b->ops->alloc(b, kvb(m, (size_t)c->sliding_window * dh));
         if (!r) continue;
         int cc = r == 4 ? 2 : 1;
         S->cur_a = b->ops->alloc(b, (size_t)r * cc * dh * sizeof(float));
@@ -434,6 +478,7 @@ int dv4_seq_new(dv4_model *m, int max_tokens, dv4_seq **out, char *err, size_t e
             b->ops->fill(b, S->iprev_g, -INFINITY, (size_t)4 * ihd);
         }
     }
+    m->n_state++;
     *out = s;
     return 0;
 }
@@ -442,18 +487,19 @@ void dv4_seq_free(dv4_model *m, dv4_seq *s) {
     if (!s) return;
     for (int i = 0; i < s->n_layers; i++) {
         dv4_seq_layer *S = &s->L[i];
-        float *bufs[] = {S->ring, S->cmp, S->cur_a, S->cur_g, S->prev_a, S->prev_g,
-                         S->ikeys, S->icur_a, S->icur_g, S->iprev_a, S->iprev_g};
+        void *bufs[] = {S->ring, S->cmp, S->cur_a, S->cur_g, S->prev_a, S->prev_g,
+                        S->ikeys, S->icur_a, S->icur_g, S->iprev_a, S->iprev_g};
         for (size_t j = 0; j < sizeof bufs / sizeof *bufs; j++) vfree(m, bufs[j]);
     }
+    m->n_state--;
     free(s->L);
     free(s);
 }
 
-/* *p grows from `old` to `now` floats: backend alloc + copy + free (works on device memory). */
-static void grow(be *b, float **p, size_t old, size_t now) {
-    float *n = b->ops->alloc(b, now * sizeof(float));
-    if (old) b->ops->copy(b, n, *p, old);
+/* *p grows from `old` to `now` bytes: backend alloc + copy + free (works on device memory). */
+static void grow(be *b, void **p, size_t old, size_t now) {
+    void *n = b->ops->alloc(b, now);
+    if (old) copy_bytes(b, n, *p, old);
     if (*p) b->ops->free(b, *p);
     *p = n;
 }
@@ -469,8 +515,10 @@ int dv4_seq_reserve(dv4_model *m, dv4_seq *s, int tokens, char *err, size_t errl
         if (!r) continue;
         layer_floats f = floats_of(&m->cfg, r, B);
         size_t ob = (size_t)(s->grown / B), nb = (size_t)(now / B);
-        grow(m->b, &s->L[i].cmp, ob * f.ent_per_block, nb * f.ent_per_block);
-        if (r == 4) grow(m->b, &s->L[i].ikeys, ob * f.ikey_per_block, nb * f.ikey_per_block);
+        grow(m->b, &s->L[i].cmp, kvb(m, ob * f.ent_per_block), kvb(m, nb * f.ent_per_block));
+        if (r == 4)
+            grow(m->b, &s->L[i].ikeys, kvb(m, ob * f.ikey_per_block),
+                 kvb(m, nb * f.ikey_per_block));
     }
     s->grown = now;
     return 0;
@@ -478,15 +526,16 @@ int dv4_seq_reserve(dv4_model *m, dv4_seq *s, int tokens, char *err, size_t errl
 
 uint64_t dv4_seq_grown_bytes(const dv4_model *m, const dv4_seq *s) {
     dv4_kv_sizes z;
-    if (dv4_kv_sizes_of(&m->cfg, s->block, &z, NULL, 0)) return 0;
+    if (dv4_kv_sizes_of(&m->cfg, s->block, m->kv_dtype, &z, NULL, 0)) return 0;
     return (uint64_t)(s->grown / s->block) * z.block_bytes;
 }
 
 /* ---- prefix snapshots -------------------------------------------------------------------- */
 
 typedef struct {
-    float *cmp, *ikeys;               /* this block's entries [B/m, dh], keys [B/4, ihd] */
-    float *ring, *prev_a, *prev_g, *iprev_a, *iprev_g; /* resume state at the block's end */
+    void *cmp, *ikeys;                /* this block's entries [B/m, dh], keys [B/4, ihd] (KV dtype) */
+    void *ring;                       /* [window, dh] (KV dtype) */
+    float *prev_a, *prev_g, *iprev_a, *iprev_g; /* resume carries at the block's end (f32) */
 } snap_layer;
 
 struct dv4_snap {
@@ -495,12 +544,12 @@ struct dv4_snap {
     snap_layer *L;
 };
 
-/* A copy of n floats of backend memory (NULL when n == 0). */
-static float *dup_floats(be *b, const float *src, size_t n, uint64_t *bytes) {
-    if (!n || !src) return NULL;
-    float *d = b->ops->alloc(b, n * sizeof(float));
-    b->ops->copy(b, d, src, n);
-    *bytes += n * sizeof(float);
+/* A copy of `bytes` of backend memory (NULL when there is nothing to copy). */
+static void *dup_bytes(be *b, const void *src, size_t bytes, uint64_t *total) {
+    if (!bytes || !src) return NULL;
+    void *d = b->ops->alloc(b, bytes);
+    copy_bytes(b, d, src, bytes);
+    *total += bytes;
     return d;
 }
 
@@ -517,22 +566,26 @@ int dv4_snap_save(dv4_model *m, const dv4_seq *s, dv4_snap **out, char *err, siz
     p->block = B;
     p->n_layers = s->n_layers;
     p->L = xcalloc((size_t)s->n_layers, sizeof *p->L);
+    const size_t fz = sizeof(float);
     for (int i = 0; i < s->n_layers; i++) {
         const dv4_seq_layer *S = &s->L[i];
         snap_layer *P = &p->L[i];
         int r = m->layers[i].ratio;
         layer_floats f = floats_of(&m->cfg, r, B);
         size_t blk = (size_t)(s->pos / B - 1);
-        P->ring = dup_floats(b, S->ring, f.ring, &p->bytes);
+        P->ring = dup_bytes(b, S->ring, kvb(m, f.ring), &p->bytes);
         if (!r) continue;
-        P->cmp = dup_floats(b, S->cmp + blk * f.ent_per_block, f.ent_per_block, &p->bytes);
-        P->prev_a = dup_floats(b, S->prev_a, f.prev / 2, &p->bytes);
-        P->prev_g = dup_floats(b, S->prev_g, f.prev / 2, &p->bytes);
+        P->cmp = dup_bytes(b, (const char *)S->cmp + kvb(m, blk * f.ent_per_block),
+                           kvb(m, f.ent_per_block), &p->bytes);
+        P->prev_a = dup_bytes(b, S->prev_a, f.prev / 2 * fz, &p->bytes);
+        P->prev_g = dup_bytes(b, S->prev_g, f.prev / 2 * fz, &p->bytes);
         if (r != 4) continue;
-        P->ikeys = dup_floats(b, S->ikeys + blk * f.ikey_per_block, f.ikey_per_block, &p->bytes);
-        P->iprev_a = dup_floats(b, S->iprev_a, f.iprev / 2, &p->bytes);
-        P->iprev_g = dup_floats(b, S->iprev_g, f.iprev / 2, &p->bytes);
+        P->ikeys = dup_bytes(b, (const char *)S->ikeys + kvb(m, blk * f.ikey_per_block),
+                             kvb(m, f.ikey_per_block), &p->bytes);
+        P->iprev_a = dup_bytes(b, S->iprev_a, f.iprev / 2 * fz, &p->bytes);
+        P->iprev_g = dup_bytes(b, S->iprev_g, f.iprev / 2 * fz, &p->bytes);
     }
+    m->n_state++;
     *out = p;
     return 0;
 }
@@ -561,19 +614,18 @@ int dv4_seq_restore(dv4_model *m, int max_tokens, dv4_snap *const *chain, int n,
         const snap_layer *P = &last->L[i];
         int r = m->layers[i].ratio;
         layer_floats f = floats_of(&m->cfg, r, B);
-        b->ops->copy(b, S->ring, P->ring, f.ring);
+        size_t eb = kvb(m, f.ent_per_block), kb = kvb(m, f.ikey_per_block);
+        copy_bytes(b, S->ring, P->ring, kvb(m, f.ring));
         if (!r) continue;
         for (int k = 0; k < n; k++)
-            b->ops->copy(b, S->cmp + (size_t)k * f.ent_per_block, chain[k]->L[i].cmp,
-                         f.ent_per_block);
+            copy_bytes(b, (char *)S->cmp + (size_t)k * eb, chain[k]->L[i].cmp, eb);
         if (P->prev_a) {
             b->ops->copy(b, S->prev_a, P->prev_a, f.prev / 2);
             b->ops->copy(b, S->prev_g, P->prev_g, f.prev / 2);
         }
         if (r != 4) continue;
         for (int k = 0; k < n; k++)
-            b->ops->copy(b, S->ikeys + (size_t)k * f.ikey_per_block, chain[k]->L[i].ikeys,
-                         f.ikey_per_block);
+            copy_bytes(b, (char *)S->ikeys + (size_t)k * kb, chain[k]->L[i].ikeys, kb);
         b->ops->copy(b, S->iprev_a, P->iprev_a, f.iprev / 2);
         b->ops->copy(b, S->iprev_g, P->iprev_g, f.iprev / 2);
     }
@@ -586,10 +638,11 @@ void dv4_snap_free(dv4_model *m, dv4_snap *p) {
     if (!p) return;
     for (int i = 0; i < p->n_layers; i++) {
         snap_layer *P = &p->L[i];
-        float *bufs[] = {P->cmp, P->ikeys, P->ring, P->prev_a, P->prev_g, P->iprev_a,
-                         P->iprev_g};
+        void *bufs[] = {P->cmp, P->ikeys, P->ring, P->prev_a, P->prev_g, P->iprev_a,
+                        P->iprev_g};
         for (size_t j = 0; j < sizeof bufs / sizeof *bufs; j++) vfree(m, bufs[j]);
     }
+    m->n_state--;
     free(p->L);
     free(p);
 }

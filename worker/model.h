@@ -51,10 +51,23 @@ uint64_t dv4_fingerprint(const dv4_model *m);
  * compress [rope_dims/2] (m > 0 layers, their compressed entries and indexer; YaRN). */
 void dv4_rope_tables(const dv4_config *c, float *omega_main, float *omega_cmp);
 
+/* ---- KV dtype -----------------------------------------------------------------------------
+ * How the KV state of every sequence is stored: raw-KV rings, compressed entries and indexer
+ * keys in f32 (the default) or bf16 (half the bytes; rounded to nearest even on write, widened
+ * to f32 on read, so all math stays f32). Compressor carries are f32 either way. */
+typedef enum { DV4_KV_F32 = 0, DV4_KV_BF16 = 1 } dv4_kv_dtype;
+/* "f32" or "bf16" -> *out; anything else is DUET_EINVAL with a sentence naming the choices. */
+int dv4_kv_dtype_parse(const char *s, dv4_kv_dtype *out, char *err, size_t errlen);
+const char *dv4_kv_dtype_name(dv4_kv_dtype dt);
+/* Sets a loaded model's KV dtype. Only while no sequence or snapshot of it exists (else
+ * DUET_EINVAL with a sentence). */
+int dv4_set_kv_dtype(dv4_model *m, dv4_kv_dtype dt, char *err, size_t errlen);
+dv4_kv_dtype dv4_get_kv_dtype(const dv4_model *m);
+
 /* ---- KV state in blocks (docs/design/kv-and-scheduling.md "Units", "Worker memory") -------
  * State is accounted in blocks of B tokens (B a multiple of 128, so every CSA and HCA window
- * closes on a block boundary). Sizes in bytes, fp32, this rank (the single KV head is
- * replicated, so every rank holds the same state). */
+ * closes on a block boundary). Sizes in bytes, this rank (the single KV head is replicated, so
+ * every rank holds the same state): rings, entries and keys at the KV dtype, carries f32. */
 typedef struct {
     uint64_t block_bytes;  /* growing state of B tokens: compressed entries of every CSA/HCA
                               layer + indexer keys */
@@ -63,9 +76,10 @@ typedef struct {
                               window of every compressor is dead there (rewritten before read) */
     uint64_t fixed_bytes;  /* per live sequence whatever its length: rings + every carry */
 } dv4_kv_sizes;
-/* Sizes for a config at block size B. Returns DUET_EINVAL with a sentence unless B is a
- * positive multiple of 128. */
-int dv4_kv_sizes_of(const dv4_config *c, int block, dv4_kv_sizes *out, char *err, size_t errlen);
+/* Sizes for a config at block size B and KV dtype dt. Returns DUET_EINVAL with a sentence
+ * unless B is a positive multiple of 128. */
+int dv4_kv_sizes_of(const dv4_config *c, int block, dv4_kv_dtype dt, dv4_kv_sizes *out,
+                    char *err, size_t errlen);
 /* The block size of a loaded model's sequences and snapshots (default 256). Set it only while
  * no sequence or snapshot exists. Same errors as dv4_kv_sizes_of. */
 int dv4_set_block_size(dv4_model *m, int block, char *err, size_t errlen);

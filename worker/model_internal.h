@@ -55,14 +55,17 @@ struct dv4_model {
     int n_layers;
     dv4_layer *layers;
     int block;                 /* B: KV block size in tokens (dv4_set_block_size) */
+    dv4_kv_dtype kv_dtype;     /* storage of rings, compressed entries, indexer keys */
+    int n_state;               /* live sequences + snapshots (the KV dtype is fixed while > 0) */
 };
 
+/* ring, cmp and ikeys hold the model's KV dtype (f32 or bf16); the carries are always f32 */
 typedef struct {
-    float *ring;               /* [window, dh] raw kv, slot = pos mod window */
-    float *cmp;                /* [grown/m, dh] compressed entries (NULL while grown = 0) */
+    void *ring;                /* [window, dh] raw kv, slot = pos mod window */
+    void *cmp;                 /* [grown/m, dh] compressed entries (NULL while grown = 0) */
     float *cur_a, *cur_g;      /* [m, c*dh] current window */
     float *prev_a, *prev_g;    /* [m, dh] previous window A-halves (CSA) */
-    float *ikeys;              /* [grown/4, ihd] indexer keys (CSA) */
+    void *ikeys;               /* [grown/4, ihd] indexer keys (CSA) */
     float *icur_a, *icur_g, *iprev_a, *iprev_g; /* indexer compressor state */
 } dv4_seq_layer;
 

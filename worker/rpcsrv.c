@@ -410,10 +410,13 @@ static int run_load(wk *w, job *j) {
         }
         atomic_store(&w->rank_weight_bytes, dv4_rank_weight_bytes(w->model));
     }
-    /* a LoadModel starts from empty sequence and prefix-block state */
+    /* a LoadModel starts from empty sequence and prefix-block state, so the KV dtype (which
+     * the block sizes below depend on) can be set here */
     sx_clear(&w->sx);
+    int rc = dv4_set_kv_dtype(w->model, (dv4_kv_dtype)cfg->kv_dtype, j->err, sizeof j->err);
+    if (rc) return rc;
     uint64_t budget = kv_budget(w);
-    int rc = sx_configure(&w->sx, w->model, cfg->rank, block, max_seqs, max_len, budget, j->err,
+    rc = sx_configure(&w->sx, w->model, cfg->rank, block, max_seqs, max_len, budget, j->err,
                           sizeof j->err);
     if (rc) return rc;
     w->max_seqs = max_seqs;

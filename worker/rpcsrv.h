@@ -26,6 +26,7 @@ typedef struct {
     int max_seq_len;         /* default tokens per sequence (LoadModel may override) */
     int kv_memory_mb;        /* KV state budget (sequences + cached prefix blocks), MiB; on
                                 cuda also clamped to what the device has left after weights */
+    int kv_dtype;            /* dv4_kv_dtype of the sequences' KV state (0 = f32, 1 = bf16) */
     int hello_timeout_ms;    /* a connection must send Hello within this time */
     int comm_timeout_ms;     /* data-plane formation timeout */
     uint64_t fingerprint;    /* ck_fingerprint of the checkpoint, computed at start-up */

@@ -167,7 +167,7 @@ int sx_configure(sx *x, dv4_model *m, int rank, int block, int max_seqs, int max
     sx_destroy(x);
     if (!block) block = 256;
     dv4_kv_sizes z;
-    int rc = dv4_kv_sizes_of(dv4_cfg(m), block, &z, err, errlen);
+    int rc = dv4_kv_sizes_of(dv4_cfg(m), block, dv4_get_kv_dtype(m), &z, err, errlen);
     if (rc) return rc;
     const double MiB = 1048576.0;
     uint64_t fixed = (uint64_t)max_seqs * z.fixed_bytes;

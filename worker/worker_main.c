@@ -3,7 +3,7 @@
  *   duet-worker --rank R --world-size N --model DIR --auth-token-file F
  *               [--listen 127.0.0.1:7100] [--backend cpu] [--peers H:P,H:P,...]
  *               [--threads T] [--max-seqs S] [--max-seq-len L] [--hello-timeout-ms MS]
- *               [--comm-timeout-ms MS] [--kv-memory-mb N]
+ *               [--comm-timeout-ms MS] [--kv-memory-mb N] [--kv-dtype f32|bf16]
  *
  * Why: worker-first launch — workers start, validate their checkpoint, listen and wait; the
  * coordinator connects to each later. Before listening the worker reads the checkpoint's headers
@@ -24,6 +24,7 @@
 #include "common/err.h"
 #include "common/rpc.h"
 #include "common/safetensors.h"
+#include "worker/model.h"
 #include "worker/rpcsrv.h"
 
 static void usage(FILE *f) {
@@ -34,6 +35,7 @@ static void usage(FILE *f) {
             "                   [--threads T] [--max-seqs S] [--max-seq-len L]\n"
             "                   [--hello-timeout-ms MS] [--comm-timeout-ms MS]\n"
             "                   [--kv-memory-mb N (1024; cuda: also what the device has left)]\n"
+            "                   [--kv-dtype f32|bf16 (f32; bf16: rings, entries, keys in half the bytes)]\n"
             "Listens (default 127.0.0.1:7100; port 0 picks a free port) and waits for one\n"
             "authenticated coordinator. --peers lists the data-plane address of every rank\n"
             "(required when N > 1). The token file must be mode 0600 and hold >= 16 bytes.\n");
@@ -49,6 +51,18 @@ static int int_flag(const char *name, const char *v, int lo, int hi, int *out) {
         return -1;
     }
     *out = (int)x;
+    return 0;
+}
+
+/* Parses --kv-dtype: f32 or bf16 (dv4_kv_dtype). */
+static int kv_dtype_flag(const char *v, int *out) {
+    char err[200];
+    dv4_kv_dtype dt;
+    if (dv4_kv_dtype_parse(v, &dt, err, sizeof err)) {
+        fprintf(stderr, "duet-worker: --kv-dtype: %s\n", err);
+        return -1;
+    }
+    *out = (int)dt;
     return 0;
 }
 
@@ -108,7 +122,7 @@ int main(int argc, char **argv) {
     cfg.kv_memory_mb = 1024;
     const char *token_file = NULL, *peers = NULL;
     enum { O_RANK = 256, O_WORLD, O_MODEL, O_TOKEN, O_LISTEN, O_BACKEND, O_DEVICE, O_GPU_MEM, O_PEERS, O_THREADS,
-           O_SEQS, O_LEN, O_HELLO_TO, O_COMM_TO, O_KV_MB };
+           O_SEQS, O_LEN, O_HELLO_TO, O_COMM_TO, O_KV_MB, O_KV_DTYPE };
     static const struct option opts[] = {
         {"rank", required_argument, 0, O_RANK},
         {"world-size", required_argument, 0, O_WORLD},
@@ -125,6 +139,7 @@ int main(int argc, char **argv) {
         {"hello-timeout-ms", required_argument, 0, O_HELLO_TO},
         {"comm-timeout-ms", required_argument, 0, O_COMM_TO},
         {"kv-memory-mb", required_argument, 0, O_KV_MB},
+        {"kv-dtype", required_argument, 0, O_KV_DTYPE},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0}};
     int o, bad = 0;
@@ -149,6 +164,7 @@ int main(int argc, char **argv) {
             bad |= int_flag("comm-timeout-ms", optarg, 1, 86400000, &cfg.comm_timeout_ms);
             break;
         case O_KV_MB: bad |= int_flag("kv-memory-mb", optarg, 1, 1 << 24, &cfg.kv_memory_mb); break;
+        case O_KV_DTYPE: bad |= kv_dtype_flag(optarg, &cfg.kv_dtype); break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;
         }

@@ -8,6 +8,8 @@
  * The cases and the acceptance rule are golden_cases.c's (shared with the CPU test): relative L2
  * <= 1e-4 per case (fp32 activations on the GPU land near the CPU's ~1.5e-6), worst row <= 1e-3,
  * the same argmax wherever the margin is clear. Prints one line per case and PASS/FAIL.
+ * Then prefill600 and decode300 again on a model whose KV state is bf16 (tag golden-cuda-bf16kv)
+ * under GOLDEN_TOL_BF16_KV, as the CPU test does.
  *
  * Then the graphs (be_cuda_graph.cu): decode steps of one and of two sequences (T = 1, 2, 3 at
  * positions crossing compressor windows, indexer bounds and state growth) run once directly and
@@ -105,6 +107,22 @@ static int graph_check(dv4_model *m, be *b) {
     return fails;
 }
 
+/* prefill600 and decode300 with bf16 KV state: a model of its own (the dtype is fixed once
+ * sequences exist) */
+static int golden_bf16_kv(const char *model_dir, const char *fix_dir, be *b) {
+    char err[512];
+    dv4_model *m;
+    if (dv4_load(model_dir, b, NULL, &m, err, sizeof err) ||
+        dv4_set_kv_dtype(m, DV4_KV_BF16, err, sizeof err)) {
+        printf("FAIL: bf16 KV: %s\n", err);
+        return 1;
+    }
+    golden g = {m, fix_dir, "golden-cuda-bf16kv", GOLDEN_TOL_BF16_KV};
+    int fails = golden_chunked(&g, "prefill600", "prefill600", 0) + golden_decode300(&g);
+    dv4_free(m);
+    return fails;
+}
+
 int main(int argc, char **argv) {
     if (argc < 3) {
         fprintf(stderr, "usage: %s MODEL_DIR FIXTURE_DIR [MEM_FRACTION]\n", argv[0]);
@@ -127,10 +145,11 @@ int main(int argc, char **argv) {
     }
     printf("loaded %s: %.1f MiB of weights on the device, %.1f MiB in use\n", argv[1],
            dv4_rank_weight_bytes(m) / 1048576.0, be_cuda_mem_used(b) / 1048576.0);
-    golden g = {m, argv[2], "golden-cuda"};
+    golden g = {m, argv[2], "golden-cuda", 0};
     int n_fail = golden_all(&g);
     n_fail += graph_check(m, b);
     dv4_free(m);
+    n_fail += golden_bf16_kv(argv[1], argv[2], b);
     if (be_cuda_sync(b, err, sizeof err)) {
         printf("FAIL: %s\n", err);
         n_fail++;

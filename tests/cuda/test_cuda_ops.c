@@ -11,7 +11,9 @@
  * order (matmul, norms, mHC, attention, MoE), 1e-6 for element-wise ops that should be exact
  * up to libm ulps, and for QAT ops (compressor, fp8_qat, hadamard_fp4) a bound that allows
  * a rare one-step flip of a quantised value at a rounding boundary; index_topk compares the
- * selected sets exactly; MoE with T < 16 (grouped on the device) is also compared bit for bit
+ * selected sets exactly; the bf16-KV cases (attention, ring_write, compress, index_topk with
+ * bf16 rings, entries and keys) use the same thresholds, except compress (one bf16 step at a
+ * rounding boundary); MoE with T < 16 (grouped on the device) is also compared bit for bit
  * with the host grouping (DUET_CUDA_MOE_HOST=1). Plain C without Check: the GPU machine has no libcheck. Exit 0 when
  * every case passes. Must never be registered outside the 'cuda' meson suite (needs a GPU).
  *
@@ -89,6 +91,33 @@ static double cmp_dev(const float *d, const float *ref, size_t n) {
     double e = nerr(h, ref, n);
     free(h);
     return e;
+}
+
+/* ---- bf16 KV state (backend.h "KV state storage") -------------------------------------------- */
+
+/* host bf16 copy of x[n] (round to nearest even, as both backends store) */
+static uint16_t *to_bf16(const float *x, size_t n) {
+    uint16_t *h = xmalloc((n ? n : 1) * sizeof *h);
+    for (size_t i = 0; i < n; i++) h[i] = fmt_f32_to_bf16(x[i]);
+    return h;
+}
+static float *widen(const uint16_t *h, size_t n) {
+    float *f = xmalloc((n ? n : 1) * sizeof *f);
+    fmt_bf16_to_f32_n(h, f, n);
+    return f;
+}
+/* a device bf16 array against a host bf16 reference: normalised error of the widened values */
+static double cmp_dev_bf16(const void *d, const uint16_t *ref, size_t n) {
+    uint16_t *h = xmalloc((n ? n : 1) * sizeof *h);
+    G->ops->download(G, h, d, n * sizeof *h);
+    float *a = widen(h, n), *b = widen(ref, n);
+    double e = nerr(a, b, n);
+    free(h); free(a); free(b);
+    return e;
+}
+/* a KV array (f32 or bf16) on the device against the host reference of the same dtype */
+static double cmp_kv(const void *d, const void *ref, size_t n, int bf16) {
+    return bf16 ? cmp_dev_bf16(d, ref, n) : cmp_dev(d, ref, n);
 }
 
 /* ---- weights ------------------------------------------------------------------------------ */
@@ -337,15 +366,20 @@ static void t_mhc(int T, int n, int D) {
 
 /* T query rows of one sequence at positions P..P+T-1 with a ring of W, n_ent compressed
  * entries; sparse: cmp_idx of topk random entries per row */
-static void t_attention(int T, int H, int d, int W, int P, int n_ent, int sparse, int topk) {
+static void t_attention(int T, int H, int d, int W, int P, int n_ent, int sparse, int topk,
+                        int bf16) {
     float *q = rvec((size_t)T * H * d, -1, 1), *kv = rvec((size_t)T * d, -1, 1);
-    float *ring = rvec((size_t)W * d, -1, 1), *cmp = rvec((size_t)(n_ent ? n_ent : 1) * d, -1, 1);
+    size_t n_ring = (size_t)W * d, n_cmp = (size_t)(n_ent ? n_ent : 1) * d, ez = bf16 ? 2 : 4;
+    float *ring32 = rvec(n_ring, -1, 1), *cmp32 = rvec(n_cmp, -1, 1);
+    void *ring = ring32, *cmp = cmp32; /* host state in the KV dtype under test */
+    if (bf16) ring = to_bf16(ring32, n_ring), cmp = to_bf16(cmp32, n_cmp);
     float *sink = rvec((size_t)H, -1, 1);
     int32_t *idx = xcalloc((size_t)T * (topk ? topk : 1), sizeof *idx);
     be_keyplan *pc = xcalloc((size_t)T, sizeof *pc), *pg = xcalloc((size_t)T, sizeof *pg);
     float *dq = dup_dev(q, (size_t)T * H * d * 4), *dkv = dup_dev(kv, (size_t)T * d * 4);
-    float *dring = dup_dev(ring, (size_t)W * d * 4);
-    float *dcmp = dup_dev(cmp, (size_t)(n_ent ? n_ent : 1) * d * 4), *dsink = dup_dev(sink, (size_t)H * 4);
+    void *dring = dup_dev(ring, n_ring * ez);
+    void *dcmp = dup_dev(cmp, n_cmp * ez);
+    float *dsink = dup_dev(sink, (size_t)H * 4);
     for (int r = 0; r < T; r++) {
         int t = P + r, lo = t - W + 1 > 0 ? t - W + 1 : 0;
         be_keyplan p = {ring, W, lo < P ? lo : P, P, lo > P ? lo - P : 0, r + 1, cmp, 0};
@@ -363,24 +397,34 @@ static void t_attention(int T, int H, int d, int W, int P, int n_ent, int sparse
     }
     int32_t *didx = dup_dev(idx, (size_t)T * (topk ? topk : 1) * 4);
     float *out = xmalloc((size_t)T * H * d * 4);
-    be_attn_args a = {T, H, d, 1.0f / sqrtf((float)d), q, kv, sink, pc, sparse ? idx : NULL, topk, out};
+    be_attn_args a = {T, H, d, 1.0f / sqrtf((float)d), q, kv, sink, pc, sparse ? idx : NULL, topk, out,
+                      bf16};
     CPU->ops->attention(CPU, &a);
     float *dout = dev_nan((size_t)T * H * d);
-    be_attn_args ga = {T, H, d, 1.0f / sqrtf((float)d), dq, dkv, dsink, pg, sparse ? didx : NULL, topk, dout};
+    be_attn_args ga = {T, H, d, 1.0f / sqrtf((float)d), dq, dkv, dsink, pg, sparse ? didx : NULL, topk,
+                       dout, bf16};
     G->ops->attention(G, &ga);
     char cas[96];
-    snprintf(cas, sizeof cas, "T%d H%d d%d W%d P%d cmp%d%s", T, H, d, W, P, n_ent, sparse ? " sparse" : "");
+    const char *kvn = bf16 ? " bf16kv" : "";
+    snprintf(cas, sizeof cas, "T%d H%d d%d W%d P%d cmp%d%s%s", T, H, d, W, P, n_ent,
+             sparse ? " sparse" : "", kvn);
     report("attention", cas, cmp_dev(dout, out, (size_t)T * H * d), 1e-5);
-    /* ring_write of this step's kv */
+    /* ring_write of this step's kv: the same bits on both sides (bf16: the same rounding) */
     int32_t *pos = xmalloc((size_t)T * sizeof *pos);
     for (int r = 0; r < T; r++) pos[r] = P + r;
-    CPU->ops->ring_write(CPU, ring, W, d, kv, pos, T);
-    G->ops->ring_write(G, dring, W, d, dkv, pos, T);
-    snprintf(cas, sizeof cas, "W%d d%d T%d P%d", W, d, T, P);
-    report("ring_write", cas, cmp_dev(dring, ring, (size_t)W * d), 0);
+    if (bf16) {
+        CPU->ops->ring_write_bf16(CPU, ring, W, d, kv, pos, T);
+        G->ops->ring_write_bf16(G, dring, W, d, dkv, pos, T);
+    } else {
+        CPU->ops->ring_write(CPU, ring, W, d, kv, pos, T);
+        G->ops->ring_write(G, dring, W, d, dkv, pos, T);
+    }
+    snprintf(cas, sizeof cas, "W%d d%d T%d P%d%s", W, d, T, P, kvn);
+    report("ring_write", cas, cmp_kv(dring, ring, n_ring, bf16), 0);
     void *dd[] = {dq, dkv, dring, dcmp, dsink, didx, dout};
     for (size_t i = 0; i < sizeof dd / sizeof *dd; i++) G->ops->free(G, dd[i]);
-    free(q); free(kv); free(ring); free(cmp); free(sink); free(idx); free(pc); free(pg); free(out); free(pos);
+    if (bf16) free(ring), free(cmp);
+    free(q); free(kv); free(ring32); free(cmp32); free(sink); free(idx); free(pc); free(pg); free(out); free(pos);
 }
 
 /* ---- compressor ------------------------------------------------------------------------------ */
@@ -405,7 +449,8 @@ static void cs_free(cstate *s) {
     for (int i = 0; i < 5; i++) s->b->ops->free(s->b, p[i]);
 }
 
-static void t_compress(int m, int c, int d, int dr, int fp8, int had, const int *chunks, int nch) {
+static void t_compress(int m, int c, int d, int dr, int fp8, int had, const int *chunks, int nch,
+                       int bf16) {
     int cap = 0;
     for (int i = 0; i < nch; i++) cap += chunks[i];
     int cd = c * d;
@@ -425,14 +470,14 @@ static void t_compress(int m, int c, int d, int dr, int fp8, int had, const int 
         for (int t = 0; t < T; t++) pos[t] = pos0 + t;
         float *da = dup_dev(a, (size_t)T * cd * 4), *dg = dup_dev(g, (size_t)T * cd * 4);
         be_compress_args ac = {T, m, c, d, dr, pos, a, g, ape, norm, 1e-6f, om, sc.cur_a, sc.cur_g,
-                               sc.prev_a, sc.prev_g, sc.entries, fp8, had};
+                               sc.prev_a, sc.prev_g, sc.entries, fp8, had, bf16};
         be_compress_args ag = {T, m, c, d, dr, pos, da, dg, dape, dnorm, 1e-6f, om, sg.cur_a, sg.cur_g,
-                               sg.prev_a, sg.prev_g, sg.entries, fp8, had};
+                               sg.prev_a, sg.prev_g, sg.entries, fp8, had, bf16};
         CPU->ops->compress(CPU, &ac);
         G->ops->compress(G, &ag);
         pos0 += T;
         int nw = pos0 / m;
-        double e = cmp_dev(sg.entries, sc.entries, (size_t)nw * d);
+        double e = cmp_kv(sg.entries, sc.entries, (size_t)nw * d, bf16);
         double e2 = cmp_dev(sg.cur_g, sc.cur_g, (size_t)m * cd);
         double e3 = cmp_dev(sg.cur_a, sc.cur_a, (size_t)m * cd);
         if (c == 2) {
@@ -455,10 +500,12 @@ static void t_compress(int m, int c, int d, int dr, int fp8, int had, const int 
         free(a); free(g); free(pos);
     }
     char cas[96];
-    snprintf(cas, sizeof cas, "m%d c%d d%d%s%s %d chunks/%d tok", m, c, d, fp8 ? " fp8qat" : "",
-             had ? " had+fp4" : "", nch, cap);
-    /* QAT: a value at a rounding boundary may land one FP8/FP4 step away (1/8 of a scale) */
-    report("compress", cas, worst, fp8 || had ? 2e-4 : 1e-5);
+    snprintf(cas, sizeof cas, "m%d c%d d%d%s%s%s %d chunks/%d tok", m, c, d, fp8 ? " fp8qat" : "",
+             had ? " had+fp4" : "", bf16 ? " bf16kv" : "", nch, cap);
+    /* QAT: a value at a rounding boundary may land one FP8/FP4 step away (1/8 of a scale);
+     * bf16 entries: likewise one bf16 step (2^-8 of the value) where the f32 results differ
+     * by an ulp across a rounding boundary, a few values per case */
+    report("compress", cas, worst, bf16 ? 4e-3 : fp8 || had ? 2e-4 : 1e-5);
     cs_free(&sc);
     cs_free(&sg);
     G->ops->free(G, dape);
@@ -473,19 +520,20 @@ static int cmp_i32(const void *a, const void *b) {
     return (x > y) - (x < y);
 }
 
-static void t_index(int T, int H, int hd, int topk, int n_ent) {
+static void t_index(int T, int H, int hd, int topk, int n_ent, int bf16) {
     float *q = rvec((size_t)T * H * hd, -1, 1), *w = rvec((size_t)T * H, -0.2f, 1),
-          *keys = rvec((size_t)n_ent * hd, -1, 1);
+          *keys32 = rvec((size_t)n_ent * hd, -1, 1);
+    void *keys = bf16 ? (void *)to_bf16(keys32, (size_t)n_ent * hd) : keys32;
     int *nv = xmalloc((size_t)T * sizeof *nv);
     for (int t = 0; t < T; t++) nv[t] = (int)((int64_t)n_ent * (t + 1) / T);
     int32_t *ic = xmalloc((size_t)T * topk * 4);
     for (size_t i = 0; i < (size_t)T * topk; i++) ic[i] = -1;
-    be_index_args ac = {T, H, hd, topk, q, w, keys, nv, ic};
+    be_index_args ac = {T, H, hd, topk, q, w, keys, nv, ic, bf16};
     CPU->ops->index_topk(CPU, &ac);
     float *dq = dup_dev(q, (size_t)T * H * hd * 4), *dw = dup_dev(w, (size_t)T * H * 4),
-          *dk = dup_dev(keys, (size_t)n_ent * hd * 4);
+          *dk = dup_dev(keys, (size_t)n_ent * hd * (bf16 ? 2 : 4));
     int32_t *dix = G->ops->alloc(G, (size_t)T * topk * 4);
-    be_index_args ag = {T, H, hd, topk, dq, dw, dk, nv, dix};
+    be_index_args ag = {T, H, hd, topk, dq, dw, dk, nv, dix, bf16};
     G->ops->index_topk(G, &ag);
     int32_t *ig = xmalloc((size_t)T * topk * 4);
     G->ops->download(G, ig, dix, (size_t)T * topk * 4);
@@ -497,10 +545,12 @@ static void t_index(int T, int H, int hd, int topk, int n_ent) {
         if (memcmp(ic + (size_t)t * topk, ig + (size_t)t * topk, (size_t)k * 4)) bad_rows++;
     }
     char cas[96];
-    snprintf(cas, sizeof cas, "T%d H%d hd%d topk%d ent%d (rows differing)", T, H, hd, topk, n_ent);
+    snprintf(cas, sizeof cas, "T%d H%d hd%d topk%d ent%d%s (rows differing)", T, H, hd, topk, n_ent,
+             bf16 ? " bf16kv" : "");
     report("index_topk", cas, bad_rows, 0);
     G->ops->free(G, dq); G->ops->free(G, dw); G->ops->free(G, dk); G->ops->free(G, dix);
-    free(q); free(w); free(keys); free(nv); free(ic); free(ig);
+    if (bf16) free(keys);
+    free(q); free(w); free(keys32); free(nv); free(ic); free(ig);
 }
 
 /* ---- MoE ----------------------------------------------------------------------------------- */
@@ -692,23 +742,33 @@ int main(int argc, char **argv) {
     t_mhc(5, 4, 256);
     t_mhc(3, 4, 4096);
     t_mhc(64, 4, 512);
-    t_attention(1, 8, 128, 8, 40, 10, 0, 0);
-    t_attention(37, 8, 128, 8, 0, 9, 0, 0);
-    t_attention(20, 8, 128, 8, 100, 25, 1, 16);
-    t_attention(5, 16, 512, 128, 300, 600, 1, 512);
-    t_attention(3, 4, 512, 128, 1000, 7, 0, 0);
-    t_attention(300, 8, 512, 128, 0, 75, 1, 64);
+    t_attention(1, 8, 128, 8, 40, 10, 0, 0, 0);
+    t_attention(37, 8, 128, 8, 0, 9, 0, 0, 0);
+    t_attention(20, 8, 128, 8, 100, 25, 1, 16, 0);
+    t_attention(5, 16, 512, 128, 300, 600, 1, 512, 0);
+    t_attention(3, 4, 512, 128, 1000, 7, 0, 0, 0);
+    t_attention(300, 8, 512, 128, 0, 75, 1, 64, 0);
     static const int ch1[] = {1, 3, 7, 130, 1, 1, 1, 2, 37};
     static const int ch2[] = {300};
     static const int ch3[] = {5, 128, 1, 127, 200, 1};
-    t_compress(4, 2, 128, 64, 1, 0, ch1, 9);
-    t_compress(4, 2, 128, 64, 0, 1, ch1, 9);
-    t_compress(4, 2, 512, 64, 1, 0, ch2, 1);
-    t_compress(128, 1, 128, 64, 1, 0, ch3, 6);
-    t_compress(128, 1, 512, 64, 0, 0, ch2, 1);
-    t_index(1, 16, 128, 16, 40);
-    t_index(37, 16, 128, 16, 9);
-    t_index(50, 64, 128, 512, 2000);
+    t_compress(4, 2, 128, 64, 1, 0, ch1, 9, 0);
+    t_compress(4, 2, 128, 64, 0, 1, ch1, 9, 0);
+    t_compress(4, 2, 512, 64, 1, 0, ch2, 1, 0);
+    t_compress(128, 1, 128, 64, 1, 0, ch3, 6, 0);
+    t_compress(128, 1, 512, 64, 0, 0, ch2, 1, 0);
+    t_index(1, 16, 128, 16, 40, 0);
+    t_index(37, 16, 128, 16, 9, 0);
+    t_index(50, 64, 128, 512, 2000, 0);
+    /* bf16 KV state: the same cases' shapes with rings, entries and keys stored as bf16 */
+    t_attention(1, 8, 128, 8, 40, 10, 0, 0, 1);
+    t_attention(20, 8, 128, 8, 100, 25, 1, 16, 1);
+    t_attention(5, 16, 512, 128, 300, 600, 1, 512, 1);
+    t_attention(300, 8, 512, 128, 0, 75, 1, 64, 1);
+    t_compress(4, 2, 128, 64, 0, 1, ch1, 9, 1);
+    t_compress(4, 2, 512, 64, 1, 0, ch2, 1, 1);
+    t_compress(128, 1, 128, 64, 1, 0, ch3, 6, 1);
+    t_index(37, 16, 128, 16, 9, 1);
+    t_index(50, 64, 128, 512, 2000, 1);
     t_moe(1, 8, 2, 256, 128, 0, 0);
     t_moe(7, 8, 2, 256, 128, 1, 0);
     t_moe(40, 16, 6, 256, 128, 0, 0);

@@ -98,7 +98,7 @@ static int compare(const golden *g, const char *label, const fixture *f, const f
         den += rd;
         if (!(sqrt(rn / rd) <= worst)) worst = sqrt(rn / rd); /* a NaN is the worst */
     }
-    double rel = sqrt(num / den);
+    double rel = sqrt(num / den), tol = g->tol > 0 ? g->tol : TOL_REL_L2;
     int flips = 0, near = 0;
     for (int p = 0; p < f->T; p++) {
         int a = 0;
@@ -106,11 +106,11 @@ static int compare(const golden *g, const char *label, const fixture *f, const f
         for (int v = 1; v < V; v++)
             if (row[v] > row[a]) a = v;
         if (a != (int)f->argmax[p]) {
-            if (f->margin[p] < 1e-4 * range) near++;
+            if (f->margin[p] < tol * range) near++;
             else flips++;
         }
     }
-    int ok = rel <= TOL_REL_L2 && worst <= 10 * TOL_REL_L2 && flips == 0;
+    int ok = rel <= tol && worst <= 10 * tol && flips == 0;
     printf("%s %-10s rel_l2 %.3e  worst_row %.3e  argmax_flips %d  near_tie_flips %d  %.2f s  %s\n",
            g->tag, label, rel, worst, flips, near, secs, ok ? "PASS" : "FAIL");
     fflush(stdout);

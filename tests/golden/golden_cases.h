@@ -18,7 +18,18 @@ typedef struct {
     dv4_model *m;          /* loaded on the backend under test */
     const char *fix_dir;   /* tests/golden/fixtures */
     const char *tag;       /* printed first on every line, e.g. "golden" or "golden-cuda" */
+    double tol;            /* 0: the rule above; else relative L2 <= tol, worst row <= 10 tol,
+                              near ties below tol of the range (bf16 KV state: GOLDEN_TOL_BF16_KV) */
 } golden;
+
+/* The looser rule for a model whose KV state is bf16 (each stored key/value rounded to 8 bits
+ * of mantissa). It catches a broken bf16 path (garbage or misread state gives rel_l2 ~1), not
+ * precision: the tiny model's indexer keeps 16 of up to 150 entries, and rounded keys reorder
+ * near-equal scores, which moves a few rows far. Measured on the tiny model, CPU: prefill600 and
+ * decode300 rel_l2 3.1e-2 / 3.0e-2, worst row 0.31, 3 argmax flips, all at margins below 5e-2
+ * of the logit range (so near ties under this rule). Op-level precision of the CUDA bf16 path
+ * is test_cuda_ops' (bf16kv cases, against the CPU op). */
+#define GOLDEN_TOL_BF16_KV 1e-1
 
 /* The fixture case `cas` run in chunks of `chunk` tokens (0 = one prefill). */
 int golden_chunked(golden *g, const char *cas, const char *label, int chunk);

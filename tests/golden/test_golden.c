@@ -5,7 +5,8 @@
  * tools/golden/make_golden.py from DeepseekV4ForCausalLM in fp32) hold the tokens, logits at
  * selected positions, the argmax at every position and the top-1/top-2 margin. The model is the
  * tiny random checkpoint that tools/mkmodel writes deterministically (seed 1) at build time.
- * The cases and the acceptance rule live in golden_cases.c (shared with the GPU test).
+ * The cases and the acceptance rule live in golden_cases.c (shared with the GPU test); the
+ * bf16-KV pass (prefill600, decode300) uses its looser rule, GOLDEN_TOL_BF16_KV.
  *
  * usage: test_golden MODEL_DIR FIXTURE_DIR
  */
@@ -27,7 +28,7 @@ static void setup(void) {
     char err[512];
     g_be = be_cpu_create(getenv("DUET_THREADS") ? atoi(getenv("DUET_THREADS")) : 0);
     ck_assert_msg(dv4_load(g_model, g_be, NULL, &g_m, err, sizeof err) == 0, "load: %s", err);
-    G = (golden){g_m, g_fix, "golden"};
+    G = (golden){g_m, g_fix, "golden", 0};
 }
 
 static void teardown(void) {
@@ -55,6 +56,20 @@ START_TEST(odd_chunks) {
 END_TEST
 
 START_TEST(decode300) { ck_assert_int_eq(golden_decode300(&G), 0); }
+END_TEST
+
+/* bf16 KV state (rings, compressed entries, indexer keys) under the looser GOLDEN_TOL_BF16_KV:
+ * a model of its own, since the KV dtype is fixed once sequences exist. */
+START_TEST(bf16_kv) {
+    char err[512];
+    dv4_model *m;
+    ck_assert_msg(dv4_load(g_model, g_be, NULL, &m, err, sizeof err) == 0, "load: %s", err);
+    ck_assert_msg(dv4_set_kv_dtype(m, DV4_KV_BF16, err, sizeof err) == 0, "%s", err);
+    golden g = {m, g_fix, "golden-bf16kv", GOLDEN_TOL_BF16_KV};
+    int fails = golden_chunked(&g, "prefill600", "prefill600", 0) + golden_decode300(&g);
+    dv4_free(m);
+    ck_assert_int_eq(fails, 0);
+}
 END_TEST
 
 /* Two sequences of different lengths in the same steps. */
@@ -106,6 +121,7 @@ int main(int argc, char **argv) {
     tcase_add_test(tc, batch2);
     tcase_add_test(tc, hash);
     tcase_add_test(tc, bad_chunks);
+    tcase_add_test(tc, bf16_kv);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);
     srunner_set_fork_status(sr, CK_NOFORK);

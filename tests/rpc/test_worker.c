@@ -295,6 +295,16 @@ static Duet__LoadProgress *load_with(rcli *c, uint32_t max_seqs, uint32_t max_le
     return p;
 }
 
+/* The tiny model's KV sizes at block size B and dtype dt (what the worker must report);
+ * returns its vocabulary size. */
+static int tiny_kv_sizes(int B, dv4_kv_dtype dt, dv4_kv_sizes *z) {
+    char err[512];
+    dv4_config c;
+    ck_assert_msg(cfg_load(model_dir, &c, err, sizeof err) == 0, "%s", err);
+    ck_assert_int_eq(dv4_kv_sizes_of(&c, B, dt, z, err, sizeof err), 0);
+    return c.vocab_size;
+}
+
 /* A chunk of a plan: positions [start, start + n) of tokens. */
 typedef struct {
     uint64_t seq;
@@ -395,15 +405,8 @@ START_TEST(prefix_blocks_and_budget) {
     lp = load_with(&c, 6, 4096, B);
     ck_assert_msg(lp->ok, "%s", lp->error);
     /* the budget: (4 MiB - 6 × fixed state) / block bytes */
-    char err[512];
-    be *b = be_cpu_create(1);
-    dv4_model *m;
-    ck_assert_int_eq(dv4_load(model_dir, b, NULL, &m, err, sizeof err), 0);
-    const int vocab = dv4_cfg(m)->vocab_size;
     dv4_kv_sizes z;
-    ck_assert_int_eq(dv4_kv_sizes_of(dv4_cfg(m), B, &z, err, sizeof err), 0);
-    dv4_free(m);
-    b->ops->destroy(b);
+    const int vocab = tiny_kv_sizes(B, DV4_KV_F32, &z);
     const uint32_t total = (uint32_t)(((4u << 20) - 6 * z.fixed_bytes) / z.block_bytes);
     const uint32_t cost = (uint32_t)((z.block_bytes + z.resume_bytes + z.block_bytes - 1) /
                                      z.block_bytes);
@@ -771,6 +774,39 @@ START_TEST(startup_refusals) {
     const char *cuda[] = {"--rank", "0", "--world-size", "1", "--model", model_dir,
                           "--auth-token-file", token_path, "--backend", "tpu", NULL};
     start_fails(cuda, "--backend tpu is not available", 2);
+    const char *kv[] = {"--rank", "0", "--world-size", "1", "--model", model_dir,
+                        "--auth-token-file", token_path, "--kv-dtype", "fp8", NULL};
+    start_fails(kv, "use f32 (the default) or bf16", 2);
+}
+END_TEST
+
+/* --kv-dtype bf16: the worker reports the bf16 block sizes (the coordinator budgets from them)
+ * and serves a step on bf16 state. */
+START_TEST(kv_dtype_bf16_budget) {
+    enum { B = 128 };
+    wproc w;
+    start(&w, "--kv-dtype", "bf16");
+    rcli c;
+    connect_ok(&c, &w);
+    Duet__LoadProgress *lp = load_with(&c, 6, 4096, B);
+    ck_assert_msg(lp->ok, "%s", lp->error);
+    dv4_kv_sizes h, f;
+    const int vocab = tiny_kv_sizes(B, DV4_KV_BF16, &h);
+    tiny_kv_sizes(B, DV4_KV_F32, &f);
+    ck_assert_uint_eq(lp->kv_block_bytes, h.block_bytes);
+    ck_assert_uint_eq(2 * lp->kv_block_bytes, f.block_bytes);
+    ck_assert_uint_eq(lp->kv_blocks_total, (uint32_t)(((1024ull << 20) - 6 * h.fixed_bytes) /
+                                                      h.block_bytes));
+    duet__load_progress__free_unpacked(lp, NULL);
+    int32_t tok[40];
+    for (int i = 0; i < 40; i++) tok[i] = (int32_t)((i * 7919 + 13) % vocab);
+    tchunk a = {.seq = 1, .start = 0, .n = 40, .sample = 1, .logits = 1};
+    Duet__StepResult *r = plan(&c, 1, tok, &a, 1, NULL, 0);
+    ck_assert_msg(r->ok, "%s", r->error);
+    ck_assert_int_ge(r->results[0]->token_id, 0);
+    duet__step_result__free_unpacked(r, NULL);
+    rcli_close(&c);
+    stop_ok(&w);
 }
 END_TEST
 
@@ -956,6 +992,7 @@ int main(int argc, char **argv) {
     tcase_add_test(t, sigterm_exits_zero);
     tcase_add_test(t, hello_timeout_closes);
     tcase_add_test(t, startup_refusals);
+    tcase_add_test(t, kv_dtype_bf16_budget);
     tcase_add_test(t, two_ranks_match_one_process);
     tcase_add_test(t, missing_peer);
     suite_add_tcase(s, t);

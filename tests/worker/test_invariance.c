@@ -6,9 +6,11 @@
  * logits must not depend on which sequences share its step, on how its prompt was chunked, or
  * on whether its prefix came from snapshots. Every comparison here is memcmp-exact. The
  * accounting tests pin "memory in use equals the accounted units" (design doc) and the sizes
- * of the real DeepSeek-V4-Flash shapes.
+ * of the real DeepSeek-V4-Flash shapes. With KV_DTYPE bf16 every test runs on bf16 KV state
+ * (rings, compressed entries, indexer keys): rounding is deterministic, so every invariance
+ * must still hold bit for bit, and the accounting must follow the dtype.
  *
- * usage: test_invariance MODEL_DIR
+ * usage: test_invariance MODEL_DIR [KV_DTYPE: f32 (default) | bf16]
  */
 #include <check.h>
 #include <math.h>
@@ -20,6 +22,7 @@
 #include "worker/model.h"
 
 static const char *g_model;
+static dv4_kv_dtype g_dt;   /* KV dtype under test */
 static be *g_b;
 static dv4_model *g_m;
 static int V;
@@ -33,6 +36,7 @@ static void setup(void) {
     g_b = be_cpu_create(2);
     ck_assert_msg(dv4_load(g_model, g_b, NULL, &g_m, err, sizeof err) == 0, "%s", err);
     ck_assert_int_eq(dv4_set_block_size(g_m, B, err, sizeof err), 0);
+    ck_assert_msg(dv4_set_kv_dtype(g_m, g_dt, err, sizeof err) == 0, "%s", err);
     V = dv4_cfg(g_m)->vocab_size;
     for (int i = 0; i < N + 8; i++) g_ids[i] = (int32_t)((i * 7919 + 13) % V);
     for (int k = 0; k < 2; k++)
@@ -213,12 +217,17 @@ END_TEST
 START_TEST(accounting_matches_memory) {
     char err[512];
     dv4_kv_sizes z;
-    ck_assert_int_eq(dv4_kv_sizes_of(dv4_cfg(g_m), B, &z, err, sizeof err), 0);
+    ck_assert_int_eq(dv4_kv_sizes_of(dv4_cfg(g_m), B, g_dt, &z, err, sizeof err), 0);
     ck_assert_uint_gt(z.block_bytes, 0);
     ck_assert_uint_gt(z.fixed_bytes, z.resume_bytes);
     dv4_seq *s;
     ck_assert(dv4_seq_new(g_m, 4096, &s, err, sizeof err) == 0);
     ck_assert_uint_eq(dv4_seq_grown_bytes(g_m, s), 0);
+    /* the dtype is fixed while a sequence exists */
+    dv4_kv_dtype other = g_dt == DV4_KV_F32 ? DV4_KV_BF16 : DV4_KV_F32;
+    ck_assert_int_eq(dv4_set_kv_dtype(g_m, other, err, sizeof err), DUET_EINVAL);
+    ck_assert_ptr_nonnull(strstr(err, "before the first sequence"));
+    ck_assert_int_eq(dv4_get_kv_dtype(g_m), g_dt);
     float *lg = xmalloc((size_t)V * sizeof *lg);
     int pos = 0;
     static const int steps[] = {1, 126, 1, 1, 200, 55, 1};
@@ -238,8 +247,8 @@ START_TEST(accounting_matches_memory) {
     dv4_snap *p;
     ck_assert_int_eq(dv4_snap_save(g_m, s, &p, err, sizeof err), 0);
     ck_assert_uint_eq(dv4_snap_bytes(p), z.block_bytes + z.resume_bytes);
-    printf("tiny model, B = %d: block %llu B, resume %llu B, fixed %llu B per sequence, "
-           "snapshot %llu B\n", B, (unsigned long long)z.block_bytes,
+    printf("tiny model, KV %s, B = %d: block %llu B, resume %llu B, fixed %llu B per sequence, "
+           "snapshot %llu B\n", dv4_kv_dtype_name(g_dt), B, (unsigned long long)z.block_bytes,
            (unsigned long long)z.resume_bytes, (unsigned long long)z.fixed_bytes,
            (unsigned long long)dv4_snap_bytes(p));
     dv4_snap_free(g_m, p);
@@ -263,7 +272,7 @@ START_TEST(v4_flash_sizes) {
     for (int i = 0; i < 44; i++) c.compress_ratios[i] = i < 2 || i == 43 ? 0 : i % 2 ? 128 : 4;
     dv4_kv_sizes z;
     char err[256];
-    ck_assert_int_eq(dv4_kv_sizes_of(&c, 256, &z, err, sizeof err), 0);
+    ck_assert_int_eq(dv4_kv_sizes_of(&c, 256, DV4_KV_F32, &z, err, sizeof err), 0);
     ck_assert_uint_eq(z.block_bytes, 3440ull * 4 * 256);          /* 3,522,560 */
     ck_assert_uint_eq(z.resume_bytes, 43ull * 128 * 512 * 4 + 21ull * (2 * 4 * 512 + 2 * 4 * 128) * 4);
     ck_assert_uint_eq(z.fixed_bytes, z.resume_bytes + 21ull * (2 * 4 * 1024 + 2 * 4 * 256) * 4 +
@@ -274,13 +283,21 @@ START_TEST(v4_flash_sizes) {
            "sequence, snapshot_block_cost %llu\n", (unsigned long long)z.block_bytes,
            z.block_bytes / 1048576.0, (unsigned long long)z.resume_bytes,
            (unsigned long long)z.fixed_bytes, (unsigned long long)cost);
-    ck_assert_int_eq(dv4_kv_sizes_of(&c, 100, &z, err, sizeof err), DUET_EINVAL);
+    ck_assert_int_eq(dv4_kv_sizes_of(&c, 100, DV4_KV_F32, &z, err, sizeof err), DUET_EINVAL);
+    /* bf16: entries, keys and rings in 2 bytes (spec §3.1: 6,880 B/token), carries still f32 */
+    dv4_kv_sizes h;
+    ck_assert_int_eq(dv4_kv_sizes_of(&c, 256, DV4_KV_BF16, &h, err, sizeof err), 0);
+    ck_assert_uint_eq(h.block_bytes, 3440ull * 2 * 256);          /* 1,761,280 */
+    ck_assert_uint_eq(h.resume_bytes, 43ull * 128 * 512 * 2 + 21ull * (2 * 4 * 512 + 2 * 4 * 128) * 4);
+    ck_assert_uint_eq(z.fixed_bytes - h.fixed_bytes, 43ull * 128 * 512 * 2);
 }
 END_TEST
 
 int main(int argc, char **argv) {
-    if (argc != 2) {
-        fprintf(stderr, "usage: test_invariance MODEL_DIR\n");
+    char err[200];
+    if (argc < 2 || argc > 3 || (argc == 3 && dv4_kv_dtype_parse(argv[2], &g_dt, err, sizeof err))) {
+        fprintf(stderr, "usage: test_invariance MODEL_DIR [f32|bf16]%s%s\n", argc == 3 ? ": " : "",
+                argc == 3 ? err : "");
         return 2;
     }
     g_model = argv[1];

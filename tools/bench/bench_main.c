@@ -12,11 +12,12 @@
  * for several prompt lengths, the batch-1 roofline (weight bytes read per token / measured copy
  * bandwidth) and the ratio, and a per-op time breakdown (each op timed between two syncs, so
  * without graphs). --graphs 1: decode steps as CUDA graphs (the engine's DUET_CUDA_GRAPH=1).
+ * --kv bf16: rings, compressed entries and indexer keys stored as bf16 (duet-worker --kv-dtype).
  * Must never be mistaken for the engine: it mirrors forward.c and must be kept in step with it.
  *
  * usage: duet-bench [--layers N] [--ctx L] [--batches 1,8,...] [--prefill 1024,...] [--steps S]
  *                   [--mem-fraction F] [--csv PATH] [--breakdown PATH] [--max-seconds S]
- *                   [--graphs 0|1]  (default 0, as the engine)
+ *                   [--graphs 0|1]  (default 0, as the engine) [--kv f32|bf16] (default f32)
  */
 #include <math.h>
 #include <stdio.h>
@@ -198,8 +199,8 @@ static void layer_make(blayer *L, int i) {
 /* ---- sequence state ------------------------------------------------------------------------ */
 
 typedef struct {
-    float *ring, *cmp, *cur_a, *cur_g, *prev_a, *prev_g;
-    float *ikeys, *icur_a, *icur_g, *iprev_a, *iprev_g;
+    void *ring, *cmp, *ikeys;   /* KV dtype (kv_bf16) */
+    float *cur_a, *cur_g, *prev_a, *prev_g, *icur_a, *icur_g, *iprev_a, *iprev_g;
 } sl;
 typedef struct {
     int pos, cap;
@@ -208,6 +209,21 @@ typedef struct {
 
 static int n_layers;
 static blayer *layers;
+static int kv_bf16;               /* --kv bf16 */
+
+/* rows x dim random KV state in [-1, 1] in the KV dtype (bf16: rounded by ring_write_bf16) */
+static void *kv_rand(int rows, int dim) {
+    float *f = vrand((size_t)rows * dim, -1, 1);
+    if (!kv_bf16) return f;
+    void *h = B->ops->alloc(B, (size_t)rows * dim * 2);
+    int32_t *pos = xmalloc((size_t)rows * sizeof *pos);
+    for (int i = 0; i < rows; i++) pos[i] = i;
+    B->ops->ring_write_bf16(B, h, rows, dim, f, pos, rows);
+    sync_or_die();
+    B->ops->free(B, f);
+    free(pos);
+    return h;
+}
 
 static bseq *seq_new(int cap, int pos) {
     bseq *s = xcalloc(1, sizeof *s);
@@ -217,10 +233,10 @@ static bseq *seq_new(int cap, int pos) {
     for (int i = 0; i < n_layers; i++) {
         sl *S = &s->L[i];
         int r = layers[i].ratio;
-        S->ring = vrand((size_t)W * DH, -1, 1);
+        S->ring = kv_rand(W, DH);
         if (!r) continue;
         int cc = r == 4 ? 2 : 1;
-        S->cmp = vrand((size_t)(cap / r + 1) * DH, -1, 1);
+        S->cmp = kv_rand(cap / r + 1, DH);
         S->cur_a = vrand((size_t)r * cc * DH, -1, 1);
         S->cur_g = vrand((size_t)r * cc * DH, -1, 1);
         if (cc == 2) {
@@ -228,7 +244,7 @@ static bseq *seq_new(int cap, int pos) {
             S->prev_g = vrand((size_t)r * DH, -1, 1);
         }
         if (r == 4) {
-            S->ikeys = vrand((size_t)(cap / 4 + 1) * IHD, -1, 1);
+            S->ikeys = kv_rand(cap / 4 + 1, IHD);
             S->icur_a = vrand((size_t)4 * 2 * IHD, -1, 1);
             S->icur_g = vrand((size_t)4 * 2 * IHD, -1, 1);
             S->iprev_a = vrand((size_t)4 * IHD, -1, 1);
@@ -240,8 +256,8 @@ static bseq *seq_new(int cap, int pos) {
 static void seq_free(bseq *s) {
     for (int i = 0; i < n_layers; i++) {
         sl *S = &s->L[i];
-        float *p[] = {S->ring, S->cmp, S->cur_a, S->cur_g, S->prev_a, S->prev_g, S->ikeys,
-                      S->icur_a, S->icur_g, S->iprev_a, S->iprev_g};
+        void *p[] = {S->ring, S->cmp, S->cur_a, S->cur_g, S->prev_a, S->prev_g, S->ikeys,
+                     S->icur_a, S->icur_g, S->iprev_a, S->iprev_g};
         for (size_t j = 0; j < sizeof p / sizeof *p; j++)
             if (p[j]) B->ops->free(B, p[j]);
     }
@@ -279,7 +295,7 @@ static void run_compressor(stp *s, int li, int indexer) {
             .norm = indexer ? L->ic_norm : L->c_norm, .eps = EPS, .omega = omega_cmp,
             .cur_a = indexer ? S->icur_a : S->cur_a, .cur_g = indexer ? S->icur_g : S->cur_g,
             .prev_a = indexer ? S->iprev_a : S->prev_a, .prev_g = indexer ? S->iprev_g : S->prev_g,
-            .entries = indexer ? S->ikeys : S->cmp, .hadamard_fp4_qat = indexer};
+            .entries = indexer ? S->ikeys : S->cmp, .hadamard_fp4_qat = indexer, .kv_bf16 = kv_bf16};
         OP(indexer ? "indexer.compress" : "compressor.compress", B->ops->compress(B, &a));
     }
 }
@@ -297,7 +313,7 @@ static void run_indexer(stp *s, int li) {
         be_index_args a = {.T = s->len[k], .n_heads = NI, .head_dim = IHD, .topk = TOPK,
                            .q = s->iq + (size_t)r0 * NI * IHD, .w = s->iw + (size_t)r0 * NI,
                            .keys = s->seqs[k]->L[li].ikeys, .n_visible = s->n_vis + r0,
-                           .idx = s->idx + (size_t)r0 * TOPK};
+                           .idx = s->idx + (size_t)r0 * TOPK, .kv_bf16 = kv_bf16};
         OP("indexer.topk", B->ops->index_topk(B, &a));
     }
 }
@@ -333,12 +349,17 @@ static void attention(stp *s, int li) {
     }
     be_attn_args a = {.T = T, .n_heads = H, .head_dim = DH, .scale = (float)(1.0 / sqrt((double)DH)),
                       .q = s->q, .kv = s->kv, .sink = L->sink, .plan = s->plan,
-                      .cmp_idx = m == 4 ? s->idx : NULL, .idx_stride = TOPK, .out = s->o};
+                      .cmp_idx = m == 4 ? s->idx : NULL, .idx_stride = TOPK, .out = s->o,
+                      .kv_bf16 = kv_bf16};
     OP("attn.core", B->ops->attention(B, &a));
     for (int k = 0; k < s->n; k++) {
         int r0 = s->row0[k];
-        OP("attn.ring_write", B->ops->ring_write(B, s->seqs[k]->L[li].ring, W, DH, s->kv + (size_t)r0 * DH,
-                                                 s->pos + r0, s->len[k]));
+        void *ring = s->seqs[k]->L[li].ring;
+        const float *kv = s->kv + (size_t)r0 * DH;
+        if (kv_bf16)
+            OP("attn.ring_write", B->ops->ring_write_bf16(B, ring, W, DH, kv, s->pos + r0, s->len[k]));
+        else
+            OP("attn.ring_write", B->ops->ring_write(B, ring, W, DH, kv, s->pos + r0, s->len[k]));
     }
     OP("rope", B->ops->rope(B, s->o, T, H, DH, DR, s->pos, L->omega, 1));
     cur_flops = bd_on ? 2.0 * T * G * OL * (double)(H / G) * DH : 0;
@@ -469,6 +490,7 @@ int main(int argc, char **argv) {
     double frac = 0.92, max_s = 1e9;
     int graphs = 0;
     const char *csv_path = NULL, *bd_path = NULL;
+    char err[512];
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!v) { fprintf(stderr, "duet-bench: %s needs a value\n", a); return 2; }
@@ -482,11 +504,17 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--breakdown")) bd_path = v;
         else if (!strcmp(a, "--max-seconds")) max_s = atof(v);
         else if (!strcmp(a, "--graphs")) graphs = atoi(v);
-        else { fprintf(stderr, "duet-bench: unknown option %s\n", a); return 2; }
+        else if (!strcmp(a, "--kv")) {
+            dv4_kv_dtype dt;
+            if (dv4_kv_dtype_parse(v, &dt, err, sizeof err)) {
+                fprintf(stderr, "duet-bench: --kv: %s\n", err);
+                return 2;
+            }
+            kv_bf16 = dt == DV4_KV_BF16;
+        } else { fprintf(stderr, "duet-bench: unknown option %s\n", a); return 2; }
         i++;
     }
     double t_start = now();
-    char err[512];
     double copy_gbs = 0, bf16_tf = 0, fp8_tf = 0;
     if (peak_copy_gbs((size_t)2 << 30, 20, &copy_gbs, err, sizeof err)) {
         fprintf(stderr, "duet-bench: copy bandwidth: %s\n", err);
@@ -500,8 +528,9 @@ int main(int argc, char **argv) {
     int maj, min;
     snprintf(devname, sizeof devname, "%s", be_cuda_device_name(B, &maj, &min));
     printf("device %s (sm_%d%d), cap %.1f GiB; measured: copy %.0f GB/s (read+write), "
-           "cuBLAS bf16 %.0f TFLOP/s, cuBLASLt fp8 %.0f TFLOP/s\n", devname, maj, min,
-           be_cuda_mem_cap(B) / 1073741824.0, copy_gbs, bf16_tf, fp8_tf);
+           "cuBLAS bf16 %.0f TFLOP/s, cuBLASLt fp8 %.0f TFLOP/s; KV dtype %s\n", devname, maj,
+           min, be_cuda_mem_cap(B) / 1073741824.0, copy_gbs, bf16_tf, fp8_tf,
+           kv_bf16 ? "bf16" : "f32");
 
     /* RoPE tables and the hash table */
     dv4_config c = {0};
@@ -525,8 +554,9 @@ int main(int argc, char **argv) {
     /* beside the weights: the largest step's activations, and per layer the sequence state
      * of the largest decode batch (CSA worst case) and of the longest prompt */
     double reserve = 1.3 * act_bytes(maxT, maxT / 4.0) + 1.3 * act_bytes(maxB, ctx / 4.0) + (1 << 30);
-    double per_seq_layer = (W * DH + (ctx + steps + 8) / 4.0 * (DH + IHD)) * 4.0;
-    double state_per_layer = per_seq_layer * maxB + (double)maxT / 4 * (DH + IHD) * 4;
+    double kvz = kv_bf16 ? 2.0 : 4.0; /* bytes per KV element */
+    double per_seq_layer = (W * DH + (ctx + steps + 8) / 4.0 * (DH + IHD)) * kvz;
+    double state_per_layer = per_seq_layer * maxB + (double)maxT / 4 * (DH + IHD) * kvz;
     layers = xcalloc(64, sizeof *layers);
     for (n_layers = 0; n_layers < 43; n_layers++) {
         if (want_layers && n_layers >= want_layers) break;
