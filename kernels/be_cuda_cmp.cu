@@ -203,7 +203,8 @@ void cu_compress(be *b, const be_compress_args *a) {
 /* grid (ceil(nv_max/8), T); q row staged in shared memory; warp per entry */
 typedef inl<int, 64> nvis_inl;
 __global__ void __launch_bounds__(256) k_index_scores(be_index_args a, const int *nvis, nvis_inl nm,
-                                                      float *scores, int ld) {
+                                                      const void *const *rkeys, float *scores,
+                                                      int ld) {
     PDL_ENTER();
     extern __shared__ float qs[];
     int t = blockIdx.y, nv = inl_at(nvis, nm, t), hd = a.head_dim, H = a.n_heads;
@@ -217,7 +218,7 @@ __global__ void __launch_bounds__(256) k_index_scores(be_index_args a, const int
     float kv[16];
     int nk = (hd + 31) / 32;
     for (int j = 0; j < 16; j++)
-        kv[j] = (j < nk && lane + 32 * j < hd) ? kv_at(a.keys, (size_t)e * hd + lane + 32 * j, a.kv_bf16)
+        kv[j] = (j < nk && lane + 32 * j < hd) ? kv_at(rkeys ? rkeys[t] : a.keys, (size_t)e * hd + lane + 32 * j, a.kv_bf16)
                                                : 0.f;
     float score = 0;
     for (int g = 0; g < H; g++) {
@@ -336,7 +337,9 @@ void cu_index_topk(be *b, const be_index_args *a) {
     memset(&ka, 0, sizeof ka);
     ka.T = a->T, ka.n_heads = a->n_heads, ka.head_dim = a->head_dim, ka.topk = a->topk;
     ka.q = a->q, ka.w = a->w, ka.keys = a->keys, ka.idx = a->idx, ka.kv_bf16 = a->kv_bf16;
-    /* n_visible stays NULL (a host pointer): kernels read dn */
+    /* n_visible and row_keys stay NULL (host pointers): kernels read dn and drk */
+    const void *const *drk = a->row_keys
+        ? (const void *const *)stage(c, a->row_keys, (size_t)a->T * sizeof *a->row_keys) : nullptr;
     /* row t's scores are written and read for entries < n_visible[t] only: not zeroed */
     float *scores = (float *)scratch(b, (size_t)a->T * ld * sizeof(float));
     size_t smem = (size_t)a->n_heads * a->head_dim * sizeof(float);
@@ -346,7 +349,7 @@ void cu_index_topk(be *b, const be_index_args *a) {
         smem_set = smem;
     }
     dim3 g((ld + 7) / 8, a->T);
-    KL(c, k_index_scores, g, 256, smem, ka, dn, nm, scores, ld);
+    KL(c, k_index_scores, g, 256, smem, ka, dn, nm, drk, scores, ld);
     KL(c, k_topk, a->T, 256, 0, scores, ld, dn, nm, a->topk, a->idx);
     cu_free(b, scores);
 }

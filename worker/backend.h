@@ -77,7 +77,8 @@ typedef struct {
     int kv_bf16;              /* entries are bf16 (rounded after the QAT round trips) */
 } be_compress_args;
 
-/* Lightning indexer scores and top-k (spec §2.4.4) for T query rows of one sequence. */
+/* Lightning indexer scores and top-k (spec §2.4.4) for T query rows of one sequence (or, with
+ * row_keys, of several). */
 typedef struct {
     int T, n_heads, head_dim, topk;
     const float *q;           /* [T, n_heads, head_dim], RoPE'd */
@@ -86,6 +87,8 @@ typedef struct {
     const int *n_visible;     /* [T] host: entries visible to each row */
     int32_t *idx;             /* [T, topk] output (backend memory); row r has min(topk, n_visible[r]) */
     int kv_bf16;              /* keys are bf16 */
+    const void *const *row_keys; /* [T] host, or NULL: row r reads the keys row_keys[r] (rows of
+                                    several sequences in one call; `keys` unused) */
 } be_index_args;
 
 /* Weights of one MoE layer (spec §2.5). */

@@ -544,7 +544,8 @@ static void index_task(void *vc, int t) {
     const float *q = a->q + (size_t)t * a->n_heads * hd, *w = a->w + (size_t)t * a->n_heads;
     float *wide = a->kv_bf16 ? xmalloc((size_t)hd * sizeof *wide) : NULL;
     for (int e = 0; e < nv; e++) {
-        const float *key = kv_row(a->keys, (size_t)e, hd, a->kv_bf16, wide);
+        const float *key = kv_row(a->row_keys ? a->row_keys[t] : a->keys, (size_t)e, hd, a->kv_bf16,
+                                  wide);
         float score = 0;
         for (int g = 0; g < a->n_heads; g++) {
             float dot = 0;

@@ -142,17 +142,20 @@ static void run_indexer(step *st, int layer) {
     b->ops->rope(b, st->s.iq, T, nI, ihd, c->qk_rope_head_dim, st->pos, st->m->omega_cmp, 0);
     b->ops->matmul(b, L->i_wproj, 0, nI, st->s.x, c->hidden_size, st->s.iw, nI, T);
     b->ops->scale_rows(b, st->s.iw, T, nI, (float)(1.0 / sqrt((double)ihd * nI)));
-    for (int k = 0; k < st->n_chunks; k++) {
-        int r0 = st->row0[k];
-        be_index_args a = {
-            .T = st->chunks[k].n, .n_heads = nI, .head_dim = ihd, .topk = c->index_topk,
-            .q = st->s.iq + (size_t)r0 * nI * ihd, .w = st->s.iw + (size_t)r0 * nI,
-            .keys = st->chunks[k].seq->L[layer].ikeys, .n_visible = st->n_vis + r0,
-            .idx = st->s.idx + (size_t)r0 * c->index_topk,
-            .kv_bf16 = st->m->kv_dtype == DV4_KV_BF16,
-        };
-        b->ops->index_topk(b, &a);
+    /* one call for every row: each row reads its own sequence's keys (a decode batch of B
+     * sequences made B calls, each a one-block top-k launch) */
+    const void **rk = NULL;
+    if (st->n_chunks > 1) {
+        rk = xmalloc((size_t)T * sizeof *rk);
+        for (int r = 0; r < T; r++) rk[r] = st->chunks[st->chunk_of[r]].seq->L[layer].ikeys;
     }
+    be_index_args a = {
+        .T = T, .n_heads = nI, .head_dim = ihd, .topk = c->index_topk, .q = st->s.iq,
+        .w = st->s.iw, .keys = st->chunks[0].seq->L[layer].ikeys, .n_visible = st->n_vis,
+        .idx = st->s.idx, .kv_bf16 = st->m->kv_dtype == DV4_KV_BF16, .row_keys = rk,
+    };
+    b->ops->index_topk(b, &a);
+    free(rk);
 }
 
 /* ======================================================================================== */

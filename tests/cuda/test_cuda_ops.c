@@ -520,20 +520,26 @@ static int cmp_i32(const void *a, const void *b) {
     return (x > y) - (x < y);
 }
 
-static void t_index(int T, int H, int hd, int topk, int n_ent, int bf16) {
+/* multi: rows of two sequences in one call (row_keys): odd rows read a second key set */
+static void t_index_x(int T, int H, int hd, int topk, int n_ent, int bf16, int multi) {
     float *q = rvec((size_t)T * H * hd, -1, 1), *w = rvec((size_t)T * H, -0.2f, 1),
-          *keys32 = rvec((size_t)n_ent * hd, -1, 1);
+          *keys32 = rvec((size_t)n_ent * hd, -1, 1), *keysb32 = rvec((size_t)n_ent * hd, -1, 1);
     void *keys = bf16 ? (void *)to_bf16(keys32, (size_t)n_ent * hd) : keys32;
+    void *keysb = bf16 ? (void *)to_bf16(keysb32, (size_t)n_ent * hd) : keysb32;
     int *nv = xmalloc((size_t)T * sizeof *nv);
     for (int t = 0; t < T; t++) nv[t] = (int)((int64_t)n_ent * (t + 1) / T);
     int32_t *ic = xmalloc((size_t)T * topk * 4);
     for (size_t i = 0; i < (size_t)T * topk; i++) ic[i] = -1;
-    be_index_args ac = {T, H, hd, topk, q, w, keys, nv, ic, bf16};
+    const void **rkc = xmalloc((size_t)T * sizeof *rkc), **rkg = xmalloc((size_t)T * sizeof *rkg);
+    for (int t = 0; t < T; t++) rkc[t] = t % 2 ? keysb : keys;
+    be_index_args ac = {T, H, hd, topk, q, w, keys, nv, ic, bf16, multi ? rkc : NULL};
     CPU->ops->index_topk(CPU, &ac);
     float *dq = dup_dev(q, (size_t)T * H * hd * 4), *dw = dup_dev(w, (size_t)T * H * 4),
-          *dk = dup_dev(keys, (size_t)n_ent * hd * (bf16 ? 2 : 4));
+          *dk = dup_dev(keys, (size_t)n_ent * hd * (bf16 ? 2 : 4)),
+          *dkb = dup_dev(keysb, (size_t)n_ent * hd * (bf16 ? 2 : 4));
+    for (int t = 0; t < T; t++) rkg[t] = t % 2 ? (const void *)dkb : (const void *)dk;
     int32_t *dix = G->ops->alloc(G, (size_t)T * topk * 4);
-    be_index_args ag = {T, H, hd, topk, dq, dw, dk, nv, dix, bf16};
+    be_index_args ag = {T, H, hd, topk, dq, dw, dk, nv, dix, bf16, multi ? rkg : NULL};
     G->ops->index_topk(G, &ag);
     int32_t *ig = xmalloc((size_t)T * topk * 4);
     G->ops->download(G, ig, dix, (size_t)T * topk * 4);
@@ -545,12 +551,16 @@ static void t_index(int T, int H, int hd, int topk, int n_ent, int bf16) {
         if (memcmp(ic + (size_t)t * topk, ig + (size_t)t * topk, (size_t)k * 4)) bad_rows++;
     }
     char cas[96];
-    snprintf(cas, sizeof cas, "T%d H%d hd%d topk%d ent%d%s (rows differing)", T, H, hd, topk, n_ent,
-             bf16 ? " bf16kv" : "");
+    snprintf(cas, sizeof cas, "T%d H%d hd%d topk%d ent%d%s%s (rows differing)", T, H, hd, topk,
+             n_ent, bf16 ? " bf16kv" : "", multi ? " 2 seqs" : "");
     report("index_topk", cas, bad_rows, 0);
-    G->ops->free(G, dq); G->ops->free(G, dw); G->ops->free(G, dk); G->ops->free(G, dix);
-    if (bf16) free(keys);
-    free(q); free(w); free(keys32); free(nv); free(ic); free(ig);
+    G->ops->free(G, dq); G->ops->free(G, dw); G->ops->free(G, dk); G->ops->free(G, dkb);
+    G->ops->free(G, dix);
+    if (bf16) free(keys), free(keysb);
+    free(q); free(w); free(keys32); free(keysb32); free(nv); free(ic); free(ig); free(rkc); free(rkg);
+}
+static void t_index(int T, int H, int hd, int topk, int n_ent, int bf16) {
+    t_index_x(T, H, hd, topk, n_ent, bf16, 0);
 }
 
 /* ---- MoE ----------------------------------------------------------------------------------- */
@@ -759,6 +769,8 @@ int main(int argc, char **argv) {
     t_index(1, 16, 128, 16, 40, 0);
     t_index(37, 16, 128, 16, 9, 0);
     t_index(50, 64, 128, 512, 2000, 0);
+    t_index_x(8, 64, 128, 512, 2000, 0, 1); /* a decode batch: rows of two sequences, one call */
+    t_index_x(37, 16, 128, 16, 90, 0, 1);
     /* bf16 KV state: the same cases' shapes with rings, entries and keys stored as bf16 */
     t_attention(1, 8, 128, 8, 40, 10, 0, 0, 1);
     t_attention(20, 8, 128, 8, 100, 25, 1, 16, 1);
@@ -769,6 +781,7 @@ int main(int argc, char **argv) {
     t_compress(128, 1, 128, 64, 1, 0, ch3, 6, 1);
     t_index(37, 16, 128, 16, 9, 1);
     t_index(50, 64, 128, 512, 2000, 1);
+    t_index_x(8, 64, 128, 512, 2000, 1, 1);
     t_moe(1, 8, 2, 256, 128, 0, 0);
     t_moe(7, 8, 2, 256, 128, 1, 0);
     t_moe(40, 16, 6, 256, 128, 0, 0);

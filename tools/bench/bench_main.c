@@ -308,13 +308,17 @@ static void run_indexer(stp *s, int li) {
     OP("rope", B->ops->rope(B, s->iq, T, NI, IHD, DR, s->pos, omega_cmp, 0));
     MM("indexer.matmul", L->i_wproj, 0, NI, s->x, D, s->iw, NI, T);
     OP("elementwise", B->ops->scale_rows(B, s->iw, T, NI, (float)(1.0 / sqrt((double)IHD * NI))));
-    for (int k = 0; k < s->n; k++) {
-        int r0 = s->row0[k];
-        be_index_args a = {.T = s->len[k], .n_heads = NI, .head_dim = IHD, .topk = TOPK,
-                           .q = s->iq + (size_t)r0 * NI * IHD, .w = s->iw + (size_t)r0 * NI,
-                           .keys = s->seqs[k]->L[li].ikeys, .n_visible = s->n_vis + r0,
-                           .idx = s->idx + (size_t)r0 * TOPK, .kv_bf16 = kv_bf16};
+    {
+        const void **rk = NULL; /* one call for every row, each with its own sequence's keys */
+        if (s->n > 1) {
+            rk = xmalloc((size_t)T * sizeof *rk);
+            for (int r = 0; r < T; r++) rk[r] = s->seqs[s->chunk_of[r]]->L[li].ikeys;
+        }
+        be_index_args a = {.T = T, .n_heads = NI, .head_dim = IHD, .topk = TOPK, .q = s->iq,
+                           .w = s->iw, .keys = s->seqs[0]->L[li].ikeys, .n_visible = s->n_vis,
+                           .idx = s->idx, .kv_bf16 = kv_bf16, .row_keys = rk};
         OP("indexer.topk", B->ops->index_topk(B, &a));
+        free(rk);
     }
 }
 
