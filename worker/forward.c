@@ -17,8 +17,7 @@
 /* Scratch buffers for one step, in backend memory; shapes for T rows. */
 typedef struct {
     float *h;      /* [T, n_hc, D] residual streams */
-    float *u;      /* [T, D] collapsed sublayer input */
-    float *x;      /* [T, D] normed sublayer input */
+    float *x;      /* [T, D] collapsed, normed sublayer input (mhc_norm) */
     float *post;   /* [T, n_hc] */
     float *comb;   /* [T, n_hc, n_hc] */
     float *cq;     /* [T, q_lora] */
@@ -53,13 +52,13 @@ typedef struct {
 static void *balloc(step *st, size_t bytes) { return st->b->ops->alloc(st->b, bytes); }
 
 /* Bytes of each scratch buffer for T rows, in the order of the scratch struct's fields. */
-enum { N_SCRATCH = 16 };
+enum { N_SCRATCH = 15 };
 static void scratch_sizes(const dv4_config *c, size_t T, size_t *z) {
     size_t D = c->hidden_size, hc = c->hc_mult, H = c->num_attention_heads;
     size_t dh = c->head_dim, f = sizeof(float);
     size_t cw = 2 * (dh > (size_t)c->index_head_dim ? dh : (size_t)c->index_head_dim);
     size_t sz[N_SCRATCH] = {
-        T * hc * D * f, T * D * f, T * D * f, T * hc * f, T * hc * hc * f,   /* h u x post comb */
+        T * hc * D * f, T * D * f, T * hc * f, T * hc * hc * f,             /* h x post comb */
         T * c->q_lora_rank * f, T * H * dh * f, T * dh * f, T * H * dh * f, /* cq q kv o */
         T * c->o_groups * c->o_lora_rank * f, T * D * f,                    /* y v */
         T * cw * f, T * cw * f,                                             /* ca cg */
@@ -80,17 +79,17 @@ static void scratch_alloc(step *st) {
     size_t z[N_SCRATCH];
     scratch_sizes(st->c, (size_t)st->T, z);
     scratch *s = &st->s;
-    s->h = balloc(st, z[0]), s->u = balloc(st, z[1]), s->x = balloc(st, z[2]);
-    s->post = balloc(st, z[3]), s->comb = balloc(st, z[4]), s->cq = balloc(st, z[5]);
-    s->q = balloc(st, z[6]), s->kv = balloc(st, z[7]), s->o = balloc(st, z[8]);
-    s->y = balloc(st, z[9]), s->v = balloc(st, z[10]), s->ca = balloc(st, z[11]);
-    s->cg = balloc(st, z[12]), s->iq = balloc(st, z[13]), s->iw = balloc(st, z[14]);
-    s->idx = balloc(st, z[15]);
+    s->h = balloc(st, z[0]), s->x = balloc(st, z[1]);
+    s->post = balloc(st, z[2]), s->comb = balloc(st, z[3]), s->cq = balloc(st, z[4]);
+    s->q = balloc(st, z[5]), s->kv = balloc(st, z[6]), s->o = balloc(st, z[7]);
+    s->y = balloc(st, z[8]), s->v = balloc(st, z[9]), s->ca = balloc(st, z[10]);
+    s->cg = balloc(st, z[11]), s->iq = balloc(st, z[12]), s->iw = balloc(st, z[13]);
+    s->idx = balloc(st, z[14]);
 }
 
 static void scratch_free(step *st) {
     scratch *s = &st->s;
-    void *p[] = {s->h, s->u, s->x, s->post, s->comb, s->cq, s->q, s->kv, s->o, s->y, s->v,
+    void *p[] = {s->h, s->x, s->post, s->comb, s->cq, s->q, s->kv, s->o, s->y, s->v,
                  s->ca, s->cg, s->iq, s->iw, s->idx};
     for (size_t i = 0; i < sizeof p / sizeof *p; i++) st->b->ops->free(st->b, p[i]);
 }

@@ -273,7 +273,7 @@ typedef struct {
     int *len, *row0, *chunk_of, *n_vis;
     int32_t *ids, *pos;
     be_keyplan *plan;
-    float *h, *u, *x, *post, *comb, *cq, *q, *kv, *o, *y, *v, *ca, *cg, *iq, *iw;
+    float *h, *x, *post, *comb, *cq, *q, *kv, *o, *y, *v, *ca, *cg, *iq, *iw;
     int32_t *idx;
 } stp;
 
@@ -417,7 +417,7 @@ static void step_ops(stp *sp, float *logits_host) {
     int T = s.T, n = s.n;
     const int *len = s.len;
     size_t t = (size_t)T;
-    s.h = fa(t * HC * D); s.u = fa(t * D); s.x = fa(t * D); s.post = fa(t * HC);
+    s.h = fa(t * HC * D); s.x = fa(t * D); s.post = fa(t * HC);
     s.comb = fa(t * HC * HC); s.cq = fa(t * QL); s.q = fa(t * H * DH); s.kv = fa(t * DH);
     s.o = fa(t * H * DH); s.y = fa(t * G * OL); s.v = fa(t * D); s.ca = fa(t * 2 * DH);
     s.cg = fa(t * 2 * DH); s.iq = fa(t * NI * IHD); s.iw = fa(t * NI);
@@ -444,7 +444,7 @@ static void step_ops(stp *sp, float *logits_host) {
                                 EPS, EPS, norm_w, ysel, NULL, NULL));
     MM("head", head_w, 0, VOCAB, ysel, D, lg, VOCAB, n);
     OP("head", B->ops->download(B, logits_host, lg, (size_t)n * VOCAB * sizeof(float)));
-    void *fr[] = {s.h, s.u, s.x, s.post, s.comb, s.cq, s.q, s.kv, s.o, s.y, s.v, s.ca, s.cg,
+    void *fr[] = {s.h, s.x, s.post, s.comb, s.cq, s.q, s.kv, s.o, s.y, s.v, s.ca, s.cg,
                   s.iq, s.iw, s.idx, hsel, ysel, lg};
     for (size_t i = 0; i < sizeof fr / sizeof *fr; i++) B->ops->free(B, fr[i]);
 }
