@@ -76,6 +76,7 @@ static const struct be_ops cuda_ops = {
     cu_attention, cu_ring_write, cu_compress, cu_index_topk, cu_moe,
     cu_scale_rows, cu_add, cu_fp8_qat, cu_hadamard_fp4,
     cu_destroy, cu_graph_begin, cu_graph_end, cu_matmul_xg, cu_mhc_norm, cu_ring_write_bf16,
+    cu_ring_write_rows,
 };
 
 extern "C" be *be_cuda_create(int device, double mem_fraction, char *err, size_t errlen) {

@@ -149,3 +149,27 @@ void cu_ring_write_bf16(be *b, uint16_t *ring, int ring_size, int dim, const flo
                         const int32_t *pos, int T) {
     ring_write(b, ring, ring_size, dim, kv, pos, T);
 }
+
+/* block per row t: rings[t] (device array of ring pointers) at slot pos[t] mod ring_size */
+template <typename K>
+__global__ void k_ring_write_rows(void *const *rings, int ring_size, int dim, const float *kv,
+                                  const int32_t *pos, pos_inl pm) {
+    PDL_ENTER();
+    int t = blockIdx.x;
+    K *ring = (K *)rings[t];
+    size_t slot = (size_t)(inl_at(pos, pm, t) % ring_size) * dim;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x)
+        kv_set(ring, slot + i, sizeof(K) == 2, kv[(size_t)t * dim + i]);
+}
+
+void cu_ring_write_rows(be *b, void *const *rings, int ring_size, int dim, const float *kv,
+                        const int32_t *pos, int T, int kv_bf16) {
+    if (T <= 0) return;
+    be_cuda *c = C(b);
+    stage_reserve(c, (size_t)T * sizeof *rings + (size_t)T * sizeof *pos + 2 * 256);
+    void *const *dr = (void *const *)stage(c, rings, (size_t)T * sizeof *rings);
+    pos_inl pm;
+    const int32_t *dp = inl_put(c, pos, (size_t)T, pm);
+    if (kv_bf16) KL(c, (k_ring_write_rows<uint16_t>), T, 128, 0, dr, ring_size, dim, kv, dp, pm);
+    else KL(c, (k_ring_write_rows<float>), T, 128, 0, dr, ring_size, dim, kv, dp, pm);
+}

@@ -180,6 +180,12 @@ struct be_ops {
     /* ring_write into a bf16 ring ([ring_size, dim] uint16): each value rounded to nearest even */
     void (*ring_write_bf16)(be *b, uint16_t *ring, int ring_size, int dim, const float *kv,
                             const int32_t *pos, int T);
+    /* ring_write for rows of several sequences in one call: row t goes to rings[t] ([T] host
+     * array of backend pointers; f32, or bf16 rounded to nearest even when kv_bf16) at slot
+     * pos[t] mod ring_size. No two rows may map to one slot of one ring (fewer rows per
+     * sequence than ring_size). */
+    void (*ring_write_rows)(be *b, void *const *rings, int ring_size, int dim, const float *kv,
+                            const int32_t *pos, int T, int kv_bf16);
 };
 
 enum { BE_PASS_DIRECT = 0, BE_PASS_RECORD = 1, BE_PASS_CAPTURE = 2, BE_PASS_DONE = 3 };

@@ -432,6 +432,16 @@ static void cpu_ring_write_bf16(be *b, uint16_t *ring, int ring_size, int dim, c
     }
 }
 
+static void cpu_ring_write_rows(be *b, void *const *rings, int ring_size, int dim,
+                                const float *kv, const int32_t *pos, int T, int kv_bf16) {
+    for (int t = 0; t < T; t++) {
+        if (kv_bf16)
+            cpu_ring_write_bf16(b, rings[t], ring_size, dim, kv + (size_t)t * dim, pos + t, 1);
+        else
+            cpu_ring_write(b, rings[t], ring_size, dim, kv + (size_t)t * dim, pos + t, 1);
+    }
+}
+
 /* ======================================================================================== */
 /* compressor (spec §2.4.3)                                                                  */
 /* ======================================================================================== */
@@ -723,6 +733,7 @@ static const struct be_ops cpu_ops = {
     .attention = cpu_attention,
     .ring_write = cpu_ring_write,
     .ring_write_bf16 = cpu_ring_write_bf16,
+    .ring_write_rows = cpu_ring_write_rows,
     .compress = cpu_compress,
     .index_topk = cpu_index_topk,
     .moe = cpu_moe,

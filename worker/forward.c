@@ -210,14 +210,25 @@ static void attention(step *st, int layer) {
         .kv_bf16 = st->m->kv_dtype == DV4_KV_BF16,
     };
     b->ops->attention(b, &a);
-    for (int k = 0; k < st->n_chunks; k++) {
-        int r0 = st->row0[k];
-        void *ring = st->chunks[k].seq->L[layer].ring;
-        const float *kv = s->kv + (size_t)r0 * dh;
-        if (a.kv_bf16)
-            b->ops->ring_write_bf16(b, ring, W, dh, kv, st->pos + r0, st->chunks[k].n);
-        else
-            b->ops->ring_write(b, ring, W, dh, kv, st->pos + r0, st->chunks[k].n);
+    /* the rows' kv into their sequences' rings: one call for a batch whose chunks are all
+     * shorter than the window (no two rows on one slot), else a call per chunk */
+    int short_chunks = st->n_chunks > 1;
+    for (int k = 0; k < st->n_chunks && short_chunks; k++) short_chunks = st->chunks[k].n < W;
+    if (short_chunks) {
+        void **rings = xmalloc((size_t)T * sizeof *rings);
+        for (int r = 0; r < T; r++) rings[r] = st->chunks[st->chunk_of[r]].seq->L[layer].ring;
+        b->ops->ring_write_rows(b, rings, W, dh, s->kv, st->pos, T, a.kv_bf16);
+        free(rings);
+    } else {
+        for (int k = 0; k < st->n_chunks; k++) {
+            int r0 = st->row0[k];
+            void *ring = st->chunks[k].seq->L[layer].ring;
+            const float *kv = s->kv + (size_t)r0 * dh;
+            if (a.kv_bf16)
+                b->ops->ring_write_bf16(b, ring, W, dh, kv, st->pos + r0, st->chunks[k].n);
+            else
+                b->ops->ring_write(b, ring, W, dh, kv, st->pos + r0, st->chunks[k].n);
+        }
     }
 
     /* output path §2.4.6 (this rank's groups; partial sums are all-reduced by the caller) */

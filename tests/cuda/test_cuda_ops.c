@@ -421,6 +421,28 @@ static void t_attention(int T, int H, int d, int W, int P, int n_ent, int sparse
     }
     snprintf(cas, sizeof cas, "W%d d%d T%d P%d%s", W, d, T, P, kvn);
     report("ring_write", cas, cmp_kv(dring, ring, n_ring, bf16), 0);
+    if (T < W) { /* ring_write_rows: each row its own ring (a decode batch), here all the same
+                  * ring at distinct slots, one row shifted by a window to a second copy */
+        size_t es = bf16 ? 2 : 4;
+        void *ring2 = xmalloc((size_t)W * d * es);
+        memcpy(ring2, ring, (size_t)W * d * es);
+        void *dring2 = dup_dev(ring2, (size_t)W * d * es);
+        void **rc = xmalloc((size_t)T * sizeof *rc), **rg = xmalloc((size_t)T * sizeof *rg);
+        for (int r = 0; r < T; r++) {
+            rc[r] = r % 2 ? ring2 : ring;
+            rg[r] = r % 2 ? dring2 : dring;
+            pos[r] = P + 5 + r;
+        }
+        CPU->ops->ring_write_rows(CPU, rc, W, d, kv, pos, T, bf16);
+        G->ops->ring_write_rows(G, rg, W, d, dkv, pos, T, bf16);
+        snprintf(cas, sizeof cas, "W%d d%d T%d P%d%s 2 rings", W, d, T, P, kvn);
+        report("ring_write_rows", cas,
+               cmp_kv(dring, ring, n_ring, bf16) + cmp_kv(dring2, ring2, n_ring, bf16), 0);
+        G->ops->free(G, dring2);
+        free(ring2);
+        free(rc);
+        free(rg);
+    }
     void *dd[] = {dq, dkv, dring, dcmp, dsink, didx, dout};
     for (size_t i = 0; i < sizeof dd / sizeof *dd; i++) G->ops->free(G, dd[i]);
     if (bf16) free(ring), free(cmp);
