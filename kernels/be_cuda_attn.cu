@@ -116,12 +116,14 @@ void cu_attention(be *b, const be_attn_args *a) {
 }
 
 typedef inl<int32_t, 64> pos_inl;
-/* K = float (f32 ring) or uint16_t (bf16 ring, rounded to nearest even) */
+/* K = float (f32 ring) or uint16_t (bf16 ring, rounded to nearest even); block per row t, into
+ * rings[t] (device array: ring_write_rows) or, rings NULL, into ring */
 template <typename K>
-__global__ void k_ring_write(K *ring, int ring_size, int dim, const float *kv, const int32_t *pos,
-                             pos_inl pm) {
+__global__ void k_ring_write(K *ring, void *const *rings, int ring_size, int dim, const float *kv,
+                             const int32_t *pos, pos_inl pm) {
     PDL_ENTER();
     int t = blockIdx.x;
+    if (rings) ring = (K *)rings[t];
     size_t slot = (size_t)(inl_at(pos, pm, t) % ring_size) * dim;
     for (int i = threadIdx.x; i < dim; i += blockDim.x)
         kv_set(ring, slot + i, sizeof(K) == 2, kv[(size_t)t * dim + i]);
@@ -136,8 +138,8 @@ static void ring_write(be *b, K *ring, int ring_size, int dim, const float *kv, 
     int first = T > ring_size ? T - ring_size : 0;
     pos_inl pm;
     const int32_t *dp = inl_put(c, pos + first, (size_t)(T - first), pm);
-    KL(c, (k_ring_write<K>), T - first, 128, 0, ring, ring_size, dim, kv + (size_t)first * dim, dp,
-       pm);
+    KL(c, (k_ring_write<K>), T - first, 128, 0, ring, nullptr, ring_size, dim,
+       kv + (size_t)first * dim, dp, pm);
 }
 
 void cu_ring_write(be *b, float *ring, int ring_size, int dim, const float *kv,
@@ -150,18 +152,6 @@ void cu_ring_write_bf16(be *b, uint16_t *ring, int ring_size, int dim, const flo
     ring_write(b, ring, ring_size, dim, kv, pos, T);
 }
 
-/* block per row t: rings[t] (device array of ring pointers) at slot pos[t] mod ring_size */
-template <typename K>
-__global__ void k_ring_write_rows(void *const *rings, int ring_size, int dim, const float *kv,
-                                  const int32_t *pos, pos_inl pm) {
-    PDL_ENTER();
-    int t = blockIdx.x;
-    K *ring = (K *)rings[t];
-    size_t slot = (size_t)(inl_at(pos, pm, t) % ring_size) * dim;
-    for (int i = threadIdx.x; i < dim; i += blockDim.x)
-        kv_set(ring, slot + i, sizeof(K) == 2, kv[(size_t)t * dim + i]);
-}
-
 void cu_ring_write_rows(be *b, void *const *rings, int ring_size, int dim, const float *kv,
                         const int32_t *pos, int T, int kv_bf16) {
     if (T <= 0) return;
@@ -170,6 +160,6 @@ void cu_ring_write_rows(be *b, void *const *rings, int ring_size, int dim, const
     void *const *dr = (void *const *)stage(c, rings, (size_t)T * sizeof *rings);
     pos_inl pm;
     const int32_t *dp = inl_put(c, pos, (size_t)T, pm);
-    if (kv_bf16) KL(c, (k_ring_write_rows<uint16_t>), T, 128, 0, dr, ring_size, dim, kv, dp, pm);
-    else KL(c, (k_ring_write_rows<float>), T, 128, 0, dr, ring_size, dim, kv, dp, pm);
+    if (kv_bf16) KL(c, (k_ring_write<uint16_t>), T, 128, 0, nullptr, dr, ring_size, dim, kv, dp, pm);
+    else KL(c, (k_ring_write<float>), T, 128, 0, nullptr, dr, ring_size, dim, kv, dp, pm);
 }

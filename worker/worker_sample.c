@@ -187,6 +187,9 @@ static const cand *rank_at(ranked *r, int i) {
     return &r->c[i];
 }
 
+/* probability weight of candidate value v at temperature T, relative to the max c0 */
+static double weight(float v, double c0, double T) { return exp(((double)v - c0) / T); }
+
 /* The n_top largest raw logits, descending, ties → lower id (one pass, n_top <= 20). */
 static void raw_top(const float *logits, int vocab, int n_top, cand *top) {
     int n = 0;
@@ -270,27 +273,29 @@ int32_t worker_sample(const float *logits, int vocab, const worker_sample_params
          * sums over all of them when nothing cuts them (tot, sum) run in the candidates'
          * order, a fixed function of the logits */
         double c0 = c[0].v, T = p->temperature, sum = 0;
-#define PR(i) exp(((double)rank_at(&r, (i))->v - c0) / T)
         if (p->top_p > 0 && p->top_p < 1) {
             double s = 0, tot = 0;
-            for (int i = 0; i < n; i++) tot += n < r.n ? PR(i) : exp(((double)c[i].v - c0) / T);
+            if (n < r.n)
+                for (int i = 0; i < n; i++) tot += weight(rank_at(&r, i)->v, c0, T);
+            else
+                for (int i = 0; i < n; i++) tot += weight(c[i].v, c0, T);
             int k = 0;
             while (k < n) {
-                s += PR(k);
+                s += weight(rank_at(&r, k)->v, c0, T);
                 k++;
                 if (s >= p->top_p * tot) break;
             }
             n = k;
         }
         if (p->min_p > 0 && p->min_p <= 1) {
-            int k = 1;
-            while (k < n && PR(k) >= p->min_p) k++; /* PR(0) = 1 */
+            int k = 1; /* the weight of rank 0 is 1 */
+            while (k < n && weight(rank_at(&r, k)->v, c0, T) >= p->min_p) k++;
             n = k;
         }
         if (n < r.n)
-            for (int i = 0; i < n; i++) sum += PR(i);
+            for (int i = 0; i < n; i++) sum += weight(rank_at(&r, i)->v, c0, T);
         else
-            for (int i = 0; i < n; i++) sum += exp(((double)c[i].v - c0) / T);
+            for (int i = 0; i < n; i++) sum += weight(c[i].v, c0, T);
         /* counter-based: (seed, stream, position) → one uniform draw; stream 0 adds nothing */
         uint64_t sx = p->stream;
         uint64_t st = p->seed ^ (pos * 0xD1B54A32D192ED03ull) ^ (sx ? splitmix64(&sx) : 0);
@@ -298,14 +303,13 @@ int32_t worker_sample(const float *logits, int vocab, const worker_sample_params
         chosen = -1;
         double acc = 0;
         for (int i = 0; i < n; i++) {
-            acc += PR(i);
+            acc += weight(rank_at(&r, i)->v, c0, T);
             if (u < acc) {
                 chosen = rank_at(&r, i)->id;
                 break;
             }
         }
         if (chosen < 0) chosen = rank_at(&r, n - 1)->id;
-#undef PR
         free(c);
     }
     free(x);
