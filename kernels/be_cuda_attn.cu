@@ -46,7 +46,8 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) k_attn(be_attn_args a, const b
         else if (j < n_ring + n_rows) key = a.kv, row = (size_t)(p.row_lo + j - n_ring), kbf = 0;
         else {
             int i = j - n_ring - n_rows;
-            key = p.cmp, row = (size_t)(a.cmp_idx ? a.cmp_idx[(size_t)t * a.idx_stride + i] : i);
+            int e = a.cmp_idx ? a.cmp_idx[(size_t)t * a.idx_stride + i] : i;
+            key = kv_page_row(p.cmp, a.cmp_paging, e, (size_t)d * (kbf ? 2 : 4)), row = 0;
         }
         /* one load loop per storage kind (the flag is warp-uniform): the attention re-reads
          * every key once per head, so per-element dtype branches and roundings of values that
@@ -112,6 +113,7 @@ void cu_attention(be *b, const be_attn_args *a) {
     da.T = a->T, da.n_heads = a->n_heads, da.head_dim = a->head_dim, da.scale = a->scale;
     da.q = a->q, da.kv = a->kv, da.sink = a->sink, da.cmp_idx = a->cmp_idx;
     da.idx_stride = a->idx_stride, da.out = a->out, da.kv_bf16 = a->kv_bf16;
+    da.cmp_paging.off = a->cmp_paging.off, da.cmp_paging.per_page = a->cmp_paging.per_page;
     KL(c, k_attn, a->T * a->n_heads, ATT_WARPS * 32, 0, da, dp, pm);
 }
 

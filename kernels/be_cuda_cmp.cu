@@ -24,8 +24,9 @@ typedef struct {
     const float *a, *g, *ape, *norm;
     const float *omega;
     float *cur_a, *cur_g, *prev_a, *prev_g;
-    void *entries;             /* [cap, d] f32, or bf16 when kv_bf16 */
+    void *const *entries;      /* page table: rows [*, d] f32, or bf16 when kv_bf16 */
     int hadamard_fp4_qat, kv_bf16;
+    be_paging paging;
 } cmp_dev;
 typedef inl<int, 1> pos0_inl;
 
@@ -117,7 +118,8 @@ __global__ void __launch_bounds__(256) k_cmp_windows(cmp_dev ain, const int *dp,
             fd_fp4_roundtrip(z + i, d - i < 32 ? d - i : 32);
         __syncthreads();
     }
-    for (int i = threadIdx.x; i < d; i += blockDim.x) kv_set(a.entries, (size_t)w * d + i, a.kv_bf16, z[i]);
+    void *row = kv_page_row(a.entries, a.paging, w, (size_t)d * (a.kv_bf16 ? 2 : 4));
+    for (int i = threadIdx.x; i < d; i += blockDim.x) kv_set(row, (size_t)i, a.kv_bf16, z[i]);
 }
 
 /* prev <- A-halves of the last window closed in this call (if any), from inputs or the state at
@@ -180,6 +182,7 @@ void cu_compress(be *b, const be_compress_args *a) {
     d.cur_a = a->cur_a, d.cur_g = a->cur_g, d.prev_a = a->prev_a, d.prev_g = a->prev_g;
     d.entries = a->entries, d.fp8_nope_qat = a->fp8_nope_qat;
     d.hadamard_fp4_qat = a->hadamard_fp4_qat, d.kv_bf16 = a->kv_bf16;
+    d.paging.off = a->paging.off, d.paging.per_page = a->paging.per_page;
     pos0_inl pm;
     const int *dp = inl_put(c, &pos0, 1, pm);
     /* windows closing at tokens of this call: positions w*m + m-1 in [pos0, pos0+T). A graphed
@@ -203,7 +206,7 @@ void cu_compress(be *b, const be_compress_args *a) {
 /* grid (ceil(nv_max/8), T); q row staged in shared memory; warp per entry */
 typedef inl<int, 64> nvis_inl;
 __global__ void __launch_bounds__(256) k_index_scores(be_index_args a, const int *nvis, nvis_inl nm,
-                                                      const void *const *rkeys, float *scores,
+                                                      void *const *const *rkeys, float *scores,
                                                       int ld) {
     PDL_ENTER();
     extern __shared__ float qs[];
@@ -217,9 +220,9 @@ __global__ void __launch_bounds__(256) k_index_scores(be_index_args a, const int
     const float *w = a.w + (size_t)t * H;
     float kv[16];
     int nk = (hd + 31) / 32;
+    const void *key = kv_page_row(rkeys ? rkeys[t] : a.keys, a.paging, e, (size_t)hd * (a.kv_bf16 ? 2 : 4));
     for (int j = 0; j < 16; j++)
-        kv[j] = (j < nk && lane + 32 * j < hd) ? kv_at(rkeys ? rkeys[t] : a.keys, (size_t)e * hd + lane + 32 * j, a.kv_bf16)
-                                               : 0.f;
+        kv[j] = (j < nk && lane + 32 * j < hd) ? kv_at(key, (size_t)(lane + 32 * j), a.kv_bf16) : 0.f;
     float score = 0;
     for (int g = 0; g < H; g++) {
         float dot = 0;
@@ -337,9 +340,10 @@ void cu_index_topk(be *b, const be_index_args *a) {
     memset(&ka, 0, sizeof ka);
     ka.T = a->T, ka.n_heads = a->n_heads, ka.head_dim = a->head_dim, ka.topk = a->topk;
     ka.q = a->q, ka.w = a->w, ka.keys = a->keys, ka.idx = a->idx, ka.kv_bf16 = a->kv_bf16;
+    ka.paging.off = a->paging.off, ka.paging.per_page = a->paging.per_page;
     /* n_visible and row_keys stay NULL (host pointers): kernels read dn and drk */
-    const void *const *drk = a->row_keys
-        ? (const void *const *)stage(c, a->row_keys, (size_t)a->T * sizeof *a->row_keys) : nullptr;
+    void *const *const *drk = a->row_keys
+        ? (void *const *const *)stage(c, a->row_keys, (size_t)a->T * sizeof *a->row_keys) : nullptr;
     /* row t's scores are written and read for entries < n_visible[t] only: not zeroed */
     float *scores = (float *)scratch(b, (size_t)a->T * ld * sizeof(float));
     size_t smem = (size_t)a->n_heads * a->head_dim * sizeof(float);

@@ -11,6 +11,7 @@
 #include <stdint.h>
 
 #include "kernels/fmt_dev.cuh"
+#include "worker/backend.h"
 
 /* element i of a KV array: f32 when bf16 == 0, else bf16 widened to f32 */
 __device__ __forceinline__ float kv_at(const void *base, size_t i, int bf16) {
@@ -27,6 +28,12 @@ __device__ __forceinline__ float kv_round(float v, int bf16) {
 __device__ __forceinline__ void kv_set(void *base, size_t i, int bf16, float v) {
     if (bf16) ((uint16_t *)base)[i] = fd_f32_to_bf16(v);
     else ((float *)base)[i] = v;
+}
+
+/* the start of row w of a paged KV array (backend.h "Paged growing state"): page table `tab`
+ * (device memory), rows of row_bytes */
+__device__ __forceinline__ void *kv_page_row(void *const *tab, be_paging pg, int w, size_t row_bytes) {
+    return (char *)tab[w / pg.per_page] + pg.off + (size_t)(w % pg.per_page) * row_bytes;
 }
 
 #endif

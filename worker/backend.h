@@ -25,18 +25,38 @@ typedef struct be_weight be_weight; /* a weight in its stored format, owned by t
  * f32). Ops that touch them take a `kv_bf16` flag (0: f32, 1: bf16); compressor carries, this
  * step's kv and every activation stay f32. */
 
+/* Paged growing state (spec §3.1: compressed entries and indexer keys grow with the context).
+ * A sequence's growing state lives in KV pages of B tokens, one page per block, each page
+ * holding that block's entries of EVERY layer; a page table (backend memory, [n_pages] page
+ * pointers in block order) is the sequence's only handle on them, so cached prefix blocks are
+ * shared in place by every sequence that restores them. Entry w of one layer's array (rows of
+ * `row` elements, per_page = B / m rows per page) is at byte
+ *     off + (w mod per_page) · row · elem_bytes    of page    table[w div per_page],
+ * where `off` is that layer's array within a page (the same in every page). */
+typedef struct {
+    size_t off;             /* bytes from a page's start to this layer's array */
+    int per_page;           /* rows of this array per page: B / m */
+} be_paging;
+
+/* The start of row w of a paged array with rows of row_bytes, by the rule above (for a backend
+ * whose memory the host can address; device kernels apply the same rule). */
+static inline void *be_page_row(void *const *table, be_paging pg, size_t w, size_t row_bytes) {
+    return (char *)table[w / (size_t)pg.per_page] + pg.off + (w % (size_t)pg.per_page) * row_bytes;
+}
+
 /* Per-token key plan for sparse attention (host memory). For the query in batch row r at
  * absolute position t: raw-window keys come from the sequence's ring for positions
  * [ring_lo, ring_hi) (slot = pos mod ring_size) and from batch rows [row_lo, row_hi) of the
- * current step's kv; compressed keys are entries 0..n_cmp-1 of `cmp` (HCA: all visible), or,
- * when `cmp_idx` is non-NULL, the entries listed in row r of cmp_idx ([T, idx_stride] int32,
- * backend memory, n_cmp valid). */
+ * current step's kv; compressed keys are entries 0..n_cmp-1 of the sequence's paged array
+ * (`cmp` page table, be_attn_args.cmp_paging; HCA: all visible), or, when `cmp_idx` is
+ * non-NULL, the entries listed in row r of cmp_idx ([T, idx_stride] int32, backend memory,
+ * n_cmp valid). */
 typedef struct {
     const void *ring;       /* [ring_size, head_dim] KV dtype, backend memory, may be NULL if unused */
     int ring_size;
     int ring_lo, ring_hi;   /* absolute positions */
     int row_lo, row_hi;     /* batch rows */
-    const void *cmp;        /* [cap, head_dim] KV dtype, backend memory or NULL */
+    void *const *cmp;       /* page table of the compressed entries (backend memory) or NULL */
     int n_cmp;
 } be_keyplan;
 
@@ -52,8 +72,8 @@ typedef struct {
     float *out;               /* [T, n_heads, head_dim] */
     int kv_bf16;              /* plan rings and cmp entries are bf16, and this step's kv rows
                                  are read rounded to bf16 (as the ring will hold them: a query
-                                 sees the same keys however the sequence was chunked); last
-                                 field: positional initialisers stay f32 */
+                                 sees the same keys however the sequence was chunked) */
+    be_paging cmp_paging;     /* where this layer's entries are in a page ([*, head_dim] rows) */
 } be_attn_args;
 
 /* Compressor over the tokens of ONE sequence (spec §2.4.3), in order. `a` and `g` are the
@@ -61,7 +81,7 @@ typedef struct {
  * cur_a/cur_g [m, c*d] (rows = position within the current window), prev_a/prev_g [m, d]
  * (A-halves of the last complete window; c = 2 only; start as 0 / -inf). Every window that closes
  * at a token of this call is pooled, RMS-normed (norm weight), RoPE'd at its window start
- * (omega, last rope_dims dims), optionally QAT-rounded, and written to entries[w]. */
+ * (omega, last rope_dims dims), optionally QAT-rounded, and written to entry w (paged). */
 typedef struct {
     int T, m, c, d, rope_dims;
     const int32_t *pos;       /* [T] host, consecutive positions */
@@ -71,10 +91,11 @@ typedef struct {
     float eps;
     const float *omega;       /* [rope_dims/2] host */
     float *cur_a, *cur_g, *prev_a, *prev_g;
-    void *entries;            /* [cap, d] KV dtype */
+    void *const *entries;     /* page table (backend memory): entries [*, d] KV dtype, paged */
     int fp8_nope_qat;         /* 1: FP8 round trip of dims [0, d-rope_dims) in blocks of 64 */
     int hadamard_fp4_qat;     /* 1: Hadamard + FP4 round trip (indexer keys) */
     int kv_bf16;              /* entries are bf16 (rounded after the QAT round trips) */
+    be_paging paging;         /* where this layer's entries are in a page */
 } be_compress_args;
 
 /* Lightning indexer scores and top-k (spec §2.4.4) for T query rows of one sequence (or, with
@@ -83,12 +104,15 @@ typedef struct {
     int T, n_heads, head_dim, topk;
     const float *q;           /* [T, n_heads, head_dim], RoPE'd */
     const float *w;           /* [T, n_heads] head weights, already scaled */
-    const void *keys;         /* [cap, head_dim] index keys of the sequence, KV dtype */
+    void *const *keys;        /* page table (backend memory) of the sequence's index keys
+                                 ([*, head_dim] KV dtype, paged as `paging` says) */
     const int *n_visible;     /* [T] host: entries visible to each row */
     int32_t *idx;             /* [T, topk] output (backend memory); row r has min(topk, n_visible[r]) */
     int kv_bf16;              /* keys are bf16 */
-    const void *const *row_keys; /* [T] host, or NULL: row r reads the keys row_keys[r] (rows of
-                                    several sequences in one call; `keys` unused) */
+    void *const *const *row_keys; /* [T] host, or NULL: row r reads the keys of page table
+                                     row_keys[r] (rows of several sequences in one call; `keys`
+                                     unused) */
+    be_paging paging;
 } be_index_args;
 
 /* Weights of one MoE layer (spec §2.5). */

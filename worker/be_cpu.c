@@ -370,6 +370,7 @@ static void attn_task(void *vc, int job) {
     const float *q = a->q + ((size_t)t * a->n_heads + h) * d;
     int n_ring = p->ring_hi - p->ring_lo, n_rows = p->row_hi - p->row_lo;
     int n_keys = n_ring + n_rows + p->n_cmp;
+    size_t kvz = (size_t)d * (a->kv_bf16 ? 2 : 4); /* bytes of one stored key */
     const float **keys = xmalloc((size_t)(n_keys ? n_keys : 1) * sizeof *keys);
     float *s = xmalloc((size_t)(n_keys ? n_keys : 1) * sizeof *s);
     /* bf16 state: ring and compressed keys widened, this step's rows rounded to bf16 (as the
@@ -388,7 +389,8 @@ static void attn_task(void *vc, int job) {
     }
     for (int i = 0; i < p->n_cmp; i++, nw++) {
         int e = a->cmp_idx ? a->cmp_idx[(size_t)t * a->idx_stride + i] : i;
-        keys[k++] = kv_row(p->cmp, (size_t)e, d, a->kv_bf16, wide + (size_t)nw * d);
+        keys[k++] = kv_row(be_page_row(p->cmp, a->cmp_paging, (size_t)e, kvz), 0, d,
+                           a->kv_bf16, wide + (size_t)nw * d);
     }
     float mx = a->sink[h];
     for (int j = 0; j < n_keys; j++) {
@@ -496,11 +498,12 @@ static void cpu_compress(be *b, const be_compress_args *a) {
             fmt_hadamard(z, d);
             fmt_fp4_roundtrip(z, (size_t)d, 32);
         }
+        void *row = be_page_row(a->entries, a->paging, (size_t)w, (size_t)d * (a->kv_bf16 ? 2 : 4));
         if (a->kv_bf16) {
-            uint16_t *e = (uint16_t *)a->entries + (size_t)w * d;
+            uint16_t *e = row;
             for (int i = 0; i < d; i++) e[i] = fmt_f32_to_bf16(z[i]);
         } else {
-            memcpy((float *)a->entries + (size_t)w * d, z, (size_t)d * sizeof *z);
+            memcpy(row, z, (size_t)d * sizeof *z);
         }
     }
     free(z);
@@ -554,8 +557,9 @@ static void index_task(void *vc, int t) {
     const float *q = a->q + (size_t)t * a->n_heads * hd, *w = a->w + (size_t)t * a->n_heads;
     float *wide = a->kv_bf16 ? xmalloc((size_t)hd * sizeof *wide) : NULL;
     for (int e = 0; e < nv; e++) {
-        const float *key = kv_row(a->row_keys ? a->row_keys[t] : a->keys, (size_t)e, hd, a->kv_bf16,
-                                  wide);
+        const void *row = be_page_row(a->row_keys ? a->row_keys[t] : a->keys, a->paging,
+                                      (size_t)e, (size_t)hd * (a->kv_bf16 ? 2 : 4));
+        const float *key = kv_row(row, 0, hd, a->kv_bf16, wide);
         float score = 0;
         for (int g = 0; g < a->n_heads; g++) {
             float dot = 0;

@@ -123,8 +123,8 @@ static void run_compressor(step *st, int layer, int indexer) {
             .eps = (float)c->rms_norm_eps, .omega = st->m->omega_cmp,
             .cur_a = indexer ? S->icur_a : S->cur_a, .cur_g = indexer ? S->icur_g : S->cur_g,
             .prev_a = indexer ? S->iprev_a : S->prev_a, .prev_g = indexer ? S->iprev_g : S->prev_g,
-            .entries = indexer ? S->ikeys : S->cmp,
-            .kv_bf16 = st->m->kv_dtype == DV4_KV_BF16,
+            .entries = ch->seq->tab, .kv_bf16 = st->m->kv_dtype == DV4_KV_BF16,
+            .paging = indexer ? L->ikey_pg : L->cmp_pg,
         };
         b->ops->compress(b, &a);
     }
@@ -143,15 +143,16 @@ static void run_indexer(step *st, int layer) {
     b->ops->scale_rows(b, st->s.iw, T, nI, (float)(1.0 / sqrt((double)ihd * nI)));
     /* one call for every row: each row reads its own sequence's keys (a decode batch of B
      * sequences made B calls, each a one-block top-k launch) */
-    const void **rk = NULL;
+    void *const **rk = NULL;
     if (st->n_chunks > 1) {
         rk = xmalloc((size_t)T * sizeof *rk);
-        for (int r = 0; r < T; r++) rk[r] = st->chunks[st->chunk_of[r]].seq->L[layer].ikeys;
+        for (int r = 0; r < T; r++) rk[r] = st->chunks[st->chunk_of[r]].seq->tab;
     }
     be_index_args a = {
         .T = T, .n_heads = nI, .head_dim = ihd, .topk = c->index_topk, .q = st->s.iq,
-        .w = st->s.iw, .keys = st->chunks[0].seq->L[layer].ikeys, .n_visible = st->n_vis,
-        .idx = st->s.idx, .kv_bf16 = st->m->kv_dtype == DV4_KV_BF16, .row_keys = rk,
+        .w = st->s.iw, .keys = st->chunks[0].seq->tab, .n_visible = st->n_vis,
+        .idx = st->s.idx, .kv_bf16 = st->m->kv_dtype == DV4_KV_BF16,
+        .row_keys = (void *const *const *)rk, .paging = L->ikey_pg,
     };
     b->ops->index_topk(b, &a);
     free(rk);
@@ -199,7 +200,7 @@ static void attention(step *st, int layer) {
         p->ring_hi = P;
         p->row_lo = r0 + (lo > P ? lo - P : 0);
         p->row_hi = r + 1;
-        p->cmp = S->cmp;
+        p->cmp = st->chunks[k].seq->tab;
         p->n_cmp = st->n_vis[r];
         if (m == 4 && p->n_cmp > c->index_topk) p->n_cmp = c->index_topk;
     }
@@ -207,7 +208,7 @@ static void attention(step *st, int layer) {
         .T = T, .n_heads = H, .head_dim = dh, .scale = (float)(1.0 / sqrt((double)dh)),
         .q = s->q, .kv = s->kv, .sink = L->sink, .plan = st->plan,
         .cmp_idx = m == 4 ? s->idx : NULL, .idx_stride = c->index_topk, .out = s->o,
-        .kv_bf16 = st->m->kv_dtype == DV4_KV_BF16,
+        .kv_bf16 = st->m->kv_dtype == DV4_KV_BF16, .cmp_paging = L->cmp_pg,
     };
     b->ops->attention(b, &a);
     /* the rows' kv into their sequences' rings: one call for a batch whose chunks are all

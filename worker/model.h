@@ -80,8 +80,8 @@ typedef struct {
  * unless B is a positive multiple of 128. */
 int dv4_kv_sizes_of(const dv4_config *c, int block, dv4_kv_dtype dt, dv4_kv_sizes *out,
                     char *err, size_t errlen);
-/* The block size of a loaded model's sequences and snapshots (default 256). Set it only while
- * no sequence or snapshot exists. Same errors as dv4_kv_sizes_of. */
+/* The block size of a loaded model's sequences and snapshots (default 256). Changes only while
+ * no sequence or snapshot exists (else DUET_EINVAL). Same errors as dv4_kv_sizes_of. */
 int dv4_set_block_size(dv4_model *m, int block, char *err, size_t errlen);
 int dv4_block_size(const dv4_model *m);
 
@@ -98,11 +98,21 @@ int dv4_seq_reserve(dv4_model *m, dv4_seq *s, int tokens, char *err, size_t errl
 /* Bytes of growing state allocated (= blocks reserved × block_bytes). */
 uint64_t dv4_seq_grown_bytes(const dv4_model *m, const dv4_seq *s);
 
+/* The growing state (compressed entries, indexer keys) is paged (kvstate.c, backend.h "Paged
+ * growing state"): pages of block_bytes come from one pool per model. At most `pages` pages
+ * may be in use, or allocated (0: no limit; the worker sets its kv_blocks_total); a reserve or
+ * save past it fails with DUET_ENOMEM and holds nothing more. Pages in use: held by sequences and snapshots (a page shared by a
+ * sequence and the prefix snapshots it was saved to or restored from counts once). */
+void dv4_kv_pool_limit(dv4_model *m, int pages);
+void dv4_kv_pool_stats(const dv4_model *m, int *pages_in_use, int *pages_allocated);
+
 /* ---- prefix snapshots ---------------------------------------------------------------------
- * A snapshot is one cached prefix block: the compressed entries + indexer keys of block
- * [end - B, end) and the resume state at end (rings + previous-window carries). A chain of n
- * snapshots whose ends are B, 2B, ..., nB restores a sequence at position nB whose next
- * logits are bitwise those of a cold prefill (CPU backend). */
+ * A snapshot is one cached prefix block: the page of block [end - B, end) (compressed entries +
+ * indexer keys, shared in place with the saving sequence) and a copy of the resume state at end
+ * (rings + previous-window carries). A chain of n snapshots whose ends are B, 2B, ..., nB
+ * restores a sequence at position nB (sharing the n pages, copying the last resume state) whose
+ * next logits are bitwise those of a cold prefill (CPU backend). Save or restore fails with
+ * DUET_ENOMEM when the page pool is at its limit. */
 typedef struct dv4_snap dv4_snap;
 /* Saves s at its current position, which must be a positive multiple of B. */
 int dv4_snap_save(dv4_model *m, const dv4_seq *s, dv4_snap **out, char *err, size_t errlen);

@@ -39,7 +39,12 @@ typedef struct {
     be_weight **experts;       /* [3*E]: w1[0..E), w2[E..2E), w3[2E..3E); NULL unless owned
                                   by this rank (EP: experts [rank*E/world, (rank+1)*E/world)) */
     be_moe_layer moe;
+    /* where this layer's compressed entries / indexer keys are in a KV page (kvstate.c) */
+    be_paging cmp_pg, ikey_pg;
 } dv4_layer;
+
+typedef struct dv4_page dv4_page;
+typedef struct dv4_kvpool dv4_kvpool;
 
 struct dv4_model {
     dv4_config cfg;
@@ -57,15 +62,15 @@ struct dv4_model {
     int block;                 /* B: KV block size in tokens (dv4_set_block_size) */
     dv4_kv_dtype kv_dtype;     /* storage of rings, compressed entries, indexer keys */
     int n_state;               /* live sequences + snapshots (the KV dtype is fixed while > 0) */
+    dv4_kvpool *pool;          /* pages of growing state (kvstate.c), made on first use */
 };
 
-/* ring, cmp and ikeys hold the model's KV dtype (f32 or bf16); the carries are always f32 */
+/* the ring holds the model's KV dtype (f32 or bf16); the carries are always f32. Compressed
+ * entries and indexer keys are paged: dv4_seq.tab and dv4_layer.cmp_pg / ikey_pg. */
 typedef struct {
     void *ring;                /* [window, dh] raw kv, slot = pos mod window */
-    void *cmp;                 /* [grown/m, dh] compressed entries (NULL while grown = 0) */
     float *cur_a, *cur_g;      /* [m, c*dh] current window */
     float *prev_a, *prev_g;    /* [m, dh] previous window A-halves (CSA) */
-    void *ikeys;               /* [grown/4, ihd] indexer keys (CSA) */
     float *icur_a, *icur_g, *iprev_a, *iprev_g; /* indexer compressor state */
 } dv4_seq_layer;
 
@@ -76,6 +81,12 @@ struct dv4_seq {
     int block;                 /* B the sequence grows by */
     int n_layers;
     dv4_seq_layer *L;
+    dv4_page **pg;             /* [cap_pages] host: the pages of blocks 0..n_pages-1 */
+    void **tab;                /* [cap_pages] backend memory: their addresses (the page table
+                                  the kernels read) */
+    int n_pages, cap_pages;
 };
+
+void dv4_kv_pool_destroy(dv4_model *m); /* frees the pool; no page may be held */
 
 #endif

@@ -185,7 +185,9 @@ int sx_configure(sx *x, dv4_model *m, int rank, int block, int max_seqs, int max
     x->rank = rank;
     x->block = block;
     x->max_seq_len = max_seq_len;
-    x->blocks_total = total > UINT32_MAX ? UINT32_MAX : (uint32_t)total;
+    x->blocks_total = total > INT32_MAX ? INT32_MAX : (uint32_t)total;
+    /* every page of KV state comes from the model's pool: never more than the budget holds */
+    dv4_kv_pool_limit(m, (int)x->blocks_total);
     x->snap_cost = (uint32_t)((z.block_bytes + z.resume_bytes + z.block_bytes - 1) / z.block_bytes);
     x->block_bytes = z.block_bytes;
     x->seqs = xcalloc((size_t)max_seqs, sizeof *x->seqs);

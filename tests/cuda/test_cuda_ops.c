@@ -120,6 +120,63 @@ static double cmp_kv(const void *d, const void *ref, size_t n, int bf16) {
     return bf16 ? cmp_dev_bf16(d, ref, n) : cmp_dev(d, ref, n);
 }
 
+/* ---- paged KV arrays (backend.h "Paged growing state") ------------------------------------ */
+
+/* A [n, row_bytes] KV array paged `per` rows to a page in one backend's memory: every page
+ * starts its rows `off` bytes in (another layer's rows would sit before them), pages are laid
+ * out in reverse order of the blocks they hold, and the page table is in that backend's memory
+ * (on the CPU backend, host memory). */
+typedef struct {
+    be *b;
+    char *buf;
+    void **tab;
+    be_paging pg;
+    int n_pages;
+    size_t rowb, page_bytes;
+} paged;
+
+static paged paged_new(be *b, const void *src, int n, size_t rowb, int per) {
+    paged p = {.b = b, .rowb = rowb, .pg = {96, per}};
+    p.n_pages = (n + per - 1) / per + 1;
+    p.page_bytes = p.pg.off + (size_t)per * rowb + 32;
+    p.buf = b->ops->alloc(b, (size_t)p.n_pages * p.page_bytes);
+    void **h = xmalloc((size_t)p.n_pages * sizeof *h);
+    for (int i = 0; i < p.n_pages; i++) h[i] = p.buf + (size_t)(p.n_pages - 1 - i) * p.page_bytes;
+    p.tab = b->ops->alloc(b, (size_t)p.n_pages * sizeof *h);
+    b->ops->upload(b, p.tab, h, (size_t)p.n_pages * sizeof *h);
+    for (int w = 0; src && w < n; w++)
+        b->ops->upload(b, be_page_row(h, p.pg, (size_t)w, rowb), (const char *)src + w * rowb, rowb);
+    free(h);
+    return p;
+}
+
+/* rows [0, n) back into host memory, contiguous */
+static void *paged_get(const paged *p, int n) {
+    char *all = xmalloc((size_t)p->n_pages * p->page_bytes), *out = xmalloc((n ? n : 1) * p->rowb);
+    p->b->ops->download(p->b, all, p->buf, (size_t)p->n_pages * p->page_bytes);
+    void **h = xmalloc((size_t)p->n_pages * sizeof *h);
+    for (int i = 0; i < p->n_pages; i++) h[i] = all + (size_t)(p->n_pages - 1 - i) * p->page_bytes;
+    for (int w = 0; w < n; w++) memcpy(out + w * p->rowb, be_page_row(h, p->pg, (size_t)w, p->rowb), p->rowb);
+    free(h);
+    free(all);
+    return out;
+}
+
+static void paged_free(paged *p) {
+    p->b->ops->free(p->b, p->buf);
+    p->b->ops->free(p->b, p->tab);
+}
+
+/* normalised error of host KV rows (f32, or bf16 widened) against a host reference */
+static double cmp_host_kv(const void *got, const void *ref, size_t n, int bf16) {
+    if (!bf16) return nerr(got, ref, n);
+    float *a = widen(got, n), *b = widen(ref, n);
+    double e = nerr(a, b, n);
+    free(a);
+    free(b);
+    return e;
+}
+
 /* ---- weights ------------------------------------------------------------------------------ */
 
 typedef struct {
@@ -378,11 +435,13 @@ static void t_attention(int T, int H, int d, int W, int P, int n_ent, int sparse
     be_keyplan *pc = xcalloc((size_t)T, sizeof *pc), *pg = xcalloc((size_t)T, sizeof *pg);
     float *dq = dup_dev(q, (size_t)T * H * d * 4), *dkv = dup_dev(kv, (size_t)T * d * 4);
     void *dring = dup_dev(ring, n_ring * ez);
-    void *dcmp = dup_dev(cmp, n_cmp * ez);
+    int per = 5; /* entries per page */
+    paged cc = paged_new(CPU, cmp, n_ent ? n_ent : 1, (size_t)d * ez, per);
+    paged cg = paged_new(G, cmp, n_ent ? n_ent : 1, (size_t)d * ez, per);
     float *dsink = dup_dev(sink, (size_t)H * 4);
     for (int r = 0; r < T; r++) {
         int t = P + r, lo = t - W + 1 > 0 ? t - W + 1 : 0;
-        be_keyplan p = {ring, W, lo < P ? lo : P, P, lo > P ? lo - P : 0, r + 1, cmp, 0};
+        be_keyplan p = {ring, W, lo < P ? lo : P, P, lo > P ? lo - P : 0, r + 1, cc.tab, 0};
         int vis = n_ent * (r + 1) / T;
         if (sparse) {
             p.n_cmp = vis < topk ? vis : topk;
@@ -393,16 +452,16 @@ static void t_attention(int T, int H, int d, int W, int P, int n_ent, int sparse
         pc[r] = p;
         pg[r] = p;
         pg[r].ring = dring;
-        pg[r].cmp = dcmp;
+        pg[r].cmp = cg.tab;
     }
     int32_t *didx = dup_dev(idx, (size_t)T * (topk ? topk : 1) * 4);
     float *out = xmalloc((size_t)T * H * d * 4);
     be_attn_args a = {T, H, d, 1.0f / sqrtf((float)d), q, kv, sink, pc, sparse ? idx : NULL, topk, out,
-                      bf16};
+                      bf16, cc.pg};
     CPU->ops->attention(CPU, &a);
     float *dout = dev_nan((size_t)T * H * d);
     be_attn_args ga = {T, H, d, 1.0f / sqrtf((float)d), dq, dkv, dsink, pg, sparse ? didx : NULL, topk,
-                       dout, bf16};
+                       dout, bf16, cg.pg};
     G->ops->attention(G, &ga);
     char cas[96];
     const char *kvn = bf16 ? " bf16kv" : "";
@@ -443,8 +502,10 @@ static void t_attention(int T, int H, int d, int W, int P, int n_ent, int sparse
         free(rc);
         free(rg);
     }
-    void *dd[] = {dq, dkv, dring, dcmp, dsink, didx, dout};
+    void *dd[] = {dq, dkv, dring, dsink, didx, dout};
     for (size_t i = 0; i < sizeof dd / sizeof *dd; i++) G->ops->free(G, dd[i]);
+    paged_free(&cc);
+    paged_free(&cg);
     if (bf16) free(ring), free(cmp);
     free(q); free(kv); free(ring32); free(cmp32); free(sink); free(idx); free(pc); free(pg); free(out); free(pos);
 }
@@ -453,10 +514,11 @@ static void t_attention(int T, int H, int d, int W, int P, int n_ent, int sparse
 
 typedef struct {
     be *b;
-    float *cur_a, *cur_g, *prev_a, *prev_g, *entries;
+    float *cur_a, *cur_g, *prev_a, *prev_g;
+    paged entries;
 } cstate;
 
-static void cs_new(cstate *s, be *b, int m, int c, int d, int cap) {
+static void cs_new(cstate *s, be *b, int m, int c, int d, int cap, int bf16) {
     s->b = b;
     size_t cd = (size_t)c * d;
     s->cur_a = b->ops->alloc(b, m * cd * 4);
@@ -464,11 +526,12 @@ static void cs_new(cstate *s, be *b, int m, int c, int d, int cap) {
     s->prev_a = b->ops->alloc(b, (size_t)m * d * 4);
     s->prev_g = b->ops->alloc(b, (size_t)m * d * 4);
     b->ops->fill(b, s->prev_g, -INFINITY, (size_t)m * d);
-    s->entries = b->ops->alloc(b, (size_t)(cap / m + 1) * d * 4);
+    s->entries = paged_new(b, NULL, cap / m + 1, (size_t)d * (bf16 ? 2 : 4), 3);
 }
 static void cs_free(cstate *s) {
-    float *p[] = {s->cur_a, s->cur_g, s->prev_a, s->prev_g, s->entries};
-    for (int i = 0; i < 5; i++) s->b->ops->free(s->b, p[i]);
+    float *p[] = {s->cur_a, s->cur_g, s->prev_a, s->prev_g};
+    for (int i = 0; i < 4; i++) s->b->ops->free(s->b, p[i]);
+    paged_free(&s->entries);
 }
 
 static void t_compress(int m, int c, int d, int dr, int fp8, int had, const int *chunks, int nch,
@@ -477,8 +540,8 @@ static void t_compress(int m, int c, int d, int dr, int fp8, int had, const int 
     for (int i = 0; i < nch; i++) cap += chunks[i];
     int cd = c * d;
     cstate sc, sg;
-    cs_new(&sc, CPU, m, c, d, cap);
-    cs_new(&sg, G, m, c, d, cap);
+    cs_new(&sc, CPU, m, c, d, cap, bf16);
+    cs_new(&sg, G, m, c, d, cap, bf16);
     float *ape = rvec((size_t)m * cd, -0.5f, 0.5f), *norm = rvec((size_t)d, 0.5f, 1.5f);
     float *om = xmalloc((size_t)dr / 2 * 4);
     for (int i = 0; i < dr / 2; i++) om[i] = powf(160000.f, -2.0f * i / dr);
@@ -492,14 +555,17 @@ static void t_compress(int m, int c, int d, int dr, int fp8, int had, const int 
         for (int t = 0; t < T; t++) pos[t] = pos0 + t;
         float *da = dup_dev(a, (size_t)T * cd * 4), *dg = dup_dev(g, (size_t)T * cd * 4);
         be_compress_args ac = {T, m, c, d, dr, pos, a, g, ape, norm, 1e-6f, om, sc.cur_a, sc.cur_g,
-                               sc.prev_a, sc.prev_g, sc.entries, fp8, had, bf16};
+                               sc.prev_a, sc.prev_g, sc.entries.tab, fp8, had, bf16, sc.entries.pg};
         be_compress_args ag = {T, m, c, d, dr, pos, da, dg, dape, dnorm, 1e-6f, om, sg.cur_a, sg.cur_g,
-                               sg.prev_a, sg.prev_g, sg.entries, fp8, had, bf16};
+                               sg.prev_a, sg.prev_g, sg.entries.tab, fp8, had, bf16, sg.entries.pg};
         CPU->ops->compress(CPU, &ac);
         G->ops->compress(G, &ag);
         pos0 += T;
         int nw = pos0 / m;
-        double e = cmp_kv(sg.entries, sc.entries, (size_t)nw * d, bf16);
+        void *eg = paged_get(&sg.entries, nw), *ec = paged_get(&sc.entries, nw);
+        double e = cmp_host_kv(eg, ec, (size_t)nw * d, bf16);
+        free(eg);
+        free(ec);
         double e2 = cmp_dev(sg.cur_g, sc.cur_g, (size_t)m * cd);
         double e3 = cmp_dev(sg.cur_a, sc.cur_a, (size_t)m * cd);
         if (c == 2) {
@@ -552,16 +618,20 @@ static void t_index_x(int T, int H, int hd, int topk, int n_ent, int bf16, int m
     for (int t = 0; t < T; t++) nv[t] = (int)((int64_t)n_ent * (t + 1) / T);
     int32_t *ic = xmalloc((size_t)T * topk * 4);
     for (size_t i = 0; i < (size_t)T * topk; i++) ic[i] = -1;
-    const void **rkc = xmalloc((size_t)T * sizeof *rkc), **rkg = xmalloc((size_t)T * sizeof *rkg);
-    for (int t = 0; t < T; t++) rkc[t] = t % 2 ? keysb : keys;
-    be_index_args ac = {T, H, hd, topk, q, w, keys, nv, ic, bf16, multi ? rkc : NULL};
+    size_t rowb = (size_t)hd * (bf16 ? 2 : 4);
+    int per = 64; /* keys per page (B = 256, m = 4) */
+    paged kc = paged_new(CPU, keys, n_ent, rowb, per), kcb = paged_new(CPU, keysb, n_ent, rowb, per);
+    paged kg = paged_new(G, keys, n_ent, rowb, per), kgb = paged_new(G, keysb, n_ent, rowb, per);
+    void *const **rkc = xmalloc((size_t)T * sizeof *rkc), **rkg = xmalloc((size_t)T * sizeof *rkg);
+    for (int t = 0; t < T; t++) rkc[t] = t % 2 ? kcb.tab : kc.tab;
+    be_index_args ac = {T, H, hd, topk, q, w, kc.tab, nv, ic, bf16,
+                        multi ? (void *const *const *)rkc : NULL, kc.pg};
     CPU->ops->index_topk(CPU, &ac);
-    float *dq = dup_dev(q, (size_t)T * H * hd * 4), *dw = dup_dev(w, (size_t)T * H * 4),
-          *dk = dup_dev(keys, (size_t)n_ent * hd * (bf16 ? 2 : 4)),
-          *dkb = dup_dev(keysb, (size_t)n_ent * hd * (bf16 ? 2 : 4));
-    for (int t = 0; t < T; t++) rkg[t] = t % 2 ? (const void *)dkb : (const void *)dk;
+    float *dq = dup_dev(q, (size_t)T * H * hd * 4), *dw = dup_dev(w, (size_t)T * H * 4);
+    for (int t = 0; t < T; t++) rkg[t] = t % 2 ? kgb.tab : kg.tab;
     int32_t *dix = G->ops->alloc(G, (size_t)T * topk * 4);
-    be_index_args ag = {T, H, hd, topk, dq, dw, dk, nv, dix, bf16, multi ? rkg : NULL};
+    be_index_args ag = {T, H, hd, topk, dq, dw, kg.tab, nv, dix, bf16,
+                        multi ? (void *const *const *)rkg : NULL, kg.pg};
     G->ops->index_topk(G, &ag);
     int32_t *ig = xmalloc((size_t)T * topk * 4);
     G->ops->download(G, ig, dix, (size_t)T * topk * 4);
@@ -576,8 +646,8 @@ static void t_index_x(int T, int H, int hd, int topk, int n_ent, int bf16, int m
     snprintf(cas, sizeof cas, "T%d H%d hd%d topk%d ent%d%s%s (rows differing)", T, H, hd, topk,
              n_ent, bf16 ? " bf16kv" : "", multi ? " 2 seqs" : "");
     report("index_topk", cas, bad_rows, 0);
-    G->ops->free(G, dq); G->ops->free(G, dw); G->ops->free(G, dk); G->ops->free(G, dkb);
-    G->ops->free(G, dix);
+    G->ops->free(G, dq); G->ops->free(G, dw); G->ops->free(G, dix);
+    paged_free(&kc); paged_free(&kcb); paged_free(&kg); paged_free(&kgb);
     if (bf16) free(keys), free(keysb);
     free(q); free(w); free(keys32); free(keysb32); free(nv); free(ic); free(ig); free(rkc); free(rkg);
 }

@@ -261,6 +261,61 @@ START_TEST(accounting_matches_memory) {
 }
 END_TEST
 
+/* Paged state (worker/kvstate.c): snapshots and restored sequences share the cached blocks'
+ * pages in place; a page lives while anything holds it; the pool refuses past its limit. */
+START_TEST(pages_are_shared) {
+    char err[512];
+    dv4_kv_sizes z;
+    ck_assert_int_eq(dv4_kv_sizes_of(dv4_cfg(g_m), B, g_dt, &z, err, sizeof err), 0);
+    int n_res = (int)((z.resume_bytes + z.block_bytes - 1) / z.block_bytes), used0, alloc;
+    dv4_kv_pool_stats(g_m, &used0, &alloc);
+    float *la = xmalloc((size_t)V * sizeof *la), *lb = xmalloc((size_t)V * sizeof *lb);
+    dv4_seq *s, *r, *cold;
+    dv4_snap *p[2];
+    ck_assert(dv4_seq_new(g_m, 4096, &s, err, sizeof err) == 0);
+    for (int k = 0; k < 2; k++) {
+        dv4_chunk ch = {s, g_ids + k * B, B, DV4_LOGITS_NONE};
+        ck_assert(dv4_forward(g_m, &ch, 1, NULL, err, sizeof err) == 0);
+        ck_assert_int_eq(dv4_snap_save(g_m, s, &p[k], err, sizeof err), 0);
+    }
+    int used;
+    dv4_kv_pool_stats(g_m, &used, &alloc);
+    ck_assert_int_eq(used - used0, 2 + 2 * n_res); /* the blocks' pages counted once */
+    ck_assert_int_eq(dv4_seq_restore(g_m, 4096, p, 2, &r, err, sizeof err), 0);
+    dv4_kv_pool_stats(g_m, &used, &alloc);
+    ck_assert_int_eq(used - used0, 2 + 2 * n_res); /* restoring copies no block */
+    /* the saving sequence and the snapshots go; the restored sequence still reads their pages */
+    dv4_seq_free(g_m, s);
+    dv4_snap_free(g_m, p[0]);
+    dv4_snap_free(g_m, p[1]);
+    dv4_kv_pool_stats(g_m, &used, &alloc);
+    ck_assert_int_eq(used - used0, 2);
+    dv4_chunk one = {r, g_ids + 2 * B, 1, DV4_LOGITS_LAST};
+    ck_assert(dv4_forward(g_m, &one, 1, la, err, sizeof err) == 0);
+    ck_assert(dv4_seq_new(g_m, 4096, &cold, err, sizeof err) == 0);
+    dv4_chunk all = {cold, g_ids, 2 * B + 1, DV4_LOGITS_LAST};
+    ck_assert(dv4_forward(g_m, &all, 1, lb, err, sizeof err) == 0);
+    ck_assert_msg(!memcmp(la, lb, (size_t)V * sizeof *la),
+                  "a sequence restored from pages whose other holders are gone differs from a "
+                  "cold prefill");
+    /* at the limit, growing fails with a sentence and holds nothing more */
+    dv4_kv_pool_stats(g_m, &used, &alloc);
+    dv4_kv_pool_limit(g_m, used + 1);
+    ck_assert_int_eq(dv4_seq_reserve(g_m, r, 5 * B, err, sizeof err), DUET_ENOMEM);
+    ck_assert_ptr_nonnull(strstr(err, "pool is full"));
+    int after;
+    dv4_kv_pool_stats(g_m, &after, &alloc);
+    ck_assert_int_eq(after, used);
+    dv4_kv_pool_limit(g_m, 0);
+    dv4_seq_free(g_m, r);
+    dv4_seq_free(g_m, cold);
+    dv4_kv_pool_stats(g_m, &used, &alloc);
+    ck_assert_int_eq(used, used0);
+    free(la);
+    free(lb);
+}
+END_TEST
+
 /* The real DeepSeek-V4-Flash shapes (spec §1, §3.1): 3440 state elements per token. */
 START_TEST(v4_flash_sizes) {
     dv4_config c = {0};
@@ -310,6 +365,7 @@ int main(int argc, char **argv) {
     tcase_add_test(t, restore_then_decode_is_invariant);
     tcase_add_test(t, batching_is_invariant);
     tcase_add_test(t, accounting_matches_memory);
+    tcase_add_test(t, pages_are_shared);
     tcase_add_test(t, v4_flash_sizes);
     suite_add_tcase(s, t);
     SRunner *r = srunner_create(s);

@@ -231,7 +231,12 @@ static void run_compress(int c, int T, const int *splits, int n_splits) {
     for (int i = 0; i < CD; i++) norm[i] = 0.5f + i * 0.1f;
     float cur_a[CM * 2 * CD] = {0}, cur_g[CM * 2 * CD] = {0}, prev_a[CM * CD] = {0}, prev_g[CM * CD];
     for (int i = 0; i < CM * CD; i++) prev_g[i] = -INFINITY;
-    float entries[16 * CD];
+    /* entries paged 3 to a page, the pages in reverse order of the blocks they hold */
+    enum { PER = 3, NPG = 6 };
+    float entries[NPG * PER * CD];
+    void *tab[NPG];
+    for (int p = 0; p < NPG; p++) tab[p] = entries + (size_t)(NPG - 1 - p) * PER * CD;
+    be_paging pg = {0, PER};
     int32_t pos[64];
     for (int i = 0; i < T; i++) pos[i] = i;
     int start = 0;
@@ -241,14 +246,15 @@ static void run_compress(int c, int T, const int *splits, int n_splits) {
                                  .pos = pos + start, .a = a + start * cd, .g = g + start * cd,
                                  .ape = ape, .norm = norm, .eps = 1e-6f, .omega = om,
                                  .cur_a = cur_a, .cur_g = cur_g, .prev_a = prev_a,
-                                 .prev_g = prev_g, .entries = entries};
+                                 .prev_g = prev_g, .entries = tab, .paging = pg};
         B->ops->compress(B, &args);
         start = end;
     }
     for (int w = 0; w < T / CM; w++) {
         double ref[CD];
         ref_entry(c, w, a, g, ape, norm, om, ref);
-        for (int i = 0; i < CD; i++) CLOSE(entries[w * CD + i], ref[i], 1e-5);
+        const float *e = be_page_row(tab, pg, (size_t)w, CD * sizeof(float));
+        for (int i = 0; i < CD; i++) CLOSE(e[i], ref[i], 1e-5);
     }
     free(a);
     free(g);
@@ -279,8 +285,9 @@ START_TEST(index_topk_matches_brute_force) {
     memcpy(q2 + NI * HD, q, sizeof q);
     memcpy(w2, w, sizeof w);
     memcpy(w2 + NI, w, sizeof w);
+    void *tab[] = {keys, keys + 16 * HD, keys + 32 * HD}; /* 16 keys to a page */
     be_index_args a = {.T = 2, .n_heads = NI, .head_dim = HD, .topk = K, .q = q2, .w = w2,
-                       .keys = keys, .n_visible = nvis, .idx = idx};
+                       .keys = tab, .n_visible = nvis, .idx = idx, .paging = {0, 16}};
     B->ops->index_topk(B, &a);
     double sc[NK];
     for (int e = 0; e < NK; e++) {

@@ -199,17 +199,41 @@ static void layer_make(blayer *L, int i) {
 /* ---- sequence state ------------------------------------------------------------------------ */
 
 typedef struct {
-    void *ring, *cmp, *ikeys;   /* KV dtype (kv_bf16) */
+    void *ring;                 /* KV dtype (kv_bf16) */
     float *cur_a, *cur_g, *prev_a, *prev_g, *icur_a, *icur_g, *iprev_a, *iprev_g;
 } sl;
+/* Compressed entries and indexer keys are paged as the worker pages them (worker/kvstate.c):
+ * pages of PAGE_TOKENS tokens holding every layer's entries, reached through a page table. */
 typedef struct {
     int pos, cap;
     sl *L;
+    void *slab;                 /* the sequence's pages, random contents */
+    void **tab;                 /* [n_pages] page table (device) */
 } bseq;
 
+enum { PAGE_TOKENS = 256 };
 static int n_layers;
 static blayer *layers;
 static int kv_bf16;               /* --kv bf16 */
+static be_paging *cmp_pg, *ikey_pg; /* [n_layers] each layer's place in a page */
+static size_t page_bytes;
+
+/* Each layer's place in a page, as kvstate.c lays pages out. */
+static void paging_init(void) {
+    size_t kz = kv_bf16 ? 2 : 4, off = 0;
+    cmp_pg = xcalloc((size_t)n_layers, sizeof *cmp_pg);
+    ikey_pg = xcalloc((size_t)n_layers, sizeof *ikey_pg);
+    for (int i = 0; i < n_layers; i++) {
+        int r = layers[i].ratio;
+        if (!r) continue;
+        cmp_pg[i] = (be_paging){off, PAGE_TOKENS / r};
+        off += (size_t)(PAGE_TOKENS / r) * DH * kz;
+        if (r != 4) continue;
+        ikey_pg[i] = (be_paging){off, PAGE_TOKENS / 4};
+        off += (size_t)(PAGE_TOKENS / 4) * IHD * kz;
+    }
+    page_bytes = off;
+}
 
 /* rows x dim random KV state in [-1, 1] in the KV dtype (bf16: rounded by ring_write_bf16) */
 static void *kv_rand(int rows, int dim) {
@@ -230,13 +254,20 @@ static bseq *seq_new(int cap, int pos) {
     s->cap = cap;
     s->pos = pos;
     s->L = xcalloc((size_t)n_layers, sizeof *s->L);
+    int n_pages = cap / PAGE_TOKENS + 1;
+    size_t kz = kv_bf16 ? 2 : 4;
+    s->slab = kv_rand((int)((size_t)n_pages * page_bytes / kz / DH), DH);
+    void **addr = xmalloc((size_t)n_pages * sizeof *addr);
+    for (int p = 0; p < n_pages; p++) addr[p] = (char *)s->slab + (size_t)p * page_bytes;
+    s->tab = B->ops->alloc(B, (size_t)n_pages * sizeof *addr);
+    B->ops->upload(B, s->tab, addr, (size_t)n_pages * sizeof *addr);
+    free(addr);
     for (int i = 0; i < n_layers; i++) {
         sl *S = &s->L[i];
         int r = layers[i].ratio;
         S->ring = kv_rand(W, DH);
         if (!r) continue;
         int cc = r == 4 ? 2 : 1;
-        S->cmp = kv_rand(cap / r + 1, DH);
         S->cur_a = vrand((size_t)r * cc * DH, -1, 1);
         S->cur_g = vrand((size_t)r * cc * DH, -1, 1);
         if (cc == 2) {
@@ -244,7 +275,6 @@ static bseq *seq_new(int cap, int pos) {
             S->prev_g = vrand((size_t)r * DH, -1, 1);
         }
         if (r == 4) {
-            S->ikeys = kv_rand(cap / 4 + 1, IHD);
             S->icur_a = vrand((size_t)4 * 2 * IHD, -1, 1);
             S->icur_g = vrand((size_t)4 * 2 * IHD, -1, 1);
             S->iprev_a = vrand((size_t)4 * IHD, -1, 1);
@@ -256,11 +286,13 @@ static bseq *seq_new(int cap, int pos) {
 static void seq_free(bseq *s) {
     for (int i = 0; i < n_layers; i++) {
         sl *S = &s->L[i];
-        void *p[] = {S->ring, S->cmp, S->cur_a, S->cur_g, S->prev_a, S->prev_g, S->ikeys,
-                     S->icur_a, S->icur_g, S->iprev_a, S->iprev_g};
+        void *p[] = {S->ring, S->cur_a, S->cur_g, S->prev_a, S->prev_g, S->icur_a, S->icur_g,
+                     S->iprev_a, S->iprev_g};
         for (size_t j = 0; j < sizeof p / sizeof *p; j++)
             if (p[j]) B->ops->free(B, p[j]);
     }
+    B->ops->free(B, s->slab);
+    B->ops->free(B, s->tab);
     free(s->L);
     free(s);
 }
@@ -295,7 +327,8 @@ static void run_compressor(stp *s, int li, int indexer) {
             .norm = indexer ? L->ic_norm : L->c_norm, .eps = EPS, .omega = omega_cmp,
             .cur_a = indexer ? S->icur_a : S->cur_a, .cur_g = indexer ? S->icur_g : S->cur_g,
             .prev_a = indexer ? S->iprev_a : S->prev_a, .prev_g = indexer ? S->iprev_g : S->prev_g,
-            .entries = indexer ? S->ikeys : S->cmp, .hadamard_fp4_qat = indexer, .kv_bf16 = kv_bf16};
+            .entries = s->seqs[k]->tab, .hadamard_fp4_qat = indexer, .kv_bf16 = kv_bf16,
+            .paging = indexer ? ikey_pg[li] : cmp_pg[li]};
         OP(indexer ? "indexer.compress" : "compressor.compress", B->ops->compress(B, &a));
     }
 }
@@ -309,14 +342,15 @@ static void run_indexer(stp *s, int li) {
     MM("indexer.matmul", L->i_wproj, 0, NI, s->x, D, s->iw, NI, T);
     OP("elementwise", B->ops->scale_rows(B, s->iw, T, NI, (float)(1.0 / sqrt((double)IHD * NI))));
     {
-        const void **rk = NULL; /* one call for every row, each with its own sequence's keys */
+        void *const **rk = NULL; /* one call for every row, each with its own sequence's keys */
         if (s->n > 1) {
             rk = xmalloc((size_t)T * sizeof *rk);
-            for (int r = 0; r < T; r++) rk[r] = s->seqs[s->chunk_of[r]]->L[li].ikeys;
+            for (int r = 0; r < T; r++) rk[r] = s->seqs[s->chunk_of[r]]->tab;
         }
         be_index_args a = {.T = T, .n_heads = NI, .head_dim = IHD, .topk = TOPK, .q = s->iq,
-                           .w = s->iw, .keys = s->seqs[0]->L[li].ikeys, .n_visible = s->n_vis,
-                           .idx = s->idx, .kv_bf16 = kv_bf16, .row_keys = rk};
+                           .w = s->iw, .keys = s->seqs[0]->tab, .n_visible = s->n_vis,
+                           .idx = s->idx, .kv_bf16 = kv_bf16,
+                           .row_keys = (void *const *const *)rk, .paging = ikey_pg[li]};
         OP("indexer.topk", B->ops->index_topk(B, &a));
         free(rk);
     }
@@ -347,14 +381,14 @@ static void attention(stp *s, int li) {
         p->ring_hi = P;
         p->row_lo = r0 + (lo > P ? lo - P : 0);
         p->row_hi = r + 1;
-        p->cmp = S->cmp;
+        p->cmp = s->seqs[k]->tab;
         p->n_cmp = s->n_vis[r];
         if (m == 4 && p->n_cmp > TOPK) p->n_cmp = TOPK;
     }
     be_attn_args a = {.T = T, .n_heads = H, .head_dim = DH, .scale = (float)(1.0 / sqrt((double)DH)),
                       .q = s->q, .kv = s->kv, .sink = L->sink, .plan = s->plan,
                       .cmp_idx = m == 4 ? s->idx : NULL, .idx_stride = TOPK, .out = s->o,
-                      .kv_bf16 = kv_bf16};
+                      .kv_bf16 = kv_bf16, .cmp_paging = cmp_pg[li]};
     OP("attn.core", B->ops->attention(B, &a));
     int short_chunks = s->n > 1; /* as forward.c: one call when no chunk reaches the window */
     for (int k = 0; k < s->n && short_chunks; k++) short_chunks = s->len[k] < W;
@@ -583,6 +617,7 @@ int main(int argc, char **argv) {
         }
         layer_make(&layers[n_layers], n_layers);
     }
+    paging_init();
     sync_or_die();
     double wbytes = 0, tok_bytes = wb(head_w) + (double)D * 2;
     for (int i = 0; i < n_layers; i++) {
