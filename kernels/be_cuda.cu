@@ -15,7 +15,7 @@
  * This file: the backend object's lifetime and the ops table, error checks. The ops are in
  * be_cuda_mem.cu (memory, the cap, staging, weights), be_cuda_gemm.cu (matmul: GEMV, tiles,
  * cuBLAS tensor cores), be_cuda_elem.cu (embed, norms, RoPE, mHC, elementwise), be_cuda_attn.cu,
- * be_cuda_cmp.cu (compressor, indexer) and be_cuda_moe.cu; be_cuda_internal.cuh is what they share.
+ * be_cuda_cmp.cu (compressor, indexer), be_cuda_moe.cu and be_cuda_sample.cu (sampling); be_cuda_internal.cuh is what they share.
  */
 #include "kernels/be_cuda_internal.cuh"
 
@@ -76,7 +76,7 @@ static const struct be_ops cuda_ops = {
     cu_attention, cu_ring_write, cu_compress, cu_index_topk, cu_moe,
     cu_scale_rows, cu_add, cu_fp8_qat, cu_hadamard_fp4,
     cu_destroy, cu_graph_begin, cu_graph_end, cu_matmul_xg, cu_mhc_norm, cu_ring_write_bf16,
-    cu_ring_write_rows,
+    cu_ring_write_rows, cu_sample,
 };
 
 extern "C" be *be_cuda_create(int device, double mem_fraction, char *err, size_t errlen) {

@@ -638,5 +638,7 @@ void cu_scale_rows(be *b, float *x, int T, int n, float s);
 void cu_add(be *b, float *y, const float *x, size_t n);
 void cu_fp8_qat(be *b, float *x, int T, int dim, int nope, int block);
 void cu_hadamard_fp4(be *b, float *x, int rows, int dim);
+void cu_sample(be *b, const float *logits, int V, int n, const be_sample_req *req,
+               be_sample_res *res);
 
 #endif

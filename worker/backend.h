@@ -130,6 +130,35 @@ typedef struct {
     int norm_topk;
 } be_moe_layer;
 
+/* One draw of the `sample` op (host memory). The semantics are worker_sample's for a row that
+ * needs no shaping (no logit_bias, masks or penalties; the worker keeps those rows on the
+ * host): NaN logits count as -inf; temperature < 1e-5 (or no finite logit) → argmax, ties →
+ * lowest id, exact; else the candidates in the order (value desc, id asc) are cut by top_k,
+ * then top_p against the total weight exp((v - max) / T) of every kept candidate, then min_p,
+ * and drawn by an inverse-CDF walk with u = u01 × (weight left). Only the first
+ * BE_SAMPLE_RANKED candidates (or top_k if smaller) are ranked: a row whose cut or walk needs
+ * one beyond them comes back with `fallback` set, and the caller samples it on the host. Sums
+ * run in another order than worker_sample's, so a sampled id may differ from the host's when
+ * u falls within rounding (~1e-15 relative) of a boundary; greedy rows and ids never do. */
+enum { BE_SAMPLE_MAX_TOP = 20, BE_SAMPLE_RANKED = 1024 };
+typedef struct {
+    int32_t row;         /* logits row to read */
+    float temperature;   /* < 1e-5: greedy */
+    float top_p;         /* (0, 1): nucleus; otherwise off */
+    float min_p;         /* (0, 1]: drop weights < min_p × the max's; otherwise off */
+    int32_t top_k;       /* > 0: keep the k largest; otherwise off */
+    int32_t n_top;       /* top logprobs wanted, 0..BE_SAMPLE_MAX_TOP */
+    double u01;          /* the uniform draw in [0, 1): worker_sample_u01(seed, stream, pos) */
+} be_sample_req;
+typedef struct {
+    int32_t id;          /* the token drawn (undefined when fallback) */
+    int32_t fallback;    /* 1: the cut or the walk needed candidates past the ranked ones */
+    float logprob;       /* log-softmax of the raw logits (temperature 1) at id */
+    int32_t n_top;       /* = req.n_top (at most V) */
+    int32_t top_ids[BE_SAMPLE_MAX_TOP];     /* the raw distribution's most likely ids, */
+    float top_logprobs[BE_SAMPLE_MAX_TOP];  /* descending, ties → lower id */
+} be_sample_res;
+
 struct be_ops {
     const char *name;
     /* memory */
@@ -210,6 +239,11 @@ struct be_ops {
      * sequence than ring_size). */
     void (*ring_write_rows)(be *b, void *const *rings, int ring_size, int dim, const float *kv,
                             const int32_t *pos, int T, int kv_bf16);
+    /* optional (NULL: sample on the host from downloaded logits): draws n tokens, request i
+     * from row req[i].row of logits ([*, V] f32, backend memory), results into res[n] (host,
+     * filled on return: the op waits for the device). See be_sample_req for the algorithm. */
+    void (*sample)(be *b, const float *logits, int V, int n, const be_sample_req *req,
+                   be_sample_res *res);
 };
 
 enum { BE_PASS_DIRECT = 0, BE_PASS_RECORD = 1, BE_PASS_CAPTURE = 2, BE_PASS_DONE = 3 };

@@ -15,6 +15,7 @@
 #include "common/formats.h"
 #include "worker/backend.h"
 #include "worker/pool.h"
+#include "worker/worker_sample.h"
 
 typedef struct {
     be base;
@@ -713,6 +714,90 @@ static void cpu_mhc_norm(be *b, int head_mode, const float *h, const float *fn,
     free(u);
 }
 
+/* ---- sampling: the reference of the `sample` op (backend.h be_sample_req) ----------------- */
+
+/* The cut and the draw over the ranked candidates: w[P] their weights exp((v - max) / T),
+ * descending, pre[P] the inclusive prefix sums; n = the candidates kept by top_k (may exceed
+ * P), tot_all = the weight of the whole vocabulary (used when n == V). Returns the rank drawn,
+ * or -1 when a cut or the walk needs a rank >= P (fallback). The device op makes the same
+ * decisions from its own (parallel) sums. */
+static int cut_and_draw(const double *w, const double *pre, int P, int n, int V, double tot_all,
+                        const be_sample_req *q) {
+    int j;
+    if (q->top_p > 0 && q->top_p < 1) {
+        if (n > P && n != V) return -1;
+        double thr = q->top_p * (n <= P ? pre[n - 1] : tot_all);
+        for (j = 0; j < n && j < P && pre[j] < thr; j++) {}
+        if (j < n && j < P) n = j + 1;
+        else if (n > P) return -1;
+    }
+    if (q->min_p > 0 && q->min_p <= 1) {
+        for (j = 1; j < n && j < P && w[j] >= q->min_p; j++) {}
+        if (j < n && j < P) n = j;
+        else if (n > P) return -1;
+    }
+    if (n > P && n != V) return -1;
+    double u = q->u01 * (n <= P ? pre[n - 1] : tot_all);
+    for (j = 0; j < n && j < P; j++)
+        if (u < pre[j]) return j;
+    return n <= P ? n - 1 : -1;
+}
+
+/* One request: rank the first max(P, n_top) candidates, logprobs against the raw log-softmax
+ * normaliser, then greedy or cut and draw. Sums in double, sequentially. */
+static void sample_row(const float *x, int V, const be_sample_req *q, be_sample_res *r) {
+    int32_t ids[BE_SAMPLE_RANKED];
+    float v[BE_SAMPLE_RANKED];
+    double w[BE_SAMPLE_RANKED], pre[BE_SAMPLE_RANKED];
+    int greedy = !(q->temperature >= 1e-5f);
+    int n = q->top_k > 0 && q->top_k < V ? q->top_k : V;
+    int P = n < BE_SAMPLE_RANKED ? n : BE_SAMPLE_RANKED;
+    int nt = q->n_top < V ? q->n_top : V;
+    nt = nt < 0 ? 0 : nt > BE_SAMPLE_MAX_TOP ? BE_SAMPLE_MAX_TOP : nt;
+    int k = greedy ? 1 : P;
+    worker_sample_rank(x, V, k > nt ? k : nt, ids, v);
+    double mx = v[0], lse = 0, z = 0, tot_all = 0;
+    if (isfinite(mx)) {
+        for (int i = 0; i < V; i++) z += exp((double)(isnan(x[i]) ? -INFINITY : x[i]) - mx);
+        lse = mx + log(z);
+    }
+    *r = (be_sample_res){.id = ids[0], .n_top = nt};
+    for (int i = 0; i < nt; i++) r->top_ids[i] = ids[i], r->top_logprobs[i] = (float)(v[i] - lse);
+    if (!greedy && isfinite(mx)) {
+        double T = q->temperature;
+        if (n == V && n > P)
+            for (int i = 0; i < V; i++)
+                tot_all += exp(((double)(isnan(x[i]) ? -INFINITY : x[i]) - mx) / T);
+        for (int i = 0; i < P; i++) {
+            w[i] = exp(((double)v[i] - mx) / T);
+            pre[i] = (i ? pre[i - 1] : 0) + w[i];
+        }
+        int j = cut_and_draw(w, pre, P, n, V, tot_all, q);
+        if (j < 0) r->fallback = 1;
+        else r->id = ids[j];
+    }
+    float xc = isnan(x[r->id]) ? -INFINITY : x[r->id];
+    r->logprob = (float)((double)xc - lse);
+}
+
+typedef struct {
+    const float *logits;
+    int V;
+    const be_sample_req *req;
+    be_sample_res *res;
+} sample_ctx;
+
+static void sample_task(void *ctx, int i) {
+    sample_ctx *c = ctx;
+    sample_row(c->logits + (size_t)c->req[i].row * c->V, c->V, &c->req[i], &c->res[i]);
+}
+
+static void cpu_sample(be *b, const float *logits, int V, int n, const be_sample_req *req,
+                       be_sample_res *res) {
+    sample_ctx c = {logits, V, req, res};
+    pool_for(P(b), n, sample_task, &c);
+}
+
 static const struct be_ops cpu_ops = {
     .name = "cpu",
     .alloc = cpu_alloc,
@@ -747,6 +832,7 @@ static const struct be_ops cpu_ops = {
     .hadamard_fp4 = cpu_hadamard_fp4,
     .destroy = cpu_destroy,
     .mhc_norm = cpu_mhc_norm,
+    .sample = cpu_sample,
 };
 
 be *be_cpu_create(int n_threads) {

@@ -47,6 +47,8 @@ typedef struct {
     char *err;
     size_t errlen;
     scratch s;
+    const dv4_dsample *ds; /* device sampling, or NULL */
+    float *lg;             /* with ds: the last pass's logits [rows, vocab], freed after sampling */
 } step;
 
 static void *balloc(step *st, size_t bytes) { return st->b->ops->alloc(st->b, bytes); }
@@ -337,25 +339,65 @@ static int run_ops(step *st, float *logits) {
         b->ops->mhc_norm(b, 1, hsel, m->hc_head_fn, m->hc_head_base, m->hc_head_scale, rows, hc, D,
                          0, (float)c->hc_eps, (float)c->rms_norm_eps, m->norm, ysel, NULL, NULL);
         b->ops->matmul(b, m->head, 0, c->vocab_size, ysel, D, lg, c->vocab_size, rows);
-        b->ops->download(b, logits, lg, (size_t)rows * c->vocab_size * sizeof(float));
+        if (st->ds) st->lg = lg; /* sampled, then downloaded by rows, after the passes */
+        else b->ops->download(b, logits, lg, (size_t)rows * c->vocab_size * sizeof(float));
         b->ops->free(b, hsel);
         b->ops->free(b, ysel);
-        b->ops->free(b, lg);
+        if (!st->ds) b->ops->free(b, lg);
     }
     scratch_free(st);
     return rc;
 }
 
+/* ======================================================================================== */
+/* device sampling (dv4_dsample)                                                             */
+/* ======================================================================================== */
+
+/* Samples ds's requests from the step's logits on the device, then downloads the rows the
+ * host still needs (runs of adjacent rows in one copy each). */
+static void sample_on_device(step *st, int rows, float *logits) {
+    const dv4_dsample *ds = st->ds;
+    be *b = st->b;
+    size_t V = (size_t)st->c->vocab_size;
+    b->ops->sample(b, st->lg, (int)V, ds->n, ds->req, ds->res);
+    unsigned char *need = xmalloc((size_t)rows);
+    for (int r = 0; r < rows; r++) need[r] = 1;
+    for (int i = 0; i < ds->n; i++) need[ds->req[i].row] = ds->res[i].fallback != 0;
+    if (ds->keep)
+        for (int r = 0; r < rows; r++) need[r] |= ds->keep[r];
+    for (int r = 0; r < rows;) {
+        if (!need[r]) { r++; continue; }
+        int e = r;
+        while (e < rows && need[e]) e++;
+        b->ops->download(b, logits + r * V, st->lg + r * V, (size_t)(e - r) * V * sizeof(float));
+        r = e;
+    }
+    free(need);
+}
+
 int dv4_forward(dv4_model *m, const dv4_chunk *chunks, int n_chunks, float *logits, char *err,
                 size_t errlen) {
+    return dv4_forward_ds(m, chunks, n_chunks, logits, NULL, err, errlen);
+}
+
+int dv4_forward_ds(dv4_model *m, const dv4_chunk *chunks, int n_chunks, float *logits,
+                   const dv4_dsample *ds, char *err, size_t errlen) {
     int rc = check_chunks(m, chunks, n_chunks, err, errlen);
+    if (!rc && ds && !m->b->ops->sample)
+        rc = duet_err(err, errlen, DUET_EINVAL, "the %s backend has no sample op; sample on "
+                      "the host (turn device sampling off)", m->b->ops->name);
+    int rows = dv4_logit_rows(chunks, n_chunks);
+    for (int i = 0; ds && i < ds->n && !rc; i++)
+        if (ds->req[i].row < 0 || ds->req[i].row >= rows)
+            rc = duet_err(err, errlen, DUET_EINVAL, "sample request %d names logits row %d; the "
+                          "step has %d", i, ds->req[i].row, rows);
     for (int k = 0; k < n_chunks && !rc; k++) /* state grows by whole blocks, before any math */
         rc = dv4_seq_reserve(m, chunks[k].seq, chunks[k].seq->pos + chunks[k].n, err, errlen);
     if (rc) return rc;
     const dv4_config *c = &m->cfg;
     be *b = m->b;
     step st = {.m = m, .b = b, .c = c, .n_chunks = n_chunks, .chunks = chunks, .err = err,
-               .errlen = errlen};
+               .errlen = errlen, .ds = ds && ds->n > 0 ? ds : NULL};
     for (int k = 0; k < n_chunks; k++) st.T += chunks[k].n;
     int T = st.T;
     st.row0 = xmalloc((size_t)n_chunks * sizeof *st.row0);
@@ -381,6 +423,10 @@ int dv4_forward(dv4_model *m, const dv4_chunk *chunks, int n_chunks, float *logi
         if (pass == BE_PASS_DIRECT) break;
         pass = b->ops->graph_end(b);
         if (pass == BE_PASS_DONE) break;
+    }
+    if (st.lg) {
+        if (!rc) sample_on_device(&st, rows, logits);
+        b->ops->free(b, st.lg);
     }
     /* a failed step leaves sequence state half-written: the caller must drop the sequences */
     for (int k = 0; k < n_chunks && !rc; k++) chunks[k].seq->pos += chunks[k].n;

@@ -138,6 +138,21 @@ typedef struct {
  * On success each sequence's position advances by its chunk length. */
 int dv4_forward(dv4_model *m, const dv4_chunk *chunks, int n_chunks, float *logits, char *err,
                 size_t errlen);
+/* Device sampling (the backend's optional `sample` op) for dv4_forward_ds: request i draws
+ * from logits row req[i].row (rows in dv4_forward's order) right after the LM head; res[i]
+ * is filled. A row's logits are downloaded into `logits` only when no request names it, when
+ * keep[row] is set (the host needs the row: return_logits), or when its request came back with
+ * `fallback` (the host samples it); other rows of `logits` are left unwritten. */
+typedef struct {
+    int n;
+    const be_sample_req *req;  /* [n] host */
+    be_sample_res *res;        /* [n] host */
+    const unsigned char *keep; /* [rows] host, or NULL: no row needed beyond the rules above */
+} dv4_dsample;
+/* dv4_forward with device sampling; ds NULL (or the backend without the op: DUET_EINVAL) is
+ * dv4_forward. */
+int dv4_forward_ds(dv4_model *m, const dv4_chunk *chunks, int n_chunks, float *logits,
+                   const dv4_dsample *ds, char *err, size_t errlen);
 /* Rows of logits that dv4_forward will write for these chunks. */
 int dv4_logit_rows(const dv4_chunk *chunks, int n_chunks);
 /* Bytes of activations (backend memory) one dv4_forward over T tokens allocates, logits

@@ -419,6 +419,11 @@ static int run_load(wk *w, job *j) {
     rc = sx_configure(&w->sx, w->model, cfg->rank, block, max_seqs, max_len, budget, j->err,
                           sizeof j->err);
     if (rc) return rc;
+    int want = cfg->device_sampling < 0 ? !strcmp(cfg->backend, "cuda") : cfg->device_sampling;
+    w->sx.dev_sample = want && w->b->ops->sample;
+    if (cfg->rank == 0)
+        rpcsrv_log(cfg->rank, "sampling on the %s%s", w->sx.dev_sample ? "device" : "host",
+                   want && !w->sx.dev_sample ? " (the backend has no sample op)" : "");
     w->max_seqs = max_seqs;
     w->max_seq_len = max_len;
     w->kv_budget = budget;

@@ -231,6 +231,8 @@ typedef struct {
     int *has_save;         /* [n_pieces] */
     size_t row0, rows;     /* its rows in the step's logits */
     worker_sample_params sp;
+    int on_dev;            /* its draw went to the device (dres filled) */
+    be_sample_res dres;    /* the device's draw; dres.fallback: draw on the host */
 } chunk;
 
 static int fail(char *err, size_t errlen, const Duet__SeqChunk *k, const char *fmt, ...)
@@ -357,6 +359,9 @@ static int check_chunk(sx *x, const Duet__StepPlan *p, int i, chunk *c, char *er
     free(sv);
     if (rc) return rc;
     if (!c->n_pieces || c->ends[c->n_pieces - 1] != end) c->ends[c->n_pieces++] = end;
+    if (k->sampling && k->sampling->n_bias_ids != k->sampling->n_bias_values)
+        return fail(err, errlen, k, "logit_bias has %zu ids but %zu values; send one value per "
+                    "id", k->sampling->n_bias_ids, k->sampling->n_bias_values);
     sampling_of(k->sampling, &c->sp);
     if (k->sample) {
         char why[300];
@@ -448,6 +453,53 @@ static int create_seqs(sx *x, chunk *c, int n, char *err, size_t errlen) {
     return rc;
 }
 
+/* ---- device sampling ---------------------------------------------------------------------- */
+
+static int has_penalties(const worker_sample_params *sp) {
+    return (sp->repetition_penalty > 0 && sp->repetition_penalty != 1.0f) ||
+           sp->presence_penalty != 0 || sp->frequency_penalty != 0;
+}
+
+/* top logprobs a chunk asks for, capped */
+static int n_top_of(const Duet__SeqChunk *k, int vocab) {
+    int ntop = k->sampling ? (int)k->sampling->n_logprobs : 0;
+    if (ntop > MAX_TOP_LOGPROBS) ntop = MAX_TOP_LOGPROBS;
+    return ntop > vocab ? vocab : ntop;
+}
+
+/* Whether chunk c's draw goes to the device in the pass that yields its sampling row: rank 0
+ * with device sampling on, and parameters that need no shaping of the logits. */
+static int draws_on_device(const sx *x, const chunk *c) {
+    const worker_sample_params *sp = &c->sp;
+    return x->dev_sample && x->rank == 0 && c->k->sample && !has_penalties(sp) && !sp->n_bias &&
+           !sp->n_banned && !sp->n_allowed;
+}
+
+/* The device requests of one pass over dc[m] (chunk who[j] of c): a request per chunk whose
+ * last piece runs in this pass and draws on the device; keep[rows] marks the rows the host
+ * needs (return_logits). Returns the number of requests; owner[i] = the chunk of request i. */
+static int pass_requests(const sx *x, chunk *c, const dv4_chunk *dc, const int *who, int m,
+                         int pass, be_sample_req *req, int *owner, unsigned char *keep) {
+    const int vocab = dv4_cfg(x->m)->vocab_size;
+    int n = 0, row = 0;
+    for (int j = 0; j < m; j++) {
+        chunk *ci = &c[who[j]];
+        int nr = dc[j].logits == DV4_LOGITS_ALL ? dc[j].n : dc[j].logits == DV4_LOGITS_LAST;
+        for (int r = 0; r < nr; r++) keep[row + r] = ci->k->return_logits != 0;
+        if (nr && pass == ci->n_pieces - 1 && draws_on_device(x, ci)) {
+            const worker_sample_params *sp = &ci->sp;
+            req[n] = (be_sample_req){
+                .row = row + nr - 1, .temperature = sp->temperature, .top_p = sp->top_p,
+                .min_p = sp->min_p, .top_k = sp->top_k, .n_top = n_top_of(ci->k, vocab),
+                .u01 = worker_sample_u01(sp->seed, sp->stream,
+                                         (uint64_t)ci->start + (uint64_t)ci->n)};
+            owner[n++] = who[j];
+        }
+        row += nr;
+    }
+    return n;
+}
+
 /* The forward passes. Logits rows land in out[c.row0 ...]; snapshots taken after each pass
  * are put into pending[*n_pending] (ids in pending_id). */
 static int run_passes(sx *x, chunk *c, int n, float *out, dv4_snap **pending,
@@ -460,6 +512,10 @@ static int run_passes(sx *x, chunk *c, int n, float *out, dv4_snap **pending,
     float *buf = NULL;
     size_t buf_rows = 0;
     int rc = 0;
+    be_sample_req *req = xcalloc((size_t)n, sizeof *req);
+    be_sample_res *res = xcalloc((size_t)n, sizeof *res);
+    int *owner = xcalloc((size_t)n, sizeof *owner);
+    unsigned char *keep = NULL;
     for (int ps = 0; ps < passes && !rc; ps++) {
         int m = 0;
         for (int i = 0; i < n; i++) {
@@ -478,8 +534,11 @@ static int run_passes(sx *x, chunk *c, int n, float *out, dv4_snap **pending,
             if (rows > buf_rows) buf = xrealloc(buf, rows * vocab * sizeof *buf), buf_rows = rows;
             dst = buf;
         }
-        rc = dv4_forward(x->m, dc, m, dst, err, errlen);
+        keep = xrealloc(keep, rows ? rows : 1);
+        dv4_dsample ds = {pass_requests(x, c, dc, who, m, ps, req, owner, keep), req, res, keep};
+        rc = dv4_forward_ds(x->m, dc, m, dst, ds.n ? &ds : NULL, err, errlen);
         if (rc) break;
+        for (int i = 0; i < ds.n; i++) c[owner[i]].on_dev = 1, c[owner[i]].dres = res[i];
         size_t r = 0;
         for (int j = 0; j < m; j++) {
             chunk *ci = &c[who[j]];
@@ -499,6 +558,10 @@ static int run_passes(sx *x, chunk *c, int n, float *out, dv4_snap **pending,
     free(buf);
     free(dc);
     free(who);
+    free(req);
+    free(res);
+    free(owner);
+    free(keep);
     return rc;
 }
 
@@ -522,26 +585,31 @@ static void sample_one(void *ctx, int i) {
     if (!k->sample) return;
     const worker_sample_params *sp = &c->sp;
     sx_seq *q = c->q;
-    int pen = (sp->repetition_penalty > 0 && sp->repetition_penalty != 1.0f) ||
-              sp->presence_penalty != 0 || sp->frequency_penalty != 0;
-    if (pen)
-        worker_counts_update(&q->counts, q->ids, q->n_ids, k->sampling ? k->sampling->prompt_len : 0);
-    int ntop = k->sampling ? (int)k->sampling->n_logprobs : 0;
-    if (ntop > MAX_TOP_LOGPROBS) ntop = MAX_TOP_LOGPROBS;
-    if (ntop > j->vocab) ntop = j->vocab;
+    int pen = has_penalties(sp), ntop = n_top_of(k, j->vocab);
     int32_t *ti = j->out->top_ids + (size_t)i * MAX_TOP_LOGPROBS;
     float *tl = j->out->top_lps + (size_t)i * MAX_TOP_LOGPROBS;
-    r->token_id = worker_sample(rows + (c->rows - 1) * j->vocab, j->vocab, sp,
-                                pen ? &q->counts : NULL, (uint64_t)c->start + (uint64_t)c->n,
-                                &r->logprob, ntop, ti, tl, j->why[i], sizeof j->why[i]);
+    if (c->on_dev && !c->dres.fallback) { /* drawn on the device */
+        r->token_id = c->dres.id;
+        r->logprob = c->dres.logprob;
+        memcpy(ti, c->dres.top_ids, (size_t)ntop * sizeof *ti);
+        memcpy(tl, c->dres.top_logprobs, (size_t)ntop * sizeof *tl);
+    } else {
+        if (pen)
+            worker_counts_update(&q->counts, q->ids, q->n_ids,
+                                 k->sampling ? k->sampling->prompt_len : 0);
+        r->token_id = worker_sample(rows + (c->rows - 1) * j->vocab, j->vocab, sp,
+                                    pen ? &q->counts : NULL, (uint64_t)c->start + (uint64_t)c->n,
+                                    &r->logprob, ntop, ti, tl, j->why[i], sizeof j->why[i]);
+    }
     if (r->token_id < 0) return;
     r->n_top_ids = r->n_top_logprobs = (size_t)ntop;
     r->top_ids = ti;
     r->top_logprobs = tl;
 }
 
-/* Rank 0: samples every chunk that asks for it and fills the results; two or more draws run
- * on a pool of threads (a draw over a 129K vocabulary with top-p is ~3 ms: a batch of 128 would
+/* Rank 0: samples every chunk that asks for it and fills the results: a draw the device made
+ * (run_passes, --device-sampling) is taken as it is; two or more host draws run on a pool of
+ * threads (a draw over a 129K vocabulary with top-p is ~3 ms: a batch of 128 would
  * otherwise wait ~0.4 s per step on one core). */
 static int sample_all(sx *x, chunk *c, int n, float *logits, sx_result *out, char *err,
                       size_t errlen) {
@@ -558,7 +626,7 @@ static int sample_all(sx *x, chunk *c, int n, float *logits, sx_result *out, cha
         out->ptrs[i] = r;
         r->seq_id = c[i].k->seq_id;
         r->token_id = -1;
-        n_draw += c[i].k->sample != 0;
+        n_draw += c[i].k->sample && !(c[i].on_dev && !c[i].dres.fallback); /* host draws */
         if (c[i].k->return_logits) {
             r->n_logits = c[i].rows * (size_t)vocab;
             r->logits = logits + c[i].row0 * vocab;

@@ -36,6 +36,9 @@ typedef struct {
     sx_snapmap *snaps;             /* block_id → snapshot */
     _Atomic uint32_t live_seqs, kv_blocks_used, cached_blocks;
     struct pool *spool;            /* rank 0: threads that sample a step's chunks (lazy) */
+    int dev_sample;                /* rank 0: draws that need no shaping (no logit_bias, masks
+                                      or penalties) use the backend's sample op on the device;
+                                      set after sx_configure (rpcsrv.c: --device-sampling) */
 } sx;
 
 /* Sizes the budget and (re)creates empty state for a loaded model: block (0 → 256; a multiple

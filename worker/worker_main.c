@@ -4,6 +4,7 @@
  *               [--listen 127.0.0.1:7100] [--backend cpu] [--peers H:P,H:P,...]
  *               [--threads T] [--max-seqs S] [--max-seq-len L] [--hello-timeout-ms MS]
  *               [--comm-timeout-ms MS] [--kv-memory-mb N] [--kv-dtype f32|bf16]
+ *               [--device-sampling auto|on|off]
  *
  * Why: worker-first launch — workers start, validate their checkpoint, listen and wait; the
  * coordinator connects to each later. Before listening the worker reads the checkpoint's headers
@@ -36,6 +37,9 @@ static void usage(FILE *f) {
             "                   [--hello-timeout-ms MS] [--comm-timeout-ms MS]\n"
             "                   [--kv-memory-mb N (1024; cuda: also what the device has left)]\n"
             "                   [--kv-dtype f32|bf16 (f32; bf16: rings, entries, keys in half the bytes)]\n"
+            "                   [--device-sampling auto|on|off (auto: on for cuda, off for cpu;\n"
+            "                    on: rank 0 draws rows without logit_bias, masks or penalties\n"
+            "                    with the backend's sample op, next to the logits)]\n"
             "Listens (default 127.0.0.1:7100; port 0 picks a free port) and waits for one\n"
             "authenticated coordinator. --peers lists the data-plane address of every rank\n"
             "(required when N > 1). The token file must be mode 0600 and hold >= 16 bytes.\n");
@@ -64,6 +68,14 @@ static int kv_dtype_flag(const char *v, int *out) {
     }
     *out = (int)dt;
     return 0;
+}
+
+/* Parses --device-sampling: auto (-1), on (1) or off (0). */
+static int device_sampling_flag(const char *v, int *out) {
+    *out = !strcmp(v, "auto") ? -1 : !strcmp(v, "on") ? 1 : !strcmp(v, "off") ? 0 : -2;
+    if (*out != -2) return 0;
+    fprintf(stderr, "duet-worker: --device-sampling '%s' must be auto, on or off\n", v);
+    return -1;
 }
 
 /* Splits "a,b,c" into a NULL-terminated array of n strings (one allocation each). */
@@ -120,9 +132,10 @@ int main(int argc, char **argv) {
     cfg.hello_timeout_ms = 10000;
     cfg.comm_timeout_ms = 120000;
     cfg.kv_memory_mb = 1024;
+    cfg.device_sampling = -1;
     const char *token_file = NULL, *peers = NULL;
     enum { O_RANK = 256, O_WORLD, O_MODEL, O_TOKEN, O_LISTEN, O_BACKEND, O_DEVICE, O_GPU_MEM, O_PEERS, O_THREADS,
-           O_SEQS, O_LEN, O_HELLO_TO, O_COMM_TO, O_KV_MB, O_KV_DTYPE };
+           O_SEQS, O_LEN, O_HELLO_TO, O_COMM_TO, O_KV_MB, O_KV_DTYPE, O_DEV_SAMPLE };
     static const struct option opts[] = {
         {"rank", required_argument, 0, O_RANK},
         {"world-size", required_argument, 0, O_WORLD},
@@ -140,6 +153,7 @@ int main(int argc, char **argv) {
         {"comm-timeout-ms", required_argument, 0, O_COMM_TO},
         {"kv-memory-mb", required_argument, 0, O_KV_MB},
         {"kv-dtype", required_argument, 0, O_KV_DTYPE},
+        {"device-sampling", required_argument, 0, O_DEV_SAMPLE},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0}};
     int o, bad = 0;
@@ -165,6 +179,7 @@ int main(int argc, char **argv) {
             break;
         case O_KV_MB: bad |= int_flag("kv-memory-mb", optarg, 1, 1 << 24, &cfg.kv_memory_mb); break;
         case O_KV_DTYPE: bad |= kv_dtype_flag(optarg, &cfg.kv_dtype); break;
+        case O_DEV_SAMPLE: bad |= device_sampling_flag(optarg, &cfg.device_sampling); break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;
         }

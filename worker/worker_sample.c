@@ -125,6 +125,13 @@ int worker_sample_check(const worker_sample_params *p, int vocab, char *err, siz
 
 /* ---- sampling ---------------------------------------------------------------------------- */
 
+/* counter-based: (seed, stream, position) → one uniform draw; stream 0 adds nothing */
+double worker_sample_u01(uint64_t seed, uint32_t stream, uint64_t pos) {
+    uint64_t sx = stream;
+    uint64_t st = seed ^ (pos * 0xD1B54A32D192ED03ull) ^ (sx ? splitmix64(&sx) : 0);
+    return (double)(splitmix64(&st) >> 11) * 0x1.0p-53;
+}
+
 typedef struct {
     float v;
     int32_t id;
@@ -296,10 +303,7 @@ int32_t worker_sample(const float *logits, int vocab, const worker_sample_params
             for (int i = 0; i < n; i++) sum += weight(rank_at(&r, i)->v, c0, T);
         else
             for (int i = 0; i < n; i++) sum += weight(c[i].v, c0, T);
-        /* counter-based: (seed, stream, position) → one uniform draw; stream 0 adds nothing */
-        uint64_t sx = p->stream;
-        uint64_t st = p->seed ^ (pos * 0xD1B54A32D192ED03ull) ^ (sx ? splitmix64(&sx) : 0);
-        double u = (double)(splitmix64(&st) >> 11) * 0x1.0p-53 * sum;
+        double u = worker_sample_u01(p->seed, p->stream, pos) * sum;
         chosen = -1;
         double acc = 0;
         for (int i = 0; i < n; i++) {
@@ -326,4 +330,14 @@ int32_t worker_sample(const float *logits, int vocab, const worker_sample_params
         free(top);
     }
     return chosen;
+}
+
+void worker_sample_rank(const float *logits, int vocab, int k, int32_t *ids, float *vals) {
+    if (k > vocab) k = vocab;
+    if (k <= 0) return;
+    cand *c = xmalloc((size_t)vocab * sizeof *c);
+    for (int i = 0; i < vocab; i++) c[i] = (cand){clean(logits[i]), i};
+    sorted_prefix(c, vocab, k);
+    for (int i = 0; i < k; i++) ids[i] = c[i].id, vals[i] = c[i].v;
+    free(c);
 }

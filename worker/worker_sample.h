@@ -65,4 +65,14 @@ int32_t worker_sample(const float *logits, int vocab, const worker_sample_params
                       const worker_counts *counts, uint64_t pos, float *logprob, int n_top,
                       int32_t *top_ids, float *top_logprobs, char *err, size_t errlen);
 
+/* The uniform draw in [0, 1) of a sampled token at absolute position pos: a pure function of
+ * (seed, stream, pos), shared by worker_sample and the device sampler (backend op `sample`)
+ * so that both walk the same u. */
+double worker_sample_u01(uint64_t seed, uint32_t stream, uint64_t pos);
+
+/* The k first ids of raw logits[vocab] in the sampler's order (NaN as -inf, value descending,
+ * ties → lower id) into ids[k], their values (NaN → -inf) into vals[k]; k is capped at vocab.
+ * O(vocab + k log k): what the CPU backend's `sample` op ranks its candidates with. */
+void worker_sample_rank(const float *logits, int vocab, int k, int32_t *ids, float *vals);
+
 #endif

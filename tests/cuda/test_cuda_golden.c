@@ -30,8 +30,11 @@
 enum { GP = 150, GSTEPS = 300 }; /* prompt tokens; decode steps */
 
 /* Prompts of 150 and 187 tokens, then GSTEPS steps: sequence A decodes 1 token per step; B joins
- * at step 40 and decodes 1 (steps where it is odd: 2) tokens. Logits of every step's last rows. */
-static int graph_run(dv4_model *m, float *out, int *rows_out) {
+ * at step 40 and decodes 1 (steps where it is odd: 2) tokens. Logits of every step's last rows.
+ * Every decode step also samples on the device (the sample op after the graphed passes): A's
+ * row greedy, B's at temperature 0.9 with top_k 40; ids[rows] receives the draws, and every
+ * row is kept (downloaded) so that the logits can be compared. */
+static int graph_run(dv4_model *m, float *out, int32_t *drawn, int *rows_out) {
     char err[512];
     const dv4_config *c = dv4_cfg(m);
     int V = c->vocab_size, rows = 0, rc = 0;
@@ -51,7 +54,13 @@ static int graph_run(dv4_model *m, float *out, int *rows_out) {
         dv4_chunk ch[2] = {{a, ids + (s % 200), 1, DV4_LOGITS_LAST},
                            {bq, ids + (s % 190), (s % 2) ? 2 : 1, DV4_LOGITS_LAST}};
         int n = s >= 40 ? 2 : 1;
-        rc = dv4_forward(m, ch, n, out + (size_t)rows * V, err, sizeof err);
+        be_sample_req rq[2] = {{.row = 0, .temperature = 0},
+                               {.row = 1, .temperature = 0.9f, .top_k = 40, .u01 = (s % 17) / 17.0}};
+        be_sample_res rs[2];
+        unsigned char keep[2] = {1, 1};
+        dv4_dsample ds = {n, rq, rs, keep};
+        rc = dv4_forward_ds(m, ch, n, out + (size_t)rows * V, &ds, err, sizeof err);
+        for (int k = 0; k < n && !rc; k++) drawn[rows + k] = rs[k].fallback ? -1 : rs[k].id;
         rows += n;
     }
     if (rc) printf("FAIL: graphs: %s\n", err);
@@ -65,13 +74,14 @@ static int graph_run(dv4_model *m, float *out, int *rows_out) {
 static int graph_check(dv4_model *m, be *b) {
     int V = dv4_cfg(m)->vocab_size, r0 = 0, r1 = 0, fails = 0;
     float *l0 = calloc((size_t)GSTEPS * 2 * V, sizeof *l0), *l1 = calloc((size_t)GSTEPS * 2 * V, sizeof *l1);
+    int32_t *d0 = calloc((size_t)GSTEPS * 2, sizeof *d0), *d1 = calloc((size_t)GSTEPS * 2, sizeof *d1);
     be_cuda_graph_stats s0, s1, s2;
     be_cuda_graph_enable(b, 0);
     be_cuda_graph_get_stats(b, &s0);
-    fails += graph_run(m, l0, &r0);
+    fails += graph_run(m, l0, d0, &r0);
     be_cuda_graph_enable(b, 1);
     be_cuda_graph_get_stats(b, &s1);
-    fails += graph_run(m, l1, &r1);
+    fails += graph_run(m, l1, d1, &r1);
     be_cuda_graph_get_stats(b, &s2);
     unsigned long long rep = s2.replays - s1.replays, cap = s2.captures - s1.captures,
                        fb = s2.fallbacks - s1.fallbacks, fb0 = s1.fallbacks - s0.fallbacks;
@@ -102,8 +112,31 @@ static int graph_check(dv4_model *m, be *b) {
         printf("FAIL: graphs: host MoE grouping should run every step directly\n");
         fails++;
     }
+    /* device draws: the same in both runs, and greedy rows (A: the first row of each step)
+     * are the argmax of the row (ties → lowest id) */
+    int greedy_bad = 0, draws_differ = 0, fell_back = 0;
+    for (int r = 0, s = 0; r < r0 && r < r1; s++) {
+        int n = s >= 40 ? 2 : 1;
+        for (int k = 0; k < n; k++, r++) {
+            draws_differ += d0[r] != d1[r];
+            fell_back += d1[r] < 0;
+        }
+        const float *row = l1 + (size_t)(r - n) * V;
+        int best = 0;
+        for (int i = 1; i < V; i++) best = row[i] > row[best] ? i : best;
+        greedy_bad += d1[r - n] != best;
+    }
+    printf("graphs: device sampling in every step: %d draws differ between direct and graphed, "
+           "%d greedy draws not the argmax, %d fell back to the host\n", draws_differ,
+           greedy_bad, fell_back);
+    if (draws_differ || greedy_bad) {
+        printf("FAIL: graphs: device sampling\n");
+        fails++;
+    }
     free(l0);
     free(l1);
+    free(d0);
+    free(d1);
     return fails;
 }
 

@@ -14,7 +14,8 @@
  * selected sets exactly; the bf16-KV cases (attention, ring_write, compress, index_topk with
  * bf16 rings, entries and keys) use the same thresholds, except compress (one bf16 step at a
  * rounding boundary); MoE with T < 16 (grouped on the device) is also compared bit for bit
- * with the host grouping (DUET_CUDA_MOE_HOST=1). Plain C without Check: the GPU machine has no libcheck. Exit 0 when
+ * with the host grouping (DUET_CUDA_MOE_HOST=1); sample compares ids exactly where neither
+ * backend fell back (and the fallback flags), logprobs to 1e-5, and prints its time. Plain C without Check: the GPU machine has no libcheck. Exit 0 when
  * every case passes. Must never be registered outside the 'cuda' meson suite (needs a GPU).
  *
  * usage: test_cuda_ops [SEED]
@@ -798,6 +799,76 @@ static void t_vector_and_cap(void) {
     report("mem_cap", "fraction 1.5 refused", bad == NULL ? 0 : 1, 0);
 }
 
+/* ---- sample: ids equal where neither backend fell back; logprobs to 1e-5 ------------------ */
+
+static double now_us(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e6 + ts.tv_nsec * 1e-3;
+}
+
+/* rows of peaked logits (Gaussian × scale; ties: rounded to 0.5; some NaN and -inf), random
+ * parameters (a quarter greedy), sampled by both backends in one call each; then the GPU op
+ * timed on the same batch (best of 3, the call includes its uploads and the results' copy) */
+static void t_sample(int V, int rows, float scale, int ties) {
+    float *x = xmalloc((size_t)rows * V * sizeof *x);
+    for (size_t i = 0; i < (size_t)rows * V; i++) {
+        float g = 0;
+        for (int k = 0; k < 4; k++) g += frand(-1.7320508f, 1.7320508f); /* ~N(0, 4) */
+        x[i] = scale * g / 2;
+        if (ties) x[i] = roundf(2 * x[i]) / 2;
+        if (i % 997 == 3) x[i] = i % 2 ? NAN : -INFINITY;
+    }
+    be_sample_req *rq = xmalloc((size_t)rows * sizeof *rq);
+    be_sample_res *rc = xmalloc((size_t)rows * sizeof *rc), *rg = xmalloc((size_t)rows * sizeof *rg);
+    static const int topks[] = {0, 0, 1, 20, 50, 1024, 3000};
+    for (int i = 0; i < rows; i++) {
+        int r = (int)(rnd() % 4);
+        rq[i] = (be_sample_req){.row = (int)(rnd() % (uint64_t)rows),
+                                .temperature = r == 0 ? 0 : frand(0.5f, 1.3f),
+                                .top_p = rnd() % 2 ? frand(0.5f, 0.99f) : 0,
+                                .min_p = rnd() % 3 == 0 ? frand(0.01f, 0.2f) : 0,
+                                .top_k = topks[rnd() % 7], .n_top = (int)(rnd() % 21),
+                                .u01 = frand(0, 1)};
+    }
+    CPU->ops->sample(CPU, x, V, rows, rq, rc);
+    float *dx = dup_dev(x, (size_t)rows * V * sizeof *x);
+    G->ops->sample(G, dx, V, rows, rq, rg);
+    int bad_id = 0, bad_fb = 0, n_fb = 0;
+    double lp_err = 0;
+    for (int i = 0; i < rows; i++) {
+        n_fb += rg[i].fallback;
+        bad_fb += rg[i].fallback != rc[i].fallback;
+        if (!rg[i].fallback && !rc[i].fallback) {
+            bad_id += rg[i].id != rc[i].id;
+            double e = fabs((double)rg[i].logprob - rc[i].logprob);
+            if (!(e <= lp_err) && !(rg[i].logprob == rc[i].logprob)) lp_err = e;
+        }
+        bad_id += rg[i].n_top != rc[i].n_top;
+        for (int k = 0; k < rc[i].n_top && k < BE_SAMPLE_MAX_TOP; k++) {
+            bad_id += rg[i].top_ids[k] != rc[i].top_ids[k];
+            double e = fabs((double)rg[i].top_logprobs[k] - rc[i].top_logprobs[k]);
+            if (!(e <= lp_err) && !(rg[i].top_logprobs[k] == rc[i].top_logprobs[k])) lp_err = e;
+        }
+    }
+    char cas[64];
+    snprintf(cas, sizeof cas, "V%d rows%d%s ids (%d fb)", V, rows, ties ? " ties" : "", n_fb);
+    report("sample", cas, bad_id + bad_fb, 0);
+    snprintf(cas, sizeof cas, "V%d rows%d%s logprobs", V, rows, ties ? " ties" : "");
+    report("sample", cas, lp_err, 1e-5);
+    double best = INFINITY;
+    for (int k = 0; k < 3; k++) {
+        double t0 = now_us();
+        G->ops->sample(G, dx, V, rows, rq, rg);
+        double t = now_us() - t0;
+        best = t < best ? t : best;
+    }
+    printf("sample time V=%d rows=%d: %.1f us per call, %.2f us per row\n", V, rows, best,
+           best / rows);
+    G->ops->free(G, dx);
+    free(x); free(rq); free(rc); free(rg);
+}
+
 int main(int argc, char **argv) {
     rng_s = argc > 1 ? strtoull(argv[1], NULL, 0) : (uint64_t)time(NULL) * 2654435761u + 1;
     if (!rng_s) rng_s = 1;
@@ -883,6 +954,11 @@ int main(int argc, char **argv) {
     t_moe(15, 16, 6, 256, 128, 0, 0);
     t_moe(1, 16, 6, 256, 128, 0, 1);
     t_elementwise();
+    t_sample(129280, 128, 3.0f, 0);
+    t_sample(129280, 16, 3.0f, 1);
+    t_sample(20000, 64, 2.0f, 0);
+    t_sample(700, 33, 1.0f, 1);
+    t_sample(129280, 1, 3.0f, 0);
     t_vector_and_cap();
     if (be_cuda_sync(G, err, sizeof err)) {
         printf("FAIL: %s\n", err);

@@ -777,6 +777,9 @@ START_TEST(startup_refusals) {
     const char *kv[] = {"--rank", "0", "--world-size", "1", "--model", model_dir,
                         "--auth-token-file", token_path, "--kv-dtype", "fp8", NULL};
     start_fails(kv, "use f32 (the default) or bf16", 2);
+    const char *ds[] = {"--rank", "0", "--world-size", "1", "--model", model_dir,
+                        "--auth-token-file", token_path, "--device-sampling", "maybe", NULL};
+    start_fails(ds, "--device-sampling 'maybe' must be auto, on or off", 2);
 }
 END_TEST
 
@@ -807,6 +810,109 @@ START_TEST(kv_dtype_bf16_budget) {
     duet__step_result__free_unpacked(r, NULL);
     rcli_close(&c);
     stop_ok(&w);
+}
+END_TEST
+
+/* ---- device sampling (--device-sampling) ------------------------------------------------- */
+
+enum { DS_SEQS = 3, DS_STEPS = 8, DS_PROMPT = 10 };
+typedef struct {
+    int32_t id[DS_SEQS][DS_STEPS];
+    float lp[DS_SEQS][DS_STEPS];
+    int32_t top[DS_SEQS][DS_STEPS][3];
+    float logit0[DS_SEQS]; /* the first logit of the last returned row (seq 3 returns logits) */
+} ds_run;
+
+/* One StepPlan with a chunk per sequence q: tok[q] + start[q], n[q] ids; sampling sp[q];
+ * logits returned for seq 3. */
+static Duet__StepResult *ds_step(rcli *c, uint64_t step, int32_t (*tok)[DS_PROMPT + DS_STEPS],
+                                 const uint32_t *start, const uint32_t *n,
+                                 Duet__SamplingParams *sp) {
+    Duet__SeqChunk ch[DS_SEQS], *chs[DS_SEQS];
+    for (int q = 0; q < DS_SEQS; q++) {
+        duet__seq_chunk__init(&ch[q]);
+        chs[q] = &ch[q];
+        ch[q].seq_id = (uint64_t)q + 1;
+        ch[q].start_pos = start[q];
+        ch[q].token_ids = tok[q] + start[q];
+        ch[q].n_token_ids = n[q];
+        ch[q].sample = 1;
+        ch[q].sampling = &sp[q];
+        ch[q].return_logits = q == 2;
+    }
+    Duet__StepPlan p = DUET__STEP_PLAN__INIT;
+    p.step_id = step;
+    p.chunks = chs;
+    p.n_chunks = DS_SEQS;
+    ck_assert_int_eq(rcli_send(c, RPC_STEP_PLAN, &p.base), 0);
+    Duet__StepResult *r = rcli_expect(c, RPC_STEP_RESULT, 4 * T_MS);
+    ck_assert_ptr_nonnull(r);
+    ck_assert_msg(r->ok, "%s", r->error);
+    ck_assert_uint_eq(r->n_results, DS_SEQS);
+    return r;
+}
+
+/* A worker started with --device-sampling `mode` decodes three sequences together for
+ * DS_STEPS steps: greedy; temperature 0.8 with top_k 20 and min_p 0.05; temperature 1 with
+ * top_p 0.9, logit_bias (a row the host must shape) and logits returned at every step. */
+static void ds_decode(const char *mode, ds_run *o) {
+    wproc w;
+    start(&w, "--device-sampling", mode);
+    rcli c;
+    connect_ok(&c, &w);
+    load_ok(&c, 1);
+    dv4_kv_sizes z;
+    const int vocab = tiny_kv_sizes(256, DV4_KV_F32, &z);
+    int32_t tok[DS_SEQS][DS_PROMPT + DS_STEPS];
+    Duet__SamplingParams sp[DS_SEQS];
+    int32_t bias_id = 17;
+    float bias_v = 2.5f;
+    for (int q = 0; q < DS_SEQS; q++) {
+        for (int i = 0; i < DS_PROMPT; i++) tok[q][i] = (int32_t)((i * 7919 + 13 * q + 5) % vocab);
+        duet__sampling_params__init(&sp[q]);
+        sp[q].n_logprobs = 3;
+        sp[q].seed = 100 + (uint64_t)q;
+    }
+    sp[1].temperature = 0.8f, sp[1].top_k = 20, sp[1].min_p = 0.05f;
+    sp[2].temperature = 1.0f, sp[2].top_p = 0.9f;
+    sp[2].bias_ids = &bias_id, sp[2].bias_values = &bias_v;
+    sp[2].n_bias_ids = sp[2].n_bias_values = 1;
+    for (int s = 0; s < DS_STEPS; s++) {
+        uint32_t start[DS_SEQS], n[DS_SEQS];
+        for (int q = 0; q < DS_SEQS; q++) {
+            start[q] = s ? (uint32_t)(DS_PROMPT + s - 1) : 0;
+            n[q] = s ? 1 : DS_PROMPT;
+        }
+        Duet__StepResult *r = ds_step(&c, (uint64_t)s + 1, tok, start, n, sp);
+        for (int q = 0; q < DS_SEQS; q++) {
+            const Duet__SeqResult *x = r->results[q];
+            ck_assert_int_ge(x->token_id, 0);
+            ck_assert_uint_eq(x->n_top_ids, 3);
+            o->id[q][s] = x->token_id;
+            o->lp[q][s] = x->logprob;
+            memcpy(o->top[q][s], x->top_ids, sizeof o->top[q][s]);
+            if (q == 2) o->logit0[q] = x->logits[x->n_logits - (size_t)vocab];
+            if (s + 1 < DS_STEPS) tok[q][DS_PROMPT + s] = x->token_id;
+        }
+        duet__step_result__free_unpacked(r, NULL);
+    }
+    rcli_close(&c);
+    stop_ok(&w);
+}
+
+START_TEST(device_sampling_matches_host) {
+    ds_run host, dev;
+    ds_decode("off", &host);
+    ds_decode("on", &dev);
+    for (int q = 0; q < DS_SEQS; q++)
+        for (int s = 0; s < DS_STEPS; s++) {
+            ck_assert_msg(host.id[q][s] == dev.id[q][s], "seq %d step %d: host drew %d, device "
+                          "%d", q + 1, s, host.id[q][s], dev.id[q][s]);
+            ck_assert_msg(fabsf(host.lp[q][s] - dev.lp[q][s]) <= 1e-5f, "seq %d step %d: "
+                          "logprob %g vs %g", q + 1, s, host.lp[q][s], dev.lp[q][s]);
+            ck_assert(!memcmp(host.top[q][s], dev.top[q][s], sizeof host.top[q][s]));
+        }
+    ck_assert(host.logit0[2] == dev.logit0[2]); /* returned logits are still downloaded */
 }
 END_TEST
 
@@ -993,6 +1099,7 @@ int main(int argc, char **argv) {
     tcase_add_test(t, hello_timeout_closes);
     tcase_add_test(t, startup_refusals);
     tcase_add_test(t, kv_dtype_bf16_budget);
+    tcase_add_test(t, device_sampling_matches_host);
     tcase_add_test(t, two_ranks_match_one_process);
     tcase_add_test(t, missing_peer);
     suite_add_tcase(s, t);
