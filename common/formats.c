@@ -210,6 +210,50 @@ void fmt_quant_fp4(const float *w, int64_t N, int64_t K, int bk, uint8_t *w_out,
     }
 }
 
+/* ---- FP8 KV rows --------------------------------------------------------------------------- */
+
+int fmt_kv_fp8_ok(int d) { return d > FMT_KV_ROPE && (d - FMT_KV_ROPE) % FMT_KV_BLOCK == 0; }
+
+size_t fmt_kv_fp8_rope_off(int d) {
+    size_t nope = (size_t)(d - FMT_KV_ROPE), nb = nope / FMT_KV_BLOCK;
+    return (nope + nb + 3) / 4 * 4;
+}
+
+size_t fmt_kv_fp8_row_bytes(int d) { return fmt_kv_fp8_rope_off(d) + 2 * FMT_KV_ROPE; }
+
+void fmt_kv_fp8_encode(const float *x, int d, uint8_t *row) {
+    int nope = d - FMT_KV_ROPE, nb = nope / FMT_KV_BLOCK;
+    size_t ro = fmt_kv_fp8_rope_off(d);
+    for (int b = 0; b < nb; b++) {
+        const float *xb = x + b * FMT_KV_BLOCK;
+        float amax = 0.0f;
+        for (int i = 0; i < FMT_KV_BLOCK; i++)
+            if (absf(xb[i]) > amax) amax = absf(xb[i]);
+        int e = scale_exp(amax, 1e-4f, 1.0f / 448.0f);
+        float inv = pow2f(-e);
+        for (int i = 0; i < FMT_KV_BLOCK; i++)
+            row[b * FMT_KV_BLOCK + i] = fmt_f32_to_e4m3(clampf(xb[i] * inv, -448.f, 448.f));
+        row[nope + b] = (uint8_t)(e + 127);
+    }
+    for (size_t i = (size_t)(nope + nb); i < ro; i++) row[i] = 0;
+    for (int i = 0; i < FMT_KV_ROPE; i++) {
+        uint16_t h = fmt_f32_to_bf16(x[nope + i]);
+        memcpy(row + ro + 2 * (size_t)i, &h, 2);
+    }
+}
+
+void fmt_kv_fp8_decode(const uint8_t *row, int d, float *x) {
+    int nope = d - FMT_KV_ROPE;
+    size_t ro = fmt_kv_fp8_rope_off(d);
+    for (int i = 0; i < nope; i++)
+        x[i] = fmt_e4m3_to_f32(row[i]) * pow2f((int)row[nope + i / FMT_KV_BLOCK] - 127);
+    for (int i = 0; i < FMT_KV_ROPE; i++) {
+        uint16_t h;
+        memcpy(&h, row + ro + 2 * (size_t)i, 2);
+        x[nope + i] = fmt_bf16_to_f32(h);
+    }
+}
+
 /* ---- QAT simulation --------------------------------------------------------------------- */
 
 void fmt_act_quant_fp8(float *x, size_t n, int block) {

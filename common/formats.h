@@ -40,6 +40,19 @@ void fmt_quant_fp8_block(const float *w, int64_t N, int64_t K, int bn, int bk, u
  * w_out [N*K/2] (low nibble = even k), s_out [N*K/bk]. */
 void fmt_quant_fp4(const float *w, int64_t N, int64_t K, int bk, uint8_t *w_out, uint8_t *s_out);
 
+/* ---- FP8 KV rows (the worker's KV dtype fp8; spec §3.1, vLLM's fp8_ds_mla layout) ----------
+ * A row of d values whose last FMT_KV_ROPE are RoPE dims (d - FMT_KV_ROPE a positive multiple
+ * of 64): the first nope = d - 64 values as e4m3 bytes in blocks of 64, one ue8m0 scale byte per
+ * block (2^(byte - 127), chosen as fmt_act_quant_fp8 chooses it), zero padding to a multiple of
+ * 4 bytes, then the RoPE dims as bf16. d = 512: 448 + 7 + 1 + 128 = 584 bytes. A decoded nope
+ * value equals fmt_act_quant_fp8's round trip of it exactly; a RoPE value is its bf16. */
+enum { FMT_KV_ROPE = 64, FMT_KV_BLOCK = 64 };
+int fmt_kv_fp8_ok(int d);                                /* d is such a row width */
+size_t fmt_kv_fp8_row_bytes(int d);
+size_t fmt_kv_fp8_rope_off(int d);                        /* byte offset of the bf16 RoPE dims */
+void fmt_kv_fp8_encode(const float *x, int d, uint8_t *row);
+void fmt_kv_fp8_decode(const uint8_t *row, int d, float *x);
+
 /* ---- QAT simulation (spec §2.1), in place on f32 ----------------------------------------- */
 void fmt_act_quant_fp8(float *x, size_t n, int block);   /* FP8 round trip, pow2 scales */
 void fmt_fp4_roundtrip(float *x, size_t n, int block);   /* FP4 round trip, pow2 scales */

@@ -231,12 +231,17 @@ __global__ void __launch_bounds__(SB) k_sample(const float *__restrict__ logits,
     /* the raw normaliser, and the whole vocabulary's weight when the cut may need it */
     bool need_all = samp && n == V && n > P;
     double z = 0, za = 0, T = q.temperature;
-    if (isfinite(mx))
+    /* the normaliser from single-precision exponentials summed in double: a double exp per
+     * element made this pass most of a greedy row's time (the logprob moves by ~1e-7
+     * relative); the weights the draw compares stay double, as the reference's */
+    if (isfinite(mx)) {
+        float fmx = (float)mx;
         for (int i = t; i < V; i += SB) {
-            double v = (double)s_clean(x[i]) - mx;
-            z += exp(v);
-            if (need_all) za += exp(v / T);
+            float v = s_clean(x[i]) - fmx;
+            z += (double)expf(v);
+            if (need_all) za += exp(((double)s_clean(x[i]) - mx) / T);
         }
+    }
     z = bsum_d(z, redd);
     if (need_all) za = bsum_d(za, redd);
     double lse = isfinite(mx) ? mx + log(z) : 0;

@@ -184,6 +184,40 @@ END_TEST
 
 /* ---- QAT simulation ------------------------------------------------------------------------ */
 
+/* FP8 KV rows: nope dims decode to exactly the act_quant round trip (blocks of 64), RoPE dims
+ * to their bf16; sizes as vLLM's fp8_ds_mla for d = 512 */
+START_TEST(kv_fp8_rows) {
+    ck_assert_uint_eq(fmt_kv_fp8_row_bytes(512), 584);
+    ck_assert_uint_eq(fmt_kv_fp8_rope_off(512), 456);
+    ck_assert_uint_eq(fmt_kv_fp8_row_bytes(128), 196);
+    ck_assert(fmt_kv_fp8_ok(512) && fmt_kv_fp8_ok(128));
+    ck_assert(!fmt_kv_fp8_ok(64) && !fmt_kv_fp8_ok(100) && !fmt_kv_fp8_ok(0));
+    uint32_t seed = 12345;
+    for (int rep = 0; rep < 200; rep++) {
+        int d = rep % 2 ? 512 : 128;
+        float x[512], ref[512], got[512];
+        uint8_t row[584];
+        /* magnitudes from 1e-7 to 1e6, blocks of very different scale, exact zeros */
+        double mag = pow(10.0, (rep % 14) - 7);
+        for (int i = 0; i < d; i++) {
+            seed = seed * 1664525u + 1013904223u;
+            x[i] = (float)(((double)(seed >> 8) / 16777216.0 - 0.5) * mag * (1 + i / 64));
+            if (rep % 7 == 0 && i % 5 == 0) x[i] = 0.0f;
+        }
+        memcpy(ref, x, sizeof x);
+        fmt_act_quant_fp8(ref, (size_t)d - FMT_KV_ROPE, FMT_KV_BLOCK);
+        for (int i = d - FMT_KV_ROPE; i < d; i++) ref[i] = fmt_bf16_to_f32(fmt_f32_to_bf16(x[i]));
+        fmt_kv_fp8_encode(x, d, row);
+        fmt_kv_fp8_decode(row, d, got);
+        for (int i = 0; i < d; i++)
+            ck_assert_msg(!memcmp(&got[i], &ref[i], 4), "d %d rep %d dim %d: %.9g != %.9g", d,
+                          rep, i, got[i], ref[i]);
+        for (size_t i = (size_t)(d - 64) + (size_t)(d - 64) / 64; i < fmt_kv_fp8_rope_off(d); i++)
+            ck_assert_uint_eq(row[i], 0); /* padding is zero: equal rows are equal bytes */
+    }
+}
+END_TEST
+
 START_TEST(act_quant_examples) {
     float x[4] = {3.0f, -0.1f, 0.0f, 1e-6f};
     fmt_act_quant_fp8(x, 4, 4); /* amax 3 -> scale 2^-7; 3*128 = 384 exact */
@@ -234,6 +268,7 @@ int main(void) {
     tcase_add_test(tc, fp8_block_quant_dequant);
     tcase_add_test(tc, fp4_quant_roundtrip);
     tcase_add_test(tc, act_quant_examples);
+    tcase_add_test(tc, kv_fp8_rows);
     tcase_add_test(tc, hadamard);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);
