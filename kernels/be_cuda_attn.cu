@@ -3,8 +3,8 @@
  *
  * Why apart: its own kernel shape (block per (token, head), online softmax per warp) and its
  * own inputs (the key plan staged per call); nothing else uses it. Rings and compressed entries
- * are f32 or bf16 (a.kv_bf16; kv_dev.cuh); this step's kv rows are f32, read at bf16 precision
- * when kv_bf16.
+ * are f32, bf16 or FP8 rows (a.kv_fmt; kv_dev.cuh); this step's kv rows are f32, read as a
+ * stored row of that format would give them back.
  */
 #include "kernels/be_cuda_internal.cuh"
 #include "kernels/kv_dev.cuh"
@@ -14,6 +14,32 @@
 /* ======================================================================================== */
 
 enum { ATT_WARPS = 16, ATT_MAXD = 512 };
+
+/* An FP8 row's values at this lane's dims lane + 32·jj into kv[ATT_MAXD/32] (zero past d): NJ =
+ * nope dims / 32 (two jj per scale block), then the two bf16 RoPE jj. With NJ a constant the
+ * loads and conversions are straight-line: with a run-time bound both ways of every jj were
+ * issued (predicated) and the FP8 attention ran 3.5x the bf16 one. */
+template <int NJ>
+__device__ __forceinline__ void fp8_key(const uint8_t *kp, int lane, float (&kv)[ATT_MAXD / 32]) {
+    const uint16_t *rp = (const uint16_t *)(kp + kv_fp8_rope_off(NJ * 32 + 64)) + lane;
+#pragma unroll
+    for (int jj = 0; jj < NJ; jj += 2) {
+        float sc = kv_fp8_scale(kp[NJ * 32 + (jj >> 1)]);
+        kv[jj] = __fmul_rn(kv_e4m3(kp[lane + 32 * jj]), sc);
+        kv[jj + 1] = __fmul_rn(kv_e4m3(kp[lane + 32 * jj + 32]), sc);
+    }
+#pragma unroll
+    for (int jj = NJ; jj < ATT_MAXD / 32; jj++) kv[jj] = jj < NJ + 2 ? fd_bf16_to_f32(rp[32 * (jj - NJ)]) : 0.f;
+}
+/* the same for any head_dim fmt_kv_fp8_ok accepts (run-time bound) */
+__device__ __forceinline__ void fp8_key_any(const uint8_t *kp, int d, int lane, float (&kv)[ATT_MAXD / 32]) {
+    int nj = (d - 64) / 32, nd = d / 32;
+    const uint16_t *rp = (const uint16_t *)(kp + kv_fp8_rope_off(d)) + lane;
+#pragma unroll
+    for (int jj = 0; jj < ATT_MAXD / 32; jj++)
+        kv[jj] = jj < nj ? __fmul_rn(kv_e4m3(kp[lane + 32 * jj]), kv_fp8_scale(kp[d - 64 + (jj >> 1)]))
+               : jj < nd ? fd_bf16_to_f32(rp[32 * (jj - nj)]) : 0.f;
+}
 
 /* one block per (t, h); warps take keys round-robin with an online softmax each, merged with
  * the sink at the end. Lane owns dims lane + 32*j. */
@@ -38,32 +64,35 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) k_attn(be_attn_args a, const b
     float m = -INFINITY, l = 0.f;
     for (int j = warp; j < n_keys; j += ATT_WARPS) {
         /* row `row` of a [*, d] array: ring / cmp in the KV dtype, kv f32 (rounded to bf16 as
-         * the ring will hold it when kv_bf16: a no-op on values read from bf16) */
-        const void *key;
-        size_t row;
-        int kbf = a.kv_bf16;
-        if (j < n_ring) key = p.ring, row = (size_t)((p.ring_lo + j) % p.ring_size);
-        else if (j < n_ring + n_rows) key = a.kv, row = (size_t)(p.row_lo + j - n_ring), kbf = 0;
+         * the ring will hold it when kv_fmt: a no-op on values read from bf16) */
+        const char *key; /* the key's row: stored (ring, cmp) in a.kv_fmt, this step's f32 */
+        int kf = a.kv_fmt;
+        size_t rb = kv_row_bytes(kf, d);
+        if (j < n_ring) key = (const char *)p.ring + (size_t)((p.ring_lo + j) % p.ring_size) * rb;
+        else if (j < n_ring + n_rows) key = (const char *)(a.kv + (size_t)(p.row_lo + j - n_ring) * d), kf = 0;
         else {
             int i = j - n_ring - n_rows;
             int e = a.cmp_idx ? a.cmp_idx[(size_t)t * a.idx_stride + i] : i;
-            key = kv_page_row(p.cmp, a.cmp_paging, e, (size_t)d * (kbf ? 2 : 4)), row = 0;
+            key = (const char *)kv_page_row(p.cmp, a.cmp_paging, e, rb);
         }
-        /* one load loop per storage kind (the flag is warp-uniform): the attention re-reads
-         * every key once per head, so per-element dtype branches and roundings of values that
-         * are already bf16 tripled its time */
+        /* one load loop per storage kind (the format is warp-uniform): the attention re-reads
+         * every key once per head, so per-element format branches and roundings of values that
+         * are already stored tripled its time */
         float kv[ATT_MAXD / 32];
-        if (kbf) {
-            const uint16_t *kp = (const uint16_t *)key + row * d + lane;
+        if (kf == 1) {
+            const uint16_t *kp = (const uint16_t *)key + lane;
 #pragma unroll
             for (int jj = 0; jj < ATT_MAXD / 32; jj++) kv[jj] = jj < nd ? fd_bf16_to_f32(kp[32 * jj]) : 0.f;
-        } else {
-            const float *kp = (const float *)key + row * d + lane;
+        } else if (kf == 2) { /* V4's 512 and the tiny model's 128 with static loops */
+            const uint8_t *kp = (const uint8_t *)key;
+            if (d == 512) fp8_key<14>(kp, lane, kv);
+            else if (d == 128) fp8_key<2>(kp, lane, kv);
+            else fp8_key_any(kp, d, lane, kv);
+        } else { /* f32: an f32 ring, or this step's rows (already rounded as the ring will
+                  * hold them: cu_attention's k_kv_round) */
+            const float *kp = (const float *)key + lane;
 #pragma unroll
             for (int jj = 0; jj < ATT_MAXD / 32; jj++) kv[jj] = jj < nd ? kp[32 * jj] : 0.f;
-            if (a.kv_bf16) /* this step's f32 kv rows, seen as the bf16 ring will hold them */
-#pragma unroll
-                for (int jj = 0; jj < ATT_MAXD / 32; jj++) kv[jj] = kv_round(kv[jj], 1);
         }
         float dot = 0.f;
 #pragma unroll
@@ -98,6 +127,27 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) k_attn(be_attn_args a, const b
     }
 }
 
+/* out[T, d] = this step's kv rows as a stored row of format fmt gives them back (warp per row,
+ * lane dims lane + 32·j as in k_attn): what every query of the step reads for them, computed
+ * once instead of once per (query, head, key) */
+__global__ void k_kv_round(const float *kv, int T, int d, int fmt, float *out) {
+    PDL_ENTER();
+    int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (r >= T) return;
+    const float *x = kv + (size_t)r * d;
+    float *o = out + (size_t)r * d;
+    int nj = fmt == 2 ? (d - 64) / 32 : 0; /* FP8: nope dims in blocks of 64 (two j), then bf16 */
+    for (int j = 0; j < nj; j += 2) {
+        float v0 = x[lane + 32 * j], v1 = x[lane + 32 * j + 32];
+        float am = fmaxf(fabsf(v0), fabsf(v1));
+        for (int off = 16; off > 0; off >>= 1) am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, off));
+        int e = kv_fp8_exp(am);
+        o[lane + 32 * j] = kv_fp8_v(kv_fp8_q(v0, e), e);
+        o[lane + 32 * j + 32] = kv_fp8_v(kv_fp8_q(v1, e), e);
+    }
+    for (int i = lane + 32 * nj; i < d; i += 32) o[i] = kv_round(x[i], 1);
+}
+
 void cu_attention(be *b, const be_attn_args *a) {
     if (a->T <= 0) return;
     be_cuda *c = C(b);
@@ -108,27 +158,37 @@ void cu_attention(be *b, const be_attn_args *a) {
     }
     plan_inl pm;
     const be_keyplan *dp = inl_put(c, a->plan, (size_t)a->T, pm);
+    float *rkv = nullptr; /* this step's rows rounded as the stored format holds them */
+    if (a->kv_fmt != BE_KV_F32) {
+        rkv = (float *)scratch(b, (size_t)a->T * a->head_dim * sizeof(float));
+        KL(c, k_kv_round, (unsigned)((a->T + 7) / 8), 256, 0, a->kv, a->T, a->head_dim, a->kv_fmt, rkv);
+    }
     be_attn_args da; /* field by field: no padding bytes in the arguments the graph cache compares */
     memset(&da, 0, sizeof da);
     da.T = a->T, da.n_heads = a->n_heads, da.head_dim = a->head_dim, da.scale = a->scale;
-    da.q = a->q, da.kv = a->kv, da.sink = a->sink, da.cmp_idx = a->cmp_idx;
-    da.idx_stride = a->idx_stride, da.out = a->out, da.kv_bf16 = a->kv_bf16;
+    da.q = a->q, da.kv = rkv ? rkv : a->kv, da.sink = a->sink, da.cmp_idx = a->cmp_idx;
+    da.idx_stride = a->idx_stride, da.out = a->out, da.kv_fmt = a->kv_fmt;
     da.cmp_paging.off = a->cmp_paging.off, da.cmp_paging.per_page = a->cmp_paging.per_page;
     KL(c, k_attn, a->T * a->n_heads, ATT_WARPS * 32, 0, da, dp, pm);
+    if (rkv) cu_free(b, rkv);
 }
 
 typedef inl<int32_t, 64> pos_inl;
-/* K = float (f32 ring) or uint16_t (bf16 ring, rounded to nearest even); block per row t, into
- * rings[t] (device array: ring_write_rows) or, rings NULL, into ring */
+/* K = float (f32 ring), uint16_t (bf16 ring, rounded to nearest even) or uint8_t (FP8 rows);
+ * block per row t, into rings[t] (device array: ring_write_rows; a NULL ring skips the row) or,
+ * rings NULL, into ring */
 template <typename K>
 __global__ void k_ring_write(K *ring, void *const *rings, int ring_size, int dim, const float *kv,
                              const int32_t *pos, pos_inl pm) {
     PDL_ENTER();
     int t = blockIdx.x;
-    if (rings) ring = (K *)rings[t];
-    size_t slot = (size_t)(inl_at(pos, pm, t) % ring_size) * dim;
-    for (int i = threadIdx.x; i < dim; i += blockDim.x)
-        kv_set(ring, slot + i, sizeof(K) == 2, kv[(size_t)t * dim + i]);
+    if (rings && !(ring = (K *)rings[t])) return;
+    int slot = inl_at(pos, pm, t) % ring_size;
+    if constexpr (sizeof(K) == 1)
+        kv_fp8_put_block((uint8_t *)ring + (size_t)slot * kv_row_bytes(2, dim), kv + (size_t)t * dim, dim);
+    else
+        for (int i = threadIdx.x; i < dim; i += blockDim.x)
+            kv_set(ring, (size_t)slot * dim + i, sizeof(K) == 2, kv[(size_t)t * dim + i]);
 }
 
 template <typename K>
@@ -155,13 +215,14 @@ void cu_ring_write_bf16(be *b, uint16_t *ring, int ring_size, int dim, const flo
 }
 
 void cu_ring_write_rows(be *b, void *const *rings, int ring_size, int dim, const float *kv,
-                        const int32_t *pos, int T, int kv_bf16) {
+                        const int32_t *pos, int T, int kv_fmt) {
     if (T <= 0) return;
     be_cuda *c = C(b);
     stage_reserve(c, (size_t)T * sizeof *rings + (size_t)T * sizeof *pos + 2 * 256);
     void *const *dr = (void *const *)stage(c, rings, (size_t)T * sizeof *rings);
     pos_inl pm;
     const int32_t *dp = inl_put(c, pos, (size_t)T, pm);
-    if (kv_bf16) KL(c, (k_ring_write<uint16_t>), T, 128, 0, nullptr, dr, ring_size, dim, kv, dp, pm);
+    if (kv_fmt == 2) KL(c, (k_ring_write<uint8_t>), T, 128, 0, nullptr, dr, ring_size, dim, kv, dp, pm);
+    else if (kv_fmt) KL(c, (k_ring_write<uint16_t>), T, 128, 0, nullptr, dr, ring_size, dim, kv, dp, pm);
     else KL(c, (k_ring_write<float>), T, 128, 0, nullptr, dr, ring_size, dim, kv, dp, pm);
 }

@@ -2,8 +2,8 @@
  * and the indexer (spec §2.4.4: scores and exact top-k).
  *
  * Why apart: both work on compressed entries and carry state across calls; they are checked
- * together by the compressor/indexer cases of tests/cuda/test_cuda_ops.c. Entries and indexer
- * keys are f32 or bf16 (kv_bf16; kv_dev.cuh); the window carries are always f32.
+ * together by the compressor/indexer cases of tests/cuda/test_cuda_ops.c. Entries are f32, bf16
+ * or FP8 rows, indexer keys f32 or bf16 (kv_fmt; kv_dev.cuh); the window carries are always f32.
  */
 #include "kernels/be_cuda_internal.cuh"
 #include "kernels/kv_dev.cuh"
@@ -24,8 +24,8 @@ typedef struct {
     const float *a, *g, *ape, *norm;
     const float *omega;
     float *cur_a, *cur_g, *prev_a, *prev_g;
-    void *const *entries;      /* page table: rows [*, d] f32, or bf16 when kv_bf16 */
-    int hadamard_fp4_qat, kv_bf16;
+    void *const *entries;      /* page table: rows [*, d] f32, or bf16 when kv_fmt */
+    int hadamard_fp4_qat, kv_fmt;
     be_paging paging;
 } cmp_dev;
 typedef inl<int, 1> pos0_inl;
@@ -118,8 +118,12 @@ __global__ void __launch_bounds__(256) k_cmp_windows(cmp_dev ain, const int *dp,
             fd_fp4_roundtrip(z + i, d - i < 32 ? d - i : 32);
         __syncthreads();
     }
-    void *row = kv_page_row(a.entries, a.paging, w, (size_t)d * (a.kv_bf16 ? 2 : 4));
-    for (int i = threadIdx.x; i < d; i += blockDim.x) kv_set(row, (size_t)i, a.kv_bf16, z[i]);
+    void *row = kv_page_row(a.entries, a.paging, w, kv_row_bytes(a.kv_fmt, d));
+    if (a.kv_fmt == 2) { /* z is complete: every pass above ends with a barrier */
+        kv_fp8_put_block((uint8_t *)row, z, d);
+    } else {
+        for (int i = threadIdx.x; i < d; i += blockDim.x) kv_set(row, (size_t)i, a.kv_fmt, z[i]);
+    }
 }
 
 /* prev <- A-halves of the last window closed in this call (if any), from inputs or the state at
@@ -181,7 +185,7 @@ void cu_compress(be *b, const be_compress_args *a) {
     d.a = a->a, d.g = a->g, d.ape = a->ape, d.norm = a->norm;
     d.cur_a = a->cur_a, d.cur_g = a->cur_g, d.prev_a = a->prev_a, d.prev_g = a->prev_g;
     d.entries = a->entries, d.fp8_nope_qat = a->fp8_nope_qat;
-    d.hadamard_fp4_qat = a->hadamard_fp4_qat, d.kv_bf16 = a->kv_bf16;
+    d.hadamard_fp4_qat = a->hadamard_fp4_qat, d.kv_fmt = a->kv_fmt;
     d.paging.off = a->paging.off, d.paging.per_page = a->paging.per_page;
     pos0_inl pm;
     const int *dp = inl_put(c, &pos0, 1, pm);
@@ -220,9 +224,9 @@ __global__ void __launch_bounds__(256) k_index_scores(be_index_args a, const int
     const float *w = a.w + (size_t)t * H;
     float kv[16];
     int nk = (hd + 31) / 32;
-    const void *key = kv_page_row(rkeys ? rkeys[t] : a.keys, a.paging, e, (size_t)hd * (a.kv_bf16 ? 2 : 4));
+    const void *key = kv_page_row(rkeys ? rkeys[t] : a.keys, a.paging, e, kv_row_bytes(a.kv_fmt, hd));
     for (int j = 0; j < 16; j++)
-        kv[j] = (j < nk && lane + 32 * j < hd) ? kv_at(key, (size_t)(lane + 32 * j), a.kv_bf16) : 0.f;
+        kv[j] = (j < nk && lane + 32 * j < hd) ? kv_at(key, (size_t)(lane + 32 * j), a.kv_fmt) : 0.f;
     float score = 0;
     for (int g = 0; g < H; g++) {
         float dot = 0;
@@ -325,6 +329,10 @@ void cu_index_topk(be *b, const be_index_args *a) {
     int nvmax = 0;
     for (int t = 0; t < a->T; t++) nvmax = a->n_visible[t] > nvmax ? a->n_visible[t] : nvmax;
     if (nvmax == 0) return;
+    if (a->kv_fmt == BE_KV_FP8) {
+        fprintf(stderr, "duet cuda: indexer keys are f32 or bf16, not FP8 rows\n");
+        abort();
+    }
     if (a->head_dim > 512 || (size_t)a->n_heads * a->head_dim * 4 > 200 * 1024) {
         fprintf(stderr, "duet cuda: indexer shape %d x %d unsupported\n", a->n_heads, a->head_dim);
         abort();
@@ -339,7 +347,7 @@ void cu_index_topk(be *b, const be_index_args *a) {
     be_index_args ka; /* field by field: no padding bytes in the arguments the graph cache compares */
     memset(&ka, 0, sizeof ka);
     ka.T = a->T, ka.n_heads = a->n_heads, ka.head_dim = a->head_dim, ka.topk = a->topk;
-    ka.q = a->q, ka.w = a->w, ka.keys = a->keys, ka.idx = a->idx, ka.kv_bf16 = a->kv_bf16;
+    ka.q = a->q, ka.w = a->w, ka.keys = a->keys, ka.idx = a->idx, ka.kv_fmt = a->kv_fmt;
     ka.paging.off = a->paging.off, ka.paging.per_page = a->paging.per_page;
     /* n_visible and row_keys stay NULL (host pointers): kernels read dn and drk */
     void *const *const *drk = a->row_keys

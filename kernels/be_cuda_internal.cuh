@@ -630,7 +630,7 @@ void cu_ring_write(be *b, float *ring, int ring_size, int dim, const float *kv,
 void cu_ring_write_bf16(be *b, uint16_t *ring, int ring_size, int dim, const float *kv,
                         const int32_t *pos, int T);
 void cu_ring_write_rows(be *b, void *const *rings, int ring_size, int dim, const float *kv,
-                        const int32_t *pos, int T, int kv_bf16);
+                        const int32_t *pos, int T, int kv_fmt);
 void cu_compress(be *b, const be_compress_args *a);
 void cu_index_topk(be *b, const be_index_args *a);
 void cu_moe(be *b, const be_moe_layer *L, const float *x, const int32_t *ids, int T, float *out);

@@ -16,14 +16,24 @@
 #include <stdint.h>
 
 #include "common/ckpt.h"
+#include "common/formats.h"
 
 typedef struct be be;               /* a backend instance */
 typedef struct be_weight be_weight; /* a weight in its stored format, owned by the backend */
 
 /* KV state storage (spec §3.1): a sequence's raw-KV ring, compressed entries and indexer keys
- * are f32 or bf16 (uint16, round to nearest even on write, widened to f32 on read; all math is
- * f32). Ops that touch them take a `kv_bf16` flag (0: f32, 1: bf16); compressor carries, this
- * step's kv and every activation stay f32. */
+ * are rows stored in one of these formats; all math is f32 (values are widened on read).
+ * Ops that touch them take a `kv_fmt`; compressor carries, this step's kv and every activation
+ * stay f32. A row of d values takes be_kv_row_bytes(fmt, d) bytes. */
+enum {
+    BE_KV_F32 = 0,  /* float */
+    BE_KV_BF16 = 1, /* uint16 bf16, round to nearest even */
+    BE_KV_FP8 = 2,  /* common/formats.h "FP8 KV rows": e4m3 nope dims with a ue8m0 scale per 64,
+                       bf16 RoPE dims (the last 64); rows whose width fmt_kv_fp8_ok() accepts */
+};
+static inline size_t be_kv_row_bytes(int fmt, int d) {
+    return fmt == BE_KV_FP8 ? fmt_kv_fp8_row_bytes(d) : (size_t)d * (fmt == BE_KV_BF16 ? 2 : 4);
+}
 
 /* Paged growing state (spec §3.1: compressed entries and indexer keys grow with the context).
  * A sequence's growing state lives in KV pages of B tokens, one page per block, each page
@@ -70,9 +80,9 @@ typedef struct {
     const int32_t *cmp_idx;   /* [T, idx_stride] backend memory, or NULL */
     int idx_stride;
     float *out;               /* [T, n_heads, head_dim] */
-    int kv_bf16;              /* plan rings and cmp entries are bf16, and this step's kv rows
-                                 are read rounded to bf16 (as the ring will hold them: a query
-                                 sees the same keys however the sequence was chunked) */
+    int kv_fmt;               /* of the plan rings and cmp entries; this step's kv rows are
+                                 read rounded as a row of that format holds them (a query sees
+                                 the same keys however the sequence was chunked) */
     be_paging cmp_paging;     /* where this layer's entries are in a page ([*, head_dim] rows) */
 } be_attn_args;
 
@@ -94,7 +104,7 @@ typedef struct {
     void *const *entries;     /* page table (backend memory): entries [*, d] KV dtype, paged */
     int fp8_nope_qat;         /* 1: FP8 round trip of dims [0, d-rope_dims) in blocks of 64 */
     int hadamard_fp4_qat;     /* 1: Hadamard + FP4 round trip (indexer keys) */
-    int kv_bf16;              /* entries are bf16 (rounded after the QAT round trips) */
+    int kv_fmt;               /* of the entries (rounded after the QAT round trips) */
     be_paging paging;         /* where this layer's entries are in a page */
 } be_compress_args;
 
@@ -108,7 +118,7 @@ typedef struct {
                                  ([*, head_dim] KV dtype, paged as `paging` says) */
     const int *n_visible;     /* [T] host: entries visible to each row */
     int32_t *idx;             /* [T, topk] output (backend memory); row r has min(topk, n_visible[r]) */
-    int kv_bf16;              /* keys are bf16 */
+    int kv_fmt;               /* of the keys */
     void *const *const *row_keys; /* [T] host, or NULL: row r reads the keys of page table
                                      row_keys[r] (rows of several sequences in one call; `keys`
                                      unused) */
@@ -234,11 +244,10 @@ struct be_ops {
     void (*ring_write_bf16)(be *b, uint16_t *ring, int ring_size, int dim, const float *kv,
                             const int32_t *pos, int T);
     /* ring_write for rows of several sequences in one call: row t goes to rings[t] ([T] host
-     * array of backend pointers; f32, or bf16 rounded to nearest even when kv_bf16) at slot
-     * pos[t] mod ring_size. No two rows may map to one slot of one ring (fewer rows per
-     * sequence than ring_size). */
+     * array of backend pointers, rows of format kv_fmt; a NULL ring skips the row) at slot
+     * pos[t] mod ring_size. No two written rows may map to one slot of one ring. */
     void (*ring_write_rows)(be *b, void *const *rings, int ring_size, int dim, const float *kv,
-                            const int32_t *pos, int T, int kv_bf16);
+                            const int32_t *pos, int T, int kv_fmt);
     /* optional (NULL: sample on the host from downloaded logits): draws n tokens, request i
      * from row req[i].row of logits ([*, V] f32, backend memory), results into res[n] (host,
      * filled on return: the op waits for the device). See be_sample_req for the algorithm. */

@@ -356,12 +356,31 @@ typedef struct {
     const be_attn_args *a;
 } attn_ctx;
 
-/* Row i ([d] values) of a KV-state array as f32: an f32 row in place, a bf16 row widened into
- * buf [d]. */
-static const float *kv_row(const void *base, size_t i, int d, int bf16, float *buf) {
-    if (!bf16) return (const float *)base + i * d;
-    fmt_bf16_to_f32_n((const uint16_t *)base + i * d, buf, (size_t)d);
+/* Row i ([d] values) of a KV-state array of format fmt (backend.h BE_KV_*) as f32: an f32 row
+ * in place, a bf16 or FP8 row widened into buf [d]. */
+static const float *kv_row(const void *base, size_t i, int d, int fmt, float *buf) {
+    const char *row = (const char *)base + i * be_kv_row_bytes(fmt, d);
+    if (fmt == BE_KV_F32) return (const float *)row;
+    if (fmt == BE_KV_BF16) fmt_bf16_to_f32_n((const uint16_t *)row, buf, (size_t)d);
+    else fmt_kv_fp8_decode((const uint8_t *)row, d, buf);
     return buf;
+}
+
+/* Stores x [d] as a row of format fmt at dst. */
+static void kv_put(void *dst, const float *x, int d, int fmt) {
+    if (fmt == BE_KV_F32) memcpy(dst, x, (size_t)d * sizeof *x);
+    else if (fmt == BE_KV_BF16)
+        for (int i = 0; i < d; i++) ((uint16_t *)dst)[i] = fmt_f32_to_bf16(x[i]);
+    else fmt_kv_fp8_encode(x, d, dst);
+}
+
+/* x [d] as a row of format fmt holds it (into buf; an f32 row: x itself) */
+static const float *kv_round_row(const float *x, int d, int fmt, float *buf) {
+    if (fmt == BE_KV_F32) return x;
+    uint8_t row[4096];
+    if (be_kv_row_bytes(fmt, d) > sizeof row) abort(); /* rows are <= 1024 values */
+    kv_put(row, x, d, fmt);
+    return kv_row(row, 0, d, fmt, buf);
 }
 
 static void attn_task(void *vc, int job) {
@@ -371,27 +390,22 @@ static void attn_task(void *vc, int job) {
     const float *q = a->q + ((size_t)t * a->n_heads + h) * d;
     int n_ring = p->ring_hi - p->ring_lo, n_rows = p->row_hi - p->row_lo;
     int n_keys = n_ring + n_rows + p->n_cmp;
-    size_t kvz = (size_t)d * (a->kv_bf16 ? 2 : 4); /* bytes of one stored key */
+    size_t kvz = be_kv_row_bytes(a->kv_fmt, d); /* bytes of one stored key */
     const float **keys = xmalloc((size_t)(n_keys ? n_keys : 1) * sizeof *keys);
     float *s = xmalloc((size_t)(n_keys ? n_keys : 1) * sizeof *s);
-    /* bf16 state: ring and compressed keys widened, this step's rows rounded to bf16 (as the
-     * ring will hold them), [n_keys, d] */
-    float *wide = a->kv_bf16 ? xmalloc(((size_t)n_keys + 1) * d * sizeof *wide) : NULL;
+    /* bf16/FP8 state: ring and compressed keys widened, this step's rows rounded as the ring
+     * will hold them, [n_keys, d] */
+    float *wide = a->kv_fmt ? xmalloc(((size_t)n_keys + 1) * d * sizeof *wide) : NULL;
     int k = 0, nw = 0;
     for (int pos = p->ring_lo; pos < p->ring_hi; pos++, nw++)
-        keys[k++] = kv_row(p->ring, (size_t)(pos % p->ring_size), d, a->kv_bf16,
+        keys[k++] = kv_row(p->ring, (size_t)(pos % p->ring_size), d, a->kv_fmt,
                            wide + (size_t)nw * d);
-    for (int r = p->row_lo; r < p->row_hi; r++, nw++) {
-        keys[k++] = a->kv + (size_t)r * d;
-        if (!a->kv_bf16) continue;
-        float *w = wide + (size_t)nw * d;
-        for (int i = 0; i < d; i++) w[i] = fmt_bf16_to_f32(fmt_f32_to_bf16(keys[k - 1][i]));
-        keys[k - 1] = w;
-    }
+    for (int r = p->row_lo; r < p->row_hi; r++, nw++)
+        keys[k++] = kv_round_row(a->kv + (size_t)r * d, d, a->kv_fmt, wide + (size_t)nw * d);
     for (int i = 0; i < p->n_cmp; i++, nw++) {
         int e = a->cmp_idx ? a->cmp_idx[(size_t)t * a->idx_stride + i] : i;
         keys[k++] = kv_row(be_page_row(p->cmp, a->cmp_paging, (size_t)e, kvz), 0, d,
-                           a->kv_bf16, wide + (size_t)nw * d);
+                           a->kv_fmt, wide + (size_t)nw * d);
     }
     float mx = a->sink[h];
     for (int j = 0; j < n_keys; j++) {
@@ -436,13 +450,12 @@ static void cpu_ring_write_bf16(be *b, uint16_t *ring, int ring_size, int dim, c
 }
 
 static void cpu_ring_write_rows(be *b, void *const *rings, int ring_size, int dim,
-                                const float *kv, const int32_t *pos, int T, int kv_bf16) {
-    for (int t = 0; t < T; t++) {
-        if (kv_bf16)
-            cpu_ring_write_bf16(b, rings[t], ring_size, dim, kv + (size_t)t * dim, pos + t, 1);
-        else
-            cpu_ring_write(b, rings[t], ring_size, dim, kv + (size_t)t * dim, pos + t, 1);
-    }
+                                const float *kv, const int32_t *pos, int T, int kv_fmt) {
+    size_t rb = be_kv_row_bytes(kv_fmt, dim);
+    for (int t = 0; t < T; t++)
+        if (rings[t])
+            kv_put((char *)rings[t] + (size_t)(pos[t] % ring_size) * rb, kv + (size_t)t * dim,
+                   dim, kv_fmt);
 }
 
 /* ======================================================================================== */
@@ -499,13 +512,8 @@ static void cpu_compress(be *b, const be_compress_args *a) {
             fmt_hadamard(z, d);
             fmt_fp4_roundtrip(z, (size_t)d, 32);
         }
-        void *row = be_page_row(a->entries, a->paging, (size_t)w, (size_t)d * (a->kv_bf16 ? 2 : 4));
-        if (a->kv_bf16) {
-            uint16_t *e = row;
-            for (int i = 0; i < d; i++) e[i] = fmt_f32_to_bf16(z[i]);
-        } else {
-            memcpy(row, z, (size_t)d * sizeof *z);
-        }
+        kv_put(be_page_row(a->entries, a->paging, (size_t)w, be_kv_row_bytes(a->kv_fmt, d)), z,
+               d, a->kv_fmt);
     }
     free(z);
 }
@@ -556,11 +564,11 @@ static void index_task(void *vc, int t) {
     int32_t *out = a->idx + (size_t)t * a->topk;
     int n = 0;
     const float *q = a->q + (size_t)t * a->n_heads * hd, *w = a->w + (size_t)t * a->n_heads;
-    float *wide = a->kv_bf16 ? xmalloc((size_t)hd * sizeof *wide) : NULL;
+    float *wide = a->kv_fmt ? xmalloc((size_t)hd * sizeof *wide) : NULL;
     for (int e = 0; e < nv; e++) {
         const void *row = be_page_row(a->row_keys ? a->row_keys[t] : a->keys, a->paging,
-                                      (size_t)e, (size_t)hd * (a->kv_bf16 ? 2 : 4));
-        const float *key = kv_row(row, 0, hd, a->kv_bf16, wide);
+                                      (size_t)e, be_kv_row_bytes(a->kv_fmt, hd));
+        const float *key = kv_row(row, 0, hd, a->kv_fmt, wide);
         float score = 0;
         for (int g = 0; g < a->n_heads; g++) {
             float dot = 0;

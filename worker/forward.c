@@ -125,7 +125,8 @@ static void run_compressor(step *st, int layer, int indexer) {
             .eps = (float)c->rms_norm_eps, .omega = st->m->omega_cmp,
             .cur_a = indexer ? S->icur_a : S->cur_a, .cur_g = indexer ? S->icur_g : S->cur_g,
             .prev_a = indexer ? S->iprev_a : S->prev_a, .prev_g = indexer ? S->iprev_g : S->prev_g,
-            .entries = ch->seq->tab, .kv_bf16 = st->m->kv_dtype == DV4_KV_BF16,
+            .entries = ch->seq->tab,
+            .kv_fmt = indexer ? dv4_ikey_fmt(st->m) : dv4_kv_fmt(st->m),
             .paging = indexer ? L->ikey_pg : L->cmp_pg,
         };
         b->ops->compress(b, &a);
@@ -153,7 +154,7 @@ static void run_indexer(step *st, int layer) {
     be_index_args a = {
         .T = T, .n_heads = nI, .head_dim = ihd, .topk = c->index_topk, .q = st->s.iq,
         .w = st->s.iw, .keys = st->chunks[0].seq->tab, .n_visible = st->n_vis,
-        .idx = st->s.idx, .kv_bf16 = st->m->kv_dtype == DV4_KV_BF16,
+        .idx = st->s.idx, .kv_fmt = dv4_ikey_fmt(st->m),
         .row_keys = (void *const *const *)rk, .paging = L->ikey_pg,
     };
     b->ops->index_topk(b, &a);
@@ -210,24 +211,28 @@ static void attention(step *st, int layer) {
         .T = T, .n_heads = H, .head_dim = dh, .scale = (float)(1.0 / sqrt((double)dh)),
         .q = s->q, .kv = s->kv, .sink = L->sink, .plan = st->plan,
         .cmp_idx = m == 4 ? s->idx : NULL, .idx_stride = c->index_topk, .out = s->o,
-        .kv_bf16 = st->m->kv_dtype == DV4_KV_BF16, .cmp_paging = L->cmp_pg,
+        .kv_fmt = dv4_kv_fmt(st->m), .cmp_paging = L->cmp_pg,
     };
     b->ops->attention(b, &a);
     /* the rows' kv into their sequences' rings: one call for a batch whose chunks are all
-     * shorter than the window (no two rows on one slot), else a call per chunk */
+     * shorter than the window (no two rows on one slot), and for FP8 rings (rows a later row of
+     * their chunk overwrites are skipped), else a call per chunk */
     int short_chunks = st->n_chunks > 1;
     for (int k = 0; k < st->n_chunks && short_chunks; k++) short_chunks = st->chunks[k].n < W;
-    if (short_chunks) {
+    if (short_chunks || a.kv_fmt == BE_KV_FP8) {
         void **rings = xmalloc((size_t)T * sizeof *rings);
-        for (int r = 0; r < T; r++) rings[r] = st->chunks[st->chunk_of[r]].seq->L[layer].ring;
-        b->ops->ring_write_rows(b, rings, W, dh, s->kv, st->pos, T, a.kv_bf16);
+        for (int r = 0; r < T; r++) {
+            const dv4_chunk *ch = &st->chunks[st->chunk_of[r]];
+            rings[r] = r - st->row0[st->chunk_of[r]] >= ch->n - W ? ch->seq->L[layer].ring : NULL;
+        }
+        b->ops->ring_write_rows(b, rings, W, dh, s->kv, st->pos, T, a.kv_fmt);
         free(rings);
     } else {
         for (int k = 0; k < st->n_chunks; k++) {
             int r0 = st->row0[k];
             void *ring = st->chunks[k].seq->L[layer].ring;
             const float *kv = s->kv + (size_t)r0 * dh;
-            if (a.kv_bf16)
+            if (a.kv_fmt)
                 b->ops->ring_write_bf16(b, ring, W, dh, kv, st->pos + r0, st->chunks[k].n);
             else
                 b->ops->ring_write(b, ring, W, dh, kv, st->pos + r0, st->chunks[k].n);

@@ -21,31 +21,37 @@
 #include "common/err.h"
 #include "worker/model_internal.h"
 
-/* Elements of one layer's state pieces. cc = 2 for the overlapping (m = 4) compressors. ring,
- * ent_per_block and ikey_per_block are KV-dtype elements; the carries are f32. */
+/* Formats (backend.h BE_KV_*) of the rings and compressed entries, and of the indexer keys. */
+static int fmt_of(dv4_kv_dtype dt) { return (int)dt; }
+static int ikey_fmt_of(dv4_kv_dtype dt) { return dt == DV4_KV_FP8 ? BE_KV_BF16 : (int)dt; }
+int dv4_kv_fmt(const dv4_model *m) { return fmt_of(m->kv_dtype); }
+int dv4_ikey_fmt(const dv4_model *m) { return ikey_fmt_of(m->kv_dtype); }
+
+/* Sizes of one layer's state pieces at block size B and KV dtype dt. cc = 2 for the
+ * overlapping (m = 4) compressors. ring, ent_per_block and ikey_per_block are bytes of stored
+ * rows; the carries (cur, prev, icur, iprev) are f32 element counts (a and g halves both). */
 typedef struct {
     size_t ring, cur, prev, icur, iprev; /* fixed: ring, current window (a+g), previous (a+g) */
     size_t ent_per_block, ikey_per_block; /* growing, per block of B tokens */
 } layer_floats;
 
-static layer_floats floats_of(const dv4_config *c, int ratio, int block) {
+static layer_floats floats_of(const dv4_config *c, int ratio, int block, dv4_kv_dtype dt) {
     layer_floats f = {0};
     size_t dh = (size_t)c->head_dim, ihd = (size_t)c->index_head_dim;
-    f.ring = (size_t)c->sliding_window * dh;
+    size_t rb = be_kv_row_bytes(fmt_of(dt), (int)dh), ib = be_kv_row_bytes(ikey_fmt_of(dt), (int)ihd);
+    f.ring = (size_t)c->sliding_window * rb;
     if (!ratio) return f;
     size_t cc = ratio == 4 ? 2 : 1;
     f.cur = 2 * (size_t)ratio * cc * dh;
     f.prev = cc == 2 ? 2 * (size_t)ratio * dh : 0;
-    f.ent_per_block = (size_t)(block / ratio) * dh;
+    f.ent_per_block = (size_t)(block / ratio) * rb;
     if (ratio == 4) {
         f.icur = 2 * (size_t)4 * 2 * ihd;
         f.iprev = 2 * (size_t)4 * ihd;
-        f.ikey_per_block = (size_t)(block / 4) * ihd;
+        f.ikey_per_block = (size_t)(block / 4) * ib;
     }
     return f;
 }
-
-static size_t kv_elem_bytes(dv4_kv_dtype dt) { return dt == DV4_KV_BF16 ? 2 : sizeof(float); }
 
 static int check_block(int block, char *err, size_t errlen) {
     if (block <= 0 || block % 128)
@@ -60,12 +66,12 @@ int dv4_kv_sizes_of(const dv4_config *c, int block, dv4_kv_dtype dt, dv4_kv_size
     int rc = check_block(block, err, errlen);
     if (rc) return rc;
     *out = (dv4_kv_sizes){0};
-    size_t kz = kv_elem_bytes(dt), fz = sizeof(float);
+    size_t fz = sizeof(float);
     for (int i = 0; i < c->num_hidden_layers; i++) {
-        layer_floats f = floats_of(c, cfg_ratio(c, i), block);
-        out->block_bytes += (f.ent_per_block + f.ikey_per_block) * kz;
-        out->resume_bytes += f.ring * kz + (f.prev + f.iprev) * fz;
-        out->fixed_bytes += f.ring * kz + (f.cur + f.prev + f.icur + f.iprev) * fz;
+        layer_floats f = floats_of(c, cfg_ratio(c, i), block, dt);
+        out->block_bytes += f.ent_per_block + f.ikey_per_block;
+        out->resume_bytes += f.ring + (f.prev + f.iprev) * fz;
+        out->fixed_bytes += f.ring + (f.cur + f.prev + f.icur + f.iprev) * fz;
     }
     return 0;
 }
@@ -118,14 +124,14 @@ static dv4_kvpool *pool_of(dv4_model *m) {
     p->block = m->block;
     p->dt = m->kv_dtype;
     p->limit = limit;
-    size_t kz = kv_elem_bytes(m->kv_dtype), off = 0;
+    size_t off = 0;
     for (int i = 0; i < m->n_layers; i++) {
         dv4_layer *L = &m->layers[i];
-        layer_floats f = floats_of(&m->cfg, L->ratio, m->block);
+        layer_floats f = floats_of(&m->cfg, L->ratio, m->block, m->kv_dtype);
         L->cmp_pg = (be_paging){off, L->ratio ? m->block / L->ratio : 0};
-        off += f.ent_per_block * kz;
+        off += f.ent_per_block;
         L->ikey_pg = (be_paging){off, L->ratio == 4 ? m->block / 4 : 0};
-        off += f.ikey_per_block * kz;
+        off += f.ikey_per_block;
     }
     p->page_bytes = off ? off : sizeof(float); /* an SWA-only model still gets addressable pages */
     return p;
@@ -202,22 +208,30 @@ int dv4_block_size(const dv4_model *m) { return m->block; }
 int dv4_kv_dtype_parse(const char *s, dv4_kv_dtype *out, char *err, size_t errlen) {
     if (s && !strcmp(s, "f32")) *out = DV4_KV_F32;
     else if (s && !strcmp(s, "bf16")) *out = DV4_KV_BF16;
+    else if (s && !strcmp(s, "fp8")) *out = DV4_KV_FP8;
     else
         return duet_err(err, errlen, DUET_EINVAL,
-                        "KV dtype '%s' is not supported; use f32 (the default) or bf16",
+                        "KV dtype '%s' is not supported; use f32 (the default), bf16 or fp8",
                         s ? s : "");
     return 0;
 }
 
-const char *dv4_kv_dtype_name(dv4_kv_dtype dt) { return dt == DV4_KV_BF16 ? "bf16" : "f32"; }
+const char *dv4_kv_dtype_name(dv4_kv_dtype dt) {
+    return dt == DV4_KV_BF16 ? "bf16" : dt == DV4_KV_FP8 ? "fp8" : "f32";
+}
 
 int dv4_set_kv_dtype(dv4_model *m, dv4_kv_dtype dt, char *err, size_t errlen) {
-    if (dt != DV4_KV_F32 && dt != DV4_KV_BF16)
-        return duet_err(err, errlen, DUET_EINVAL, "KV dtype %d is not f32 or bf16", (int)dt);
-    if (dt == DV4_KV_BF16 && !m->b->ops->ring_write_bf16)
+    if (dt != DV4_KV_F32 && dt != DV4_KV_BF16 && dt != DV4_KV_FP8)
+        return duet_err(err, errlen, DUET_EINVAL, "KV dtype %d is not f32, bf16 or fp8", (int)dt);
+    if (dt != DV4_KV_F32 && (!m->b->ops->ring_write_bf16 || !m->b->ops->ring_write_rows))
         return duet_err(err, errlen, DUET_EINVAL,
-                        "the %s backend cannot store KV state in bf16; use f32",
-                        m->b->ops->name);
+                        "the %s backend cannot store KV state in %s; use f32",
+                        m->b->ops->name, dv4_kv_dtype_name(dt));
+    if (dt == DV4_KV_FP8 && (m->cfg.qk_rope_head_dim != FMT_KV_ROPE || !fmt_kv_fp8_ok(m->cfg.head_dim)))
+        return duet_err(err, errlen, DUET_EINVAL,
+                        "fp8 KV rows need %d RoPE dims and a head_dim that is %d more than a "
+                        "multiple of %d; this model has %d and %d: use bf16", FMT_KV_ROPE,
+                        FMT_KV_ROPE, FMT_KV_BLOCK, m->cfg.qk_rope_head_dim, m->cfg.head_dim);
     if (m->n_state > 0 && dt != m->kv_dtype)
         return duet_err(err, errlen, DUET_EINVAL,
                         "the KV dtype cannot change to %s while %d sequences or prefix "
@@ -233,8 +247,6 @@ dv4_kv_dtype dv4_get_kv_dtype(const dv4_model *m) { return m->kv_dtype; }
 /* sequences                                                                                 */
 /* ======================================================================================== */
 
-/* bytes of n KV-dtype elements of m */
-static size_t kvb(const dv4_model *m, size_t n) { return n * kv_elem_bytes(m->kv_dtype); }
 
 /* Backend copy of `bytes` (a multiple of 4: the op moves floats; every KV array holds an even
  * number of bf16 values). */
@@ -268,7 +280,7 @@ int dv4_seq_new(dv4_model *m, int max_tokens, dv4_seq **out, char *err, size_t e
     for (int i = 0; i < m->n_layers; i++) {
         dv4_seq_layer *S = &s->L[i];
         int r = m->layers[i].ratio;
-        S->ring = b->ops->alloc(b, kvb(m, (size_t)c->sliding_window * dh));
+        S->ring = b->ops->alloc(b, floats_of(c, 0, m->block, m->kv_dtype).ring);
         if (!r) continue;
         int cc = r == 4 ? 2 : 1;
         S->cur_a = b->ops->alloc(b, (size_t)r * cc * dh * sizeof(float));
@@ -385,8 +397,8 @@ static void stream_resume(stream *st, dv4_seq *s, int to_stream) {
     for (int i = 0; i < s->n_layers; i++) {
         dv4_seq_layer *S = &s->L[i];
         int r = m->layers[i].ratio;
-        layer_floats f = floats_of(&m->cfg, r, s->block);
-        stream_copy(st, S->ring, kvb(m, f.ring), to_stream);
+        layer_floats f = floats_of(&m->cfg, r, s->block, m->kv_dtype);
+        stream_copy(st, S->ring, f.ring, to_stream);
         if (f.prev) {
             stream_copy(st, S->prev_a, f.prev / 2 * fz, to_stream);
             stream_copy(st, S->prev_g, f.prev / 2 * fz, to_stream);

@@ -54,13 +54,18 @@ void dv4_rope_tables(const dv4_config *c, float *omega_main, float *omega_cmp);
 /* ---- KV dtype -----------------------------------------------------------------------------
  * How the KV state of every sequence is stored: raw-KV rings, compressed entries and indexer
  * keys in f32 (the default) or bf16 (half the bytes; rounded to nearest even on write, widened
- * to f32 on read, so all math stays f32). Compressor carries are f32 either way. */
-typedef enum { DV4_KV_F32 = 0, DV4_KV_BF16 = 1 } dv4_kv_dtype;
-/* "f32" or "bf16" -> *out; anything else is DUET_EINVAL with a sentence naming the choices. */
+ * to f32 on read, so all math stays f32); or fp8: rings and compressed entries as FP8 rows
+ * (common/formats.h "FP8 KV rows": 584 bytes per 512-dim row, the nope dims exactly the FP8
+ * round trip of the model's KV QAT, the RoPE dims bf16) and indexer keys in bf16. Compressor
+ * carries are f32 always. The values equal the backend.h BE_KV_* formats of rings/entries. */
+typedef enum { DV4_KV_F32 = 0, DV4_KV_BF16 = 1, DV4_KV_FP8 = 2 } dv4_kv_dtype;
+/* "f32", "bf16" or "fp8" -> *out; anything else is DUET_EINVAL with a sentence naming the
+ * choices. */
 int dv4_kv_dtype_parse(const char *s, dv4_kv_dtype *out, char *err, size_t errlen);
 const char *dv4_kv_dtype_name(dv4_kv_dtype dt);
-/* Sets a loaded model's KV dtype. Only while no sequence or snapshot of it exists (else
- * DUET_EINVAL with a sentence). */
+/* Sets a loaded model's KV dtype. Only while no sequence or snapshot of it exists, and fp8 only
+ * for head dims whose rows fmt_kv_fp8_ok() accepts with 64 RoPE dims (else DUET_EINVAL with a
+ * sentence). */
 int dv4_set_kv_dtype(dv4_model *m, dv4_kv_dtype dt, char *err, size_t errlen);
 dv4_kv_dtype dv4_get_kv_dtype(const dv4_model *m);
 

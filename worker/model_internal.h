@@ -88,5 +88,8 @@ struct dv4_seq {
 };
 
 void dv4_kv_pool_destroy(dv4_model *m); /* frees the pool; no page may be held */
+/* backend.h BE_KV_* format of the rings and compressed entries, and of the indexer keys */
+int dv4_kv_fmt(const dv4_model *m);
+int dv4_ikey_fmt(const dv4_model *m);
 
 #endif

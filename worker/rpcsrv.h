@@ -26,7 +26,7 @@ typedef struct {
     int max_seq_len;         /* default tokens per sequence (LoadModel may override) */
     int kv_memory_mb;        /* KV state budget (sequences + cached prefix blocks), MiB; on
                                 cuda also clamped to what the device has left after weights */
-    int kv_dtype;            /* dv4_kv_dtype of the sequences' KV state (0 = f32, 1 = bf16) */
+    int kv_dtype;            /* dv4_kv_dtype of the sequences' KV state (0 = f32, 1 = bf16, 2 = fp8) */
     int device_sampling;     /* rank 0 draws on the device (backend op `sample`): -1 auto (on
                                 for cuda, off for cpu, whose draws stay worker_sample's), 0
                                 off, 1 on (where the backend has the op) */

@@ -3,7 +3,7 @@
  *   duet-worker --rank R --world-size N --model DIR --auth-token-file F
  *               [--listen 127.0.0.1:7100] [--backend cpu] [--peers H:P,H:P,...]
  *               [--threads T] [--max-seqs S] [--max-seq-len L] [--hello-timeout-ms MS]
- *               [--comm-timeout-ms MS] [--kv-memory-mb N] [--kv-dtype f32|bf16]
+ *               [--comm-timeout-ms MS] [--kv-memory-mb N] [--kv-dtype f32|bf16|fp8]
  *               [--device-sampling auto|on|off]
  *
  * Why: worker-first launch — workers start, validate their checkpoint, listen and wait; the
@@ -36,7 +36,8 @@ static void usage(FILE *f) {
             "                   [--threads T] [--max-seqs S] [--max-seq-len L]\n"
             "                   [--hello-timeout-ms MS] [--comm-timeout-ms MS]\n"
             "                   [--kv-memory-mb N (1024; cuda: also what the device has left)]\n"
-            "                   [--kv-dtype f32|bf16 (f32; bf16: rings, entries, keys in half the bytes)]\n"
+            "                   [--kv-dtype f32|bf16|fp8 (f32; bf16: rings, entries, keys in half the\n"
+            "                    bytes; fp8: rings and entries as 584-byte FP8 rows, keys bf16)]\n"
             "                   [--device-sampling auto|on|off (auto: on for cuda, off for cpu;\n"
             "                    on: rank 0 draws rows without logit_bias, masks or penalties\n"
             "                    with the backend's sample op, next to the logits)]\n"
@@ -58,7 +59,7 @@ static int int_flag(const char *name, const char *v, int lo, int hi, int *out) {
     return 0;
 }
 
-/* Parses --kv-dtype: f32 or bf16 (dv4_kv_dtype). */
+/* Parses --kv-dtype: f32, bf16 or fp8 (dv4_kv_dtype). */
 static int kv_dtype_flag(const char *v, int *out) {
     char err[200];
     dv4_kv_dtype dt;

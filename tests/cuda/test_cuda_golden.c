@@ -9,7 +9,8 @@
  * <= 1e-4 per case (fp32 activations on the GPU land near the CPU's ~1.5e-6), worst row <= 1e-3,
  * the same argmax wherever the margin is clear. Prints one line per case and PASS/FAIL.
  * Then prefill600 and decode300 again on a model whose KV state is bf16 (tag golden-cuda-bf16kv)
- * under GOLDEN_TOL_BF16_KV, as the CPU test does.
+ * and one whose KV state is FP8 rows (golden-cuda-fp8kv) under GOLDEN_TOL_BF16_KV /
+ * GOLDEN_TOL_FP8_KV, as the CPU test does.
  *
  * Then the graphs (be_cuda_graph.cu): decode steps of one and of two sequences (T = 1, 2, 3 at
  * positions crossing compressor windows, indexer bounds and state growth) run once directly and
@@ -140,17 +141,18 @@ static int graph_check(dv4_model *m, be *b) {
     return fails;
 }
 
-/* prefill600 and decode300 with bf16 KV state: a model of its own (the dtype is fixed once
- * sequences exist) */
-static int golden_bf16_kv(const char *model_dir, const char *fix_dir, be *b) {
+/* prefill600 and decode300 with KV dtype dt under its looser rule: a model of its own (the
+ * dtype is fixed once sequences exist) */
+static int golden_kv_dtype(const char *model_dir, const char *fix_dir, be *b, dv4_kv_dtype dt,
+                           const char *tag, double tol) {
     char err[512];
     dv4_model *m;
     if (dv4_load(model_dir, b, NULL, &m, err, sizeof err) ||
-        dv4_set_kv_dtype(m, DV4_KV_BF16, err, sizeof err)) {
-        printf("FAIL: bf16 KV: %s\n", err);
+        dv4_set_kv_dtype(m, dt, err, sizeof err)) {
+        printf("FAIL: %s: %s\n", tag, err);
         return 1;
     }
-    golden g = {m, fix_dir, "golden-cuda-bf16kv", GOLDEN_TOL_BF16_KV};
+    golden g = {m, fix_dir, tag, tol};
     int fails = golden_chunked(&g, "prefill600", "prefill600", 0) + golden_decode300(&g);
     dv4_free(m);
     return fails;
@@ -182,7 +184,8 @@ int main(int argc, char **argv) {
     int n_fail = golden_all(&g);
     n_fail += graph_check(m, b);
     dv4_free(m);
-    n_fail += golden_bf16_kv(argv[1], argv[2], b);
+    n_fail += golden_kv_dtype(argv[1], argv[2], b, DV4_KV_BF16, "golden-cuda-bf16kv", GOLDEN_TOL_BF16_KV);
+    n_fail += golden_kv_dtype(argv[1], argv[2], b, DV4_KV_FP8, "golden-cuda-fp8kv", GOLDEN_TOL_FP8_KV);
     if (be_cuda_sync(b, err, sizeof err)) {
         printf("FAIL: %s\n", err);
         n_fail++;

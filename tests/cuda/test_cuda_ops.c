@@ -12,8 +12,8 @@
  * up to libm ulps, and for QAT ops (compressor, fp8_qat, hadamard_fp4) a bound that allows
  * a rare one-step flip of a quantised value at a rounding boundary; index_topk compares the
  * selected sets exactly; the bf16-KV cases (attention, ring_write, compress, index_topk with
- * bf16 rings, entries and keys) use the same thresholds, except compress (one bf16 step at a
- * rounding boundary); MoE with T < 16 (grouped on the device) is also compared bit for bit
+ * bf16 rings, entries and keys) and the FP8-KV cases (FP8 rings and entries) use the same
+ * thresholds, except compress (one bf16 / e4m3 step at a rounding boundary); MoE with T < 16 (grouped on the device) is also compared bit for bit
  * with the host grouping (DUET_CUDA_MOE_HOST=1); sample compares ids exactly where neither
  * backend fell back (and the fallback flags), logprobs to 1e-5, and prints its time. Plain C without Check: the GPU machine has no libcheck. Exit 0 when
  * every case passes. Must never be registered outside the 'cuda' meson suite (needs a GPU).
@@ -94,31 +94,53 @@ static double cmp_dev(const float *d, const float *ref, size_t n) {
     return e;
 }
 
-/* ---- bf16 KV state (backend.h "KV state storage") -------------------------------------------- */
+/* ---- KV state rows (backend.h "KV state storage": f32, bf16, FP8) ------------------------- */
 
-/* host bf16 copy of x[n] (round to nearest even, as both backends store) */
-static uint16_t *to_bf16(const float *x, size_t n) {
-    uint16_t *h = xmalloc((n ? n : 1) * sizeof *h);
-    for (size_t i = 0; i < n; i++) h[i] = fmt_f32_to_bf16(x[i]);
+static const char *kvname(int fmt) { return fmt == BE_KV_BF16 ? " bf16kv" : fmt == BE_KV_FP8 ? " fp8kv" : ""; }
+
+/* host rows [rows, d] of x in format fmt (as both backends store them) */
+static void *to_kv(const float *x, int rows, int d, int fmt) {
+    size_t rb = be_kv_row_bytes(fmt, d);
+    unsigned char *h = xmalloc((rows ? (size_t)rows : 1) * rb);
+    for (int r = 0; r < rows; r++) {
+        const float *xr = x + (size_t)r * d;
+        unsigned char *hr = h + (size_t)r * rb;
+        if (fmt == BE_KV_F32) memcpy(hr, xr, rb);
+        else if (fmt == BE_KV_BF16)
+            for (int i = 0; i < d; i++) ((uint16_t *)hr)[i] = fmt_f32_to_bf16(xr[i]);
+        else fmt_kv_fp8_encode(xr, d, hr);
+    }
     return h;
 }
-static float *widen(const uint16_t *h, size_t n) {
-    float *f = xmalloc((n ? n : 1) * sizeof *f);
-    fmt_bf16_to_f32_n(h, f, n);
+/* host rows in format fmt widened to f32 [rows, d] */
+static float *kv_widen(const void *h, int rows, int d, int fmt) {
+    size_t rb = be_kv_row_bytes(fmt, d);
+    float *f = xmalloc((rows ? (size_t)rows : 1) * d * sizeof *f);
+    for (int r = 0; r < rows; r++) {
+        const unsigned char *hr = (const unsigned char *)h + (size_t)r * rb;
+        float *fr = f + (size_t)r * d;
+        if (fmt == BE_KV_F32) memcpy(fr, hr, rb);
+        else if (fmt == BE_KV_BF16) fmt_bf16_to_f32_n((const uint16_t *)hr, fr, (size_t)d);
+        else fmt_kv_fp8_decode(hr, d, fr);
+    }
     return f;
 }
-/* a device bf16 array against a host bf16 reference: normalised error of the widened values */
-static double cmp_dev_bf16(const void *d, const uint16_t *ref, size_t n) {
-    uint16_t *h = xmalloc((n ? n : 1) * sizeof *h);
-    G->ops->download(G, h, d, n * sizeof *h);
-    float *a = widen(h, n), *b = widen(ref, n);
-    double e = nerr(a, b, n);
-    free(h); free(a); free(b);
+/* normalised error of host KV rows against a host reference of the same format */
+static double cmp_host_kv(const void *got, const void *ref, int rows, int d, int fmt) {
+    float *a = kv_widen(got, rows, d, fmt), *b = kv_widen(ref, rows, d, fmt);
+    double e = nerr(a, b, (size_t)rows * d);
+    free(a);
+    free(b);
     return e;
 }
-/* a KV array (f32 or bf16) on the device against the host reference of the same dtype */
-static double cmp_kv(const void *d, const void *ref, size_t n, int bf16) {
-    return bf16 ? cmp_dev_bf16(d, ref, n) : cmp_dev(d, ref, n);
+/* device KV rows against the host reference of the same format */
+static double cmp_kv(const void *dv, const void *ref, int rows, int d, int fmt) {
+    size_t bytes = (size_t)rows * be_kv_row_bytes(fmt, d);
+    void *h = xmalloc(bytes ? bytes : 1);
+    G->ops->download(G, h, dv, bytes);
+    double e = cmp_host_kv(h, ref, rows, d, fmt);
+    free(h);
+    return e;
 }
 
 /* ---- paged KV arrays (backend.h "Paged growing state") ------------------------------------ */
@@ -166,16 +188,6 @@ static void *paged_get(const paged *p, int n) {
 static void paged_free(paged *p) {
     p->b->ops->free(p->b, p->buf);
     p->b->ops->free(p->b, p->tab);
-}
-
-/* normalised error of host KV rows (f32, or bf16 widened) against a host reference */
-static double cmp_host_kv(const void *got, const void *ref, size_t n, int bf16) {
-    if (!bf16) return nerr(got, ref, n);
-    float *a = widen(got, n), *b = widen(ref, n);
-    double e = nerr(a, b, n);
-    free(a);
-    free(b);
-    return e;
 }
 
 /* ---- weights ------------------------------------------------------------------------------ */
@@ -425,20 +437,21 @@ static void t_mhc(int T, int n, int D) {
 /* T query rows of one sequence at positions P..P+T-1 with a ring of W, n_ent compressed
  * entries; sparse: cmp_idx of topk random entries per row */
 static void t_attention(int T, int H, int d, int W, int P, int n_ent, int sparse, int topk,
-                        int bf16) {
+                        int fmt) {
     float *q = rvec((size_t)T * H * d, -1, 1), *kv = rvec((size_t)T * d, -1, 1);
-    size_t n_ring = (size_t)W * d, n_cmp = (size_t)(n_ent ? n_ent : 1) * d, ez = bf16 ? 2 : 4;
-    float *ring32 = rvec(n_ring, -1, 1), *cmp32 = rvec(n_cmp, -1, 1);
-    void *ring = ring32, *cmp = cmp32; /* host state in the KV dtype under test */
-    if (bf16) ring = to_bf16(ring32, n_ring), cmp = to_bf16(cmp32, n_cmp);
+    int n_cr = n_ent ? n_ent : 1;
+    size_t rb = be_kv_row_bytes(fmt, d);
+    float *ring32 = rvec((size_t)W * d, -1, 1), *cmp32 = rvec((size_t)n_cr * d, -1, 1);
+    /* host state in the KV format under test */
+    void *ring = to_kv(ring32, W, d, fmt), *cmp = to_kv(cmp32, n_cr, d, fmt);
     float *sink = rvec((size_t)H, -1, 1);
     int32_t *idx = xcalloc((size_t)T * (topk ? topk : 1), sizeof *idx);
     be_keyplan *pc = xcalloc((size_t)T, sizeof *pc), *pg = xcalloc((size_t)T, sizeof *pg);
     float *dq = dup_dev(q, (size_t)T * H * d * 4), *dkv = dup_dev(kv, (size_t)T * d * 4);
-    void *dring = dup_dev(ring, n_ring * ez);
+    void *dring = dup_dev(ring, (size_t)W * rb);
     int per = 5; /* entries per page */
-    paged cc = paged_new(CPU, cmp, n_ent ? n_ent : 1, (size_t)d * ez, per);
-    paged cg = paged_new(G, cmp, n_ent ? n_ent : 1, (size_t)d * ez, per);
+    paged cc = paged_new(CPU, cmp, n_cr, rb, per);
+    paged cg = paged_new(G, cmp, n_cr, rb, per);
     float *dsink = dup_dev(sink, (size_t)H * 4);
     for (int r = 0; r < T; r++) {
         int t = P + r, lo = t - W + 1 > 0 ? t - W + 1 : 0;
@@ -458,21 +471,29 @@ static void t_attention(int T, int H, int d, int W, int P, int n_ent, int sparse
     int32_t *didx = dup_dev(idx, (size_t)T * (topk ? topk : 1) * 4);
     float *out = xmalloc((size_t)T * H * d * 4);
     be_attn_args a = {T, H, d, 1.0f / sqrtf((float)d), q, kv, sink, pc, sparse ? idx : NULL, topk, out,
-                      bf16, cc.pg};
+                      fmt, cc.pg};
     CPU->ops->attention(CPU, &a);
     float *dout = dev_nan((size_t)T * H * d);
     be_attn_args ga = {T, H, d, 1.0f / sqrtf((float)d), dq, dkv, dsink, pg, sparse ? didx : NULL, topk,
-                       dout, bf16, cg.pg};
+                       dout, fmt, cg.pg};
     G->ops->attention(G, &ga);
     char cas[96];
-    const char *kvn = bf16 ? " bf16kv" : "";
+    const char *kvn = kvname(fmt);
     snprintf(cas, sizeof cas, "T%d H%d d%d W%d P%d cmp%d%s%s", T, H, d, W, P, n_ent,
              sparse ? " sparse" : "", kvn);
     report("attention", cas, cmp_dev(dout, out, (size_t)T * H * d), 1e-5);
-    /* ring_write of this step's kv: the same bits on both sides (bf16: the same rounding) */
+    /* ring_write of this step's kv: the same bits on both sides (the same rounding); FP8 rings
+     * through ring_write_rows, skipping the rows a later row of the chunk overwrites */
     int32_t *pos = xmalloc((size_t)T * sizeof *pos);
     for (int r = 0; r < T; r++) pos[r] = P + r;
-    if (bf16) {
+    if (fmt == BE_KV_FP8) {
+        void **rc = xmalloc((size_t)T * sizeof *rc), **rg = xmalloc((size_t)T * sizeof *rg);
+        for (int r = 0; r < T; r++) rc[r] = r >= T - W ? ring : NULL, rg[r] = r >= T - W ? dring : NULL;
+        CPU->ops->ring_write_rows(CPU, rc, W, d, kv, pos, T, fmt);
+        G->ops->ring_write_rows(G, rg, W, d, dkv, pos, T, fmt);
+        free(rc);
+        free(rg);
+    } else if (fmt == BE_KV_BF16) {
         CPU->ops->ring_write_bf16(CPU, ring, W, d, kv, pos, T);
         G->ops->ring_write_bf16(G, dring, W, d, dkv, pos, T);
     } else {
@@ -480,24 +501,22 @@ static void t_attention(int T, int H, int d, int W, int P, int n_ent, int sparse
         G->ops->ring_write(G, dring, W, d, dkv, pos, T);
     }
     snprintf(cas, sizeof cas, "W%d d%d T%d P%d%s", W, d, T, P, kvn);
-    report("ring_write", cas, cmp_kv(dring, ring, n_ring, bf16), 0);
+    report("ring_write", cas, cmp_kv(dring, ring, W, d, fmt), 0);
     if (T < W) { /* ring_write_rows: each row its own ring (a decode batch), here all the same
                   * ring at distinct slots, one row shifted by a window to a second copy */
-        size_t es = bf16 ? 2 : 4;
-        void *ring2 = xmalloc((size_t)W * d * es);
-        memcpy(ring2, ring, (size_t)W * d * es);
-        void *dring2 = dup_dev(ring2, (size_t)W * d * es);
+        void *ring2 = xmalloc((size_t)W * rb);
+        memcpy(ring2, ring, (size_t)W * rb);
+        void *dring2 = dup_dev(ring2, (size_t)W * rb);
         void **rc = xmalloc((size_t)T * sizeof *rc), **rg = xmalloc((size_t)T * sizeof *rg);
         for (int r = 0; r < T; r++) {
             rc[r] = r % 2 ? ring2 : ring;
             rg[r] = r % 2 ? dring2 : dring;
             pos[r] = P + 5 + r;
         }
-        CPU->ops->ring_write_rows(CPU, rc, W, d, kv, pos, T, bf16);
-        G->ops->ring_write_rows(G, rg, W, d, dkv, pos, T, bf16);
+        CPU->ops->ring_write_rows(CPU, rc, W, d, kv, pos, T, fmt);
+        G->ops->ring_write_rows(G, rg, W, d, dkv, pos, T, fmt);
         snprintf(cas, sizeof cas, "W%d d%d T%d P%d%s 2 rings", W, d, T, P, kvn);
-        report("ring_write_rows", cas,
-               cmp_kv(dring, ring, n_ring, bf16) + cmp_kv(dring2, ring2, n_ring, bf16), 0);
+        report("ring_write_rows", cas, cmp_kv(dring, ring, W, d, fmt) + cmp_kv(dring2, ring2, W, d, fmt), 0);
         G->ops->free(G, dring2);
         free(ring2);
         free(rc);
@@ -507,7 +526,7 @@ static void t_attention(int T, int H, int d, int W, int P, int n_ent, int sparse
     for (size_t i = 0; i < sizeof dd / sizeof *dd; i++) G->ops->free(G, dd[i]);
     paged_free(&cc);
     paged_free(&cg);
-    if (bf16) free(ring), free(cmp);
+    free(ring), free(cmp);
     free(q); free(kv); free(ring32); free(cmp32); free(sink); free(idx); free(pc); free(pg); free(out); free(pos);
 }
 
@@ -519,7 +538,7 @@ typedef struct {
     paged entries;
 } cstate;
 
-static void cs_new(cstate *s, be *b, int m, int c, int d, int cap, int bf16) {
+static void cs_new(cstate *s, be *b, int m, int c, int d, int cap, int fmt) {
     s->b = b;
     size_t cd = (size_t)c * d;
     s->cur_a = b->ops->alloc(b, m * cd * 4);
@@ -527,7 +546,7 @@ static void cs_new(cstate *s, be *b, int m, int c, int d, int cap, int bf16) {
     s->prev_a = b->ops->alloc(b, (size_t)m * d * 4);
     s->prev_g = b->ops->alloc(b, (size_t)m * d * 4);
     b->ops->fill(b, s->prev_g, -INFINITY, (size_t)m * d);
-    s->entries = paged_new(b, NULL, cap / m + 1, (size_t)d * (bf16 ? 2 : 4), 3);
+    s->entries = paged_new(b, NULL, cap / m + 1, be_kv_row_bytes(fmt, d), 3);
 }
 static void cs_free(cstate *s) {
     float *p[] = {s->cur_a, s->cur_g, s->prev_a, s->prev_g};
@@ -536,13 +555,13 @@ static void cs_free(cstate *s) {
 }
 
 static void t_compress(int m, int c, int d, int dr, int fp8, int had, const int *chunks, int nch,
-                       int bf16) {
+                       int fmt) {
     int cap = 0;
     for (int i = 0; i < nch; i++) cap += chunks[i];
     int cd = c * d;
     cstate sc, sg;
-    cs_new(&sc, CPU, m, c, d, cap, bf16);
-    cs_new(&sg, G, m, c, d, cap, bf16);
+    cs_new(&sc, CPU, m, c, d, cap, fmt);
+    cs_new(&sg, G, m, c, d, cap, fmt);
     float *ape = rvec((size_t)m * cd, -0.5f, 0.5f), *norm = rvec((size_t)d, 0.5f, 1.5f);
     float *om = xmalloc((size_t)dr / 2 * 4);
     for (int i = 0; i < dr / 2; i++) om[i] = powf(160000.f, -2.0f * i / dr);
@@ -556,15 +575,15 @@ static void t_compress(int m, int c, int d, int dr, int fp8, int had, const int 
         for (int t = 0; t < T; t++) pos[t] = pos0 + t;
         float *da = dup_dev(a, (size_t)T * cd * 4), *dg = dup_dev(g, (size_t)T * cd * 4);
         be_compress_args ac = {T, m, c, d, dr, pos, a, g, ape, norm, 1e-6f, om, sc.cur_a, sc.cur_g,
-                               sc.prev_a, sc.prev_g, sc.entries.tab, fp8, had, bf16, sc.entries.pg};
+                               sc.prev_a, sc.prev_g, sc.entries.tab, fp8, had, fmt, sc.entries.pg};
         be_compress_args ag = {T, m, c, d, dr, pos, da, dg, dape, dnorm, 1e-6f, om, sg.cur_a, sg.cur_g,
-                               sg.prev_a, sg.prev_g, sg.entries.tab, fp8, had, bf16, sg.entries.pg};
+                               sg.prev_a, sg.prev_g, sg.entries.tab, fp8, had, fmt, sg.entries.pg};
         CPU->ops->compress(CPU, &ac);
         G->ops->compress(G, &ag);
         pos0 += T;
         int nw = pos0 / m;
         void *eg = paged_get(&sg.entries, nw), *ec = paged_get(&sc.entries, nw);
-        double e = cmp_host_kv(eg, ec, (size_t)nw * d, bf16);
+        double e = cmp_host_kv(eg, ec, nw, d, fmt);
         free(eg);
         free(ec);
         double e2 = cmp_dev(sg.cur_g, sc.cur_g, (size_t)m * cd);
@@ -590,11 +609,11 @@ static void t_compress(int m, int c, int d, int dr, int fp8, int had, const int 
     }
     char cas[96];
     snprintf(cas, sizeof cas, "m%d c%d d%d%s%s%s %d chunks/%d tok", m, c, d, fp8 ? " fp8qat" : "",
-             had ? " had+fp4" : "", bf16 ? " bf16kv" : "", nch, cap);
+             had ? " had+fp4" : "", kvname(fmt), nch, cap);
     /* QAT: a value at a rounding boundary may land one FP8/FP4 step away (1/8 of a scale);
      * bf16 entries: likewise one bf16 step (2^-8 of the value) where the f32 results differ
      * by an ulp across a rounding boundary, a few values per case */
-    report("compress", cas, worst, bf16 ? 4e-3 : fp8 || had ? 2e-4 : 1e-5);
+    report("compress", cas, worst, fmt == BE_KV_FP8 ? 7e-2 : fmt ? 4e-3 : fp8 || had ? 2e-4 : 1e-5);
     cs_free(&sc);
     cs_free(&sg);
     G->ops->free(G, dape);
@@ -610,28 +629,27 @@ static int cmp_i32(const void *a, const void *b) {
 }
 
 /* multi: rows of two sequences in one call (row_keys): odd rows read a second key set */
-static void t_index_x(int T, int H, int hd, int topk, int n_ent, int bf16, int multi) {
+static void t_index_x(int T, int H, int hd, int topk, int n_ent, int fmt, int multi) {
     float *q = rvec((size_t)T * H * hd, -1, 1), *w = rvec((size_t)T * H, -0.2f, 1),
           *keys32 = rvec((size_t)n_ent * hd, -1, 1), *keysb32 = rvec((size_t)n_ent * hd, -1, 1);
-    void *keys = bf16 ? (void *)to_bf16(keys32, (size_t)n_ent * hd) : keys32;
-    void *keysb = bf16 ? (void *)to_bf16(keysb32, (size_t)n_ent * hd) : keysb32;
+    void *keys = to_kv(keys32, n_ent, hd, fmt), *keysb = to_kv(keysb32, n_ent, hd, fmt);
     int *nv = xmalloc((size_t)T * sizeof *nv);
     for (int t = 0; t < T; t++) nv[t] = (int)((int64_t)n_ent * (t + 1) / T);
     int32_t *ic = xmalloc((size_t)T * topk * 4);
     for (size_t i = 0; i < (size_t)T * topk; i++) ic[i] = -1;
-    size_t rowb = (size_t)hd * (bf16 ? 2 : 4);
+    size_t rowb = be_kv_row_bytes(fmt, hd);
     int per = 64; /* keys per page (B = 256, m = 4) */
     paged kc = paged_new(CPU, keys, n_ent, rowb, per), kcb = paged_new(CPU, keysb, n_ent, rowb, per);
     paged kg = paged_new(G, keys, n_ent, rowb, per), kgb = paged_new(G, keysb, n_ent, rowb, per);
     void *const **rkc = xmalloc((size_t)T * sizeof *rkc), **rkg = xmalloc((size_t)T * sizeof *rkg);
     for (int t = 0; t < T; t++) rkc[t] = t % 2 ? kcb.tab : kc.tab;
-    be_index_args ac = {T, H, hd, topk, q, w, kc.tab, nv, ic, bf16,
+    be_index_args ac = {T, H, hd, topk, q, w, kc.tab, nv, ic, fmt,
                         multi ? (void *const *const *)rkc : NULL, kc.pg};
     CPU->ops->index_topk(CPU, &ac);
     float *dq = dup_dev(q, (size_t)T * H * hd * 4), *dw = dup_dev(w, (size_t)T * H * 4);
     for (int t = 0; t < T; t++) rkg[t] = t % 2 ? kgb.tab : kg.tab;
     int32_t *dix = G->ops->alloc(G, (size_t)T * topk * 4);
-    be_index_args ag = {T, H, hd, topk, dq, dw, kg.tab, nv, dix, bf16,
+    be_index_args ag = {T, H, hd, topk, dq, dw, kg.tab, nv, dix, fmt,
                         multi ? (void *const *const *)rkg : NULL, kg.pg};
     G->ops->index_topk(G, &ag);
     int32_t *ig = xmalloc((size_t)T * topk * 4);
@@ -645,15 +663,15 @@ static void t_index_x(int T, int H, int hd, int topk, int n_ent, int bf16, int m
     }
     char cas[96];
     snprintf(cas, sizeof cas, "T%d H%d hd%d topk%d ent%d%s%s (rows differing)", T, H, hd, topk,
-             n_ent, bf16 ? " bf16kv" : "", multi ? " 2 seqs" : "");
+             n_ent, kvname(fmt), multi ? " 2 seqs" : "");
     report("index_topk", cas, bad_rows, 0);
     G->ops->free(G, dq); G->ops->free(G, dw); G->ops->free(G, dix);
     paged_free(&kc); paged_free(&kcb); paged_free(&kg); paged_free(&kgb);
-    if (bf16) free(keys), free(keysb);
+    free(keys), free(keysb);
     free(q); free(w); free(keys32); free(keysb32); free(nv); free(ic); free(ig); free(rkc); free(rkg);
 }
-static void t_index(int T, int H, int hd, int topk, int n_ent, int bf16) {
-    t_index_x(T, H, hd, topk, n_ent, bf16, 0);
+static void t_index(int T, int H, int hd, int topk, int n_ent, int fmt) {
+    t_index_x(T, H, hd, topk, n_ent, fmt, 0);
 }
 
 /* ---- MoE ----------------------------------------------------------------------------------- */
@@ -945,6 +963,16 @@ int main(int argc, char **argv) {
     t_index(37, 16, 128, 16, 9, 1);
     t_index(50, 64, 128, 512, 2000, 1);
     t_index_x(8, 64, 128, 512, 2000, 1, 1);
+    /* FP8 KV rows (rings and entries; indexer keys stay bf16): attention reads them and this
+     * step's rows rounded alike, ring writes give the same bytes, compress one e4m3 step at a
+     * rounding boundary (1/8 of a power of two) where the f32 results differ by an ulp */
+    t_attention(1, 8, 128, 8, 40, 10, 0, 0, 2);
+    t_attention(20, 8, 128, 8, 100, 25, 1, 16, 2);
+    t_attention(5, 16, 512, 128, 300, 600, 1, 512, 2);
+    t_attention(300, 8, 512, 128, 0, 75, 1, 64, 2);
+    t_compress(4, 2, 512, 64, 0, 0, ch2, 1, 2);
+    t_compress(128, 1, 128, 64, 0, 0, ch3, 6, 2);
+    t_compress(128, 1, 512, 64, 1, 0, ch2, 1, 2);
     t_moe(1, 8, 2, 256, 128, 0, 0);
     t_moe(7, 8, 2, 256, 128, 1, 0);
     t_moe(40, 16, 6, 256, 128, 0, 0);

@@ -19,7 +19,8 @@ typedef struct {
     const char *fix_dir;   /* tests/golden/fixtures */
     const char *tag;       /* printed first on every line, e.g. "golden" or "golden-cuda" */
     double tol;            /* 0: the rule above; else relative L2 <= tol, worst row <= 10 tol,
-                              near ties below tol of the range (bf16 KV state: GOLDEN_TOL_BF16_KV) */
+                              near ties below tol of the range (bf16 / FP8 KV state:
+                              GOLDEN_TOL_BF16_KV / GOLDEN_TOL_FP8_KV) */
 } golden;
 
 /* The looser rule for a model whose KV state is bf16 (each stored key/value rounded to 8 bits
@@ -30,6 +31,11 @@ typedef struct {
  * of the logit range (so near ties under this rule). Op-level precision of the CUDA bf16 path
  * is test_cuda_ops' (bf16kv cases, against the CPU op). */
 #define GOLDEN_TOL_BF16_KV 1e-1
+/* The same for FP8 KV rows (e4m3 nope dims, 3 bits of mantissa; bf16 RoPE dims and indexer
+ * keys). Measured on the tiny model (random weights: flat logits), CPU: prefill600 / decode300
+ * rel_l2 1.16e-1 / 1.13e-1, worst row 0.60, 64 argmax flips, all at margins below 0.3 of the
+ * logit range. V4 itself is trained with this FP8 round trip of its nope dims (spec §2.4.2). */
+#define GOLDEN_TOL_FP8_KV 3e-1
 
 /* The fixture case `cas` run in chunks of `chunk` tokens (0 = one prefill). */
 int golden_chunked(golden *g, const char *cas, const char *label, int chunk);

@@ -6,7 +6,8 @@
  * selected positions, the argmax at every position and the top-1/top-2 margin. The model is the
  * tiny random checkpoint that tools/mkmodel writes deterministically (seed 1) at build time.
  * The cases and the acceptance rule live in golden_cases.c (shared with the GPU test); the
- * bf16-KV pass (prefill600, decode300) uses its looser rule, GOLDEN_TOL_BF16_KV.
+ * bf16-KV and FP8-KV passes (prefill600, decode300) use their looser rules, GOLDEN_TOL_BF16_KV
+ * and GOLDEN_TOL_FP8_KV.
  *
  * usage: test_golden MODEL_DIR FIXTURE_DIR
  */
@@ -58,18 +59,25 @@ END_TEST
 START_TEST(decode300) { ck_assert_int_eq(golden_decode300(&G), 0); }
 END_TEST
 
-/* bf16 KV state (rings, compressed entries, indexer keys) under the looser GOLDEN_TOL_BF16_KV:
- * a model of its own, since the KV dtype is fixed once sequences exist. */
-START_TEST(bf16_kv) {
+/* prefill600 and decode300 with KV dtype dt under its looser rule: a model of its own, since
+ * the KV dtype is fixed once sequences exist. */
+static int kv_dtype_pass(dv4_kv_dtype dt, const char *tag, double tol) {
     char err[512];
     dv4_model *m;
     ck_assert_msg(dv4_load(g_model, g_be, NULL, &m, err, sizeof err) == 0, "load: %s", err);
-    ck_assert_msg(dv4_set_kv_dtype(m, DV4_KV_BF16, err, sizeof err) == 0, "%s", err);
-    golden g = {m, g_fix, "golden-bf16kv", GOLDEN_TOL_BF16_KV};
+    ck_assert_msg(dv4_set_kv_dtype(m, dt, err, sizeof err) == 0, "%s", err);
+    golden g = {m, g_fix, tag, tol};
     int fails = golden_chunked(&g, "prefill600", "prefill600", 0) + golden_decode300(&g);
     dv4_free(m);
-    ck_assert_int_eq(fails, 0);
+    return fails;
 }
+
+/* bf16 KV state (rings, compressed entries, indexer keys) under GOLDEN_TOL_BF16_KV */
+START_TEST(bf16_kv) { ck_assert_int_eq(kv_dtype_pass(DV4_KV_BF16, "golden-bf16kv", GOLDEN_TOL_BF16_KV), 0); }
+END_TEST
+
+/* FP8 KV rows (rings, compressed entries; keys bf16) under GOLDEN_TOL_FP8_KV */
+START_TEST(fp8_kv) { ck_assert_int_eq(kv_dtype_pass(DV4_KV_FP8, "golden-fp8kv", GOLDEN_TOL_FP8_KV), 0); }
 END_TEST
 
 /* Two sequences of different lengths in the same steps. */
@@ -122,6 +130,7 @@ int main(int argc, char **argv) {
     tcase_add_test(tc, hash);
     tcase_add_test(tc, bad_chunks);
     tcase_add_test(tc, bf16_kv);
+    tcase_add_test(tc, fp8_kv);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);
     srunner_set_fork_status(sr, CK_NOFORK);

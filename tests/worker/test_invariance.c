@@ -345,6 +345,12 @@ START_TEST(v4_flash_sizes) {
     ck_assert_uint_eq(h.block_bytes, 3440ull * 2 * 256);          /* 1,761,280 */
     ck_assert_uint_eq(h.resume_bytes, 43ull * 128 * 512 * 2 + 21ull * (2 * 4 * 512 + 2 * 4 * 128) * 4);
     ck_assert_uint_eq(z.fixed_bytes - h.fixed_bytes, 43ull * 128 * 512 * 2);
+    /* fp8: 584-byte rows for rings and entries, bf16 keys: 4,501.25 B/token */
+    dv4_kv_sizes q;
+    ck_assert_int_eq(dv4_kv_sizes_of(&c, 256, DV4_KV_FP8, &q, err, sizeof err), 0);
+    ck_assert_uint_eq(q.block_bytes, 21ull * 64 * 584 + 21ull * 64 * 256 + 20ull * 2 * 584);
+    ck_assert_uint_eq(q.block_bytes * 4, 4501ull * 256 * 4 + 256);
+    ck_assert_uint_eq(z.resume_bytes - q.resume_bytes, 43ull * 128 * (512 * 4 - 584));
 }
 END_TEST
 

@@ -12,12 +12,13 @@
  * for several prompt lengths, the batch-1 roofline (weight bytes read per token / measured copy
  * bandwidth) and the ratio, and a per-op time breakdown (each op timed between two syncs, so
  * without graphs). --graphs 1: decode steps as CUDA graphs (the engine's DUET_CUDA_GRAPH=1).
- * --kv bf16: rings, compressed entries and indexer keys stored as bf16 (duet-worker --kv-dtype).
+ * --kv bf16: rings, compressed entries and indexer keys stored as bf16; --kv fp8: rings and
+ * entries as FP8 rows, keys bf16 (duet-worker --kv-dtype).
  * Must never be mistaken for the engine: it mirrors forward.c and must be kept in step with it.
  *
  * usage: duet-bench [--layers N] [--ctx L] [--batches 1,8,...] [--prefill 1024,...] [--steps S]
  *                   [--mem-fraction F] [--csv PATH] [--breakdown PATH] [--max-seconds S]
- *                   [--graphs 0|1]  (default 0, as the engine) [--kv f32|bf16] (default f32)
+ *                   [--graphs 0|1]  (default 0, as the engine) [--kv f32|bf16|fp8] (default f32)
  */
 #include <math.h>
 #include <stdio.h>
@@ -199,7 +200,7 @@ static void layer_make(blayer *L, int i) {
 /* ---- sequence state ------------------------------------------------------------------------ */
 
 typedef struct {
-    void *ring;                 /* KV dtype (kv_bf16) */
+    void *ring;                 /* KV dtype (kv_fmt) */
     float *cur_a, *cur_g, *prev_a, *prev_g, *icur_a, *icur_g, *iprev_a, *iprev_g;
 } sl;
 /* Compressed entries and indexer keys are paged as the worker pages them (worker/kvstate.c):
@@ -214,38 +215,40 @@ typedef struct {
 enum { PAGE_TOKENS = 256 };
 static int n_layers;
 static blayer *layers;
-static int kv_bf16;               /* --kv bf16 */
+static int kv_fmt, ikey_fmt;     /* --kv: backend.h BE_KV_* of rings/entries and of index keys */
 static be_paging *cmp_pg, *ikey_pg; /* [n_layers] each layer's place in a page */
 static size_t page_bytes;
 
 /* Each layer's place in a page, as kvstate.c lays pages out. */
 static void paging_init(void) {
-    size_t kz = kv_bf16 ? 2 : 4, off = 0;
+    size_t off = 0, rb = be_kv_row_bytes(kv_fmt, DH), ib = be_kv_row_bytes(ikey_fmt, IHD);
     cmp_pg = xcalloc((size_t)n_layers, sizeof *cmp_pg);
     ikey_pg = xcalloc((size_t)n_layers, sizeof *ikey_pg);
     for (int i = 0; i < n_layers; i++) {
         int r = layers[i].ratio;
         if (!r) continue;
         cmp_pg[i] = (be_paging){off, PAGE_TOKENS / r};
-        off += (size_t)(PAGE_TOKENS / r) * DH * kz;
+        off += (size_t)(PAGE_TOKENS / r) * rb;
         if (r != 4) continue;
         ikey_pg[i] = (be_paging){off, PAGE_TOKENS / 4};
-        off += (size_t)(PAGE_TOKENS / 4) * IHD * kz;
+        off += (size_t)(PAGE_TOKENS / 4) * ib;
     }
     page_bytes = off;
 }
 
-/* rows x dim random KV state in [-1, 1] in the KV dtype (bf16: rounded by ring_write_bf16) */
-static void *kv_rand(int rows, int dim) {
+/* rows x dim random KV state in [-1, 1] in format fmt (stored by ring_write_rows) */
+static void *kv_rand(int rows, int dim, int fmt) {
     float *f = vrand((size_t)rows * dim, -1, 1);
-    if (!kv_bf16) return f;
-    void *h = B->ops->alloc(B, (size_t)rows * dim * 2);
+    if (fmt == BE_KV_F32) return f;
+    void *h = B->ops->alloc(B, (size_t)rows * be_kv_row_bytes(fmt, dim));
     int32_t *pos = xmalloc((size_t)rows * sizeof *pos);
-    for (int i = 0; i < rows; i++) pos[i] = i;
-    B->ops->ring_write_bf16(B, h, rows, dim, f, pos, rows);
+    void **rings = xmalloc((size_t)rows * sizeof *rings);
+    for (int i = 0; i < rows; i++) pos[i] = i, rings[i] = h;
+    B->ops->ring_write_rows(B, rings, rows, dim, f, pos, rows, fmt);
     sync_or_die();
     B->ops->free(B, f);
     free(pos);
+    free(rings);
     return h;
 }
 
@@ -255,8 +258,15 @@ static bseq *seq_new(int cap, int pos) {
     s->pos = pos;
     s->L = xcalloc((size_t)n_layers, sizeof *s->L);
     int n_pages = cap / PAGE_TOKENS + 1;
-    size_t kz = kv_bf16 ? 2 : 4;
-    s->slab = kv_rand((int)((size_t)n_pages * page_bytes / kz / DH), DH);
+    if (kv_fmt == BE_KV_FP8) { /* valid rows and keys everywhere: every byte 0x38 */
+        s->slab = B->ops->alloc(B, (size_t)n_pages * page_bytes);
+        uint32_t u = 0x38383838u; /* e4m3 1.0, scale 2^-71, bf16 4.4e-5: all finite */
+        float v;
+        memcpy(&v, &u, sizeof v);
+        B->ops->fill(B, s->slab, v, (size_t)n_pages * page_bytes / 4);
+    } else {
+        s->slab = kv_rand((int)((size_t)n_pages * page_bytes / be_kv_row_bytes(kv_fmt, DH)), DH, kv_fmt);
+    }
     void **addr = xmalloc((size_t)n_pages * sizeof *addr);
     for (int p = 0; p < n_pages; p++) addr[p] = (char *)s->slab + (size_t)p * page_bytes;
     s->tab = B->ops->alloc(B, (size_t)n_pages * sizeof *addr);
@@ -265,7 +275,7 @@ static bseq *seq_new(int cap, int pos) {
     for (int i = 0; i < n_layers; i++) {
         sl *S = &s->L[i];
         int r = layers[i].ratio;
-        S->ring = kv_rand(W, DH);
+        S->ring = kv_rand(W, DH, kv_fmt);
         if (!r) continue;
         int cc = r == 4 ? 2 : 1;
         S->cur_a = vrand((size_t)r * cc * DH, -1, 1);
@@ -327,7 +337,8 @@ static void run_compressor(stp *s, int li, int indexer) {
             .norm = indexer ? L->ic_norm : L->c_norm, .eps = EPS, .omega = omega_cmp,
             .cur_a = indexer ? S->icur_a : S->cur_a, .cur_g = indexer ? S->icur_g : S->cur_g,
             .prev_a = indexer ? S->iprev_a : S->prev_a, .prev_g = indexer ? S->iprev_g : S->prev_g,
-            .entries = s->seqs[k]->tab, .hadamard_fp4_qat = indexer, .kv_bf16 = kv_bf16,
+            .entries = s->seqs[k]->tab, .hadamard_fp4_qat = indexer,
+            .kv_fmt = indexer ? ikey_fmt : kv_fmt,
             .paging = indexer ? ikey_pg[li] : cmp_pg[li]};
         OP(indexer ? "indexer.compress" : "compressor.compress", B->ops->compress(B, &a));
     }
@@ -349,7 +360,7 @@ static void run_indexer(stp *s, int li) {
         }
         be_index_args a = {.T = T, .n_heads = NI, .head_dim = IHD, .topk = TOPK, .q = s->iq,
                            .w = s->iw, .keys = s->seqs[0]->tab, .n_visible = s->n_vis,
-                           .idx = s->idx, .kv_bf16 = kv_bf16,
+                           .idx = s->idx, .kv_fmt = ikey_fmt,
                            .row_keys = (void *const *const *)rk, .paging = ikey_pg[li]};
         OP("indexer.topk", B->ops->index_topk(B, &a));
         free(rk);
@@ -388,21 +399,24 @@ static void attention(stp *s, int li) {
     be_attn_args a = {.T = T, .n_heads = H, .head_dim = DH, .scale = (float)(1.0 / sqrt((double)DH)),
                       .q = s->q, .kv = s->kv, .sink = L->sink, .plan = s->plan,
                       .cmp_idx = m == 4 ? s->idx : NULL, .idx_stride = TOPK, .out = s->o,
-                      .kv_bf16 = kv_bf16, .cmp_paging = cmp_pg[li]};
+                      .kv_fmt = kv_fmt, .cmp_paging = cmp_pg[li]};
     OP("attn.core", B->ops->attention(B, &a));
     int short_chunks = s->n > 1; /* as forward.c: one call when no chunk reaches the window */
     for (int k = 0; k < s->n && short_chunks; k++) short_chunks = s->len[k] < W;
-    if (short_chunks) {
+    if (short_chunks || kv_fmt == BE_KV_FP8) {
         void **rings = xmalloc((size_t)T * sizeof *rings);
-        for (int r = 0; r < T; r++) rings[r] = s->seqs[s->chunk_of[r]]->L[li].ring;
-        OP("attn.ring_write", B->ops->ring_write_rows(B, rings, W, DH, s->kv, s->pos, T, kv_bf16));
+        for (int r = 0; r < T; r++) {
+            int k = s->chunk_of[r];
+            rings[r] = r - s->row0[k] >= s->len[k] - W ? s->seqs[k]->L[li].ring : NULL;
+        }
+        OP("attn.ring_write", B->ops->ring_write_rows(B, rings, W, DH, s->kv, s->pos, T, kv_fmt));
         free(rings);
     } else {
         for (int k = 0; k < s->n; k++) {
             int r0 = s->row0[k];
             void *ring = s->seqs[k]->L[li].ring;
             const float *kv = s->kv + (size_t)r0 * DH;
-            if (kv_bf16)
+            if (kv_fmt)
                 OP("attn.ring_write", B->ops->ring_write_bf16(B, ring, W, DH, kv, s->pos + r0, s->len[k]));
             else
                 OP("attn.ring_write", B->ops->ring_write(B, ring, W, DH, kv, s->pos + r0, s->len[k]));
@@ -557,7 +571,8 @@ int main(int argc, char **argv) {
                 fprintf(stderr, "duet-bench: --kv: %s\n", err);
                 return 2;
             }
-            kv_bf16 = dt == DV4_KV_BF16;
+            kv_fmt = (int)dt;
+            ikey_fmt = dt == DV4_KV_FP8 ? BE_KV_BF16 : (int)dt;
         } else { fprintf(stderr, "duet-bench: unknown option %s\n", a); return 2; }
         i++;
     }
@@ -577,7 +592,7 @@ int main(int argc, char **argv) {
     printf("device %s (sm_%d%d), cap %.1f GiB; measured: copy %.0f GB/s (read+write), "
            "cuBLAS bf16 %.0f TFLOP/s, cuBLASLt fp8 %.0f TFLOP/s; KV dtype %s\n", devname, maj,
            min, be_cuda_mem_cap(B) / 1073741824.0, copy_gbs, bf16_tf, fp8_tf,
-           kv_bf16 ? "bf16" : "f32");
+           dv4_kv_dtype_name((dv4_kv_dtype)kv_fmt));
 
     /* RoPE tables and the hash table */
     dv4_config c = {0};
@@ -601,7 +616,7 @@ int main(int argc, char **argv) {
     /* beside the weights: the largest step's activations, and per layer the sequence state
      * of the largest decode batch (CSA worst case) and of the longest prompt */
     double reserve = 1.3 * act_bytes(maxT, maxT / 4.0) + 1.3 * act_bytes(maxB, ctx / 4.0) + (1 << 30);
-    double kvz = kv_bf16 ? 2.0 : 4.0; /* bytes per KV element */
+    double kvz = kv_fmt == BE_KV_F32 ? 4.0 : 2.0; /* bytes per KV element (FP8 rows: less) */
     double per_seq_layer = (W * DH + (ctx + steps + 8) / 4.0 * (DH + IHD)) * kvz;
     double state_per_layer = per_seq_layer * maxB + (double)maxT / 4 * (DH + IHD) * kvz;
     layers = xcalloc(64, sizeof *layers);
