@@ -337,17 +337,18 @@ template <> struct wchunk<WK_FP4> {
     enum { EPC = 32, EPW = 8, SCALED = 1 };
     static __device__ __forceinline__ float post() { return 16384.0f; }
     /* nibble j (s e1 e0 m) -> f16 bits s00 0e1e0 m000000000: 2^-14 of the e2m1 value (e = 0:
-     * f16 subnormal m·2^-15); nibbles j and j + 4 share one f16x2 word */
+     * f16 subnormal m·2^-15); nibbles j and j + 4 share one f16x2 word, read as an f16x2 in
+     * place (no repacking of its halves: the decode is bound by the integer pipe, which runs at
+     * half the FMA pipe's rate; the left shifts go to the FMA pipe as IMAD.SHL) */
     static __device__ __forceinline__ void dec(uint32_t u, float *o) {
         const uint32_t M = 0x0E000E00u, S = 0x80008000u;
         uint32_t h[4] = {((u << 9) & M) | ((u << 12) & S), ((u << 5) & M) | ((u << 8) & S),
                          ((u << 1) & M) | ((u << 4) & S), ((u >> 3) & M) | (u & S)};
 #pragma unroll
         for (int j = 0; j < 4; j++) {
-            __half2_raw r;
-            r.x = (unsigned short)(h[j] & 0xFFFF);
-            r.y = (unsigned short)(h[j] >> 16);
-            float2 f = __half22float2(__half2(r));
+            __half2 hv;
+            memcpy(&hv, &h[j], 4);
+            float2 f = __half22float2(hv);
             o[j] = f.x;
             o[j + 4] = f.y;
         }
@@ -462,6 +463,13 @@ __device__ __forceinline__ void gemv_chunk(const uint4 *rv, const float *s, int 
             if (t < T) acc[r][t] += WC::SCALED ? part[r][t] * WC::post() * s[r] : part[r][t];
 }
 
+/* e8m0 -> f32 as fd_e8m0_to_f32 (0xFF: NaN, 0: 2^-127), by selects instead of branches: one per
+ * chunk and row in the GEMV loop */
+__device__ __forceinline__ float e8m0_sel(uint8_t b) {
+    uint32_t e = b, bits = e ? e << 23 : 0x00400000u;
+    return __uint_as_float(e == 0xFFu ? 0x7FC00000u : bits);
+}
+
 /* One warp: this lane's share of the dot products of weight rows wn[0..R) with up to TT input
  * rows xr[t], over the chunks c0, c0 + cs, ... (lane-interleaved: a warp reads 512 contiguous
  * bytes of a row at a time). sh = gemv_shift(w). Two chunks of each row are loaded before use,
@@ -492,8 +500,8 @@ __device__ __forceinline__ void gemv_rows(const dw &w, const int *wn, const floa
         }
 #pragma unroll
         for (int r = 0; r < R; r++) {
-            sa[r] = WC::SCALED ? fd_e8m0_to_f32(__ldg(sp[r] + (ch >> sh))) : 1.f;
-            sb[r] = WC::SCALED ? fd_e8m0_to_f32(__ldg(sp[r] + ((ch + cs) >> sh))) : 1.f;
+            sa[r] = WC::SCALED ? e8m0_sel(__ldg(sp[r] + (ch >> sh))) : 1.f;
+            sb[r] = WC::SCALED ? e8m0_sel(__ldg(sp[r] + ((ch + cs) >> sh))) : 1.f;
         }
         gemv_chunk<KIND, TT, R, XS>(ra, sa, ch, xr, xs, w.cols, T, acc);
         gemv_chunk<KIND, TT, R, XS>(rb, sb, ch + cs, xr, xs, w.cols, T, acc);
@@ -504,7 +512,7 @@ __device__ __forceinline__ void gemv_rows(const dw &w, const int *wn, const floa
 #pragma unroll
         for (int r = 0; r < R; r++) ra[r] = ld_stream16(rp[r] + ch);
 #pragma unroll
-        for (int r = 0; r < R; r++) sa[r] = WC::SCALED ? fd_e8m0_to_f32(__ldg(sp[r] + (ch >> sh))) : 1.f;
+        for (int r = 0; r < R; r++) sa[r] = WC::SCALED ? e8m0_sel(__ldg(sp[r] + (ch >> sh))) : 1.f;
         gemv_chunk<KIND, TT, R, XS>(ra, sa, ch, xr, xs, w.cols, T, acc);
     }
 }

@@ -45,6 +45,7 @@ __device__ __forceinline__ void route_warp(const float *lt, int E, int K, const 
         unsigned used = 0;
 #pragma unroll
         for (int j = 0; j < 32; j++) {
+            if (32 * j >= E) break; /* uniform: groups past E are never read below */
             int e = 32 * j + lane;
             v[j] = -INFINITY;
             if (e < E) v[j] = sqrtf(softplus_dev(lt[e])) + (bias ? bias[e] : 0.0f);
@@ -54,8 +55,10 @@ __device__ __forceinline__ void route_warp(const float *lt, int E, int K, const 
             float bv = -INFINITY;
             int be = -1;
 #pragma unroll
-            for (int j = 0; j < 32; j++)
+            for (int j = 0; j < 32; j++) {
+                if (32 * j >= E) break;
                 if (!((used >> j) & 1u) && (be < 0 || v[j] > bv)) { bv = v[j]; be = 32 * j + lane; }
+            }
             for (int o = 16; o > 0; o >>= 1) {
                 float ov = __shfl_xor_sync(0xffffffffu, bv, o);
                 int oe = __shfl_xor_sync(0xffffffffu, be, o);
@@ -145,13 +148,12 @@ __device__ __forceinline__ float swiglu_dev(float gv, float pv, float limit, flo
 /* hbuf[pair, n] = swiglu(w1[e][n] · x[tok], w3[e][n] · x[tok]) * weight; grid (I/(8R), chunks),
  * R rows of w1 and of w3 per warp, TT >= the pairs of any chunk; nch (device, may be NULL):
  * chunks actually present, blocks past it return (device grouping); sh = gemv_shift */
-template <int KIND, int TT, bool XS>
+template <int KIND, int TT, int R, bool XS>
 __global__ void __launch_bounds__(256) k_moe_up(const dw *w1s, const dw *w3s, const mchunk *chunks,
                                                 const int *nch, const int32_t *pair_tok,
                                                 const float *pair_w, const float *x, int ldx,
                                                 int I, float limit, int sh, float *hbuf) {
     PDL_ENTER();
-    enum { R = gemv_r<TT>::R };
     extern __shared__ float4 xs4[]; /* XS: [TT][D] */
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, n0 = (blockIdx.x * 8 + warp) * R;
     if (nch && (int)blockIdx.y >= *nch) return;
@@ -181,12 +183,11 @@ __global__ void __launch_bounds__(256) k_moe_up(const dw *w1s, const dw *w3s, co
  * and CMB (the shared expert, pairs = tokens, the combine fused): ys[t, n] = sum_k cys[cinv[t,
  * k], n] (k in order; cinv -1: another rank's expert) + w2[n] · hbuf[t], as k_moe_combine (a
  * template flag: the routed kernels keep their registers). */
-template <int KIND, int TT, bool XS, bool CMB>
+template <int KIND, int TT, int R, bool XS, bool CMB>
 __global__ void __launch_bounds__(256) k_moe_down(const dw *w2s, const mchunk *chunks, const int *nch,
                                                   const float *hbuf, int I, int D, int sh, float *ys,
                                                   const float *cys, const int32_t *cinv, int K) {
     PDL_ENTER();
-    enum { R = gemv_r<TT>::R };
     extern __shared__ float4 xs4[]; /* XS: [TT][I] */
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, n0 = (blockIdx.x * 8 + warp) * R;
     if (nch && (int)blockIdx.y >= *nch) return;
@@ -277,27 +278,41 @@ typedef struct {
     int K;
 } moe_gemv;
 
-template <int KIND, int TT>
+template <int KIND, int TT, int R>
 static void moe_grouped_tt(be_cuda *c, const moe_gemv &a) {
-    enum { R = gemv_r<TT>::R, XS = KIND == WK_FP8 || KIND == WK_FP4 };
+    enum { XS = KIND == WK_FP8 || KIND == WK_FP4 };
     int D = a.D, I = a.I;
     dim3 gu((I + 8 * R - 1) / (8 * R), a.nch), gd((D + 8 * R - 1) / (8 * R), a.nch);
     if (gemv_xs(KIND, TT, D))
-        KL(c, (k_moe_up<KIND, TT, XS>), gu, 256, (size_t)TT * D * 4, a.w1, a.w3, a.ch, a.dnch, a.ptok, a.pw, a.x, D, I, a.limit, a.sh, a.hbuf);
+        KL(c, (k_moe_up<KIND, TT, R, XS>), gu, 256, (size_t)TT * D * 4, a.w1, a.w3, a.ch, a.dnch, a.ptok, a.pw, a.x, D, I, a.limit, a.sh, a.hbuf);
     else
-        KL(c, (k_moe_up<KIND, TT, false>), gu, 256, 0, a.w1, a.w3, a.ch, a.dnch, a.ptok, a.pw, a.x, D, I, a.limit, a.sh, a.hbuf);
+        KL(c, (k_moe_up<KIND, TT, R, false>), gu, 256, 0, a.w1, a.w3, a.ch, a.dnch, a.ptok, a.pw, a.x, D, I, a.limit, a.sh, a.hbuf);
     bool xs = gemv_xs(KIND, TT, I);
     size_t sm = xs ? (size_t)TT * I * 4 : 0;
-    if (xs && a.cinv) KL(c, (k_moe_down<KIND, TT, XS, true>), gd, 256, sm, a.w2, a.ch, a.dnch, a.hbuf, I, D, a.sh, a.ys, a.cys, a.cinv, a.K);
-    else if (xs) KL(c, (k_moe_down<KIND, TT, XS, false>), gd, 256, sm, a.w2, a.ch, a.dnch, a.hbuf, I, D, a.sh, a.ys, a.cys, a.cinv, a.K);
-    else if (a.cinv) KL(c, (k_moe_down<KIND, TT, false, true>), gd, 256, 0, a.w2, a.ch, a.dnch, a.hbuf, I, D, a.sh, a.ys, a.cys, a.cinv, a.K);
-    else KL(c, (k_moe_down<KIND, TT, false, false>), gd, 256, 0, a.w2, a.ch, a.dnch, a.hbuf, I, D, a.sh, a.ys, a.cys, a.cinv, a.K);
+    if (xs && a.cinv) KL(c, (k_moe_down<KIND, TT, R, XS, true>), gd, 256, sm, a.w2, a.ch, a.dnch, a.hbuf, I, D, a.sh, a.ys, a.cys, a.cinv, a.K);
+    else if (xs) KL(c, (k_moe_down<KIND, TT, R, XS, false>), gd, 256, sm, a.w2, a.ch, a.dnch, a.hbuf, I, D, a.sh, a.ys, a.cys, a.cinv, a.K);
+    else if (a.cinv) KL(c, (k_moe_down<KIND, TT, R, false, true>), gd, 256, 0, a.w2, a.ch, a.dnch, a.hbuf, I, D, a.sh, a.ys, a.cys, a.cinv, a.K);
+    else KL(c, (k_moe_down<KIND, TT, R, false, false>), gd, 256, 0, a.w2, a.ch, a.dnch, a.hbuf, I, D, a.sh, a.ys, a.cys, a.cinv, a.K);
 }
 
-/* maxn: the most pairs of any chunk (<= MOE_CS = 2: TT 1 or 2 only) */
+/* maxn: the most pairs of any chunk (<= MOE_CS = 2: TT 1 or 2 only). For TT = 1 (decode batch
+ * 1) with FP4/FP8 weights, the rows per warp R are chosen per launch: every lane reads the same
+ * chunks of a row whatever R is, so R changes no row's sums, only how many warps the grid has.
+ * One chunk (the shared expert: 2048 rows up, 4096 down) takes R = 1: with R = 4 it was 64 and
+ * 128 blocks for 132 SMs; more chunks (the routed experts, T·K = 6) take R = 2. On an H100,
+ * duet-gemv-bench 20 moe, T = 1 (R routed / shared): 4/4 91.6 us, 4/2 85.8, 4/1 82.0, 2/1
+ * 81.7, 1/1 91.1. */
 template <int KIND> static void moe_grouped_launch(be_cuda *c, int maxn, const moe_gemv &a) {
-    if (maxn <= 1) moe_grouped_tt<KIND, 1>(c, a);
-    else moe_grouped_tt<KIND, 2>(c, a);
+    if (maxn > 1) {
+        moe_grouped_tt<KIND, 2, gemv_r<2>::R>(c, a);
+        return;
+    }
+    if constexpr (KIND == WK_FP4 || KIND == WK_FP8) {
+        if (a.nch == 1 && !a.dnch) moe_grouped_tt<KIND, 1, 1>(c, a);
+        else moe_grouped_tt<KIND, 1, 2>(c, a);
+    } else {
+        moe_grouped_tt<KIND, 1, gemv_r<1>::R>(c, a);
+    }
 }
 
 static void moe_grouped(be_cuda *c, int kind, int maxn, const moe_gemv &a) {
