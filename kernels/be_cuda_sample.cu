@@ -22,6 +22,7 @@
 #include "kernels/be_cuda_internal.cuh"
 
 enum { SB = BE_SAMPLE_RANKED }; /* threads per block = candidates ranked at most */
+enum { SU = 8 };                /* loads in flight per thread in the passes over a row */
 
 /* NaN → -inf (worker_sample's clean()), and -0 → +0 so that equal values get equal keys */
 __device__ __forceinline__ float s_clean(float v) { return v != v ? -INFINITY : v == 0.f ? 0.f : v; }
@@ -107,15 +108,25 @@ __device__ uint32_t kth_key(const float *x, int V, int K, unsigned *hist, int *s
         for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
         __syncthreads();
         /* one shared atomic per distinct digit of a warp (most keys of a row share their top
-         * bytes: lane-by-lane atomics on one bin serialised the pass) */
-        for (int base = 0; base < V; base += blockDim.x) {
-            int i = base + (int)threadIdx.x;
-            uint32_t k = i < V ? s_key(x[i]) : 0, dg = (k >> sh) & 255u;
-            bool in = i < V && (k & mask) == prefix;
-            unsigned act = __ballot_sync(0xffffffffu, in);
-            if (in) {
-                unsigned peers = __match_any_sync(act, dg);
-                if (__ffs(peers) - 1 == (int)(threadIdx.x & 31)) atomicAdd(&hist[dg], (unsigned)__popc(peers));
+         * bytes: lane-by-lane atomics on one bin serialised the pass); SU loads in flight per
+         * thread (one block reads the whole row: a load at a time made every pass latency-bound) */
+        for (int base = 0; base < V; base += SU * (int)blockDim.x) {
+            uint32_t kk[SU];
+#pragma unroll
+            for (int u = 0; u < SU; u++) {
+                int i = base + u * (int)blockDim.x + (int)threadIdx.x;
+                kk[u] = i < V ? s_key(x[i]) : 0;
+            }
+#pragma unroll
+            for (int u = 0; u < SU; u++) {
+                int i = base + u * (int)blockDim.x + (int)threadIdx.x;
+                uint32_t k = kk[u], dg = (k >> sh) & 255u;
+                bool in = i < V && (k & mask) == prefix;
+                unsigned act = __ballot_sync(0xffffffffu, in);
+                if (in) {
+                    unsigned peers = __match_any_sync(act, dg);
+                    if (__ffs(peers) - 1 == (int)(threadIdx.x & 31)) atomicAdd(&hist[dg], (unsigned)__popc(peers));
+                }
             }
         }
         __syncthreads();
@@ -136,8 +147,8 @@ __device__ uint32_t kth_key(const float *x, int V, int K, unsigned *hist, int *s
 
 /* cand[0, K) = the K first candidates (unsorted): every key above thr, and the eq_take
  * lowest ids whose key is thr (an ordered scan, so ties at the threshold keep the lower ids). */
-__device__ void collect(const float *x, int V, int K, uint32_t thr, int eq_take,
-                        unsigned long long *cand, int *wcnt, int *sv) {
+__device__ void collect_ordered(const float *x, int V, int K, uint32_t thr, int eq_take,
+                                unsigned long long *cand, int *wcnt, int *sv) {
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
     int n_gt = K - eq_take, gt_seen = 0, eq_seen = 0;
     if (threadIdx.x == 0) sv[2] = 0;
@@ -159,6 +170,47 @@ __device__ void collect(const float *x, int V, int K, uint32_t thr, int eq_take,
         if (gt_seen == n_gt && eq_seen >= eq_take) break; /* uniform: counts from barriers */
     }
     __syncthreads();
+}
+
+/* cand[0, K) (and, returned, how many slots are filled: >= K) = the K first candidates and
+ * some equal to the K-th, unsorted: one pass of unordered appends (the sort that
+ * follows orders them) of every key above thr and of ALL keys equal to it, SU loads in flight
+ * per thread; when the equal keys do not all fit beside the greater ones (a row of many ties),
+ * collect_ordered's barrier-per-1024 scan instead. The slots past K hold what the sort puts
+ * last: a sorted prefix of K is the same either way. */
+__device__ int collect(const float *x, int V, int K, uint32_t thr, int eq_take,
+                       unsigned long long *cand, int *wcnt, int *sv) {
+    __shared__ int n_gt, n_eq;
+    if (threadIdx.x == 0) n_gt = 0, n_eq = 0;
+    __syncthreads();
+    int cap_eq = SB - (K - eq_take); /* slots left for keys equal to thr */
+    for (int base = 0; base < V; base += SU * (int)blockDim.x) {
+        uint32_t kk[SU];
+#pragma unroll
+        for (int u = 0; u < SU; u++) {
+            int i = base + u * (int)blockDim.x + (int)threadIdx.x;
+            kk[u] = i < V ? s_key(x[i]) : 0;
+        }
+#pragma unroll
+        for (int u = 0; u < SU; u++) {
+            int i = base + u * (int)blockDim.x + (int)threadIdx.x;
+            if (i >= V) continue;
+            if (kk[u] > thr) cand[atomicAdd(&n_gt, 1)] = s_cand(kk[u], i);
+            else if (kk[u] == thr) {
+                int e = atomicAdd(&n_eq, 1);
+                if (e < cap_eq) cand[K - eq_take + e] = s_cand(kk[u], i);
+            }
+        }
+    }
+    __syncthreads();
+    int filled = K - eq_take + n_eq; /* uniform */
+    if (n_eq > cap_eq) {
+        for (int i = threadIdx.x; i < SB; i += blockDim.x) cand[i] = 0;
+        collect_ordered(x, V, K, thr, eq_take, cand, wcnt, sv);
+        filled = K;
+    }
+    __syncthreads();
+    return filled;
 }
 
 /* cand[0, L) descending (L a power of two <= blockDim.x; zeros pad the end) */
@@ -221,6 +273,7 @@ __global__ void __launch_bounds__(SB) k_sample(const float *__restrict__ logits,
 
     /* max and argmax (ties → lowest id): the largest candidate */
     unsigned long long best = 0;
+#pragma unroll SU
     for (int i = t; i < V; i += SB) {
         unsigned long long c = s_cand(s_key(x[i]), i);
         best = c > best ? c : best;
@@ -236,6 +289,7 @@ __global__ void __launch_bounds__(SB) k_sample(const float *__restrict__ logits,
      * relative); the weights the draw compares stay double, as the reference's */
     if (isfinite(mx)) {
         float fmx = (float)mx;
+#pragma unroll SU
         for (int i = t; i < V; i += SB) {
             float v = s_clean(x[i]) - fmx;
             z += (double)expf(v);
@@ -253,9 +307,9 @@ __global__ void __launch_bounds__(SB) k_sample(const float *__restrict__ logits,
         cand[t] = 0;
         int eq_take;
         uint32_t thr = kth_key(x, V, K, hist, sv, &eq_take);
-        collect(x, V, K, thr, eq_take, cand, wcnt, sv);
+        int filled = collect(x, V, K, thr, eq_take, cand, wcnt, sv);
         int L = 2;
-        while (L < K) L <<= 1;
+        while (L < filled) L <<= 1;
         bitonic_desc(cand, L);
     }
 
