@@ -775,29 +775,30 @@ START_TEST(startup_refusals) {
                           "--auth-token-file", token_path, "--backend", "tpu", NULL};
     start_fails(cuda, "--backend tpu is not available", 2);
     const char *kv[] = {"--rank", "0", "--world-size", "1", "--model", model_dir,
-                        "--auth-token-file", token_path, "--kv-dtype", "fp8", NULL};
-    start_fails(kv, "use f32 (the default) or bf16", 2);
+                        "--auth-token-file", token_path, "--kv-dtype", "fp16", NULL};
+    start_fails(kv, "use f32 (the default), bf16 or fp8", 2);
     const char *ds[] = {"--rank", "0", "--world-size", "1", "--model", model_dir,
                         "--auth-token-file", token_path, "--device-sampling", "maybe", NULL};
     start_fails(ds, "--device-sampling 'maybe' must be auto, on or off", 2);
 }
 END_TEST
 
-/* --kv-dtype bf16: the worker reports the bf16 block sizes (the coordinator budgets from them)
- * and serves a step on bf16 state. */
-START_TEST(kv_dtype_bf16_budget) {
+/* --kv-dtype bf16 / fp8: the worker reports that dtype's block sizes (the coordinator budgets
+ * from them) and serves a step on that state. */
+static void kv_dtype_budget(const char *name, dv4_kv_dtype dt) {
     enum { B = 128 };
     wproc w;
-    start(&w, "--kv-dtype", "bf16");
+    start(&w, "--kv-dtype", name);
     rcli c;
     connect_ok(&c, &w);
     Duet__LoadProgress *lp = load_with(&c, 6, 4096, B);
     ck_assert_msg(lp->ok, "%s", lp->error);
     dv4_kv_sizes h, f;
-    const int vocab = tiny_kv_sizes(B, DV4_KV_BF16, &h);
+    const int vocab = tiny_kv_sizes(B, dt, &h);
     tiny_kv_sizes(B, DV4_KV_F32, &f);
     ck_assert_uint_eq(lp->kv_block_bytes, h.block_bytes);
-    ck_assert_uint_eq(2 * lp->kv_block_bytes, f.block_bytes);
+    if (dt == DV4_KV_BF16) ck_assert_uint_eq(2 * lp->kv_block_bytes, f.block_bytes);
+    else ck_assert_uint_lt(2 * lp->kv_block_bytes, f.block_bytes);
     ck_assert_uint_eq(lp->kv_blocks_total, (uint32_t)(((1024ull << 20) - 6 * h.fixed_bytes) /
                                                       h.block_bytes));
     duet__load_progress__free_unpacked(lp, NULL);
@@ -811,6 +812,10 @@ START_TEST(kv_dtype_bf16_budget) {
     rcli_close(&c);
     stop_ok(&w);
 }
+
+START_TEST(kv_dtype_bf16_budget) { kv_dtype_budget("bf16", DV4_KV_BF16); }
+END_TEST
+START_TEST(kv_dtype_fp8_budget) { kv_dtype_budget("fp8", DV4_KV_FP8); }
 END_TEST
 
 /* ---- device sampling (--device-sampling) ------------------------------------------------- */
@@ -1099,6 +1104,7 @@ int main(int argc, char **argv) {
     tcase_add_test(t, hello_timeout_closes);
     tcase_add_test(t, startup_refusals);
     tcase_add_test(t, kv_dtype_bf16_budget);
+    tcase_add_test(t, kv_dtype_fp8_budget);
     tcase_add_test(t, device_sampling_matches_host);
     tcase_add_test(t, two_ranks_match_one_process);
     tcase_add_test(t, missing_peer);
