@@ -1,7 +1,7 @@
 /* be_cuda_attn.cu — attention with sinks over a key plan (spec §2.4.5) and the sliding-window
  * ring write.
  *
- * Why apart: its own kernel shape (block per (token, head), online softmax per warp) and its
+ * Why apart: its own kernel shape (block per (token, heads), online softmax per warp) and its
  * own inputs (the key plan staged per call); nothing else uses it. Rings and compressed entries
  * are f32, bf16 or FP8 rows (a.kv_fmt; kv_dev.cuh); this step's kv rows are f32, read as a
  * stored row of that format would give them back.
@@ -13,7 +13,7 @@
 /* attention with sinks over a key plan (spec §2.4.5)                                        */
 /* ======================================================================================== */
 
-enum { ATT_WARPS = 16, ATT_MAXD = 512 };
+enum { ATT_WARPS = 16, ATT_MAXD = 512, ATT_HB_MIN_T = 64 };
 
 /* An FP8 row's values at this lane's dims lane + 32·jj into kv[ATT_MAXD/32] (zero past d): NJ =
  * nope dims / 32 (two jj per scale block), then the two bf16 RoPE jj. With NJ a constant the
@@ -41,89 +41,111 @@ __device__ __forceinline__ void fp8_key_any(const uint8_t *kp, int d, int lane, 
                : jj < nd ? fd_bf16_to_f32(rp[32 * (jj - nj)]) : 0.f;
 }
 
-/* one block per (t, h); warps take keys round-robin with an online softmax each, merged with
- * the sink at the end. Lane owns dims lane + 32*j. */
 typedef inl<be_keyplan, 8> plan_inl;
-__global__ void __launch_bounds__(ATT_WARPS * 32) k_attn(be_attn_args a, const be_keyplan *plan,
-                                                         plan_inl pm) {
+
+/* Key j of token t's plan p, at this lane's dims lane + 32·jj, into kv (zero past d). One load
+ * loop per storage kind (the format is warp-uniform): the attention re-reads every key once per
+ * head group, so per-element format branches tripled its time. */
+__device__ __forceinline__ void attn_key(const be_attn_args &a, const be_keyplan &p, int t, int j,
+                                         int n_ring, int n_rows, int lane, float (&kv)[ATT_MAXD / 32]) {
+    int d = a.head_dim, nd = d / 32;
+    const char *key; /* the key's row: stored (ring, cmp) in a.kv_fmt, this step's f32 */
+    int kf = a.kv_fmt;
+    size_t rb = kv_row_bytes(kf, d);
+    if (j < n_ring) key = (const char *)p.ring + (size_t)((p.ring_lo + j) % p.ring_size) * rb;
+    else if (j < n_ring + n_rows) key = (const char *)(a.kv + (size_t)(p.row_lo + j - n_ring) * d), kf = 0;
+    else {
+        int i = j - n_ring - n_rows;
+        int e = a.cmp_idx ? a.cmp_idx[(size_t)t * a.idx_stride + i] : i;
+        key = (const char *)kv_page_row(p.cmp, a.cmp_paging, e, rb);
+    }
+    if (kf == 1) {
+        const uint16_t *kp = (const uint16_t *)key + lane;
+#pragma unroll
+        for (int jj = 0; jj < ATT_MAXD / 32; jj++) kv[jj] = jj < nd ? fd_bf16_to_f32(kp[32 * jj]) : 0.f;
+    } else if (kf == 2) { /* V4's 512 and the tiny model's 128 with static loops */
+        const uint8_t *kp = (const uint8_t *)key;
+        if (d == 512) fp8_key<14>(kp, lane, kv);
+        else if (d == 128) fp8_key<2>(kp, lane, kv);
+        else fp8_key_any(kp, d, lane, kv);
+    } else { /* f32: an f32 ring, or this step's rows (already rounded as the ring will hold
+              * them: cu_attention's k_kv_round) */
+        const float *kp = (const float *)key + lane;
+#pragma unroll
+        for (int jj = 0; jj < ATT_MAXD / 32; jj++) kv[jj] = jj < nd ? kp[32 * jj] : 0.f;
+    }
+}
+
+/* One block per (token, HB heads): the NW warps take keys round-robin, each key loaded once for
+ * the block's HB heads (the single KV head is shared by all 64: HB > 1 divides the key loads of
+ * a long step by HB), an online softmax per (warp, head), merged with the sink at the end. Lane
+ * owns dims lane + 32·j. A head's sums run in the same order for a given (HB, NW). */
+template <int HB, int NW>
+__global__ void __launch_bounds__(NW * 32) k_attn(be_attn_args a, const be_keyplan *plan,
+                                                  plan_inl pm) {
     PDL_ENTER();
-    __shared__ float wm[ATT_WARPS], wl[ATT_WARPS];
-    __shared__ float wacc[ATT_WARPS][ATT_MAXD];
-    int t = blockIdx.x / a.n_heads, h = blockIdx.x % a.n_heads, d = a.head_dim;
+    __shared__ float wm[NW][HB], wl[NW][HB];
+    __shared__ float wacc[NW][ATT_MAXD];
+    int hgroups = a.n_heads / HB;
+    int t = blockIdx.x / hgroups, h0 = (blockIdx.x % hgroups) * HB, d = a.head_dim;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nd = d / 32;
     const be_keyplan p = inl_at(plan, pm, t);
-    const float *q = a.q + ((size_t)t * a.n_heads + h) * d;
-    float qv[ATT_MAXD / 32], acc[ATT_MAXD / 32];
+    float qv[HB][ATT_MAXD / 32], acc[HB][ATT_MAXD / 32], m[HB], l[HB];
 #pragma unroll
-    for (int j = 0; j < ATT_MAXD / 32; j++) {
-        qv[j] = j < nd ? q[lane + 32 * j] : 0.f;
-        acc[j] = 0.f;
+    for (int hh = 0; hh < HB; hh++) {
+        const float *q = a.q + ((size_t)t * a.n_heads + h0 + hh) * d;
+#pragma unroll
+        for (int j = 0; j < ATT_MAXD / 32; j++) {
+            qv[hh][j] = j < nd ? q[lane + 32 * j] : 0.f;
+            acc[hh][j] = 0.f;
+        }
+        m[hh] = -INFINITY, l[hh] = 0.f;
     }
     int n_ring = p.ring_hi - p.ring_lo, n_rows = p.row_hi - p.row_lo;
     int n_keys = n_ring + n_rows + p.n_cmp;
-    float m = -INFINITY, l = 0.f;
-    for (int j = warp; j < n_keys; j += ATT_WARPS) {
-        /* row `row` of a [*, d] array: ring / cmp in the KV dtype, kv f32 (rounded to bf16 as
-         * the ring will hold it when kv_fmt: a no-op on values read from bf16) */
-        const char *key; /* the key's row: stored (ring, cmp) in a.kv_fmt, this step's f32 */
-        int kf = a.kv_fmt;
-        size_t rb = kv_row_bytes(kf, d);
-        if (j < n_ring) key = (const char *)p.ring + (size_t)((p.ring_lo + j) % p.ring_size) * rb;
-        else if (j < n_ring + n_rows) key = (const char *)(a.kv + (size_t)(p.row_lo + j - n_ring) * d), kf = 0;
-        else {
-            int i = j - n_ring - n_rows;
-            int e = a.cmp_idx ? a.cmp_idx[(size_t)t * a.idx_stride + i] : i;
-            key = (const char *)kv_page_row(p.cmp, a.cmp_paging, e, rb);
-        }
-        /* one load loop per storage kind (the format is warp-uniform): the attention re-reads
-         * every key once per head, so per-element format branches and roundings of values that
-         * are already stored tripled its time */
+    for (int j = warp; j < n_keys; j += NW) {
         float kv[ATT_MAXD / 32];
-        if (kf == 1) {
-            const uint16_t *kp = (const uint16_t *)key + lane;
+        attn_key(a, p, t, j, n_ring, n_rows, lane, kv);
 #pragma unroll
-            for (int jj = 0; jj < ATT_MAXD / 32; jj++) kv[jj] = jj < nd ? fd_bf16_to_f32(kp[32 * jj]) : 0.f;
-        } else if (kf == 2) { /* V4's 512 and the tiny model's 128 with static loops */
-            const uint8_t *kp = (const uint8_t *)key;
-            if (d == 512) fp8_key<14>(kp, lane, kv);
-            else if (d == 128) fp8_key<2>(kp, lane, kv);
-            else fp8_key_any(kp, d, lane, kv);
-        } else { /* f32: an f32 ring, or this step's rows (already rounded as the ring will
-                  * hold them: cu_attention's k_kv_round) */
-            const float *kp = (const float *)key + lane;
+        for (int hh = 0; hh < HB; hh++) {
+            float dot = 0.f;
 #pragma unroll
-            for (int jj = 0; jj < ATT_MAXD / 32; jj++) kv[jj] = jj < nd ? kp[32 * jj] : 0.f;
+            for (int jj = 0; jj < ATT_MAXD / 32; jj++) dot += qv[hh][jj] * kv[jj];
+            float s = warp_sum(dot) * a.scale;
+            float mn = s > m[hh] ? s : m[hh];
+            float corr = expf(m[hh] - mn), e = expf(s - mn);
+            l[hh] = l[hh] * corr + e;
+#pragma unroll
+            for (int jj = 0; jj < ATT_MAXD / 32; jj++) acc[hh][jj] = acc[hh][jj] * corr + e * kv[jj];
+            m[hh] = mn;
         }
-        float dot = 0.f;
-#pragma unroll
-        for (int jj = 0; jj < ATT_MAXD / 32; jj++) dot += qv[jj] * kv[jj];
-        float s = warp_sum(dot) * a.scale;
-        float mn = s > m ? s : m;
-        float corr = expf(m - mn), e = expf(s - mn);
-        l = l * corr + e;
-#pragma unroll
-        for (int jj = 0; jj < ATT_MAXD / 32; jj++) acc[jj] = acc[jj] * corr + e * kv[jj];
-        m = mn;
     }
-    if (lane == 0) { wm[warp] = m; wl[warp] = l; }
+    if (lane == 0)
 #pragma unroll
-    for (int jj = 0; jj < ATT_MAXD / 32; jj++)
-        if (jj < nd) wacc[warp][lane + 32 * jj] = acc[jj];
-    __syncthreads();
-    float sink = a.sink[h], M = sink;
-    for (int w = 0; w < ATT_WARPS; w++) M = wm[w] > M ? wm[w] : M;
-    double den = exp((double)sink - M);
-    float f[ATT_WARPS];
-    for (int w = 0; w < ATT_WARPS; w++) {
-        f[w] = wl[w] > 0 ? expf(wm[w] - M) : 0.f;
-        den += (double)wl[w] * f[w];
-    }
-    float inv = (float)(1.0 / den);
-    float *o = a.out + ((size_t)t * a.n_heads + h) * d;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        float s = 0;
-        for (int w = 0; w < ATT_WARPS; w++) s += f[w] * wacc[w][i];
-        o[i] = s * inv;
+        for (int hh = 0; hh < HB; hh++) wm[warp][hh] = m[hh], wl[warp][hh] = l[hh];
+#pragma unroll
+    for (int hh = 0; hh < HB; hh++) {
+#pragma unroll
+        for (int jj = 0; jj < ATT_MAXD / 32; jj++)
+            if (jj < nd) wacc[warp][lane + 32 * jj] = acc[hh][jj];
+        __syncthreads();
+        int h = h0 + hh;
+        float sink = a.sink[h], M = sink;
+        for (int w = 0; w < NW; w++) M = wm[w][hh] > M ? wm[w][hh] : M;
+        double den = exp((double)sink - M);
+        float f[NW];
+        for (int w = 0; w < NW; w++) {
+            f[w] = wl[w][hh] > 0 ? expf(wm[w][hh] - M) : 0.f;
+            den += (double)wl[w][hh] * f[w];
+        }
+        float inv = (float)(1.0 / den);
+        float *o = a.out + ((size_t)t * a.n_heads + h) * d;
+        for (int i = threadIdx.x; i < d; i += blockDim.x) {
+            float sum = 0;
+            for (int w = 0; w < NW; w++) sum += f[w] * wacc[w][i];
+            o[i] = sum * inv;
+        }
+        __syncthreads(); /* wacc is rewritten for the next head */
     }
 }
 
@@ -169,7 +191,12 @@ void cu_attention(be *b, const be_attn_args *a) {
     da.q = a->q, da.kv = rkv ? rkv : a->kv, da.sink = a->sink, da.cmp_idx = a->cmp_idx;
     da.idx_stride = a->idx_stride, da.out = a->out, da.kv_fmt = a->kv_fmt;
     da.cmp_paging.off = a->cmp_paging.off, da.cmp_paging.per_page = a->cmp_paging.per_page;
-    KL(c, k_attn, a->T * a->n_heads, ATT_WARPS * 32, 0, da, dp, pm);
+    /* a long step (prefill): 4 heads per block share each key load; a short one (decode):
+     * a head per block, 16 warps, for parallelism */
+    if (a->T >= ATT_HB_MIN_T && a->n_heads % 4 == 0)
+        KL(c, (k_attn<4, 8>), a->T * (a->n_heads / 4), 8 * 32, 0, da, dp, pm);
+    else
+        KL(c, (k_attn<1, ATT_WARPS>), a->T * a->n_heads, ATT_WARPS * 32, 0, da, dp, pm);
     if (rkv) cu_free(b, rkv);
 }
 
