@@ -209,6 +209,7 @@ void cu_compress(be *b, const be_compress_args *a) {
 
 /* grid (ceil(nv_max/8), T); q row staged in shared memory; warp per entry */
 typedef inl<int, 64> nvis_inl;
+enum { IDX_GEMM_MIN_T = 64 }; /* rows of one sequence from which the scores are a GEMM */
 __global__ void __launch_bounds__(256) k_index_scores(be_index_args a, const int *nvis, nvis_inl nm,
                                                       void *const *const *rkeys, float *scores,
                                                       int ld) {
@@ -296,9 +297,26 @@ __global__ void __launch_bounds__(256) k_topk(const float *scores, int ld, const
         for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
         __syncthreads();
         uint32_t pre = s_prefix, mask = shift == 24 ? 0u : (0xFFFFFFFFu << (shift + 8));
-        for (int i = threadIdx.x; i < nv; i += blockDim.x) {
-            uint32_t key = ord_key(sc[i]);
-            if ((key & mask) == (pre & mask)) atomicAdd(&hist[(key >> shift) & 255], 1u);
+        /* 4 loads in flight per thread; one shared atomic per distinct digit of a warp (the
+         * scores of a row share their top bytes: lane-by-lane atomics on one bin serialised) */
+        for (int base = 0; base < nv; base += 4 * (int)blockDim.x) {
+            uint32_t kk[4];
+#pragma unroll
+            for (int u = 0; u < 4; u++) {
+                int i = base + u * (int)blockDim.x + (int)threadIdx.x;
+                kk[u] = i < nv ? ord_key(sc[i]) : 0u;
+            }
+#pragma unroll
+            for (int u = 0; u < 4; u++) {
+                int i = base + u * (int)blockDim.x + (int)threadIdx.x;
+                uint32_t dg = (kk[u] >> shift) & 255u;
+                bool in = i < nv && (kk[u] & mask) == (pre & mask);
+                unsigned act = __ballot_sync(0xffffffffu, in);
+                if (in) {
+                    unsigned peers = __match_any_sync(act, dg);
+                    if (__ffs(peers) - 1 == (int)(threadIdx.x & 31)) atomicAdd(&hist[dg], (unsigned)__popc(peers));
+                }
+            }
         }
         __syncthreads();
         if (threadIdx.x == 0) {
@@ -321,6 +339,59 @@ __global__ void __launch_bounds__(256) k_topk(const float *scores, int ld, const
      * is the same bits on every run (attention then sums its keys in a fixed order) */
     topk_append(sc, nv, thr, 0, out, &s_cnt, k);
     topk_append(sc, nv, thr, 1, out, &s_cnt, k);
+}
+
+/* ---- scores of a long step as a GEMM ----------------------------------------------------- */
+
+/* Kc[e, :] = index key e of one sequence as f32 (warp per entry) */
+__global__ void k_gather_keys(void *const *tab, be_paging pg, int fmt, int n, int hd, float *Kc) {
+    PDL_ENTER();
+    int e = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (e >= n) return;
+    const void *key = kv_page_row(tab, pg, e, kv_row_bytes(fmt, hd));
+    for (int i = lane; i < hd; i += 32) Kc[(size_t)e * hd + i] = kv_at(key, (size_t)i, fmt);
+}
+
+/* scores[t, e] = Σ_h w[t, h] · relu(dots[(t - t0)·H + h, e]) for e < n_visible[t], heads in
+ * order as the CPU sums them; grid (ceil(ne/256), rows) */
+__global__ void k_index_reduce(const float *dots, int ne, const float *w, int H, int t0,
+                               const int *nvis, nvis_inl nm, float *scores, int ld) {
+    PDL_ENTER();
+    int r = blockIdx.y, t = t0 + r, e = blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= inl_at(nvis, nm, t)) return;
+    const float *dr = dots + (size_t)r * H * ne + e, *wr = w + (size_t)t * H;
+    float sc = 0;
+    for (int h = 0; h < H; h++) {
+        float d = dr[(size_t)h * ne];
+        sc += wr[h] * (d > 0 ? d : 0);
+    }
+    scores[(size_t)t * ld + e] = sc;
+}
+
+/* The scores of T rows of one sequence (a prefill chunk): the keys gathered once, then for
+ * chunks of rows one cuBLAS SGEMM (rows·heads × entries, dims deep) and a reduction over heads,
+ * instead of a warp per (row, entry) reducing 64 dot products by shuffles (that kernel was a
+ * quarter of an 8K prefill). */
+static void index_scores_gemm(be *b, const be_index_args *a, int nvmax, const int *dn,
+                              const nvis_inl &nm, float *scores, int ld) {
+    be_cuda *c = C(b);
+    int H = a->n_heads, hd = a->head_dim;
+    float *Kc = (float *)scratch(b, (size_t)nvmax * hd * sizeof(float));
+    be_paging pg;
+    memset(&pg, 0, sizeof pg);
+    pg.off = a->paging.off, pg.per_page = a->paging.per_page;
+    KL(c, k_gather_keys, (unsigned)((nvmax + 7) / 8), 256, 0, a->keys, pg, a->kv_fmt, nvmax, hd, Kc);
+    int R = (int)(((size_t)64 << 20) / ((size_t)H * nvmax * sizeof(float)));
+    R = R < 1 ? 1 : R > a->T ? a->T : R;
+    float *dots = (float *)scratch(b, (size_t)R * H * nvmax * sizeof(float));
+    for (int t0 = 0; t0 < a->T; t0 += R) {
+        int n = a->T - t0 < R ? a->T - t0 : R;
+        sgemm_nt(c, n * H, nvmax, hd, a->q + (size_t)t0 * H * hd, hd, Kc, hd, dots, nvmax);
+        KL(c, k_index_reduce, dim3((nvmax + 255) / 256, n), 256, 0, dots, nvmax, a->w, H, t0, dn, nm,
+           scores, ld);
+    }
+    cu_free(b, dots);
+    cu_free(b, Kc);
 }
 
 void cu_index_topk(be *b, const be_index_args *a) {
@@ -360,8 +431,12 @@ void cu_index_topk(be *b, const be_index_args *a) {
         CK(cudaFuncSetAttribute(k_index_scores, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
         smem_set = smem;
     }
-    dim3 g((ld + 7) / 8, a->T);
-    KL(c, k_index_scores, g, 256, smem, ka, dn, nm, drk, scores, ld);
+    if (!a->row_keys && a->T >= IDX_GEMM_MIN_T && !c->gmode) {
+        index_scores_gemm(b, a, nvmax, dn, nm, scores, ld);
+    } else {
+        dim3 g((ld + 7) / 8, a->T);
+        KL(c, k_index_scores, g, 256, smem, ka, dn, nm, drk, scores, ld);
+    }
     KL(c, k_topk, a->T, 256, 0, scores, ld, dn, nm, a->topk, a->idx);
     cu_free(b, scores);
 }

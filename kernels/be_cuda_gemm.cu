@@ -158,6 +158,15 @@ void gemm_bf16(cublasHandle_t h, int m, int n, int k, const void *A, int lda, co
     LAUNCHED();
 }
 
+void sgemm_nt(be_cuda *c, int M, int N, int K, const float *A, int lda, const float *Bm, int ldb,
+              float *Cm, int ldc) {
+    float alpha = 1.0f, beta = 0.0f;
+    /* row-major C = A·Bᵀ is column-major Cᵀ = B·Aᵀ (cuBLAS's default math: no TF32) */
+    CKB(cublasSgemm(blas_handle(c), CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, &alpha, Bm, ldb, A, lda,
+                    &beta, Cm, ldc));
+    LAUNCHED();
+}
+
 /* the 8-wide bf16 decode applies: not F32, K % 8 == 0, scale blocks a multiple of 8 wide */
 static int tc_ok(const dw &w) {
     if (w.kind == WK_F32 || w.cols % 8) return 0;

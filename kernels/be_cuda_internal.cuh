@@ -591,6 +591,10 @@ enum { TC_MIN_T = 32 };
  * and read back for V4-Flash's 2048 x 4096 FP4 matrices, ~25 us) costs less than the SIMT
  * tile's fp32 FLOPs from about here on; below it the GEMV chunks read the FP4 bytes directly */
 enum { MOE_TC_MIN = 16 };
+/* C[M, N] (row-major, ld ldc) = A[M, K] · B[N, K]ᵀ, f32 row-major, on the backend's cuBLAS
+ * handle and stream (fp32 math); the caller refuses graphs first */
+void sgemm_nt(be_cuda *c, int M, int N, int K, const float *A, int lda, const float *Bm, int ldb,
+              float *Cm, int ldc);
 /* C[n, m] (row-major, ld ldc) = beta C + B[n, k] · A[m, k]ᵀ; A, B bf16 row-major (ld lda, ldb) */
 void gemm_bf16(cublasHandle_t h, int m, int n, int k, const void *A, int lda, const void *Bm,
                int ldb, float *Cm, int ldc, float beta);

@@ -950,6 +950,7 @@ int main(int argc, char **argv) {
     t_index(1, 16, 128, 16, 40, 0);
     t_index(37, 16, 128, 16, 9, 0);
     t_index(50, 64, 128, 512, 2000, 0);
+    t_index(300, 64, 128, 512, 2000, 0); /* a long step of one sequence: scores by SGEMM */
     t_index_x(8, 64, 128, 512, 2000, 0, 1); /* a decode batch: rows of two sequences, one call */
     t_index_x(37, 16, 128, 16, 90, 0, 1);
     /* bf16 KV state: the same cases' shapes with rings, entries and keys stored as bf16 */
@@ -962,6 +963,7 @@ int main(int argc, char **argv) {
     t_compress(128, 1, 128, 64, 1, 0, ch3, 6, 1);
     t_index(37, 16, 128, 16, 9, 1);
     t_index(50, 64, 128, 512, 2000, 1);
+    t_index(300, 64, 128, 512, 2000, 1);
     t_index_x(8, 64, 128, 512, 2000, 1, 1);
     /* FP8 KV rows (rings and entries; indexer keys stay bf16): attention reads them and this
      * step's rows rounded alike, ring writes give the same bytes, compress one e4m3 step at a
