@@ -297,8 +297,7 @@ __global__ void __launch_bounds__(256) k_topk(const float *scores, int ld, const
         for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
         __syncthreads();
         uint32_t pre = s_prefix, mask = shift == 24 ? 0u : (0xFFFFFFFFu << (shift + 8));
-        /* 4 loads in flight per thread; one shared atomic per distinct digit of a warp (the
-         * scores of a row share their top bytes: lane-by-lane atomics on one bin serialised) */
+        /* 4 loads in flight per thread, warp-aggregated histogram adds */
         for (int base = 0; base < nv; base += 4 * (int)blockDim.x) {
             uint32_t kk[4];
 #pragma unroll
@@ -309,13 +308,7 @@ __global__ void __launch_bounds__(256) k_topk(const float *scores, int ld, const
 #pragma unroll
             for (int u = 0; u < 4; u++) {
                 int i = base + u * (int)blockDim.x + (int)threadIdx.x;
-                uint32_t dg = (kk[u] >> shift) & 255u;
-                bool in = i < nv && (kk[u] & mask) == (pre & mask);
-                unsigned act = __ballot_sync(0xffffffffu, in);
-                if (in) {
-                    unsigned peers = __match_any_sync(act, dg);
-                    if (__ffs(peers) - 1 == (int)(threadIdx.x & 31)) atomicAdd(&hist[dg], (unsigned)__popc(peers));
-                }
+                hist_add_warp(hist, i < nv && (kk[u] & mask) == (pre & mask), (kk[u] >> shift) & 255u);
             }
         }
         __syncthreads();

@@ -278,6 +278,16 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
+/* hist[dg] += 1 for every lane whose `in` holds, one shared atomic per distinct dg of the warp
+ * (radix-select histograms: most keys of a row share their top bytes, and lane-by-lane atomics
+ * on one bin serialised the pass). Every lane of the warp calls it. */
+__device__ __forceinline__ void hist_add_warp(unsigned *hist, bool in, uint32_t dg) {
+    unsigned act = __ballot_sync(0xffffffffu, in);
+    if (!in) return;
+    unsigned peers = __match_any_sync(act, dg);
+    if (__ffs(peers) - 1 == (int)(threadIdx.x & 31)) atomicAdd(&hist[dg], (unsigned)__popc(peers));
+}
+
 /* block-wide sum (all threads get the result); blockDim.x a multiple of 32, <= 1024 */
 __device__ inline float block_sum(float v, float *sh) {
     v = warp_sum(v);

@@ -99,6 +99,15 @@ __device__ int first_true(bool c, int *slot) {
     return *slot;
 }
 
+/* kk[u] = the key of x[base + u·blockDim + thread] (0 past V): SU loads in flight at once */
+__device__ __forceinline__ void load_keys(const float *x, int V, int base, uint32_t (&kk)[SU]) {
+#pragma unroll
+    for (int u = 0; u < SU; u++) {
+        int i = base + u * (int)blockDim.x + (int)threadIdx.x;
+        kk[u] = i < V ? s_key(x[i]) : 0;
+    }
+}
+
 /* The key of the K-th largest element of x[V] (1 <= K <= V) by a radix select, 8 bits a pass;
  * *eq_take = how many elements equal to it are among the K first. */
 __device__ uint32_t kth_key(const float *x, int V, int K, unsigned *hist, int *sv, int *eq_take) {
@@ -107,26 +116,15 @@ __device__ uint32_t kth_key(const float *x, int V, int K, unsigned *hist, int *s
     for (int sh = 24; sh >= 0; sh -= 8) {
         for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
         __syncthreads();
-        /* one shared atomic per distinct digit of a warp (most keys of a row share their top
-         * bytes: lane-by-lane atomics on one bin serialised the pass); SU loads in flight per
-         * thread (one block reads the whole row: a load at a time made every pass latency-bound) */
+        /* warp-aggregated histogram adds, SU loads in flight per thread (one block reads the
+         * whole row: a load at a time made every pass latency-bound) */
         for (int base = 0; base < V; base += SU * (int)blockDim.x) {
             uint32_t kk[SU];
+            load_keys(x, V, base, kk);
 #pragma unroll
             for (int u = 0; u < SU; u++) {
                 int i = base + u * (int)blockDim.x + (int)threadIdx.x;
-                kk[u] = i < V ? s_key(x[i]) : 0;
-            }
-#pragma unroll
-            for (int u = 0; u < SU; u++) {
-                int i = base + u * (int)blockDim.x + (int)threadIdx.x;
-                uint32_t k = kk[u], dg = (k >> sh) & 255u;
-                bool in = i < V && (k & mask) == prefix;
-                unsigned act = __ballot_sync(0xffffffffu, in);
-                if (in) {
-                    unsigned peers = __match_any_sync(act, dg);
-                    if (__ffs(peers) - 1 == (int)(threadIdx.x & 31)) atomicAdd(&hist[dg], (unsigned)__popc(peers));
-                }
+                hist_add_warp(hist, i < V && (kk[u] & mask) == prefix, (kk[u] >> sh) & 255u);
             }
         }
         __syncthreads();
@@ -186,11 +184,7 @@ __device__ int collect(const float *x, int V, int K, uint32_t thr, int eq_take,
     int cap_eq = SB - (K - eq_take); /* slots left for keys equal to thr */
     for (int base = 0; base < V; base += SU * (int)blockDim.x) {
         uint32_t kk[SU];
-#pragma unroll
-        for (int u = 0; u < SU; u++) {
-            int i = base + u * (int)blockDim.x + (int)threadIdx.x;
-            kk[u] = i < V ? s_key(x[i]) : 0;
-        }
+        load_keys(x, V, base, kk);
 #pragma unroll
         for (int u = 0; u < SU; u++) {
             int i = base + u * (int)blockDim.x + (int)threadIdx.x;
