@@ -197,9 +197,9 @@ typedef struct {
     float hc_eps, norm_eps;
 } mhc_fin_args;
 
-/* Stage 2 for token t, by one block (any multiple of 32 threads); mode 0: mhc_pre (writes u,
- * post, comb), 1: hc_head (u only). The partials are read through L2 (__ldcg): in the fused
- * launch other blocks of the same grid wrote them. */
+/* Stage 2 for token t, by one block (any multiple of 32 threads; many tokens: k_mhc_fin);
+ * mode 0: mhc_pre (writes u, post, comb), 1: hc_head (u only). The partials are read through L2
+ * (__ldcg): the mix launch wrote them. */
 __device__ void mhc_fin_body(const mhc_fin_args &a, int t) {
     const float *h = a.h, *part = a.part, *sspart = a.sspart, *base = a.base, *scale = a.scale;
     int S = a.S, n = a.n, D = a.D, iters = a.iters, head_mode = a.head_mode;
@@ -287,17 +287,35 @@ __device__ void mhc_fin_body(const mhc_fin_args &a, int t) {
 /* Stage 2 as its own launch: block per token */
 __global__ void __launch_bounds__(1024) k_mhc_fin(mhc_fin_args a) { PDL_ENTER(); mhc_fin_body(a, blockIdx.x); }
 
-/* Stage 1 of mHC pre / HC head: grid (n_mix, T, S): block (k, t, s) writes the partial dot of
- * fn[k] with token t's streams over width slice s, and (k == 0) the partial sum of squares.
- * Splitting the width over S blocks keeps a decode step (T = 1) from running on one SM. With cnt
- * (T <= MHC_FUSED_T) the last block of each token also runs stage 2: one launch instead of two. */
+/* Stage 1 of mHC pre / HC head: grid (n_mix + n_gram, T, S): block (k, t, s) writes, for k <
+ * n_mix, the partial dot of fn[k] with token t's streams over width slice s (k == 0 also the
+ * partial sum of squares); for k >= n_mix (gram != NULL), the partial dot of stream pair
+ * g = k - n_mix (j1 <= j2, in order) over D slice s (dslice wide): the Gram matrix of the streams
+ * gives the collapsed row's norm (‖Σ pre_j X_j‖² = Σ pre_j pre_k G_jk) without a second pass.
+ * Splitting the width over S blocks keeps a decode step (T = 1) from running on one SM. */
 __global__ void __launch_bounds__(256) k_mhc_mix(const float *h, const float *fn, int n_mix, int width,
-                                                 int slice, float *part, float *sspart, int *cnt,
-                                                 mhc_fin_args fa) {
+                                                 int slice, float *part, float *sspart, float *gram,
+                                                 int n, int D, int dslice) {
     PDL_ENTER();
     __shared__ float sh[32];
     int k = blockIdx.x, t = blockIdx.y, sidx = blockIdx.z, S = gridDim.z;
-    const float *X = h + (size_t)t * width, *f = fn + (size_t)k * width;
+    const float *X = h + (size_t)t * width;
+    if (k >= n_mix) { /* a Gram entry: streams j1 <= j2 of pair g */
+        int g = k - n_mix, j1 = 0;
+        while (g >= n - j1) g -= n - j1, j1++;
+        int j2 = j1 + g;
+        const float *A = X + (size_t)j1 * D, *Bv = X + (size_t)j2 * D;
+        int i0 = sidx * dslice, i1 = i0 + dslice < D ? i0 + dslice : D;
+        float d = 0;
+        for (int i = i0 + threadIdx.x * 4; i < i1; i += blockDim.x * 4) {
+            float4 av = *(const float4 *)(A + i), bv = *(const float4 *)(Bv + i);
+            d += av.x * bv.x + av.y * bv.y + av.z * bv.z + av.w * bv.w;
+        }
+        d = block_sum(d, sh);
+        if (threadIdx.x == 0) gram[((size_t)t * (gridDim.x - n_mix) + (k - n_mix)) * S + sidx] = d;
+        return;
+    }
+    const float *f = fn + (size_t)k * width;
     int i0 = sidx * slice, i1 = i0 + slice < width ? i0 + slice : width;
     float d = 0, ss = 0;
     for (int i = i0 + threadIdx.x * 4; i < i1; i += blockDim.x * 4) {
@@ -311,58 +329,116 @@ __global__ void __launch_bounds__(256) k_mhc_mix(const float *h, const float *fn
         part[((size_t)t * n_mix + k) * S + sidx] = d;
         if (k == 0) sspart[(size_t)t * S + sidx] = ss;
     }
-    if (!cnt) return;
-    /* fused stage 2: the last of token t's n_mix·S blocks to finish runs it, then resets the
-     * counter for the next launch (writes made visible by a fence before the count) */
-    __shared__ int last;
-    if (threadIdx.x == 0) {
-        __threadfence();
-        last = atomicAdd(&cnt[t], 1) == n_mix * S - 1;
-    }
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    mhc_fin_body(fa, t);
-    if (threadIdx.x == 0) cnt[t] = 0;
 }
 
-enum { MHC_FUSED_T = 16 };
+/* Stage 2 of a few tokens over many blocks: grid (nb, T). Every block of token t sums the
+ * partials (mixes, squares, Gram: a few hundred floats), and collapses its share of the row
+ * u = Σ pre_j X_j (float4 units blockIdx.x·blockDim + thread, step nb·blockDim), normed with
+ * the Gram norm when a.nw; block 0 also writes post and comb (Sinkhorn). One block per token
+ * did all of it after the others (~20 µs per call at T = 1). */
+__global__ void __launch_bounds__(256) k_mhc_fin_par(mhc_fin_args a, const float *gram, int n_gram) {
+    PDL_ENTER();
+    __shared__ float mu[(2 + 8) * 8], pre[8], Cm[64];
+    __shared__ double G[36];
+    __shared__ float rr;
+    int t = blockIdx.y, S = a.S, n = a.n, D = a.D;
+    int n_mix = a.head_mode ? n : (2 + n) * n;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
+    for (int k = warp; k < n_mix + 1 + n_gram; k += nwarps) {
+        if (k < n_mix) {
+            float d = 0;
+            for (int s2 = lane; s2 < S; s2 += 32) d += a.part[((size_t)t * n_mix + k) * S + s2];
+            d = warp_sum(d);
+            if (lane == 0) mu[k] = d;
+        } else {
+            const float *src = k == n_mix ? a.sspart + (size_t)t * S
+                                          : gram + ((size_t)t * n_gram + (k - n_mix - 1)) * S;
+            double v = 0;
+            for (int s2 = lane; s2 < S; s2 += 32) v += src[s2];
+            for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+            if (lane == 0) {
+                if (k == n_mix) rr = inv_rms_dev(v, n * D, a.norm_eps);
+                else G[k - n_mix - 1] = v;
+            }
+        }
+    }
+    __syncthreads();
+    int l = threadIdx.x;
+    if (l < n) pre[l] = sigmoid_dev(mu[l] * rr * a.scale[0] + a.base[l]) + a.hc_eps;
+    if (!a.head_mode && blockIdx.x == 0) {
+        if (l < n) a.post[t * n + l] = 2.0f * sigmoid_dev(mu[n + l] * rr * a.scale[1] + a.base[n + l]);
+        if (n * n <= 32) {
+            if (l < 32) { /* warp 0 */
+                float cv = l < n * n ? mu[2 * n + l] * rr * a.scale[2] + a.base[2 * n + l] : 0.f;
+                cv = sinkhorn_warp(cv, n, a.iters, a.hc_eps);
+                if (l < n * n) a.comb[(size_t)t * n * n + l] = cv;
+            }
+        } else if (l == 0) {
+            for (int j = 0; j < n * n; j++) Cm[j] = mu[2 * n + j] * rr * a.scale[2] + a.base[2 * n + j];
+            sinkhorn_dev(Cm, n, a.iters, a.hc_eps);
+            for (int j = 0; j < n * n; j++) a.comb[(size_t)t * n * n + j] = Cm[j];
+        }
+    }
+    __syncthreads();
+    float r = 1.f;
+    if (a.nw) { /* ‖u‖² = Σ_j Σ_k pre_j pre_k G_jk (G symmetric, pairs j <= k stored) */
+        double q = 0;
+        for (int j = 0, g = 0; j < n; j++)
+            for (int k2 = j; k2 < n; k2++, g++)
+                q += (j == k2 ? 1.0 : 2.0) * (double)pre[j] * pre[k2] * G[g];
+        r = inv_rms_dev(q, D, a.norm_eps);
+    }
+    const float *X = a.h + (size_t)t * n * D;
+    float4 *u = (float4 *)(a.u + (size_t)t * D);
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < D / 4; i += gridDim.x * blockDim.x) {
+        float4 sv = make_float4(0.f, 0.f, 0.f, 0.f);
+        for (int j = 0; j < n; j++) {
+            float4 xv = ((const float4 *)(X + (size_t)j * D))[i];
+            sv.x += pre[j] * xv.x; sv.y += pre[j] * xv.y; sv.z += pre[j] * xv.z; sv.w += pre[j] * xv.w;
+        }
+        if (a.nw) {
+            float4 w = ((const float4 *)a.nw)[i];
+            sv.x = w.x * (sv.x * r); sv.y = w.y * (sv.y * r); sv.z = w.z * (sv.z * r); sv.w = w.w * (sv.w * r);
+        }
+        u[i] = sv;
+    }
+}
+
+enum { MHC_PAR_T = 16 }; /* up to this many tokens, stage 2 over many blocks per token */
 
 static void mhc_run(be *b, const float *h, const float *fn, const float *base, const float *scale,
                     int T, int n, int D, int iters, float hc_eps, float norm_eps, float *u,
                     float *post, float *comb, int head_mode, const float *nw = nullptr) {
     be_cuda *c = C(b);
     int n_mix = head_mode ? n : (2 + n) * n, width = n * D;
-    if (n > 8 || width % 4) {
+    if (n > 8 || width % 4 || D % 4) {
         fprintf(stderr, "duet cuda: mHC with n_hc %d and width %d unsupported\n", n, width);
         abort();
     }
-    int S = (int)(264 / ((long)T * n_mix)); /* ~2 blocks per SM at T = 1 */
+    bool par = T <= MHC_PAR_T;
+    int n_gram = par ? n * (n + 1) / 2 : 0;
+    int S = (int)(264 / ((long)T * (n_mix + n_gram))); /* ~2 blocks per SM at T = 1 */
     S = S < 1 ? 1 : S > 32 ? 32 : S;
     int slice = (width + S - 1) / S;
     slice = (slice + 3) / 4 * 4;
     S = (width + slice - 1) / slice;
+    int dslice = ((D + S - 1) / S + 3) / 4 * 4;
     float *part = (float *)scratch(b, (size_t)T * n_mix * S * sizeof(float));
     float *sspart = (float *)scratch(b, (size_t)T * S * sizeof(float));
+    float *gram = par ? (float *)scratch(b, (size_t)T * n_gram * S * sizeof(float)) : nullptr;
     if (nw && ((uintptr_t)nw & 15)) { /* the float4 norm pass reads nw as float4 with u */
         fprintf(stderr, "duet cuda: mHC norm weights not 16-byte aligned\n");
         abort();
     }
     mhc_fin_args fa = {h, part, sspart, base, scale, u, post, comb, nw, S, n, D, iters, head_mode, 0,
                        hc_eps, norm_eps};
-    /* few tokens: stage 2 in the mix launch (per-token block counters, zeroed once, reset by
-     * the kernel); many: its own launch, a block of 1024 per token */
-    int *cnt = NULL;
-    if (T <= MHC_FUSED_T) {
-        if (!c->mhc_cnt) { /* kept for the backend's life: not from a graph's step arena */
-            c->gpersist++;
-            c->mhc_cnt = (int *)cu_alloc(b, MHC_FUSED_T * sizeof(int));
-            c->gpersist--;
-        }
-        cnt = c->mhc_cnt;
-    }
-    KL(c, k_mhc_mix, dim3(n_mix, T, S), 256, 0, h, fn, n_mix, width, slice, part, sspart, cnt, fa);
-    if (!cnt) {
+    KL(c, k_mhc_mix, dim3(n_mix + n_gram, T, S), 256, 0, h, fn, n_mix, width, slice, part, sspart,
+       gram, n, D, dslice);
+    if (par) { /* 1 float4 per thread: D / 1024 blocks of 256 per token */
+        int nb = (D / 4 + 255) / 256;
+        KL(c, k_mhc_fin_par, dim3(nb, T), 256, 0, fa, gram, n_gram);
+        cu_free(b, gram);
+    } else {
         KL(c, k_mhc_fin, T, 1024, 0, fa);
     }
     cu_free(b, part);

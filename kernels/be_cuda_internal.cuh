@@ -77,7 +77,6 @@ typedef struct {
      * call and kept: key = the layer and its weight pointers; all dropped when a weight is freed */
     struct moe_tab *mtab;
     int n_mtab, cap_mtab;
-    int *mhc_cnt; /* per-token block counters of the fused mHC launch (be_cuda_elem.cu), zeroed */
     /* CUDA graphs of small steps (be_cuda_graph.cu): gmode G_OFF runs ops directly; G_RECORD
      * only records what they would launch (no CUDA call); G_CAPTURE captures them on s.
      * gpersist > 0: allocations outlive the step (tables built at a layer's first call) */
