@@ -201,15 +201,16 @@ void cu_attention(be *b, const be_attn_args *a) {
 }
 
 typedef inl<int32_t, 64> pos_inl;
+typedef inl<void *, 16> rings_inl;
 /* K = float (f32 ring), uint16_t (bf16 ring, rounded to nearest even) or uint8_t (FP8 rows);
- * block per row t, into rings[t] (device array: ring_write_rows; a NULL ring skips the row) or,
- * rings NULL, into ring */
+ * block per row t, into `ring`, or (per_row) into row t's ring from rings / rm (inl_at): a NULL
+ * ring skips the row */
 template <typename K>
-__global__ void k_ring_write(K *ring, void *const *rings, int ring_size, int dim, const float *kv,
-                             const int32_t *pos, pos_inl pm) {
+__global__ void k_ring_write(K *ring, void *const *rings, rings_inl rm, int per_row, int ring_size,
+                             int dim, const float *kv, const int32_t *pos, pos_inl pm) {
     PDL_ENTER();
     int t = blockIdx.x;
-    if (rings && !(ring = (K *)rings[t])) return;
+    if (per_row && !(ring = (K *)inl_at(rings, rm, t))) return;
     int slot = inl_at(pos, pm, t) % ring_size;
     if constexpr (sizeof(K) == 1)
         kv_fp8_put_block((uint8_t *)ring + (size_t)slot * kv_row_bytes(2, dim), kv + (size_t)t * dim, dim);
@@ -227,7 +228,9 @@ static void ring_write(be *b, K *ring, int ring_size, int dim, const float *kv, 
     int first = T > ring_size ? T - ring_size : 0;
     pos_inl pm;
     const int32_t *dp = inl_put(c, pos + first, (size_t)(T - first), pm);
-    KL(c, (k_ring_write<K>), T - first, 128, 0, ring, nullptr, ring_size, dim,
+    rings_inl rm;
+    memset(&rm, 0, sizeof rm);
+    KL(c, (k_ring_write<K>), T - first, 128, 0, ring, (void *const *)nullptr, rm, 0, ring_size, dim,
        kv + (size_t)first * dim, dp, pm);
 }
 
@@ -245,11 +248,13 @@ void cu_ring_write_rows(be *b, void *const *rings, int ring_size, int dim, const
                         const int32_t *pos, int T, int kv_fmt) {
     if (T <= 0) return;
     be_cuda *c = C(b);
+    /* small batches (a decode step) pass rings and positions in the parameters */
     stage_reserve(c, (size_t)T * sizeof *rings + (size_t)T * sizeof *pos + 2 * 256);
-    void *const *dr = (void *const *)stage(c, rings, (size_t)T * sizeof *rings);
+    rings_inl rm;
+    void *const *dr = inl_put(c, (void *const *)rings, (size_t)T, rm);
     pos_inl pm;
     const int32_t *dp = inl_put(c, pos, (size_t)T, pm);
-    if (kv_fmt == 2) KL(c, (k_ring_write<uint8_t>), T, 128, 0, nullptr, dr, ring_size, dim, kv, dp, pm);
-    else if (kv_fmt) KL(c, (k_ring_write<uint16_t>), T, 128, 0, nullptr, dr, ring_size, dim, kv, dp, pm);
-    else KL(c, (k_ring_write<float>), T, 128, 0, nullptr, dr, ring_size, dim, kv, dp, pm);
+    if (kv_fmt == 2) KL(c, (k_ring_write<uint8_t>), T, 128, 0, nullptr, dr, rm, 1, ring_size, dim, kv, dp, pm);
+    else if (kv_fmt) KL(c, (k_ring_write<uint16_t>), T, 128, 0, nullptr, dr, rm, 1, ring_size, dim, kv, dp, pm);
+    else KL(c, (k_ring_write<float>), T, 128, 0, nullptr, dr, rm, 1, ring_size, dim, kv, dp, pm);
 }

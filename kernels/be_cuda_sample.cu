@@ -99,12 +99,23 @@ __device__ int first_true(bool c, int *slot) {
     return *slot;
 }
 
-/* kk[u] = the key of x[base + u·blockDim + thread] (0 past V): SU loads in flight at once */
-__device__ __forceinline__ void load_keys(const float *x, int V, int base, uint32_t (&kk)[SU]) {
+/* f(i, key, i < V) for every index i of this thread's share of x[V], every lane of the block
+ * calling f the same number of times (f may use warp collectives); SU loads in flight per thread
+ * (one block reads the whole row: a load at a time made every pass latency-bound). */
+template <typename F>
+__device__ __forceinline__ void scan_keys(const float *x, int V, F f) {
+    for (int base = 0; base < V; base += SU * (int)blockDim.x) {
+        uint32_t kk[SU];
 #pragma unroll
-    for (int u = 0; u < SU; u++) {
-        int i = base + u * (int)blockDim.x + (int)threadIdx.x;
-        kk[u] = i < V ? s_key(x[i]) : 0;
+        for (int u = 0; u < SU; u++) {
+            int i = base + u * (int)blockDim.x + (int)threadIdx.x;
+            kk[u] = i < V ? s_key(x[i]) : 0;
+        }
+#pragma unroll
+        for (int u = 0; u < SU; u++) {
+            int i = base + u * (int)blockDim.x + (int)threadIdx.x;
+            f(i, kk[u], i < V);
+        }
     }
 }
 
@@ -116,17 +127,9 @@ __device__ uint32_t kth_key(const float *x, int V, int K, unsigned *hist, int *s
     for (int sh = 24; sh >= 0; sh -= 8) {
         for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
         __syncthreads();
-        /* warp-aggregated histogram adds, SU loads in flight per thread (one block reads the
-         * whole row: a load at a time made every pass latency-bound) */
-        for (int base = 0; base < V; base += SU * (int)blockDim.x) {
-            uint32_t kk[SU];
-            load_keys(x, V, base, kk);
-#pragma unroll
-            for (int u = 0; u < SU; u++) {
-                int i = base + u * (int)blockDim.x + (int)threadIdx.x;
-                hist_add_warp(hist, i < V && (kk[u] & mask) == prefix, (kk[u] >> sh) & 255u);
-            }
-        }
+        scan_keys(x, V, [&](int, uint32_t k, bool in) {
+            hist_add_warp(hist, in && (k & mask) == prefix, (k >> sh) & 255u);
+        });
         __syncthreads();
         if (threadIdx.x == 0) {
             int cum = 0, b = 255;
@@ -182,20 +185,13 @@ __device__ int collect(const float *x, int V, int K, uint32_t thr, int eq_take,
     if (threadIdx.x == 0) n_gt = 0, n_eq = 0;
     __syncthreads();
     int cap_eq = SB - (K - eq_take); /* slots left for keys equal to thr */
-    for (int base = 0; base < V; base += SU * (int)blockDim.x) {
-        uint32_t kk[SU];
-        load_keys(x, V, base, kk);
-#pragma unroll
-        for (int u = 0; u < SU; u++) {
-            int i = base + u * (int)blockDim.x + (int)threadIdx.x;
-            if (i >= V) continue;
-            if (kk[u] > thr) cand[atomicAdd(&n_gt, 1)] = s_cand(kk[u], i);
-            else if (kk[u] == thr) {
-                int e = atomicAdd(&n_eq, 1);
-                if (e < cap_eq) cand[K - eq_take + e] = s_cand(kk[u], i);
-            }
+    scan_keys(x, V, [&](int i, uint32_t k, bool in) {
+        if (in && k > thr) cand[atomicAdd(&n_gt, 1)] = s_cand(k, i);
+        else if (in && k == thr) {
+            int e = atomicAdd(&n_eq, 1);
+            if (e < cap_eq) cand[K - eq_take + e] = s_cand(k, i);
         }
-    }
+    });
     __syncthreads();
     int filled = K - eq_take + n_eq; /* uniform */
     if (n_eq > cap_eq) {

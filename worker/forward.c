@@ -214,30 +214,15 @@ static void attention(step *st, int layer) {
         .kv_fmt = dv4_kv_fmt(st->m), .cmp_paging = L->cmp_pg,
     };
     b->ops->attention(b, &a);
-    /* the rows' kv into their sequences' rings: one call for a batch whose chunks are all
-     * shorter than the window (no two rows on one slot), and for FP8 rings (rows a later row of
-     * their chunk overwrites are skipped), else a call per chunk */
-    int short_chunks = st->n_chunks > 1;
-    for (int k = 0; k < st->n_chunks && short_chunks; k++) short_chunks = st->chunks[k].n < W;
-    if (short_chunks || a.kv_fmt == BE_KV_FP8) {
-        void **rings = xmalloc((size_t)T * sizeof *rings);
-        for (int r = 0; r < T; r++) {
-            const dv4_chunk *ch = &st->chunks[st->chunk_of[r]];
-            rings[r] = r - st->row0[st->chunk_of[r]] >= ch->n - W ? ch->seq->L[layer].ring : NULL;
-        }
-        b->ops->ring_write_rows(b, rings, W, dh, s->kv, st->pos, T, a.kv_fmt);
-        free(rings);
-    } else {
-        for (int k = 0; k < st->n_chunks; k++) {
-            int r0 = st->row0[k];
-            void *ring = st->chunks[k].seq->L[layer].ring;
-            const float *kv = s->kv + (size_t)r0 * dh;
-            if (a.kv_fmt)
-                b->ops->ring_write_bf16(b, ring, W, dh, kv, st->pos + r0, st->chunks[k].n);
-            else
-                b->ops->ring_write(b, ring, W, dh, kv, st->pos + r0, st->chunks[k].n);
-        }
+    /* the rows' kv into their sequences' rings, one call for the step: a row that a later row
+     * of its chunk overwrites (chunks longer than the window) is skipped */
+    void **rings = xmalloc((size_t)T * sizeof *rings);
+    for (int r = 0; r < T; r++) {
+        const dv4_chunk *ch = &st->chunks[st->chunk_of[r]];
+        rings[r] = r - st->row0[st->chunk_of[r]] >= ch->n - W ? ch->seq->L[layer].ring : NULL;
     }
+    b->ops->ring_write_rows(b, rings, W, dh, s->kv, st->pos, T, a.kv_fmt);
+    free(rings);
 
     /* output path §2.4.6 (this rank's groups; partial sums are all-reduced by the caller) */
     b->ops->rope(b, s->o, T, H, dh, dr, st->pos, L->omega, 1);

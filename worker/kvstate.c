@@ -65,6 +65,11 @@ int dv4_kv_sizes_of(const dv4_config *c, int block, dv4_kv_dtype dt, dv4_kv_size
                     char *err, size_t errlen) {
     int rc = check_block(block, err, errlen);
     if (rc) return rc;
+    if (dt == DV4_KV_FP8 && (c->qk_rope_head_dim != FMT_KV_ROPE || !fmt_kv_fp8_ok(c->head_dim)))
+        return duet_err(err, errlen, DUET_EINVAL,
+                        "fp8 KV rows need %d RoPE dims and a head_dim that is %d more than a "
+                        "multiple of %d; this model has %d and %d: use bf16", FMT_KV_ROPE,
+                        FMT_KV_ROPE, FMT_KV_BLOCK, c->qk_rope_head_dim, c->head_dim);
     *out = (dv4_kv_sizes){0};
     size_t fz = sizeof(float);
     for (int i = 0; i < c->num_hidden_layers; i++) {
@@ -227,11 +232,9 @@ int dv4_set_kv_dtype(dv4_model *m, dv4_kv_dtype dt, char *err, size_t errlen) {
         return duet_err(err, errlen, DUET_EINVAL,
                         "the %s backend cannot store KV state in %s; use f32",
                         m->b->ops->name, dv4_kv_dtype_name(dt));
-    if (dt == DV4_KV_FP8 && (m->cfg.qk_rope_head_dim != FMT_KV_ROPE || !fmt_kv_fp8_ok(m->cfg.head_dim)))
-        return duet_err(err, errlen, DUET_EINVAL,
-                        "fp8 KV rows need %d RoPE dims and a head_dim that is %d more than a "
-                        "multiple of %d; this model has %d and %d: use bf16", FMT_KV_ROPE,
-                        FMT_KV_ROPE, FMT_KV_BLOCK, m->cfg.qk_rope_head_dim, m->cfg.head_dim);
+    dv4_kv_sizes z; /* refuses a dtype the model's rows do not fit (fp8) */
+    int rc = dv4_kv_sizes_of(&m->cfg, m->block, dt, &z, err, errlen);
+    if (rc) return rc;
     if (m->n_state > 0 && dt != m->kv_dtype)
         return duet_err(err, errlen, DUET_EINVAL,
                         "the KV dtype cannot change to %s while %d sequences or prefix "

@@ -82,7 +82,7 @@ typedef struct {
     uint64_t fixed_bytes;  /* per live sequence whatever its length: rings + every carry */
 } dv4_kv_sizes;
 /* Sizes for a config at block size B and KV dtype dt. Returns DUET_EINVAL with a sentence
- * unless B is a positive multiple of 128. */
+ * unless B is a positive multiple of 128 and (fp8) the head dim fits FP8 rows. */
 int dv4_kv_sizes_of(const dv4_config *c, int block, dv4_kv_dtype dt, dv4_kv_sizes *out,
                     char *err, size_t errlen);
 /* The block size of a loaded model's sequences and snapshots (default 256). Changes only while

@@ -306,6 +306,21 @@ START_TEST(pages_are_shared) {
     int after;
     dv4_kv_pool_stats(g_m, &after, &alloc);
     ck_assert_int_eq(after, used);
+    /* a prefix save needs pages for its resume state: refused at the limit, nothing held */
+    dv4_seq *zs;
+    ck_assert(dv4_seq_new(g_m, 4096, &zs, err, sizeof err) == 0);
+    dv4_chunk zb = {zs, g_ids, B, DV4_LOGITS_NONE};
+    dv4_kv_pool_limit(g_m, 0);
+    ck_assert(dv4_forward(g_m, &zb, 1, NULL, err, sizeof err) == 0);
+    dv4_kv_pool_stats(g_m, &used, &alloc);
+    dv4_kv_pool_limit(g_m, used);
+    dv4_snap *zp = NULL;
+    ck_assert_int_eq(dv4_snap_save(g_m, zs, &zp, err, sizeof err), DUET_ENOMEM);
+    ck_assert_ptr_nonnull(strstr(err, "cannot save a prefix block"));
+    ck_assert_ptr_null(zp);
+    dv4_kv_pool_stats(g_m, &after, &alloc);
+    ck_assert_int_eq(after, used);
+    dv4_seq_free(g_m, zs);
     dv4_kv_pool_limit(g_m, 0);
     dv4_seq_free(g_m, r);
     dv4_seq_free(g_m, cold);
@@ -316,11 +331,34 @@ START_TEST(pages_are_shared) {
 }
 END_TEST
 
+/* dv4_forward_ds refuses a sample request naming a logits row the step does not have, before
+ * any math (the sequence does not advance). */
+START_TEST(forward_ds_refuses_bad_rows) {
+    char err[512];
+    dv4_seq *s;
+    ck_assert(dv4_seq_new(g_m, 4096, &s, err, sizeof err) == 0);
+    float *lg = xmalloc((size_t)V * sizeof *lg);
+    dv4_chunk ch = {s, g_ids, 3, DV4_LOGITS_LAST};
+    be_sample_req rq = {.row = 1};
+    be_sample_res rs;
+    dv4_dsample ds = {1, &rq, &rs, NULL};
+    ck_assert_int_eq(dv4_forward_ds(g_m, &ch, 1, lg, &ds, err, sizeof err), DUET_EINVAL);
+    ck_assert_ptr_nonnull(strstr(err, "names logits row 1; the step has 1"));
+    ck_assert_int_eq(dv4_seq_pos(s), 0);
+    rq.row = 0;
+    ck_assert_msg(dv4_forward_ds(g_m, &ch, 1, lg, &ds, err, sizeof err) == 0, "%s", err);
+    ck_assert_int_eq(dv4_seq_pos(s), 3);
+    dv4_seq_free(g_m, s);
+    free(lg);
+}
+END_TEST
+
 /* The real DeepSeek-V4-Flash shapes (spec §1, §3.1): 3440 state elements per token. */
 START_TEST(v4_flash_sizes) {
     dv4_config c = {0};
     c.num_hidden_layers = 43;
     c.head_dim = 512;
+    c.qk_rope_head_dim = 64;
     c.index_head_dim = 128;
     c.sliding_window = 128;
     c.n_compress_ratios = 44;
@@ -372,6 +410,7 @@ int main(int argc, char **argv) {
     tcase_add_test(t, batching_is_invariant);
     tcase_add_test(t, accounting_matches_memory);
     tcase_add_test(t, pages_are_shared);
+    tcase_add_test(t, forward_ds_refuses_bad_rows);
     tcase_add_test(t, v4_flash_sizes);
     suite_add_tcase(s, t);
     SRunner *r = srunner_create(s);

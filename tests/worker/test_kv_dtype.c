@@ -166,6 +166,21 @@ START_TEST(bf16_sizes_are_half) {
 }
 END_TEST
 
+/* fp8 rows need 64 RoPE dims and a head dim of 64 more than a multiple of 64: other configs are
+ * refused by the sizes (what the worker budgets from) with a sentence. */
+START_TEST(fp8_refused_for_unfit_rows) {
+    char err[512];
+    dv4_config c;
+    ck_assert_msg(cfg_load(g_model, &c, err, sizeof err) == 0, "%s", err);
+    dv4_kv_sizes z;
+    ck_assert_int_eq(dv4_kv_sizes_of(&c, 256, DV4_KV_FP8, &z, err, sizeof err), 0);
+    c.head_dim = 100;
+    ck_assert_int_eq(dv4_kv_sizes_of(&c, 256, DV4_KV_FP8, &z, err, sizeof err), DUET_EINVAL);
+    ck_assert_ptr_nonnull(strstr(err, "fp8 KV rows need 64 RoPE dims"));
+    ck_assert_int_eq(dv4_kv_sizes_of(&c, 256, DV4_KV_BF16, &z, err, sizeof err), 0);
+}
+END_TEST
+
 /* Only f32, bf16 and fp8 are accepted, by name and by value. */
 START_TEST(bad_dtypes_refused) {
     char err[512];
@@ -202,6 +217,7 @@ int main(int argc, char **argv) {
     tcase_add_test(t, fp8_logits_near_f32);
     tcase_add_test(t, bf16_sizes_are_half);
     tcase_add_test(t, bad_dtypes_refused);
+    tcase_add_test(t, fp8_refused_for_unfit_rows);
     suite_add_tcase(s, t);
     SRunner *r = srunner_create(s);
     srunner_set_fork_status(r, CK_NOFORK);

@@ -401,9 +401,7 @@ static void attention(stp *s, int li) {
                       .cmp_idx = m == 4 ? s->idx : NULL, .idx_stride = TOPK, .out = s->o,
                       .kv_fmt = kv_fmt, .cmp_paging = cmp_pg[li]};
     OP("attn.core", B->ops->attention(B, &a));
-    int short_chunks = s->n > 1; /* as forward.c: one call when no chunk reaches the window */
-    for (int k = 0; k < s->n && short_chunks; k++) short_chunks = s->len[k] < W;
-    if (short_chunks || kv_fmt == BE_KV_FP8) {
+    { /* as forward.c: one ring write for the step, rows a later row overwrites skipped */
         void **rings = xmalloc((size_t)T * sizeof *rings);
         for (int r = 0; r < T; r++) {
             int k = s->chunk_of[r];
@@ -411,16 +409,6 @@ static void attention(stp *s, int li) {
         }
         OP("attn.ring_write", B->ops->ring_write_rows(B, rings, W, DH, s->kv, s->pos, T, kv_fmt));
         free(rings);
-    } else {
-        for (int k = 0; k < s->n; k++) {
-            int r0 = s->row0[k];
-            void *ring = s->seqs[k]->L[li].ring;
-            const float *kv = s->kv + (size_t)r0 * DH;
-            if (kv_fmt)
-                OP("attn.ring_write", B->ops->ring_write_bf16(B, ring, W, DH, kv, s->pos + r0, s->len[k]));
-            else
-                OP("attn.ring_write", B->ops->ring_write(B, ring, W, DH, kv, s->pos + r0, s->len[k]));
-        }
     }
     OP("rope", B->ops->rope(B, s->o, T, H, DH, DR, s->pos, L->omega, 1));
     cur_flops = bd_on ? 2.0 * T * G * OL * (double)(H / G) * DH : 0;
